@@ -1,0 +1,44 @@
+# swarm: the Makefile is the interface. `make run` and `make test` do all set-up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SWARM := $(VENV)/bin/swarm
+STAMP := $(VENV)/.installed
+MODEL ?= smollm2-135m
+BENCH_MODELS ?= smollm2-135m gemma3-270m
+
+.PHONY: install models run test test-all lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(SWARM) pull smollm2-135m
+	touch $(STAMP)
+
+# Both real models: the default one and Gemma 3 270M, used by the real-model tests.
+models: install
+	$(SWARM) pull smollm2-135m > /dev/null
+	$(SWARM) pull gemma3-270m --data-dir .test-data > /dev/null
+
+run: install
+	$(SWARM) chat $(MODEL)
+
+test: models
+	$(PY) -m pytest -m "not gpu"
+
+test-all: models
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check swarm kernels control tests tools
+	$(VENV)/bin/ruff format --check swarm kernels control tests tools
+
+bench: models
+	$(PY) -m pip install --quiet -e '.[bench]'
+	for m in $(BENCH_MODELS); do $(SWARM) bench $$m --data-dir .test-data --baseline llama-cpp; done
+
+clean:
+	rm -rf $(VENV) .test-data .pytest_cache

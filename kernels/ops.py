@@ -1,0 +1,105 @@
+"""The one entry point model code uses for weight products and attention.
+
+Owns the choice of implementation: `impl="auto"` picks, at trace time from
+`jax.default_backend()`, the Pallas kernels on GPU and the jnp references
+elsewhere (XLA fuses the reference dequantize-then-dot well on CPU, and the
+kernels' gathered loads target Pallas' GPU backend, not TPU's).  "reference",
+"pallas" and "pallas_interpret" force a path.  Layer code passes plain arrays
+and `QuantTensor`s alike and never branches on quantization.
+
+Imports only jax and numpy: never gguf, never swarm.  Reads no environment.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kernels.attention import attention as pallas_attention
+from kernels.attention import attention_reference
+from kernels.matmul import dequant_matmul
+from kernels.qtensor import QuantTensor
+
+IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+
+
+def _resolve(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return impl
+
+
+def _dot_last(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x f32[..., in] . w f32[out, in] -> f32[..., out] (GGUF rows are output features)."""
+    return lax.dot_general(
+        x,
+        w,
+        (((x.ndim - 1,), (1,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def matmul(x: jax.Array, w: jax.Array | QuantTensor, *, impl: str = "auto") -> jax.Array:
+    """Linear layer without bias: x f32[..., in] times w of shape (out, in) -> f32[..., out].
+
+    `w` is either a plain f32[out, in] array (always an XLA dot) or a
+    `QuantTensor` (dequantized by the path `impl` selects).
+    """
+    path = _resolve(impl)
+    x = jnp.asarray(x, jnp.float32)
+    if isinstance(w, QuantTensor):
+        if w.data.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.in_features:
+            raise ValueError(
+                f"x [..., in] {list(x.shape)} does not fit a single weight of shape {w.shape} "
+                f"(data {list(w.data.shape)})"
+            )
+        if path == "reference":
+            return _dot_last(x, w.dequantize())
+        flat = x.reshape(-1, w.in_features)
+        out = dequant_matmul(flat, w, interpret=path == "pallas_interpret")
+        return out.reshape(*x.shape[:-1], w.out_features)
+    w = jnp.asarray(w)
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x [..., in] {list(x.shape)} does not fit a weight f32[out, in] {list(w.shape)}")
+    return _dot_last(x, w.astype(jnp.float32))
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_length: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | jax.Array | None = None,
+    logit_softcap: float | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """Attention over a KV cache; see `kernels.attention` for the exact masking rule.
+
+    q f32[B, T, Hq, D], k/v f32[B, S, Hkv, D], q_positions i32[B, T], kv_length i32[B]
+    -> f32[B, T, Hq, D].
+    """
+    path = _resolve(impl)
+    options = dict(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap)
+    if path == "reference":
+        return attention_reference(q, k, v, q_positions, kv_length, **options)
+    return pallas_attention(q, k, v, q_positions, kv_length, interpret=path == "pallas_interpret", **options)
+
+
+def take_rows(table: jax.Array | QuantTensor, ids: jax.Array) -> jax.Array:
+    """Embedding lookup: rows `ids` (i32[...]) of a table shaped (rows, width) -> f32[..., width].
+
+    A packed table is gathered while still packed, then only those rows are
+    dequantized, so the lookup never materializes the whole table in f32.
+    """
+    if isinstance(table, QuantTensor):
+        rows = jnp.take(table.data, ids.reshape(-1), axis=0)
+        picked = QuantTensor(rows, table.qtype, (rows.shape[0], table.in_features)).dequantize()
+        return picked.reshape(*ids.shape, table.in_features)
+    return jnp.take(jnp.asarray(table, jnp.float32), ids, axis=0)

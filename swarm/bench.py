@@ -1,0 +1,193 @@
+"""`swarm bench`: prefill and decode speed, peak memory and compile time, with an
+optional llama.cpp baseline measured in the same run on the same model and prompt.
+
+The baseline runs in a child process (`python -m swarm.bench --llama-cpp-child`) so
+each side's peak RSS is its own. Both sides warm up first and report the median of
+the runs; ratios are ours over llama.cpp's. The machine may be shared and noisy, so
+only same-run ratios mean anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from swarm.errors import SwarmError
+
+BENCH_TEXT = (
+    "The history of computing is a story of people finding new ways to pool their effort. "
+    "Early machines filled rooms and served a single purpose; later ones fit on a desk and "
+    "ran anything a programmer could describe. Networks then joined those machines, and "
+    "work that no single computer could finish was split across many. "
+)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    prompt_tokens: int = 128
+    gen_tokens: int = 128
+    runs: int = 3
+    baseline: str | None = None
+    threads: int | None = None
+
+
+def bench_prompt(tokenizer, count: int) -> list[int]:
+    """A deterministic prompt of exactly `count` tokens of ordinary text."""
+    ids = tokenizer.encode(BENCH_TEXT, add_bos=False, parse_special=False)
+    repeated = (ids * (count // max(len(ids), 1) + 1))[:count]
+    if tokenizer.bos_id is not None and tokenizer.add_bos:
+        repeated = [tokenizer.bos_id, *repeated[: count - 1]]
+    return repeated
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _measure_swarm(engine, prompt: list[int], options: BenchOptions) -> dict[str, Any]:
+    capacity = engine.cache_capacity(len(prompt) + options.gen_tokens + 1)
+    prompt_array = np.asarray(prompt, np.int32)
+
+    def one_run() -> tuple[float, float]:
+        cache = engine.new_cache(capacity)
+        began = time.perf_counter()
+        logits, cache = engine.forward(prompt_array, 0, cache)
+        prefill = time.perf_counter() - began
+        position = len(prompt)
+        began = time.perf_counter()
+        for _ in range(options.gen_tokens):
+            token = int(np.argmax(logits))
+            logits, cache = engine.forward(np.asarray([token], np.int32), position, cache)
+            position += 1
+        return prefill, time.perf_counter() - began
+
+    one_run()  # compiles prefill and decode
+    runs = [one_run() for _ in range(options.runs)]
+    return {
+        "prefill_tok_s": len(prompt) / statistics.median(r[0] for r in runs),
+        "decode_tok_s": options.gen_tokens / statistics.median(r[1] for r in runs),
+        "peak_rss_mb": _peak_rss_mb(),
+        "compile_s": engine.compile_seconds,
+    }
+
+
+def _measure_llama_cpp(
+    path: str, prompt: list[int], gen_tokens: int, runs: int, threads: int
+) -> dict[str, Any]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=path,
+        n_ctx=len(prompt) + gen_tokens + 16,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    n_vocab = llm.n_vocab()
+
+    def one_run() -> tuple[float, float]:
+        llm.reset()
+        began = time.perf_counter()
+        llm.eval(prompt)
+        prefill = time.perf_counter() - began
+        began = time.perf_counter()
+        for _ in range(gen_tokens):
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+            llm.eval([int(np.argmax(logits))])
+        return prefill, time.perf_counter() - began
+
+    one_run()
+    measured = [one_run() for _ in range(runs)]
+    return {
+        "prefill_tok_s": len(prompt) / statistics.median(r[0] for r in measured),
+        "decode_tok_s": gen_tokens / statistics.median(r[1] for r in measured),
+        "peak_rss_mb": _peak_rss_mb(),
+        "version": llama_cpp.__version__,
+        "threads": threads,
+    }
+
+
+def run_bench(model_name: str, data_dir: Path, settings, options: BenchOptions) -> dict[str, Any]:
+    from swarm.loader import open_model
+
+    if options.prompt_tokens < 1 or options.gen_tokens < 1 or options.runs < 1:
+        raise SwarmError("--prompt-tokens, --gen-tokens and --runs must be at least 1")
+    model = open_model(model_name, data_dir)
+    prompt = bench_prompt(model.tokenizer, options.prompt_tokens)
+    engine = model.engine(settings)
+    report: dict[str, Any] = {"model": model_name}
+    report.update(_measure_swarm(engine, prompt, options))
+    report["prompt_tokens"] = len(prompt)
+    report["gen_tokens"] = options.gen_tokens
+    report["runs"] = options.runs
+    if options.baseline == "llama-cpp":
+        del engine
+        job = {
+            "path": str(model.path),
+            "prompt": prompt,
+            "gen_tokens": options.gen_tokens,
+            "runs": options.runs,
+            "threads": options.threads or os.cpu_count() or 1,
+        }
+        child = subprocess.run(
+            [sys.executable, "-m", "swarm.bench", "--llama-cpp-child", json.dumps(job)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if child.returncode != 0:
+            last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SwarmError(f"llama.cpp baseline failed (install the bench extra): {last}")
+        baseline = json.loads(child.stdout.strip().splitlines()[-1])
+        report["baseline"] = baseline
+        report["ratio"] = {
+            "prefill": report["prefill_tok_s"] / baseline["prefill_tok_s"],
+            "decode": report["decode_tok_s"] / baseline["decode_tok_s"],
+        }
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"model {report['model']}: {report['prompt_tokens']}-token prompt, "
+        f"{report['gen_tokens']} generated, median of {report['runs']} runs"
+    ]
+    header = f"{'':<12}{'prefill tok/s':>15}{'decode tok/s':>15}{'peak RSS MB':>13}"
+    lines.append(header)
+    lines.append(
+        f"{'swarm':<12}{report['prefill_tok_s']:>15.1f}{report['decode_tok_s']:>15.1f}"
+        f"{report['peak_rss_mb']:>13.0f}"
+    )
+    if "baseline" in report:
+        base = report["baseline"]
+        lines.append(
+            f"{'llama.cpp':<12}{base['prefill_tok_s']:>15.1f}{base['decode_tok_s']:>15.1f}"
+            f"{base['peak_rss_mb']:>13.0f}"
+        )
+        ratio = report["ratio"]
+        lines.append(f"{'ratio':<12}{ratio['prefill']:>14.2f}x{ratio['decode']:>14.2f}x")
+    lines.append(f"compile time {report['compile_s']:.1f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--llama-cpp-child":
+        job = json.loads(sys.argv[2])
+        print(
+            json.dumps(
+                _measure_llama_cpp(job["path"], job["prompt"], job["gen_tokens"], job["runs"], job["threads"])
+            )
+        )
+    else:
+        sys.exit("usage: python -m swarm.bench --llama-cpp-child JOB_JSON (use `swarm bench` instead)")

@@ -1,0 +1,298 @@
+"""The `swarm` command line: generate, chat, info, bench, pull.
+
+Owns argument parsing and printing. Errors a user can cause print one line naming the
+problem and exit non-zero, never a traceback. The engine (and so jax) is imported only
+by the commands that run a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from swarm.errors import SwarmError
+from swarm.models import DEFAULT_MODEL, REGISTRY
+from swarm.paths import data_dir as resolve_data_dir
+
+
+def _add_common(parser: argparse.ArgumentParser, *, model_default: str | None = None) -> None:
+    if model_default is None:
+        parser.add_argument("model", help="a .gguf path, hf:OWNER/REPO/FILE.gguf, or " + ", ".join(REGISTRY))
+    else:
+        parser.add_argument(
+            "model", nargs="?", default=model_default, help=f"model (default {model_default})"
+        )
+    parser.add_argument(
+        "--data-dir", help="data directory (default: $SWARM_NODE_DATA_DIR or ~/.local/share/swarm)"
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "f32", "packed"),
+        default="auto",
+        help="weight format on the device: f32 (fastest on CPU) or packed quantized (GPU); auto picks",
+    )
+    parser.add_argument("--max-context", type=int, help="cap the context window (tokens)")
+
+
+def _add_sampling(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--min-p", type=float, default=0.05)
+    parser.add_argument("--repeat-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm", description="Peer-to-peer LLM inference over GGUF models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text from a prompt")
+    _add_common(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    generate.add_argument("--system", help="system message (with --chat)")
+    generate.add_argument("--top-logprobs", type=int, default=0)
+    generate.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_sampling(generate, max_tokens=128)
+
+    chat = commands.add_parser("chat", help="interactive chat in the terminal")
+    _add_common(chat, model_default=DEFAULT_MODEL)
+    chat.add_argument("--system", help="system message")
+    _add_sampling(chat, max_tokens=512)
+
+    info = commands.add_parser("info", help="describe a model")
+    _add_common(info)
+    info.add_argument("--json", action="store_true")
+
+    bench = commands.add_parser("bench", help="measure prefill and decode speed")
+    _add_common(bench)
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--gen-tokens", type=int, default=128)
+    bench.add_argument("--runs", type=int, default=3)
+    bench.add_argument("--baseline", choices=("llama-cpp",), help="also measure llama.cpp in this run")
+    bench.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
+    bench.add_argument("--json", action="store_true")
+
+    pull = commands.add_parser("pull", help="install a registered model or download one from the Hub")
+    pull.add_argument("model")
+    pull.add_argument("--data-dir")
+    return parser
+
+
+def _sampling(args: argparse.Namespace, **overrides):
+    from swarm.sampling import SamplingParams
+
+    values = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+    )
+    values.update(overrides)
+    return SamplingParams(**values)
+
+
+def _engine_settings(args: argparse.Namespace):
+    from swarm.engine import EngineSettings
+
+    return EngineSettings(weights=args.weights, max_context=args.max_context)
+
+
+def _messages(system: str | None, user: str) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": user}]
+
+
+def cmd_generate(args: argparse.Namespace, data_dir: Path) -> int:
+    from swarm.generate import Generator
+    from swarm.loader import open_model
+
+    params = _sampling(args, top_logprobs=args.top_logprobs)
+    model = open_model(args.model, data_dir)
+    if args.chat:
+        rendered = model.chat_template.render(_messages(args.system, args.prompt), add_generation_prompt=True)
+        prompt_ids = model.tokenizer.encode(rendered, add_bos=None, parse_special=True)
+    else:
+        prompt_ids = model.tokenizer.encode(args.prompt, add_bos=None, parse_special=False)
+    generator = Generator(model.engine(_engine_settings(args)), model.tokenizer)
+    if not args.json:
+        for event in generator.stream(prompt_ids, params):
+            if isinstance(event, str):
+                break
+            print(event.text, end="", flush=True)
+        print()
+        return 0
+    result = generator.generate(prompt_ids, params)
+    output = {
+        "model": args.model,
+        "prompt_token_ids": result.prompt_token_ids,
+        "token_ids": result.token_ids,
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+    }
+    if args.top_logprobs:
+        output["top_logprobs"] = [
+            [{"id": token, "logprob": logprob} for token, logprob in step] for step in result.top_logprobs
+        ]
+    print(json.dumps(output, ensure_ascii=False))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, data_dir: Path) -> int:
+    from swarm.generate import Generator
+    from swarm.loader import open_model
+
+    model = open_model(args.model, data_dir)
+    generator = Generator(model.engine(_engine_settings(args)), model.tokenizer)
+    params = _sampling(args)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"swarm chat with {args.model} ({model.config.architecture}, {model.config.n_layers} layers).")
+    print("Type a message and press Enter; /reset clears the conversation, /exit or Ctrl-D quits.")
+    while True:
+        try:
+            line = input("\n> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            print("(conversation cleared)")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        rendered = model.chat_template.render(history, add_generation_prompt=True)
+        prompt_ids = model.tokenizer.encode(rendered, add_bos=None, parse_special=True)
+        reply = []
+        try:
+            for event in generator.stream(prompt_ids, params):
+                if isinstance(event, str):
+                    break
+                reply.append(event.text)
+                print(event.text, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        except SwarmError as error:
+            history.pop()
+            print(f"error: {error}")
+            continue
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_info(args: argparse.Namespace, data_dir: Path) -> int:
+    from collections import Counter
+
+    from swarm.loader import open_model
+
+    model = open_model(args.model, data_dir)
+    config = model.config
+    from kernels.quant_types import type_name
+
+    counts = Counter(type_name(info.qtype) for info in model.gguf.tensors.values())
+    tensor_bytes = sum(info.nbytes for info in model.gguf.tensors.values())
+    n_params = sum(_elements(info.ne) for info in model.gguf.tensors.values())
+    info = {
+        "model": args.model,
+        "path": str(model.path),
+        "architecture": config.architecture,
+        "name": model.gguf.metadata.get("general.name"),
+        "parameters": n_params,
+        "file_bytes": model.path.stat().st_size,
+        "tensor_bytes": tensor_bytes,
+        "layers": config.n_layers,
+        "d_model": config.d_model,
+        "heads": config.n_heads,
+        "kv_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "ffn_dim": config.ffn_dim,
+        "vocab_size": config.vocab_size,
+        "context_length": config.context_length,
+        "rope": {"style": config.rope_style, "base": config.rope_base, "dims": config.rope_dims},
+        "sliding_window": config.sliding_window,
+        "tied_output": config.tied_output,
+        "quant_types": dict(counts.most_common()),
+        "tokenizer": {
+            "model": model.gguf.metadata.get("tokenizer.ggml.model"),
+            "vocab_size": model.tokenizer.vocab_size,
+            "bos_id": model.tokenizer.bos_id,
+            "eos_id": model.tokenizer.eos_id,
+        },
+        "chat_template": "from GGUF" if model.chat_template.from_gguf else "built-in fallback",
+    }
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False))
+        return 0
+    width = max(len(key) for key in info)
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0
+
+
+def _elements(ne: Sequence[int]) -> int:
+    total = 1
+    for n in ne:
+        total *= n
+    return total
+
+
+def cmd_bench(args: argparse.Namespace, data_dir: Path) -> int:
+    from swarm.bench import BenchOptions, format_table, run_bench
+
+    options = BenchOptions(
+        prompt_tokens=args.prompt_tokens,
+        gen_tokens=args.gen_tokens,
+        runs=args.runs,
+        baseline=args.baseline,
+        threads=args.threads,
+    )
+    report = run_bench(args.model, data_dir, _engine_settings(args), options)
+    print(json.dumps(report) if args.json else format_table(report))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace, data_dir: Path) -> int:
+    from swarm.models import resolve_model
+
+    print(resolve_model(args.model, data_dir))
+    return 0
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "info": cmd_info,
+    "bench": cmd_bench,
+    "pull": cmd_pull,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    data_dir = resolve_data_dir(os.environ, args.data_dir)
+    try:
+        return COMMANDS[args.command](args, data_dir)
+    except SwarmError as error:
+        print(f"swarm: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

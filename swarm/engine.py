@@ -1,0 +1,200 @@
+"""The compiled engine for one layer range: what a pipeline stage calls.
+
+Owns jit compilation at the edges (one compiled forward per prompt-length bucket and
+cache-capacity bucket), padding prompts to buckets, cache allocation, and donation of
+the KV cache into each step. A range that starts at layer 0 takes token ids; any other
+takes hidden states. A range that ends at the last layer returns logits; any other
+returns hidden states.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from swarm import model
+from swarm.errors import ContextOverflowError, InvalidRequestError
+from swarm.gguf_file import GGUFFile
+from swarm.model import KVCache, RangeWeights
+from swarm.model_config import ModelConfig
+from swarm.weights import load_range_weights
+
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+MIN_CACHE = 256
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine runs.
+
+    weights: "auto" (f32 on CPU, packed elsewhere), "f32" or "packed".
+    """
+
+    weights: str = "auto"
+    kv_cache: str = "f16"  # "f16" (as llama.cpp's default, half the memory) or "f32"
+    prefill_buckets: tuple[int, ...] = PREFILL_BUCKETS
+    max_context: int | None = None  # cap below the model's context length (memory)
+
+    def packed_weights(self) -> bool:
+        if self.weights not in ("auto", "f32", "packed"):
+            raise InvalidRequestError(f"unknown weights setting {self.weights!r} (auto, f32 or packed)")
+        if self.weights == "auto":
+            return jax.default_backend() != "cpu"
+        return self.weights == "packed"
+
+
+def _forward(
+    config: ModelConfig,
+    is_first: bool,
+    is_last: bool,
+    all_logits: bool,
+    weights: RangeWeights,
+    inputs: jax.Array,
+    start: jax.Array,
+    length: jax.Array,
+    cache: KVCache,
+) -> tuple[jax.Array, KVCache]:
+    """inputs: i32[B, T] token ids (first range) or f32[B, T, d] hidden states.
+
+    start: i32[B] position of inputs[:, 0]; length: i32[B] real (unpadded) steps.
+    Returns logits f32[B, vocab] at the last real step (f32[B, T, vocab] with
+    all_logits) for the last range, else hidden states f32[B, T, d].
+    """
+    steps = inputs.shape[1]
+    positions = start[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
+    kv_length = start + length
+    hidden = model.embed(config, weights, inputs) if is_first else inputs
+    hidden, cache = model.run_layers(config, weights, hidden, positions, kv_length, cache)
+    if not is_last:
+        return hidden, cache
+    if not all_logits:
+        hidden = jnp.take_along_axis(hidden, (length - 1)[:, None, None], axis=1)[:, 0]
+    return model.head(config, weights, hidden), cache
+
+
+class Engine:
+    """Layers [first, last) of a model, compiled, with weights on the default device."""
+
+    def __init__(
+        self, config: ModelConfig, weights: RangeWeights, first: int, last: int, settings: EngineSettings
+    ):
+        self.config = config
+        self.weights = weights
+        self.first = first
+        self.last = last
+        self.settings = settings
+        self.max_context = min(config.context_length, settings.max_context or config.context_length)
+        self.compile_seconds = 0.0
+        self._compiled: dict[tuple, object] = {}
+
+    @classmethod
+    def load(
+        cls,
+        gguf: GGUFFile,
+        config: ModelConfig,
+        layer_range: tuple[int, int] | None = None,
+        settings: EngineSettings | None = None,
+    ) -> Engine:
+        settings = settings or EngineSettings()
+        first, last = layer_range or (0, config.n_layers)
+        if settings.kv_cache not in ("f16", "f32"):
+            raise InvalidRequestError(f"unknown kv_cache setting {settings.kv_cache!r} (f16 or f32)")
+        weights = load_range_weights(
+            gguf,
+            config,
+            first,
+            last,
+            packed=settings.packed_weights(),
+        )
+        return cls(config, weights, first, last, settings)
+
+    @property
+    def is_first(self) -> bool:
+        return self.first == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.last == self.config.n_layers
+
+    def cache_capacity(self, needed: int) -> int:
+        """Smallest power-of-two capacity (at least MIN_CACHE) holding `needed` positions."""
+        if needed > self.max_context:
+            raise ContextOverflowError(
+                f"{needed} tokens exceed the context window of {self.max_context} tokens"
+            )
+        capacity = MIN_CACHE
+        while capacity < needed:
+            capacity *= 2
+        return min(capacity, max(self.max_context, MIN_CACHE))
+
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        dtype = jnp.float16 if self.settings.kv_cache == "f16" else jnp.float32
+        return model.new_cache(self.config, self.last - self.first, batch, capacity, dtype)
+
+    def _bucket(self, steps: int) -> int:
+        for bucket in self.settings.prefill_buckets:
+            if steps <= bucket:
+                return bucket
+        return self.settings.prefill_buckets[-1]
+
+    def _run(self, all_logits: bool, *args):
+        """Run the compiled forward for these argument shapes, compiling it on first use."""
+        inputs, cache = args[1], args[4]
+        key = (inputs.shape, inputs.dtype, cache.capacity, all_logits)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            began = time.perf_counter()
+            compiled = (
+                jax.jit(
+                    partial(_forward, self.config, self.is_first, self.is_last, all_logits),
+                    donate_argnames=("cache",),
+                )
+                .lower(*args)
+                .compile()
+            )
+            self.compile_seconds += time.perf_counter() - began
+            self._compiled[key] = compiled
+        return compiled(*args)
+
+    def forward(
+        self, inputs: np.ndarray, start: int, cache: KVCache, *, all_logits: bool = False
+    ) -> tuple[np.ndarray, KVCache]:
+        """Run one sequence (batch 1) through the range, in bucket-sized chunks.
+
+        inputs: i32[T] token ids or f32[T, d] hidden states, at positions start..start+T.
+        Returns logits f32[vocab] (f32[T, vocab] with all_logits) or hidden f32[T, d].
+        The cache is consumed (donated); use the returned one.
+        """
+        total = len(inputs)
+        if total == 0:
+            raise InvalidRequestError("empty input")
+        if start + total > cache.capacity:
+            raise ContextOverflowError(f"{start + total} positions exceed the cache of {cache.capacity}")
+        outputs = []
+        done = 0
+        while done < total:
+            chunk = inputs[done : done + self.settings.prefill_buckets[-1]]
+            steps = 1 if len(chunk) == 1 else self._bucket(len(chunk))
+            padded = np.zeros((1, steps, *chunk.shape[1:]), chunk.dtype)
+            padded[0, : len(chunk)] = chunk
+            is_final_chunk = done + len(chunk) == total
+            want_all = all_logits or not self.is_last
+            out, cache = self._run(
+                all_logits and self.is_last,
+                self.weights,
+                jnp.asarray(padded),
+                jnp.asarray([start + done], jnp.int32),
+                jnp.asarray([len(chunk)], jnp.int32),
+                cache,
+            )
+            if want_all:
+                outputs.append(np.asarray(out[0, : len(chunk)]))
+            elif is_final_chunk:
+                outputs.append(np.asarray(out[0]))
+            done += len(chunk)
+        return (np.concatenate(outputs) if len(outputs) > 1 else outputs[0]), cache

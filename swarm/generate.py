@@ -1,0 +1,144 @@
+"""The token loop: prefill, decode, sample, detokenize, stop.
+
+Owns generation over a whole-model `Engine`: context-window checks, the stop rules
+(end-of-generation tokens, stop strings, max tokens), per-token log-probabilities,
+and streaming text that never splits a UTF-8 character or leaks part of a stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from swarm.engine import Engine
+from swarm.errors import ContextOverflowError, InvalidRequestError
+from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
+from swarm.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token. `text` is what became printable with it (may be empty)."""
+
+    token_id: int
+    text: str
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    logprob: float | None = None
+
+
+@dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+class _StopScanner:
+    """Holds back text that could still become a stop string; finds the first stop."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            index = min(hits)[0]
+            out, self.pending, self.stopped = self.pending[:index], "", True
+            return out
+        hold = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:size]):
+                    hold = max(hold, size)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Generator:
+    """Generates from a whole-model engine (layers [0, L)) with its tokenizer."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer):
+        if not (engine.is_first and engine.is_last):
+            raise InvalidRequestError("generation needs an engine holding every layer")
+        self.engine = engine
+        self.tokenizer = tokenizer
+
+    def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int) -> int:
+        """How many tokens may be generated; raises if the prompt does not fit."""
+        limit = self.engine.max_context
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.engine.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) >= limit:
+            raise ContextOverflowError(
+                f"prompt is too long: {len(prompt_ids)} tokens, the context window is {limit} tokens"
+            )
+        return min(max_tokens, limit - len(prompt_ids))
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent | str]:
+        """Yields a TokenEvent per generated token, then the finish reason as a str."""
+        budget = self.check_prompt(prompt_ids, params.max_tokens)
+        engine = self.engine
+        cache = engine.new_cache(engine.cache_capacity(len(prompt_ids) + budget))
+        logits, cache = engine.forward(np.asarray(prompt_ids, np.int32), 0, cache)
+        sampler = Sampler(params)
+        decoder = self.tokenizer.stream_decoder()
+        scanner = _StopScanner(params.stop)
+        history = list(prompt_ids)
+        eog = frozenset() if params.ignore_eos else self.tokenizer.eog_ids
+        for step in range(budget):
+            token = sampler.sample(logits, history)
+            alternatives: list[tuple[int, float]] = []
+            logprob = None
+            if params.top_logprobs:
+                logprobs = log_softmax(logits)
+                alternatives = top_logprobs(logprobs, params.top_logprobs)
+                logprob = float(logprobs[token])
+            if token in eog:
+                tail = scanner.push(decoder.flush()) + scanner.flush()
+                if tail:
+                    yield TokenEvent(-1, tail)
+                yield "stop"
+                return
+            history.append(token)
+            text = scanner.push(decoder.push(token))
+            yield TokenEvent(token, text, alternatives, logprob)
+            if scanner.stopped:
+                yield "stop"
+                return
+            if step + 1 < budget:
+                logits, cache = engine.forward(np.asarray([token], np.int32), len(history) - 1, cache)
+        tail = scanner.push(decoder.flush()) + scanner.flush()
+        if tail:
+            yield TokenEvent(-1, tail)
+        yield "length"
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
+        result = GenerationResult(prompt_token_ids=list(prompt_ids))
+        pieces = []
+        for event in self.stream(prompt_ids, params):
+            if isinstance(event, str):
+                result.finish_reason = event
+                break
+            pieces.append(event.text)
+            if event.token_id >= 0:
+                result.token_ids.append(event.token_id)
+                if params.top_logprobs:
+                    result.top_logprobs.append(event.top_logprobs)
+        result.text = "".join(pieces)
+        return result

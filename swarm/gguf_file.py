@@ -1,0 +1,212 @@
+"""Reading GGUF files: metadata, the tensor table, and memory-mapped tensor bytes.
+
+Owns the one place where GGUF bytes are parsed (through the `gguf` package) and the
+cache of what is derived from that parse. gguf-py's reader decodes large metadata
+arrays field by field (Gemma 3's 262k-entry vocabulary takes seconds), so the parsed
+metadata and tensor table are cached as JSON keyed by the file's path, size and
+modification time; later opens read the cache and memory-map the file directly.
+
+Tensor bytes are never loaded whole: `tensor_bytes` returns a read-only view of a
+memory map, so reading one layer range touches only that range's pages.
+
+Imports numpy and gguf, never jax.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from swarm.errors import ModelFileError
+
+GGUF_MAGIC = b"GGUF"
+CACHE_FORMAT = 1
+
+# Bytes per block and elements per block, as gguf.constants.GGML_QUANT_SIZES;
+# looked up lazily so that opening a cached file does not import gguf.
+_quant_sizes: dict[int, tuple[int, int]] | None = None
+
+
+def _quant_size(qtype: int) -> tuple[int, int]:
+    global _quant_sizes
+    if _quant_sizes is None:
+        from gguf.constants import GGML_QUANT_SIZES
+
+        _quant_sizes = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
+    if qtype not in _quant_sizes:
+        raise ModelFileError(f"unknown GGML tensor type {qtype}")
+    return _quant_sizes[qtype]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in the file.
+
+    `ne` is GGUF order (innermost first): a weight matrix of ne = [in, out] is stored
+    as `out` rows of `in` elements each.
+    """
+
+    name: str
+    qtype: int
+    ne: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def rows(self) -> int:
+        rows = 1
+        for n in self.ne[1:]:
+            rows *= n
+        return rows
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // max(self.rows, 1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy (row-major) shape of the logical tensor: reversed `ne`."""
+        return tuple(reversed(self.ne))
+
+
+class GGUFFile:
+    """A GGUF file opened for reading: metadata dict, tensor table, memmapped bytes."""
+
+    def __init__(
+        self, path: Path, metadata: dict[str, Any], tensors: dict[str, TensorInfo], cache_key: str = ""
+    ):
+        self.path = path
+        self.cache_key = cache_key  # identifies this file's content for derived caches
+        self.metadata = metadata
+        self.tensors = tensors
+        self._mmap: np.memmap | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], cache_dir: Path | None = None) -> GGUFFile:
+        """Open `path`, using (and filling) the parse cache in `cache_dir` if given."""
+        path = Path(path)
+        if not path.exists():
+            raise ModelFileError(f"model file not found: {path}")
+        if not path.is_file():
+            raise ModelFileError(f"not a file: {path}")
+        stat = path.stat()
+        with path.open("rb") as handle:
+            if handle.read(4) != GGUF_MAGIC:
+                raise ModelFileError(f"{path}: not a GGUF file (bad magic bytes)")
+        cache_key = _cache_key(path, stat)
+        cache_path = cache_dir / "gguf" / f"{cache_key}.json" if cache_dir else None
+        parsed = _read_cache(cache_path) if cache_path else None
+        if parsed is None:
+            parsed = _parse(path)
+            if cache_path:
+                _write_cache(cache_path, parsed)
+        metadata, tensors = parsed
+        gguf_file = cls(path, metadata, tensors, cache_key)
+        gguf_file._check_extent(stat.st_size)
+        return gguf_file
+
+    def _check_extent(self, file_size: int) -> None:
+        for info in self.tensors.values():
+            if info.offset + info.nbytes > file_size:
+                raise ModelFileError(
+                    f"{self.path}: truncated: tensor {info.name} ends at byte "
+                    f"{info.offset + info.nbytes} but the file has {file_size} bytes"
+                )
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise ModelFileError(f"{self.path}: missing metadata key general.architecture")
+        return arch
+
+    def tensor_bytes(self, name: str) -> np.ndarray:
+        """Raw bytes of tensor `name` as u8[rows, row_bytes], a read-only memmap view."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise ModelFileError(f"{self.path}: missing tensor {name}")
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        flat = self._mmap[info.offset : info.offset + info.nbytes]
+        return flat.reshape(info.rows, info.row_bytes)
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        info = self.tensors.get(name)
+        if info is None:
+            raise ModelFileError(f"{self.path}: missing tensor {name}")
+        return info
+
+
+def _parse(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as error:  # gguf-py raises ValueError, IndexError, struct errors...
+        raise ModelFileError(f"{path}: cannot parse GGUF ({type(error).__name__}: {error})") from None
+    metadata: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        try:
+            metadata[name] = field.contents()
+        except (UnicodeDecodeError, ValueError) as error:
+            raise ModelFileError(f"{path}: malformed metadata field {name}: {error}") from None
+    tensors: dict[str, TensorInfo] = {}
+    for tensor in reader.tensors:
+        qtype = int(tensor.tensor_type)
+        ne = tuple(int(n) for n in tensor.shape)
+        block_size, type_size = _quant_size(qtype)
+        n_elements = int(np.prod(ne)) if ne else 1
+        if ne and ne[0] % block_size:
+            raise ModelFileError(
+                f"{path}: tensor {tensor.name} row length {ne[0]} is not a multiple of its block"
+            )
+        nbytes = n_elements // block_size * type_size
+        tensors[tensor.name] = TensorInfo(tensor.name, qtype, ne, int(tensor.data_offset), nbytes)
+    return metadata, tensors
+
+
+def _cache_key(path: Path, stat: os.stat_result) -> str:
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _read_cache(cache_path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]] | None:
+    try:
+        raw = json.loads(cache_path.read_text(encoding="utf-8"))
+        tensors = {t[0]: TensorInfo(t[0], t[1], tuple(t[2]), t[3], t[4]) for t in raw["tensors"]}
+        return raw["metadata"], tensors
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None  # absent or damaged: parse the file again
+
+
+def _write_cache(cache_path: Path, parsed: tuple[dict[str, Any], dict[str, TensorInfo]]) -> None:
+    metadata, tensors = parsed
+    payload = {
+        "metadata": metadata,
+        "tensors": [[t.name, t.qtype, list(t.ne), t.offset, t.nbytes] for t in tensors.values()],
+    }
+    atomic_write_text(cache_path, json.dumps(payload, ensure_ascii=False))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically: temp file in the same dir, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

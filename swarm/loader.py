@@ -1,0 +1,67 @@
+"""Opening a model by name or path: GGUF, config, tokenizer, chat template, engine.
+
+Owns `OpenedModel`, the bundle every front end (CLI, node, benchmarks) starts from,
+and the caches of derived data under `<data_dir>/cache` (parsed GGUF metadata, built
+tokenizers), so a second start does not pay for parsing a large vocabulary again.
+Building an engine (which imports jax) is a separate step: `swarm info` needs none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from swarm.chat_template import ChatTemplate
+from swarm.gguf_file import GGUFFile, atomic_write_text
+from swarm.model_config import ModelConfig
+from swarm.models import resolve_model
+from swarm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from swarm.engine import Engine, EngineSettings
+
+
+@dataclass
+class OpenedModel:
+    name: str
+    path: Path
+    gguf: GGUFFile
+    config: ModelConfig
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate
+
+    def engine(
+        self, settings: EngineSettings | None = None, layer_range: tuple[int, int] | None = None
+    ) -> Engine:
+        from swarm.engine import Engine
+
+        return Engine.load(self.gguf, self.config, layer_range, settings)
+
+
+def _load_tokenizer(gguf: GGUFFile, cache_dir: Path | None) -> Tokenizer:
+    cache_path = cache_dir / "tokenizers" / f"{gguf.cache_key}.json" if cache_dir else None
+    if cache_path and cache_path.exists():
+        try:
+            return Tokenizer.from_json(cache_path.read_text(encoding="utf-8"))
+        except ValueError:
+            pass  # damaged cache entry: rebuild it below
+    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    if cache_path:
+        atomic_write_text(cache_path, tokenizer.to_json())
+    return tokenizer
+
+
+def open_model(name_or_path: str, data_dir: Path, *, install_missing: bool = True) -> OpenedModel:
+    path = resolve_model(name_or_path, data_dir, install_missing=install_missing)
+    cache_dir = data_dir / "cache"
+    gguf = GGUFFile.open(path, cache_dir)
+    config = ModelConfig.from_metadata(gguf.metadata, tensor_names=frozenset(gguf.tensors))
+    return OpenedModel(
+        name=name_or_path,
+        path=path,
+        gguf=gguf,
+        config=config,
+        tokenizer=_load_tokenizer(gguf, cache_dir),
+        chat_template=ChatTemplate.from_metadata(gguf.metadata),
+    )

@@ -1,0 +1,237 @@
+"""Transformer math for one layer range, as pure functions over pytrees.
+
+Owns the forward pass of a contiguous layer range [first, last): token embedding when
+the range starts at layer 0, the decoder layers, and output norm plus head when it ends
+at the last layer. Layers of one shape run under one `lax.scan`, so compile time does
+not grow with the layer count. Every matmul and attention call goes through
+`kernels.ops`; this module never branches on quantization or on an architecture name,
+only on `ModelConfig` fields.
+
+Pure: no I/O, no logging, no environment reads. Conventions follow llama.cpp's graph
+builders (`llm_build_llama`, `llm_build_qwen2`, `llm_build_gemma3_iswa`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kernels import ops
+from swarm.model_config import ModelConfig
+
+Params = dict[str, Any]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class LayerGroup:
+    """Consecutive layers whose weights have identical shapes and types, stacked.
+
+    `params` leaves have a leading axis of length `count`; `window` holds each
+    layer's attention window (NO_WINDOW for global layers) and `rope_table` which
+    of the range's rotary tables (`RangeWeights.rope_theta_scale`) it uses.
+    """
+
+    params: Params
+    window: jax.Array  # i32[count]
+    rope_table: jax.Array  # i32[count]
+    offset: int = field(metadata={"static": True})  # index of its first layer within the range
+    count: int = field(metadata={"static": True})
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class RangeWeights:
+    """Weights a layer range needs: embedding only when first, head only when last."""
+
+    groups: list[LayerGroup]
+    embedding: Any | None  # f32[vocab, d] or QuantTensor, when the range starts at 0
+    output_norm: jax.Array | None  # f32[d], when the range ends at the last layer
+    output: Any | None  # f32[vocab, d] or QuantTensor (the embedding when tied)
+    # One rotary table per distinct (base, scale) among the range's layers:
+    # theta_scale = powf(base, -2/dims) as ggml computes it, and the position scale.
+    rope_theta_scale: jax.Array  # f32[tables]
+    rope_freq_scale: jax.Array  # f32[tables]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class KVCache:
+    """Keys and values of the range's layers for a batch of sequences.
+
+    Slot j of a sequence holds the key of absolute position j.
+    """
+
+    keys: jax.Array  # f32 or f16[layers, batch, capacity, n_kv_heads, head_dim]
+    values: jax.Array  # f32 or f16[layers, batch, capacity, n_kv_heads, value_dim]
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys.shape[2])
+
+
+def new_cache(config: ModelConfig, n_layers: int, batch: int, capacity: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache; f16 halves its memory and multiplies as ggml's f16 cache does."""
+    shape = (n_layers, batch, capacity, config.n_kv_heads)
+    return KVCache(
+        keys=jnp.zeros((*shape, config.head_dim), dtype),
+        values=jnp.zeros((*shape, config.value_dim), dtype),
+    )
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """ggml_rms_norm followed by the weight multiply; x: f32[..., d], weight: f32[d]."""
+    variance = jnp.mean(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(variance + eps) * weight
+
+
+def rope_tables(
+    positions: jax.Array, theta_scale: jax.Array, freq_scale: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin f32[tables, B, T, dims/2] of every rotary table for positions i32[B, T].
+
+    theta_i = pos * theta_scale^i built by repeated multiplication in f32, exactly as
+    ggml_rope_cache_init does, so angles round the same way llama.cpp's do.
+    """
+    theta = positions.astype(jnp.float32)[None] * jnp.ones_like(theta_scale)[:, None, None]
+    scale = theta_scale[:, None, None]
+    thetas = [theta]
+    for _ in range(config.rope_dims // 2 - 1):
+        thetas.append(thetas[-1] * scale)
+    angles = jnp.stack(thetas, axis=-1) * freq_scale[:, None, None, None]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array, config: ModelConfig) -> jax.Array:
+    """Rotary embedding on the first `rope_dims` features of each head (ggml_rope_ext).
+
+    x: f32[B, T, H, D]; cos, sin: f32[B, T, dims/2]. "norm" rotates the pairs
+    (2i, 2i+1), "neox" the pairs (i, i + dims/2).
+    """
+    dims = config.rope_dims
+    half = dims // 2
+    cos = cos[:, :, None, :]
+    sin = sin[:, :, None, :]
+    rotated, rest = x[..., :dims], x[..., dims:]
+    if config.rope_style == "norm":
+        pairs = rotated.reshape(*rotated.shape[:-1], half, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(rotated.shape)
+    else:
+        a, b = rotated[..., :half], rotated[..., half:]
+        out = jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+    return jnp.concatenate([out, rest], axis=-1) if dims < x.shape[-1] else out
+
+
+def _activation(config: ModelConfig, gate: jax.Array) -> jax.Array:
+    if config.activation == "gelu_tanh":
+        return jax.nn.gelu(gate, approximate=True)
+    return jax.nn.silu(gate)
+
+
+def _layer(
+    config: ModelConfig,
+    params: Params,
+    hidden: jax.Array,
+    positions: jax.Array,
+    kv_length: jax.Array,
+    cache: KVCache,
+    layer: jax.Array,
+    window: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+) -> tuple[jax.Array, KVCache]:
+    """One decoder layer. hidden: f32[B, T, d]; positions: i32[B, T]; kv_length: i32[B]."""
+    batch, steps, _ = hidden.shape
+    normed = rms_norm(hidden, params["attn_norm"], config.rms_eps)
+    q = ops.matmul(normed, params["wq"])
+    k = ops.matmul(normed, params["wk"])
+    v = ops.matmul(normed, params["wv"])
+    if config.qkv_bias:
+        q, k, v = q + params["bq"], k + params["bk"], v + params["bv"]
+    q = q.reshape(batch, steps, config.n_heads, config.head_dim)
+    k = k.reshape(batch, steps, config.n_kv_heads, config.head_dim)
+    v = v.reshape(batch, steps, config.n_kv_heads, config.value_dim)
+    if config.qk_norm:
+        q = rms_norm(q, params["q_norm"], config.rms_eps)
+        k = rms_norm(k, params["k_norm"], config.rms_eps)
+    q = rope(q, cos, sin, config)
+    k = rope(k, cos, sin, config)
+
+    # Write this step's keys and values at their positions; padded steps past the
+    # capacity are dropped, padded steps inside it are overwritten later and masked
+    # by kv_length meanwhile.
+    rows = jnp.arange(batch)[:, None]
+    keys = cache.keys.at[layer, rows, positions].set(k.astype(cache.keys.dtype), mode="drop")
+    values = cache.values.at[layer, rows, positions].set(v.astype(cache.values.dtype), mode="drop")
+    attended = ops.attention(
+        q,
+        keys[layer],
+        values[layer],
+        positions,
+        kv_length,
+        scale=config.attention_scale,
+        sliding_window=window,
+    )
+    attn_out = ops.matmul(attended.reshape(batch, steps, -1), params["wo"])
+    if config.post_norms:
+        attn_out = rms_norm(attn_out, params["post_attn_norm"], config.rms_eps)
+    hidden = hidden + attn_out
+
+    normed = rms_norm(hidden, params["ffn_norm"], config.rms_eps)
+    gate = _activation(config, ops.matmul(normed, params["w_gate"]))
+    ffn_out = ops.matmul(gate * ops.matmul(normed, params["w_up"]), params["w_down"])
+    if config.post_norms:
+        ffn_out = rms_norm(ffn_out, params["post_ffn_norm"], config.rms_eps)
+    return hidden + ffn_out, KVCache(keys, values)
+
+
+def embed(config: ModelConfig, weights: RangeWeights, token_ids: jax.Array) -> jax.Array:
+    """token_ids: i32[B, T] -> f32[B, T, d] (scaled by sqrt(d) for Gemma)."""
+    table = weights.embedding
+    rows = ops.take_rows(table, token_ids)
+    return rows * jnp.float32(config.embedding_scale) if config.embedding_scale != 1.0 else rows
+
+
+def run_layers(
+    config: ModelConfig,
+    weights: RangeWeights,
+    hidden: jax.Array,
+    positions: jax.Array,
+    kv_length: jax.Array,
+    cache: KVCache,
+) -> tuple[jax.Array, KVCache]:
+    """Every layer of the range over hidden: f32[B, T, d]."""
+    cos_tables, sin_tables = rope_tables(positions, weights.rope_theta_scale, weights.rope_freq_scale, config)
+    for group in weights.groups:
+
+        def body(carry: tuple[jax.Array, KVCache], xs: tuple[Any, ...], group: LayerGroup = group):
+            hidden, cache = carry
+            params, index, window, table = xs
+            hidden, cache = _layer(
+                config,
+                params,
+                hidden,
+                positions,
+                kv_length,
+                cache,
+                index,
+                window,
+                cos_tables[table],
+                sin_tables[table],
+            )
+            return (hidden, cache), None
+
+        indices = group.offset + jnp.arange(group.count)
+        xs = (group.params, indices, group.window, group.rope_table)
+        (hidden, cache), _ = jax.lax.scan(body, (hidden, cache), xs)
+    return hidden, cache
+
+
+def head(config: ModelConfig, weights: RangeWeights, hidden: jax.Array) -> jax.Array:
+    """Output norm and projection to the vocabulary: f32[..., d] -> f32[..., vocab]."""
+    normed = rms_norm(hidden, weights.output_norm, config.rms_eps)
+    return ops.matmul(normed, weights.output)
