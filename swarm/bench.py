@@ -51,6 +51,18 @@ def bench_prompt(tokenizer, count: int) -> list[int]:
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process image in MiB.
+
+    VmHWM, not getrusage: Linux carries ru_maxrss across exec, so a child started
+    from a large parent would report the parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -104,8 +104,9 @@ def _sampling(args: argparse.Namespace, **overrides):
 
 
 def _engine_settings(args: argparse.Namespace):
-    from swarm.engine import EngineSettings
+    from swarm.engine import EngineSettings, enable_compilation_cache
 
+    enable_compilation_cache(resolve_data_dir(os.environ, args.data_dir) / "cache" / "xla")
     return EngineSettings(weights=args.weights, max_context=args.max_context)
 
 

@@ -143,6 +143,7 @@ def _layer(
     window: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
+    kv_bound: int,
 ) -> tuple[jax.Array, KVCache]:
     """One decoder layer. hidden: f32[B, T, d]; positions: i32[B, T]; kv_length: i32[B]."""
     batch, steps, _ = hidden.shape
@@ -169,8 +170,8 @@ def _layer(
     values = cache.values.at[layer, rows, positions].set(v.astype(cache.values.dtype), mode="drop")
     attended = ops.attention(
         q,
-        keys[layer],
-        values[layer],
+        keys[layer, :, :kv_bound],
+        values[layer, :, :kv_bound],
         positions,
         kv_length,
         scale=config.attention_scale,
@@ -203,8 +204,14 @@ def run_layers(
     positions: jax.Array,
     kv_length: jax.Array,
     cache: KVCache,
+    kv_bound: int | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """Every layer of the range over hidden: f32[B, T, d]."""
+    """Every layer of the range over hidden: f32[B, T, d].
+
+    Attention reads cache slots [0, kv_bound) only (default: all): a static bound
+    that covers every visible key saves the work of scoring empty slots.
+    """
+    kv_bound = cache.capacity if kv_bound is None else min(kv_bound, cache.capacity)
     cos_tables, sin_tables = rope_tables(positions, weights.rope_theta_scale, weights.rope_freq_scale, config)
     for group in weights.groups:
 
@@ -222,12 +229,18 @@ def run_layers(
                 window,
                 cos_tables[table],
                 sin_tables[table],
+                kv_bound,
             )
             return (hidden, cache), None
 
         indices = group.offset + jnp.arange(group.count)
         xs = (group.params, indices, group.window, group.rope_table)
-        (hidden, cache), _ = jax.lax.scan(body, (hidden, cache), xs)
+        if group.count == 1:
+            # A lone layer runs inline: XLA on CPU copies each layer's weights out of
+            # a stacked array inside a loop, so unrolled layers stream them faster.
+            (hidden, cache), _ = body((hidden, cache), jax.tree.map(lambda leaf: leaf[0], xs))
+        else:
+            (hidden, cache), _ = jax.lax.scan(body, (hidden, cache), xs)
     return hidden, cache
 
 

@@ -57,13 +57,13 @@ def layer_param_names(config: ModelConfig) -> list[str]:
     return names
 
 
-def _dequantize(gguf: GGUFFile, info: TensorInfo) -> np.ndarray:
-    """The tensor as f32 in numpy row-major shape (reversed ne)."""
+def _dequantize(gguf: GGUFFile, info: TensorInfo) -> jax.Array:
+    """The tensor as an f32 device array in numpy row-major shape (reversed ne)."""
     raw = gguf.tensor_bytes(info.name)
     if info.qtype == GGMLType.F32:
-        return np.asarray(raw).view(np.float32).reshape(info.shape)
+        return jnp.asarray(np.asarray(raw).view(np.float32).reshape(info.shape))
     packed = QuantTensor.from_packed(np.asarray(raw), info.qtype, (info.rows, info.ne[0]))
-    return np.asarray(packed.dequantize()).reshape(info.shape)
+    return packed.dequantize().reshape(info.shape)
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class _Layout:
             return QuantTensor.from_packed(
                 np.asarray(gguf.tensor_bytes(info.name)), info.qtype, (info.rows, info.ne[0])
             )
-        return jnp.asarray(_dequantize(gguf, info))
+        return _dequantize(gguf, info)
 
     def stacked(self, gguf: GGUFFile, infos: list[TensorInfo]) -> jax.Array | QuantTensor:
         if self.is_packed(infos[0]):
@@ -121,9 +121,13 @@ def _stack_group(
 
 
 def load_range_weights(
-    gguf: GGUFFile, config: ModelConfig, first: int, last: int, *, packed: bool
+    gguf: GGUFFile, config: ModelConfig, first: int, last: int, *, packed: bool, unrolled: bool = False
 ) -> RangeWeights:
-    """Weights for layers [first, last); packed keeps quantized matrices as QuantTensor."""
+    """Weights for layers [first, last).
+
+    packed keeps quantized matrices as QuantTensor (else f32 arrays); unrolled
+    gives every layer a group of its own, which the model runs without a scan.
+    """
     layout = _Layout(packed)
     if not 0 <= first < last <= config.n_layers:
         raise ModelFileError(f"layer range {first}-{last} is outside 0-{config.n_layers}")
@@ -133,7 +137,7 @@ def load_range_weights(
     signature = _layer_signature(gguf, names, first, layout)
     for layer in range(first + 1, last + 1):
         next_signature = _layer_signature(gguf, names, layer, layout) if layer < last else None
-        if next_signature != signature:
+        if next_signature != signature or unrolled:
             groups.append(_stack_group(gguf, config, names, range(start, layer), first, layout))
             start, signature = layer, next_signature
 

@@ -18,9 +18,20 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "llamacpp"
 
 
+def _data_dir() -> Path:
+    return Path(os.environ.get("SWARM_TEST_DATA_DIR", REPO / ".test-data"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Compiled XLA programs persist between runs, as they do for users.
+    from swarm.engine import enable_compilation_cache
+
+    enable_compilation_cache(_data_dir() / "cache" / "xla")
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = Path(os.environ.get("SWARM_TEST_DATA_DIR", REPO / ".test-data"))
+    path = _data_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
