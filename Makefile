@@ -7,16 +7,21 @@ STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m
 BENCH_MODELS ?= smollm2-135m gemma3-270m
 
-.PHONY: install models run test test-all lint bench clean
+.PHONY: install system-deps models run test lint bench clean
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
+	$(MAKE) system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(SWARM) pull smollm2-135m
 	touch $(STAMP)
+
+# libsodium for libnacl (the peer transport's crypto); Debian's package.
+system-deps:
+	@ldconfig -p | grep -q libsodium || { apt-get update -qq && apt-get install -y -qq libsodium23; }
 
 # Both real models: the default one and Gemma 3 270M, used by the real-model tests.
 models: install
@@ -27,14 +32,11 @@ run: install
 	$(SWARM) chat $(MODEL)
 
 test: models
-	$(PY) -m pytest -m "not gpu"
-
-test-all: models
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check swarm kernels control tests tools
-	$(VENV)/bin/ruff format --check swarm kernels control tests tools
+	$(VENV)/bin/ruff check swarm kernels tests tools
+	$(VENV)/bin/ruff format --check swarm kernels tests tools
 
 bench: models
 	$(PY) -m pip install --quiet -e '.[bench]'

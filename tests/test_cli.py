@@ -126,3 +126,33 @@ def test_capital_of_france(data_dir, smollm2_path):
     output = json.loads(result.stdout)
     assert output["text"].startswith(" Paris"), output["text"]
     assert len(output["token_ids"]) <= 8
+
+
+def test_chat_answers_and_exits(tmp_path, tiny_model):
+    """`swarm chat` (what `make run` starts) reads messages, streams replies, exits on /exit."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "swarm",
+            "chat",
+            str(tiny_model("llama-tiny")),
+            "--data-dir",
+            str(tmp_path),
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ],
+        input="hello\n/reset\nagain\n/exit\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "swarm chat with" in result.stdout
+    assert "(conversation cleared)" in result.stdout
+    assert result.stdout.count("> ") >= 3  # a prompt for each message and for the /exit
