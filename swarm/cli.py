@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -205,7 +206,7 @@ def cmd_info(args: argparse.Namespace, data_dir: Path) -> int:
 
     counts = Counter(type_name(info.qtype) for info in model.gguf.tensors.values())
     tensor_bytes = sum(info.nbytes for info in model.gguf.tensors.values())
-    n_params = sum(_elements(info.ne) for info in model.gguf.tensors.values())
+    n_params = sum(math.prod(info.ne) for info in model.gguf.tensors.values())
     info = {
         "model": args.model,
         "path": str(model.path),
@@ -243,13 +244,6 @@ def cmd_info(args: argparse.Namespace, data_dir: Path) -> int:
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         print(f"{key.replace('_', ' '):<{width}}  {value}")
     return 0
-
-
-def _elements(ne: Sequence[int]) -> int:
-    total = 1
-    for n in ne:
-        total *= n
-    return total
 
 
 def cmd_bench(args: argparse.Namespace, data_dir: Path) -> int:

@@ -10,33 +10,10 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kernels.dequant import dequantize, dequantize_blocks
 from kernels.quant_types import FORMATS, GGMLType, quant_format, row_bytes, row_elements
+from tests.quant_blocks import F16_FIELDS, random_blocks
 
-# Byte offsets of the ggml_fp16_t scale fields in each block (block structs, ggml-common.h).
-_F16_FIELDS = {
-    GGMLType.Q4_0: (0,),
-    GGMLType.Q4_1: (0, 2),
-    GGMLType.Q5_0: (0,),
-    GGMLType.Q5_1: (0, 2),
-    GGMLType.Q8_0: (0,),
-    GGMLType.Q2_K: (80, 82),
-    GGMLType.Q3_K: (108,),
-    GGMLType.Q4_K: (0, 2),
-    GGMLType.Q5_K: (0, 2),
-    GGMLType.Q6_K: (208,),
-}
-_QUANTIZED = sorted(_F16_FIELDS)
+_QUANTIZED = sorted(F16_FIELDS)
 _GGUF_QUANTIZABLE = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0]
-
-
-def _random_blocks(qtype: int, rows: int, blocks: int, seed: int) -> np.ndarray:
-    """Random packed rows u8[rows, blocks * block_bytes] with finite, moderate f16 scales."""
-    rng = np.random.default_rng(seed)
-    fmt = quant_format(qtype)
-    raw = rng.integers(0, 256, size=(rows, blocks, fmt.block_bytes), dtype=np.uint8)
-    for offset in _F16_FIELDS[qtype]:
-        scale = rng.uniform(-2.0, 2.0, size=(rows, blocks)).astype(np.float16)
-        raw[..., offset : offset + 2] = scale.view(np.uint8).reshape(rows, blocks, 2)
-    return raw.reshape(rows, blocks * fmt.block_bytes)
 
 
 def _oracle(data: np.ndarray, qtype: int) -> np.ndarray:
@@ -88,7 +65,7 @@ def test_dequantize_rejects_wrong_row_width() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_raw_blocks_match_gguf(qtype: int, seed: int) -> None:
     blocks = 3 if FORMATS[qtype].block_size == 256 else 5
-    data = _random_blocks(qtype, rows=7, blocks=blocks, seed=seed)
+    data = random_blocks(qtype, rows=7, blocks=blocks, seed=seed)
     _assert_matches_oracle(data, qtype, blocks * FORMATS[qtype].block_size)
 
 
@@ -120,14 +97,14 @@ def test_bf16_special_values_follow_gguf() -> None:
 
 
 def test_leading_axes_pass_through() -> None:
-    data = _random_blocks(GGMLType.Q4_K, rows=6, blocks=2, seed=5)
+    data = random_blocks(GGMLType.Q4_K, rows=6, blocks=2, seed=5)
     flat = np.asarray(dequantize(data, GGMLType.Q4_K, 512))
     stacked = np.asarray(dequantize(data.reshape(2, 3, -1), GGMLType.Q4_K, 512))
     np.testing.assert_array_equal(stacked.reshape(6, 512), flat)
 
 
 def test_dequantize_runs_under_jit_with_traced_data() -> None:
-    data = _random_blocks(GGMLType.Q6_K, rows=4, blocks=1, seed=6)
+    data = random_blocks(GGMLType.Q6_K, rows=4, blocks=1, seed=6)
     traced = jax.jit(lambda d: dequantize(d, GGMLType.Q6_K, 256) * 2.0)(data)
     np.testing.assert_allclose(np.asarray(traced), 2.0 * _oracle(data, GGMLType.Q6_K), rtol=1e-6)
 

@@ -16,6 +16,7 @@ from kernels.attention import attention_reference, decode_attention, prefill_att
 from kernels.matmul import dequant_matmul, dequant_matmul_reference
 from kernels.qtensor import QuantTensor
 from kernels.quant_types import FORMATS, GGMLType, quant_format
+from tests.quant_blocks import random_blocks
 
 
 def _has_gpu() -> bool:
@@ -31,20 +32,6 @@ _MODES = [
     ),
 ]
 
-# Byte offsets of the f16 scale fields per block (ggml-common.h block structs).
-_F16_FIELDS = {
-    GGMLType.Q4_0: (0,),
-    GGMLType.Q4_1: (0, 2),
-    GGMLType.Q5_0: (0,),
-    GGMLType.Q5_1: (0, 2),
-    GGMLType.Q8_0: (0,),
-    GGMLType.Q2_K: (80, 82),
-    GGMLType.Q3_K: (108,),
-    GGMLType.Q4_K: (0, 2),
-    GGMLType.Q5_K: (0, 2),
-    GGMLType.Q6_K: (208,),
-}
-
 
 def _random_weight(qtype: int, rows: int, cols: int, seed: int) -> QuantTensor:
     """A QuantTensor of random packed blocks with small finite scales."""
@@ -58,11 +45,7 @@ def _random_weight(qtype: int, rows: int, cols: int, seed: int) -> QuantTensor:
         bits = rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32) >> 16
         raw = bits.astype(np.uint16).view(np.uint8)
     else:
-        blocks = cols // fmt.block_size
-        raw = rng.integers(0, 256, size=(rows, blocks, fmt.block_bytes), dtype=np.uint8)
-        for offset in _F16_FIELDS[qtype]:
-            scale = rng.uniform(-0.05, 0.05, size=(rows, blocks)).astype(np.float16)
-            raw[..., offset : offset + 2] = scale.view(np.uint8).reshape(rows, blocks, 2)
+        raw = random_blocks(qtype, rows, cols // fmt.block_size, seed, scale=0.05)
     return QuantTensor.from_packed(raw.reshape(rows, -1), qtype, (rows, cols))
 
 
