@@ -5,6 +5,8 @@ cache of what is derived from that parse. gguf-py's reader decodes large metadat
 arrays field by field (Gemma 3's 262k-entry vocabulary takes seconds), so the parsed
 metadata and tensor table are cached as JSON keyed by the file's path, size and
 modification time; later opens read the cache and memory-map the file directly.
+The parse needs only the bytes before the tensor data, so it also reads a shard set's
+`gguf_header.bin`; `swarm.shards` subclasses `GGUFFile` to map tensor bytes from shards.
 
 Tensor bytes are never loaded whole: `tensor_bytes` returns a read-only view of a
 memory map, so reading one layer range touches only that range's pages.
@@ -14,6 +16,7 @@ Imports numpy and gguf, never jax.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -101,13 +104,7 @@ class GGUFFile:
             if handle.read(4) != GGUF_MAGIC:
                 raise ModelFileError(f"{path}: not a GGUF file (bad magic bytes)")
         cache_key = _cache_key(path, stat)
-        cache_path = cache_dir / "gguf" / f"{cache_key}.json" if cache_dir else None
-        parsed = _read_cache(cache_path) if cache_path else None
-        if parsed is None:
-            parsed = _parse(path)
-            if cache_path:
-                _write_cache(cache_path, parsed)
-        metadata, tensors = parsed
+        metadata, tensors = read_header(path, cache_dir, cache_key)
         gguf_file = cls(path, metadata, tensors, cache_key)
         gguf_file._check_extent(stat.st_size)
         return gguf_file
@@ -129,13 +126,14 @@ class GGUFFile:
 
     def tensor_bytes(self, name: str) -> np.ndarray:
         """Raw bytes of tensor `name` as u8[rows, row_bytes], a read-only memmap view."""
-        info = self.tensors.get(name)
-        if info is None:
-            raise ModelFileError(f"{self.path}: missing tensor {name}")
+        info = self.tensor_info(name)
+        return self._flat_bytes(info).reshape(info.rows, info.row_bytes)
+
+    def _flat_bytes(self, info: TensorInfo) -> np.ndarray:
+        """u8[nbytes] of one tensor. A shard set (swarm.shards) maps these from its shards."""
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        flat = self._mmap[info.offset : info.offset + info.nbytes]
-        return flat.reshape(info.rows, info.row_bytes)
+        return self._mmap[info.offset : info.offset + info.nbytes]
 
     def tensor_info(self, name: str) -> TensorInfo:
         info = self.tensors.get(name)
@@ -144,11 +142,55 @@ class GGUFFile:
         return info
 
 
-def _parse(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+@dataclass(frozen=True)
+class ParsedHeader:
+    """What a GGUF header says: metadata, the tensor table, and where tensor data starts."""
+
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    data_offset: int  # start of the tensor data section: the header's length, padding included
+
+
+def read_header(
+    path: Path, cache_dir: Path | None, cache_key: str
+) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """Metadata and tensor table of the GGUF header at `path`, through the parse cache."""
+    cache_path = cache_dir / "gguf" / f"{cache_key}.json" if cache_dir else None
+    parsed = _read_cache(cache_path) if cache_path else None
+    if parsed is None:
+        header = parse_header(path)
+        parsed = header.metadata, header.tensors
+        if cache_path:
+            _write_cache(cache_path, parsed)
+    return parsed
+
+
+@functools.cache
+def _table_reader() -> type:
     from gguf import GGUFReader
 
+    class TableReader(GGUFReader):
+        """GGUFReader that records the tensor table without mapping tensor data.
+
+        gguf-py's `_build_tensors` makes a numpy view of every tensor's data, which fails
+        on a header cut at the data section (a shard set's gguf_header.bin); the table
+        itself (name, type, dims, offset) is all that is needed here.
+        """
+
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            self.table = []
+            for field in fields:
+                _name_length, name, _n_dims, dims, qtype, offset = field.parts
+                entry = (bytes(name).decode("utf-8"), int(qtype[0]), tuple(int(n) for n in dims))
+                self.table.append((*entry, int(start_offs + offset[0])))
+
+    return TableReader
+
+
+def parse_header(path: Path) -> ParsedHeader:
+    """Parse the GGUF header of `path`: a whole file or only its bytes before the tensor data."""
     try:
-        reader = GGUFReader(path, "r")
+        reader = _table_reader()(path, "r")
     except Exception as error:  # gguf-py raises ValueError, IndexError, struct errors...
         raise ModelFileError(f"{path}: cannot parse GGUF ({type(error).__name__}: {error})") from None
     metadata: dict[str, Any] = {}
@@ -160,18 +202,16 @@ def _parse(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
         except (UnicodeDecodeError, ValueError) as error:
             raise ModelFileError(f"{path}: malformed metadata field {name}: {error}") from None
     tensors: dict[str, TensorInfo] = {}
-    for tensor in reader.tensors:
-        qtype = int(tensor.tensor_type)
-        ne = tuple(int(n) for n in tensor.shape)
+    for name, qtype, ne, offset in reader.table:
+        if name in tensors:
+            raise ModelFileError(f"{path}: tensor {name} appears twice")
         block_size, type_size = _quant_size(qtype)
         n_elements = int(np.prod(ne)) if ne else 1
         if ne and ne[0] % block_size:
-            raise ModelFileError(
-                f"{path}: tensor {tensor.name} row length {ne[0]} is not a multiple of its block"
-            )
+            raise ModelFileError(f"{path}: tensor {name} row length {ne[0]} is not a multiple of its block")
         nbytes = n_elements // block_size * type_size
-        tensors[tensor.name] = TensorInfo(tensor.name, qtype, ne, int(tensor.data_offset), nbytes)
-    return metadata, tensors
+        tensors[name] = TensorInfo(name, qtype, ne, offset, nbytes)
+    return ParsedHeader(metadata, tensors, int(reader.data_offset))
 
 
 def _cache_key(path: Path, stat: os.stat_result) -> str:
