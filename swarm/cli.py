@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
     bench.add_argument("--json", action="store_true")
 
+    shard = commands.add_parser("shard", help="split a model into layer-aligned shards with a manifest")
+    shard.add_argument("model")
+    shard.add_argument(
+        "--out", required=True, help="directory for manifest.json, gguf_header.bin, shard_NNN.bin"
+    )
+    shard.add_argument("--shard-size-mb", type=float, default=256.0, help="shard size budget in MiB")
+    shard.add_argument("--data-dir")
+
     pull = commands.add_parser("pull", help="install a registered model or download one from the Hub")
     pull.add_argument("model")
     pull.add_argument("--data-dir")
@@ -261,6 +269,15 @@ def cmd_bench(args: argparse.Namespace, data_dir: Path) -> int:
     return 0
 
 
+def cmd_shard(args: argparse.Namespace, data_dir: Path) -> int:
+    from swarm.models import resolve_model
+    from swarm.shards import describe, shard_command
+
+    source = resolve_model(args.model, data_dir)
+    print(describe(shard_command(source, Path(args.out), args.shard_size_mb)))
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace, data_dir: Path) -> int:
     from swarm.models import resolve_model
 
@@ -273,6 +290,7 @@ COMMANDS = {
     "chat": cmd_chat,
     "info": cmd_info,
     "bench": cmd_bench,
+    "shard": cmd_shard,
     "pull": cmd_pull,
 }
 

@@ -53,9 +53,15 @@ def _load_tokenizer(gguf: GGUFFile, cache_dir: Path | None) -> Tokenizer:
 
 
 def open_model(name_or_path: str, data_dir: Path, *, install_missing: bool = True) -> OpenedModel:
+    """A registered name, an hf: reference, a .gguf path, or a shard directory."""
     path = resolve_model(name_or_path, data_dir, install_missing=install_missing)
     cache_dir = data_dir / "cache"
-    gguf = GGUFFile.open(path, cache_dir)
+    if path.is_dir():
+        from swarm.shards import ShardSet
+
+        gguf: GGUFFile = ShardSet.open(path).as_gguf(cache_dir)
+    else:
+        gguf = GGUFFile.open(path, cache_dir)
     config = ModelConfig.from_metadata(gguf.metadata, tensor_names=frozenset(gguf.tensors))
     return OpenedModel(
         name=name_or_path,

@@ -156,3 +156,42 @@ def test_chat_answers_and_exits(tmp_path, tiny_model):
     assert "swarm chat with" in result.stdout
     assert "(conversation cleared)" in result.stdout
     assert result.stdout.count("> ") >= 3  # a prompt for each message and for the /exit
+
+
+def test_shard_then_generate_from_the_shards(tmp_path, tiny_model):
+    """`swarm shard` splits a model; the shard directory generates what the file does."""
+    source = tiny_model("gemma3-tiny")
+    out = tmp_path / "shards"
+    result = swarm("shard", str(source), "--out", str(out), "--shard-size-mb", "0.05", data_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (out / "manifest.json").exists() and len(list(out.glob("shard_*.bin"))) > 1
+    outputs = []
+    for model in (str(source), str(out)):
+        run = swarm(
+            "generate",
+            model,
+            "--prompt",
+            "abc",
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--json",
+            data_dir=tmp_path,
+        )
+        assert run.returncode == 0, run.stderr
+        outputs.append(json.loads(run.stdout)["token_ids"])
+    assert outputs[0] == outputs[1]
+
+
+def test_shard_bad_size(tmp_path, tiny_model):
+    result = swarm(
+        "shard",
+        str(tiny_model("llama-tiny")),
+        "--out",
+        str(tmp_path / "s"),
+        "--shard-size-mb",
+        "0",
+        data_dir=tmp_path,
+    )
+    assert_one_line_error(result, "shard")
