@@ -11,12 +11,17 @@ u32 length and the bytes. Tensor payloads are little-endian, as in GGUF and ggml
     1 OpenSession  str8 session_id | str8 model_id | u32 layer_start | u32 layer_end
                    | u8 compression | u32 max_context | 32-byte requester public key
                    | u16 n | sampling parameters as a JSON object (n bytes)
+                   | u8 hops | hops x (str8 "host:port" | 32-byte public key
+                   | u32 layer_start | u32 layer_end)
     2 Forward      str8 session_id | u32 start_position | u8 compression | u32 rows (T)
                    | u32 cols (d) | bytes32 hidden states
     3 TokenResult  str8 session_id | u32 position | bytes32 sealed token
     4 Close        str8 session_id
     5 Error        str8 session_id (may be empty) | str8 code | u16 n | message (UTF-8)
     6 Ping, 7 Pong u64 nonce | f64 timestamp (Unix seconds)
+
+The hops of an OpenSession are the rest of the route after the stage it is sent to: that
+stage opens the session on the first hop and passes it the remaining ones.
 
 Compression 0 is f16: T*d IEEE halves, row-major. Compression 1 is Q8_0, ggml's
 `block_q8_0` (`quantize_row_q8_0_ref`): the T*d values row-major, zero-padded to a multiple
@@ -55,6 +60,7 @@ MAX_SAMPLING_JSON_BYTES = 16 * 1024
 MAX_SEALED_TOKEN_BYTES = 64 * 1024
 MAX_ERROR_MESSAGE_BYTES = 4096
 MAX_TOP_LOGPROBS = 64
+MAX_ROUTE_HOPS = 64
 COMPRESSIONS = ("f16", "q8_0")
 Q8_0_BLOCK = 32
 Q8_0_BLOCK_BYTES = 34
@@ -69,6 +75,7 @@ INTERNAL = "internal"
 _HEADER = struct.Struct(">4sHBBI")
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _ERROR_CODE = re.compile(r"[a-z0-9_]{1,64}")
+_ADDRESS = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,250}:[0-9]{1,5}")
 _U32 = 2**32 - 1
 
 
@@ -118,6 +125,35 @@ def _check_sampling(parameters: Any) -> None:
 
 
 @dataclass(frozen=True)
+class RouteHop:
+    """One downstream stage of a route: where it listens, who it is, which layers it runs."""
+
+    address: str  # "host:port"
+    public_key: bytes
+    layer_range: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.address, str) or not _ADDRESS.fullmatch(self.address):
+            raise WireError(f"hop address {self.address!r} is not host:port")
+        port = int(self.address.rsplit(":", 1)[1])
+        if not 1 <= port <= 65535:
+            raise WireError(f"hop address {self.address!r} has port {port} outside 1-65535")
+        if not isinstance(self.public_key, bytes) or len(self.public_key) != PUBLIC_KEY_BYTES:
+            raise WireError(f"hop public key must be {PUBLIC_KEY_BYTES} bytes")
+        start, end = self.layer_range
+        object.__setattr__(self, "layer_range", (start, end))
+        _check_u32("hop layer range start", start)
+        _check_u32("hop layer range end", end)
+        if start >= end:
+            raise WireError(f"hop layer range [{start}, {end}) is empty")
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, port = self.address.rsplit(":", 1)
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class OpenSession:
     """Asks a stage to keep KV state for `session_id` over its layers [start, end)."""
 
@@ -128,6 +164,7 @@ class OpenSession:
     requester_public_key: bytes
     compression: str = "f16"
     max_context: int = 4096
+    route: tuple[RouteHop, ...] = ()  # the stages after this one, in order
 
     def __post_init__(self) -> None:
         _check_session_id(self.session_id)
@@ -147,6 +184,18 @@ class OpenSession:
             raise WireError(f"requester public key must be {PUBLIC_KEY_BYTES} bytes")
         _check_compression(self.compression)
         _check_u32("max context", self.max_context, minimum=1)
+        object.__setattr__(self, "route", tuple(self.route))
+        if len(self.route) > MAX_ROUTE_HOPS:
+            raise WireError(f"a route has at most {MAX_ROUTE_HOPS} hops, not {len(self.route)}")
+        previous_end = end
+        for hop in self.route:
+            if not isinstance(hop, RouteHop):
+                raise WireError(f"route hops must be RouteHop, not {type(hop).__name__}")
+            if hop.layer_range[0] != previous_end:
+                raise WireError(
+                    f"route hop {hop.address} starts at layer {hop.layer_range[0]}, not {previous_end}"
+                )
+            previous_end = hop.layer_range[1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -304,6 +353,11 @@ def encode(message: Message) -> bytes:
         writer.parts.append(message.requester_public_key)
         writer.pack("H", len(sampling))
         writer.parts.append(sampling)
+        writer.pack("B", len(message.route))
+        for hop in message.route:
+            writer.str8(hop.address)
+            writer.parts.append(hop.public_key)
+            writer.pack("II", *hop.layer_range)
     elif kind is Forward:
         payload = encode_hidden_states(message.hidden_states, message.compression)
         rows, cols = message.hidden_states.shape
@@ -405,7 +459,20 @@ def _decode_open_session(reader: _Reader) -> OpenSession:
         sampling = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as error:
         raise WireError(f"sampling parameters are not valid JSON: {error}") from error
-    return OpenSession(session_id, model_id, (start, end), sampling, public_key, compression, max_context)
+    (hops,) = reader.unpack("B", "route length")
+    if hops > MAX_ROUTE_HOPS:
+        raise WireError(f"a route has at most {MAX_ROUTE_HOPS} hops, not {hops}")
+    route = tuple(
+        RouteHop(
+            reader.str8("hop address"),
+            reader.take(PUBLIC_KEY_BYTES, "hop public key"),
+            reader.unpack("II", "hop layer range"),
+        )
+        for _ in range(hops)
+    )
+    return OpenSession(
+        session_id, model_id, (start, end), sampling, public_key, compression, max_context, route
+    )
 
 
 def _decode_forward(reader: _Reader) -> Forward:

@@ -259,6 +259,7 @@ def _open_session_bytes(sampling: bytes) -> bytes:
         + REQUESTER.public_key
         + struct.pack(">H", len(sampling))
         + sampling
+        + b"\x00"  # no route hops
     )
     return struct.pack(">4sHBBI", b"SWMS", 1, 1, 0, len(body)) + body
 
@@ -280,6 +281,26 @@ def test_bad_sampling_parameters_are_refused(sampling: bytes, reason: str):
     with pytest.raises(WireError, match=reason):
         decode(_open_session_bytes(sampling))
     assert isinstance(decode(_open_session_bytes(b'{"temperature": 0}')), OpenSession)
+
+
+def test_open_session_route_round_trips_and_must_be_contiguous():
+    hops = (
+        wire.RouteHop("127.0.0.1:4101", Identity(bytes([1] * 32)).public_key, (17, 24)),
+        wire.RouteHop("[::1]:4102", Identity(bytes([2] * 32)).public_key, (24, 30)),
+    )
+    message = OpenSession(SESSION, "m", (4, 17), {}, REQUESTER.public_key, route=hops)
+    decoded = decode(encode(message))
+    assert decoded.route == hops
+    assert decoded.route[1].host_port == ("::1", 4102)
+    assert decode(encode(OpenSession(SESSION, "m", (0, 4), {}, REQUESTER.public_key))).route == ()
+    with pytest.raises(WireError, match="starts at layer 24, not 17"):
+        OpenSession(SESSION, "m", (4, 17), {}, REQUESTER.public_key, route=hops[1:])
+    with pytest.raises(WireError, match="not host:port"):
+        wire.RouteHop("no port", REQUESTER.public_key, (0, 1))
+    data = encode(message)
+    cut = data[:-3]
+    with pytest.raises(WireError, match="truncated OpenSession"):
+        decode(cut[:8] + struct.pack(">I", len(cut) - 12) + cut[12:])
 
 
 def test_invalid_messages_cannot_be_built():
