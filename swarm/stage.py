@@ -1,0 +1,422 @@
+"""A pipeline stage: one engine for layers [first, last) of a model, served over secure channels.
+
+Owns `StageServer`: the listening socket, a thread per upstream connection, and the
+per-session state of DESIGN.md §5 (KV cache, next position, the sampler and the tokens it
+drew, the requester's key, the channel to the next stage). The protocol, per session:
+
+    upstream -> OpenSession (with the rest of the route)   no reply on success, else Error
+    upstream -> Forward (hidden states f32[T, d])           one reply: TokenResult or Error
+    upstream -> Close                                       no reply
+
+A stage that is not last opens the session on the next hop and forwards its hidden states
+there, then relays the reply upstream byte for byte, so the token sealed to the requester
+travels back along the chain unread. The last stage samples with the session's parameters
+and seals the token to the requester. Stages only ever receive hidden states: the requester
+embeds locally, so even the first stage runs its engine on hidden states (`StageEngine`).
+
+Every failure is answered with an `Error` naming this stage (peer id, address, layers); a
+failing connection or session never stops the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from swarm import wire
+from swarm.engine import Engine
+from swarm.errors import SwarmError
+from swarm.identity import Identity
+from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
+from swarm.secure_channel import ChannelError, ChannelTimeout, SecureChannel
+
+logger = logging.getLogger(__name__)
+
+NEXT_HOP_FAILED = "next_hop_failed"
+LAYER_MISMATCH = "layer_mismatch"
+_POLL_SECONDS = 0.5  # how often idle loops look at the stop flag and expiry clock
+
+
+class StageEngine(Engine):
+    """An Engine whose inputs are always hidden states, even from layer 0.
+
+    The requester embeds its tokens itself (DESIGN.md §5), so the first stage never
+    sees a token id; its range still starts at layer 0.
+    """
+
+    @property
+    def is_first(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """How a stage listens and how long it waits."""
+
+    model_id: str
+    network_id: str = "swarm-local"
+    host: str = "127.0.0.1"
+    port: int = 0
+    handshake_timeout: float = 10.0
+    hop_timeout: float = 60.0  # waiting for the next stage's reply to one Forward
+    session_timeout: float = 300.0  # an idle session is dropped after this long
+
+
+@dataclass
+class _Session:
+    session_id: str
+    cache: object
+    next_position: int
+    max_context: int
+    params: SamplingParams
+    sampler: Sampler
+    requester_public_key: bytes
+    downstream: SecureChannel | None = None
+    next_hop: wire.RouteHop | None = None
+    sampled: list[int] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def close(self) -> None:
+        if self.downstream is not None:
+            with contextlib.suppress(ChannelError, wire.WireError):
+                self.downstream.send(wire.encode(wire.Close(self.session_id)), timeout=1.0)
+            self.downstream.close()
+        self.cache = None
+
+
+class _Refusal(SwarmError):
+    """A request this stage answers with an Error of `code`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StageServer:
+    """Serves `engine`'s layers to requesters and upstream stages; `start()`, then `close()`."""
+
+    def __init__(self, engine: Engine, identity: Identity, config: StageConfig) -> None:
+        self.engine = engine
+        self.identity = identity
+        self.config = config
+        self.layer_range = (engine.first, engine.last)
+        self._listener: socket.socket | None = None
+        self._address = ""
+        self._stopping = threading.Event()
+        self._device_lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}
+        self._sessions_lock = threading.Lock()
+        self._channels: set[SecureChannel] = set()
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> StageServer:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.config.host, self.config.port))
+        listener.listen(64)
+        listener.settimeout(_POLL_SECONDS)
+        self._listener = listener
+        host, port = listener.getsockname()[:2]
+        self._address = f"{host}:{port}"
+        for target in (self._accept_loop, self._expire_loop):
+            thread = threading.Thread(target=target, name=f"stage-{port}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    @property
+    def address(self) -> str:
+        """ "host:port" this stage listens on (after `start`)."""
+        return self._address
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, port = self._address.rsplit(":", 1)
+        return host, int(port)
+
+    def describe(self) -> str:
+        first, last = self.layer_range
+        return f"stage {self.identity.peer_id} at {self._address} (layers {first}-{last})"
+
+    def close(self) -> None:
+        """Stops listening, drops every connection and session. Idempotent."""
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+        with self._sessions_lock:
+            channels = list(self._channels)
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for channel in channels:
+            channel.close()
+        for session in sessions:
+            session.close()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=2.0)
+
+    def __enter__(self) -> StageServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def serve_forever(self) -> None:
+        self._stopping.wait()
+
+    def observe(self, message: wire.Message) -> None:
+        """Called with every message this stage decodes; a no-op (a hook for tests and metrics)."""
+
+    # --- connections -----------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # listener closed
+            sock.settimeout(None)
+            thread = threading.Thread(target=self._serve_connection, args=(sock,), daemon=True)
+            thread.start()
+
+    def _serve_connection(self, sock: socket.socket) -> None:
+        try:
+            channel = SecureChannel.accept(
+                sock, self.identity, self.config.network_id, timeout=self.config.handshake_timeout
+            )
+        except ChannelError as error:
+            logger.info("%s refused a connection: %s", self.describe(), error)
+            return
+        with self._sessions_lock:
+            if self._stopping.is_set():
+                channel.close()
+                return
+            self._channels.add(channel)
+        opened: set[str] = set()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    data = channel.recv(timeout=_POLL_SECONDS)
+                except ChannelTimeout:
+                    if channel.closed:
+                        return
+                    continue
+                except ChannelError:
+                    return
+                reply = self._answer(data, opened)
+                if reply is not None:
+                    channel.send(reply)
+        except ChannelError as error:
+            logger.info("%s lost a connection: %s", self.describe(), error)
+        finally:
+            channel.close()
+            with self._sessions_lock:
+                self._channels.discard(channel)
+            for session_id in opened:
+                self._drop(session_id)
+
+    def _answer(self, data: bytes, opened: set[str]) -> bytes | None:
+        """The bytes to send back for one received payload, or None."""
+        session_id = ""
+        try:
+            message = wire.decode(data)
+            self.observe(message)
+            session_id = getattr(message, "session_id", "")
+            if isinstance(message, wire.OpenSession):
+                self._open(message)
+                opened.add(message.session_id)
+                return None
+            if isinstance(message, wire.Forward):
+                return self._forward(message)
+            if isinstance(message, wire.Close):
+                self._drop(message.session_id)
+                opened.discard(message.session_id)
+                return None
+            if isinstance(message, wire.Ping):
+                return wire.encode(wire.Pong(message.nonce, time.time()))
+            raise _Refusal(wire.BAD_MESSAGE, f"a stage does not accept {type(message).__name__}")
+        except wire.WireError as error:
+            reply = wire.error_reply(error, session_id)
+            return wire.encode(wire.Error(reply.session_id, reply.code, self._named(reply.message)))
+        except _Refusal as error:
+            return self._error(session_id, error.code, str(error))
+        except SwarmError as error:
+            self._drop(session_id)
+            return self._error(session_id, wire.BAD_MESSAGE, str(error))
+        except Exception as error:  # a bug or a device failure must not take the server down
+            logger.exception("%s failed on a message", self.describe())
+            self._drop(session_id)
+            return self._error(session_id, wire.INTERNAL, f"{type(error).__name__}: {error}")
+
+    def _named(self, message: str) -> str:
+        return f"{self.describe()}: {message}"
+
+    def _error(self, session_id: str, code: str, message: str) -> bytes:
+        text = self._named(message).encode("utf-8")[: wire.MAX_ERROR_MESSAGE_BYTES]
+        return wire.encode(wire.Error(session_id, code, text.decode("utf-8", "ignore")))
+
+    # --- sessions --------------------------------------------------------------------
+
+    def _open(self, message: wire.OpenSession) -> None:
+        if message.layer_range != self.layer_range:
+            first, last = message.layer_range
+            raise _Refusal(LAYER_MISMATCH, f"asked for layers {first}-{last}")
+        if message.model_id != self.config.model_id:
+            raise _Refusal(
+                wire.BAD_MESSAGE, f"serves model {self.config.model_id!r}, not {message.model_id!r}"
+            )
+        if self.engine.is_last and message.route:
+            raise _Refusal(wire.BAD_MESSAGE, "the last stage cannot forward to more hops")
+        if not self.engine.is_last and not message.route:
+            raise _Refusal(wire.BAD_MESSAGE, f"the route ends at layer {self.layer_range[1]}")
+        params = SamplingParams.from_dict(message.sampling)
+        with self._sessions_lock:
+            if message.session_id in self._sessions:
+                raise _Refusal(wire.BAD_MESSAGE, f"session {message.session_id} is already open")
+        capacity = self.engine.cache_capacity(message.max_context)
+        with self._device_lock:
+            cache = self.engine.new_cache(capacity)
+        session = _Session(
+            message.session_id,
+            cache,
+            0,
+            message.max_context,
+            params,
+            Sampler(params),
+            message.requester_public_key,
+        )
+        if message.route:
+            hop, rest = message.route[0], message.route[1:]
+            session.next_hop = hop
+            try:
+                session.downstream = SecureChannel.connect(
+                    hop.host_port,
+                    self.identity,
+                    self.config.network_id,
+                    expected_peer=hop.public_key,
+                    timeout=self.config.hop_timeout,
+                )
+                session.downstream.send(
+                    wire.encode(
+                        wire.OpenSession(
+                            message.session_id,
+                            message.model_id,
+                            hop.layer_range,
+                            message.sampling,
+                            message.requester_public_key,
+                            message.compression,
+                            message.max_context,
+                            rest,
+                        )
+                    )
+                )
+            except ChannelError as error:
+                session.close()
+                raise _Refusal(NEXT_HOP_FAILED, f"{_hop_name(hop)} failed: {error}") from error
+        with self._sessions_lock:
+            self._sessions[message.session_id] = session
+
+    def _drop(self, session_id: str) -> None:
+        with self._sessions_lock:
+            session = self._sessions.pop(session_id, None)
+        if session is not None:
+            session.close()
+
+    def _expire_loop(self) -> None:
+        while not self._stopping.wait(_POLL_SECONDS):
+            now = time.monotonic()
+            with self._sessions_lock:
+                idle = [
+                    sid
+                    for sid, session in self._sessions.items()
+                    if now - session.last_used > self.config.session_timeout and not session.lock.locked()
+                ]
+            for session_id in idle:
+                logger.info("%s: session %s expired", self.describe(), session_id)
+                self._drop(session_id)
+
+    def _forward(self, message: wire.Forward) -> bytes:
+        with self._sessions_lock:
+            session = self._sessions.get(message.session_id)
+        if session is None:
+            raise _Refusal(wire.UNKNOWN_SESSION, f"no session {message.session_id}")
+        with session.lock:
+            session.last_used = time.monotonic()
+            hidden = message.hidden_states
+            rows, cols = hidden.shape
+            if cols != self.engine.config.d_model:
+                raise _Refusal(
+                    wire.BAD_MESSAGE, f"hidden states have width {cols}, not {self.engine.config.d_model}"
+                )
+            if message.start_position != session.next_position:
+                raise _Refusal(
+                    wire.BAD_MESSAGE,
+                    f"forward starts at position {message.start_position}, expected {session.next_position}",
+                )
+            if message.start_position + rows > session.max_context:
+                raise _Refusal(
+                    wire.BAD_MESSAGE, f"positions past the session's context of {session.max_context}"
+                )
+            if session.cache is None:
+                raise _Refusal(wire.UNKNOWN_SESSION, f"session {message.session_id} is closed")
+            cache, session.cache = session.cache, None  # donated: a failure leaves none behind
+            with self._device_lock:
+                out, session.cache = self.engine.forward(hidden, message.start_position, cache)
+            session.next_position += rows
+            if session.downstream is None:
+                return wire.encode(self._sample(session, out, session.next_position))
+            return self._relay(
+                session, wire.Forward(message.session_id, message.start_position, out, message.compression)
+            )
+
+    def _sample(self, session: _Session, logits: np.ndarray, position: int) -> wire.TokenResult:
+        """logits: f32[vocab] -> the next token, sealed to the requester."""
+        params = session.params
+        token = session.sampler.sample(logits, session.sampled)
+        session.sampled.append(token)
+        logprob = None
+        alternatives: list[tuple[int, float]] = []
+        if params.top_logprobs:
+            logprobs = log_softmax(logits)
+            alternatives = top_logprobs(logprobs, params.top_logprobs)
+            logprob = float(logprobs[token])
+        sampled = wire.SampledToken(token, logprob, tuple(alternatives))
+        return wire.seal_token(session.requester_public_key, session.session_id, position, sampled)
+
+    def _relay(self, session: _Session, forward: wire.Forward) -> bytes:
+        """Sends `forward` to the next stage; its reply, unchanged."""
+        assert session.downstream is not None and session.next_hop is not None
+        try:
+            session.downstream.send(wire.encode(forward), timeout=self.config.hop_timeout)
+            reply = session.downstream.recv(timeout=self.config.hop_timeout)
+            answer = wire.decode(reply)
+        except (ChannelError, wire.WireError) as error:
+            self._drop(session.session_id)
+            raise _Refusal(NEXT_HOP_FAILED, f"{_hop_name(session.next_hop)} failed: {error}") from error
+        if not isinstance(answer, wire.TokenResult | wire.Error) or answer.session_id != session.session_id:
+            self._drop(session.session_id)
+            raise _Refusal(
+                NEXT_HOP_FAILED, f"{_hop_name(session.next_hop)} answered with {type(answer).__name__}"
+            )
+        if isinstance(answer, wire.Error):
+            self._drop(session.session_id)
+        return reply
+
+
+def _hop_name(hop: wire.RouteHop) -> str:
+    from swarm.identity import peer_id_of
+
+    first, last = hop.layer_range
+    return f"next stage {peer_id_of(hop.public_key)} at {hop.address} (layers {first}-{last})"

@@ -1,0 +1,190 @@
+"""Generation through chains of stages on loopback: same tokens as one engine, privacy, failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from swarm import wire
+from swarm.engine import EngineSettings
+from swarm.generate import Generator
+from swarm.identity import Identity
+from swarm.loader import open_model
+from swarm.pipeline import Embedder, Requester, RouteStage, StageError
+from swarm.sampling import SamplingParams
+from swarm.secure_channel import HandshakeError, SecureChannel
+from swarm.stage import StageConfig, StageEngine, StageServer
+
+REPO = Path(__file__).resolve().parent.parent
+SETTINGS = EngineSettings(kv_cache="f32", max_context=128)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+PROMPT_TEXT = "the quick brown fox jumps over the lazy dog"
+
+
+class RecordingStage(StageServer):
+    """A stage that keeps every message it decodes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.received: list[wire.Message] = []
+        self._record_lock = threading.Lock()
+
+    def observe(self, message: wire.Message) -> None:
+        with self._record_lock:
+            self.received.append(message)
+
+
+class Chain:
+    """Stages for consecutive layer ranges of one model, and a requester over them."""
+
+    def __init__(self, model, splits: list[tuple[int, int]], hop_timeout: float = 30.0) -> None:
+        self.model = model
+        self.stages = [
+            RecordingStage(
+                StageEngine.load(model.gguf, model.config, split, SETTINGS),
+                Identity.generate(),
+                StageConfig(model_id="tiny", hop_timeout=hop_timeout),
+            ).start()
+            for split in splits
+        ]
+        self.requester_identity = Identity.generate()
+
+    def route(self) -> list[RouteStage]:
+        return [RouteStage(s.address, s.identity.public_key, s.layer_range) for s in self.stages]
+
+    def requester(self, timeout: float = 30.0) -> Requester:
+        return Requester(
+            self.requester_identity,
+            Embedder(self.model.gguf, self.model.config),
+            self.model.tokenizer,
+            self.route(),
+            model_id="tiny",
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model, data_dir):
+    return open_model(str(tiny_model("llama-tiny")), data_dir)
+
+
+@pytest.fixture(scope="module")
+def gemma(tiny_model, data_dir):
+    return open_model(str(tiny_model("gemma3-tiny")), data_dir)
+
+
+def _single(model, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+    return Generator(model.engine(SETTINGS), model.tokenizer).generate(prompt_ids, params).token_ids
+
+
+@pytest.mark.parametrize(
+    ("which", "splits"),
+    [("llama", [(0, 1), (1, 3)]), ("llama", [(0, 1), (1, 2), (2, 3)]), ("gemma", [(0, 3), (3, 5), (5, 7)])],
+)
+def test_split_generation_matches_one_engine(request, which, splits):
+    model = request.getfixturevalue(which)
+    prompt_ids = model.tokenizer.encode(PROMPT_TEXT)
+    chain = Chain(model, splits)
+    try:
+        split = chain.requester().generate(prompt_ids, GREEDY)
+    finally:
+        chain.close()
+    assert split.token_ids == _single(model, prompt_ids, GREEDY)
+    assert len(split.token_ids) == GREEDY.max_tokens
+
+
+def test_stages_never_see_token_ids_and_cannot_open_tokens(llama):
+    prompt_ids = llama.tokenizer.encode(PROMPT_TEXT)
+    chain = Chain(llama, [(0, 1), (1, 2), (2, 3)])
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, top_logprobs=3)
+    try:
+        result = chain.requester().generate(prompt_ids, params)
+    finally:
+        chain.close()
+    assert len(result.top_logprobs) == 4 and all(len(top) == 3 for top in result.top_logprobs)
+    d_model = llama.config.d_model
+    for stage in chain.stages:
+        forwards = [m for m in stage.received if isinstance(m, wire.Forward)]
+        assert [f.hidden_states.shape for f in forwards] == [(len(prompt_ids), d_model)] + [(1, d_model)] * 3
+        for message in stage.received:
+            assert isinstance(message, wire.OpenSession | wire.Forward | wire.Close)
+            if isinstance(message, wire.Forward):
+                assert message.hidden_states.dtype == np.float32
+                # The embedded prompt is not the prompt: no row is a small integer vector.
+                assert not np.array_equal(message.hidden_states[:, 0], np.asarray(prompt_ids, np.float32))
+    first = chain.stages[0]
+    # The sealed token relayed through the middle stages opens only with the requester's key.
+    token = wire.SampledToken(result.token_ids[0])
+    sealed = wire.seal_token(chain.requester_identity.public_key, "s1", 9, token)
+    for stage in chain.stages:
+        with pytest.raises(wire.WireError):
+            wire.open_token(stage.identity, sealed)
+    assert wire.open_token(chain.requester_identity, sealed) == token
+    assert first.received[0].route[-1].address == chain.stages[-1].address
+
+
+def test_a_killed_stage_is_named_within_the_timeout(llama):
+    chain = Chain(llama, [(0, 1), (1, 2), (2, 3)], hop_timeout=5.0)
+    prompt_ids = llama.tokenizer.encode(PROMPT_TEXT)
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    victim = chain.stages[2]
+    began = time.monotonic()
+    try:
+        stream = chain.requester(timeout=10.0).stream(prompt_ids, params)
+        next(stream)
+        next(stream)
+        victim.close()
+        with pytest.raises(StageError) as failure:
+            for _ in stream:
+                pass
+    finally:
+        chain.close()
+    assert victim.address in str(failure.value)
+    assert "layers 2-3" in str(failure.value)
+    assert time.monotonic() - began < 10.0
+    # The stages that stay up keep serving.
+
+
+def test_a_stage_survives_bad_input_and_refuses_other_networks(llama):
+    chain = Chain(llama, [(0, 3)])
+    stage = chain.stages[0]
+    try:
+        with pytest.raises(HandshakeError):
+            SecureChannel.connect(stage.host_port, Identity.generate(), "other-net", timeout=5.0)
+        with SecureChannel.connect(
+            stage.host_port, Identity.generate(), "swarm-local", timeout=5.0
+        ) as channel:
+            channel.send(b"garbage")
+            reply = wire.decode(channel.recv())
+            assert isinstance(reply, wire.Error) and stage.address in reply.message
+            channel.send(
+                wire.encode(wire.Forward("nope", 0, np.zeros((1, llama.config.d_model), np.float32)))
+            )
+            reply = wire.decode(channel.recv())
+            assert reply.code == wire.UNKNOWN_SESSION and "layers 0-3" in reply.message
+        prompt_ids = llama.tokenizer.encode(PROMPT_TEXT)
+        assert chain.requester().generate(prompt_ids, GREEDY).token_ids == _single(llama, prompt_ids, GREEDY)
+    finally:
+        chain.close()
+
+
+@pytest.mark.integration
+def test_split_command_matches_one_engine(tiny_model, tmp_path):
+    command = [sys.executable, "-m", "swarm", "test-split", str(tiny_model("llama-tiny"))]
+    command += ["--stages", "3", "--max-tokens", "8", "--json", "--data-dir", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["identical"] is True
+    assert len(report["split"]["token_ids"]) == 8
