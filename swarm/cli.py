@@ -1,4 +1,4 @@
-"""The `swarm` command line: generate, chat, info, bench, pull.
+"""The `swarm` command line: generate, chat, info, bench, shard, pull, node, test-split.
 
 Owns argument parsing and printing. Errors a user can cause print one line naming the
 problem and exit non-zero, never a traceback. The engine (and so jax) is imported only
@@ -92,6 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     pull = commands.add_parser("pull", help="install a registered model or download one from the Hub")
     pull.add_argument("model")
     pull.add_argument("--data-dir")
+
+    node = commands.add_parser("node", help="serve a range of layers as a pipeline stage")
+    _add_common(node)
+    node.add_argument("--layers", help="A-B: serve layers [A, B)")
+    node.add_argument("--shards", help="I-J: serve the layers of shards I..J of a shard directory")
+    node.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
+    node.add_argument("--network-id", default="swarm-local")
+    node.add_argument("--model-id", help="the name requesters use for this model (default: from the file)")
+
+    split = commands.add_parser(
+        "test-split", help="run a model split over local stage processes and compare with one engine"
+    )
+    _add_common(split)
+    split.add_argument("--stages", type=int, default=2)
+    split.add_argument("--prompt", default="The quick brown fox")
+    split.add_argument("--max-tokens", type=int, default=32)
+    split.add_argument("--json", action="store_true")
     return parser
 
 
@@ -285,6 +302,77 @@ def cmd_pull(args: argparse.Namespace, data_dir: Path) -> int:
     return 0
 
 
+def _layer_range(text: str, what: str) -> tuple[int, int]:
+    from swarm.errors import InvalidRequestError
+
+    first, _, last = text.partition("-")
+    try:
+        return int(first), int(last)
+    except ValueError:
+        raise InvalidRequestError(f"{what} {text!r} is not A-B") from None
+
+
+def cmd_node(args: argparse.Namespace, data_dir: Path) -> int:
+    import signal
+
+    from swarm.errors import InvalidRequestError
+    from swarm.identity import Identity
+    from swarm.loader import open_model
+    from swarm.pipeline import model_id_of
+    from swarm.stage import StageConfig, StageEngine, StageServer
+
+    model = open_model(args.model, data_dir)
+    if args.layers:
+        layers = _layer_range(args.layers, "--layers")
+    elif args.shards:
+        from swarm.shards import ShardSet
+
+        if not model.path.is_dir():
+            raise InvalidRequestError("--shards needs a shard directory")
+        first, last = _layer_range(args.shards, "--shards")
+        entries = ShardSet.open(model.path).manifest.shards[first : last + 1]
+        if not entries:
+            raise InvalidRequestError(f"no shards {args.shards}")
+        layers = (min(e.layers[0] for e in entries), max(e.layers[1] for e in entries))
+    else:
+        raise InvalidRequestError("give --layers A-B or --shards I-J")
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidRequestError(f"--listen {args.listen!r} is not HOST:PORT")
+    engine = StageEngine.load(model.gguf, model.config, layers, _engine_settings(args))
+    identity = Identity.load_or_create(data_dir)
+    config = StageConfig(
+        model_id=args.model_id or model_id_of(model), network_id=args.network_id, host=host, port=int(port)
+    )
+    server = StageServer(engine, identity, config).start()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.close())
+    print(
+        f"layers {layers[0]}-{layers[1]} address {server.address} peer {identity.peer_id}"
+        f" public_key {identity.public_key.hex()}",
+        flush=True,
+    )
+    server.serve_forever()
+    server.close()
+    return 0
+
+
+def cmd_test_split(args: argparse.Namespace, data_dir: Path) -> int:
+    from swarm.pipeline import run_split_check
+
+    report = run_split_check(
+        args.model, data_dir, _engine_settings(args), args.stages, args.prompt, args.max_tokens
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        verdict = "identical" if report["identical"] else "DIFFERENT"
+        print(f"token ids over {args.stages} stages: {verdict}")
+        for name in ("single", "split"):
+            print(f"{name:>6}: {report[name]['decode_tok_s']:.1f} tok/s decode")
+    return 0 if report["identical"] else 1
+
+
 COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
@@ -292,6 +380,8 @@ COMMANDS = {
     "bench": cmd_bench,
     "shard": cmd_shard,
     "pull": cmd_pull,
+    "node": cmd_node,
+    "test-split": cmd_test_split,
 }
 
 

@@ -11,10 +11,18 @@ or stalls raises `StageError` naming it.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -225,17 +233,133 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def timed_generate(
-    requester: Requester, prompt_ids: Sequence[int], params: SamplingParams
-) -> tuple[list[int], float]:
-    """Token ids and decode tokens per second (tokens after the first over their time)."""
+# --- a local split check: K stage processes on loopback against one engine --------------
+
+
+def _even_splits(n_layers: int, stages: int) -> list[tuple[int, int]]:
+    if not 1 <= stages <= n_layers:
+        raise InvalidRequestError(f"cannot split {n_layers} layers into {stages} stages")
+    edges = [round(i * n_layers / stages) for i in range(stages + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def _stage_directory(shard_dir: Path, manifest, layers: tuple[int, int], out: Path) -> Path:
+    """A shard directory holding only the shards `layers` need (hard links where possible)."""
+    from swarm.shards import HEADER_FILE, MANIFEST_FILE, select_shards, shard_file_name
+
+    out.mkdir(parents=True)
+    names = [MANIFEST_FILE, HEADER_FILE] + [shard_file_name(i) for i in select_shards(manifest, layers)]
+    for name in names:
+        try:
+            os.link(shard_dir / name, out / name)
+        except OSError:
+            shutil.copyfile(shard_dir / name, out / name)
+    return out
+
+
+def _read_first_line(process: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            line = process.stdout.readline()
+            if line:
+                return line
+        if process.poll() is not None:
+            break
+    process.kill()
+    _, stderr = process.communicate(timeout=10)
+    raise StageError(f"stage process {process.args[4:7]} did not start: {stderr.strip()[-500:]}")
+
+
+def _start_node(model_dir: Path, layers: tuple[int, int], data_dir: Path, settings, model_id: str):
+    command = [sys.executable, "-m", "swarm", "node", str(model_dir), "--layers", f"{layers[0]}-{layers[1]}"]
+    command += ["--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--model-id", model_id]
+    command += ["--weights", settings.weights]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _parse_node_line(line: str) -> RouteStage:
+    fields = line.split()
+    values = dict(zip(fields[::2], fields[1::2], strict=False))
+    first, _, last = values["layers"].partition("-")
+    return RouteStage(values["address"], bytes.fromhex(values["public_key"]), (int(first), int(last)))
+
+
+def _timed(events: Iterator[TokenEvent | str]) -> tuple[list[int], float]:
+    """Token ids of a stream and its decode rate (tokens after the first over their time)."""
     stamps: list[float] = []
     ids: list[int] = []
-    for event in requester.stream(prompt_ids, params):
+    for event in events:
         if isinstance(event, str):
             break
         if event.token_id >= 0:
             stamps.append(time.perf_counter())
             ids.append(event.token_id)
-    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
-    return ids, rate
+    span = stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0
+    return ids, (len(stamps) - 1) / span if span > 0 else 0.0
+
+
+def run_split_check(
+    model_name: str, data_dir: Path, settings, stages: int, prompt: str, max_tokens: int
+) -> dict:
+    """Greedy generation through `stages` node processes and through one engine, compared.
+
+    The model is sharded into a temporary directory, each node gets only its own shards
+    and data directory; the nodes are always stopped. Each side runs once to compile,
+    then once timed.
+    """
+    from swarm.generate import Generator
+    from swarm.loader import open_model
+    from swarm.shards import MIB, split_gguf
+
+    model = open_model(model_name, data_dir)
+    if model.path.is_dir():
+        raise InvalidRequestError("test-split takes a .gguf model, not a shard directory")
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    prompt_ids = model.tokenizer.encode(prompt, add_bos=None, parse_special=False)
+    n_layers = model.config.n_layers
+    splits = _even_splits(n_layers, stages)
+    model_id = model_id_of(model)
+    processes: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="swarm-split-") as scratch:
+        root = Path(scratch)
+        shard_size_mb = max(model.path.stat().st_size / (2 * n_layers) / MIB, 0.001)
+        manifest = split_gguf(model.path, root / "shards", shard_size_mb=shard_size_mb)
+        try:
+            for index, layers in enumerate(splits):
+                stage_dir = _stage_directory(root / "shards", manifest, layers, root / f"stage{index}")
+                processes.append(_start_node(stage_dir, layers, root / f"node{index}", settings, model_id))
+            route = [_parse_node_line(_read_first_line(process, 300.0)) for process in processes]
+            requester = Requester(
+                Identity.generate(),
+                Embedder(model.gguf, model.config),
+                model.tokenizer,
+                route,
+                model_id=model_id,
+                timeout=300.0,
+            )
+            _timed(requester.stream(prompt_ids, params))
+            split_ids, split_rate = _timed(requester.stream(prompt_ids, params))
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                try:
+                    process.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.communicate()
+    generator = Generator(model.engine(settings), model.tokenizer)
+    _timed(generator.stream(prompt_ids, params))
+    single_ids, single_rate = _timed(generator.stream(prompt_ids, params))
+    return {
+        "identical": single_ids == split_ids,
+        "single": {"token_ids": single_ids, "decode_tok_s": single_rate},
+        "split": {"token_ids": split_ids, "decode_tok_s": split_rate},
+    }
+
+
+def model_id_of(model) -> str:
+    """The name stages and requesters agree on for a model: its general.name, else the file stem."""
+    return str(model.gguf.metadata.get("general.name") or model.path.stem)

@@ -208,10 +208,10 @@ class StageServer:
         try:
             while not self._stopping.is_set():
                 try:
-                    data = channel.recv(timeout=_POLL_SECONDS)
+                    # close() closes this channel, which ends a blocked recv at once; a
+                    # short timeout here would also cut off a frame arriving slowly.
+                    data = channel.recv(timeout=self.config.session_timeout)
                 except ChannelTimeout:
-                    if channel.closed:
-                        return
                     continue
                 except ChannelError:
                     return
