@@ -107,3 +107,22 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
     chunked = Engine.load(gguf, config, settings=EngineSettings(prefill_buckets=(4, 8), kv_cache="f32"))
     logits, _ = chunked.forward(prompt, 0, chunked.new_cache(256), all_logits=True)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec_name", SPECS)
+def test_scanned_and_unrolled_layers_agree(tiny_model, spec_name):
+    """The scan (GPU default) and the unrolled loop (CPU default) compute the same model.
+
+    With packed weights the layers group by quant type (gemma3-tiny mixes K-quants
+    across layers), so this also covers several scans in one range.
+    """
+    gguf, config = _open(tiny_model(spec_name))
+    prompt = np.asarray(load_fixture(f"tiny-{spec_name}")["prompt_token_ids"], np.int32)
+    results = []
+    for layers, weights in (("unroll", "f32"), ("scan", "f32"), ("scan", "packed")):
+        settings = EngineSettings(layers=layers, weights=weights, kv_cache="f32")
+        engine = Engine.load(gguf, config, settings=settings)
+        logits, _ = engine.forward(prompt, 0, engine.new_cache(256), all_logits=True)
+        results.append(logits)
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(results[2], results[0], rtol=1e-4, atol=1e-4)
