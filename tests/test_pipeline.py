@@ -153,7 +153,6 @@ def test_a_killed_stage_is_named_within_the_timeout(llama):
     assert victim.address in str(failure.value)
     assert "layers 2-3" in str(failure.value)
     assert time.monotonic() - began < 10.0
-    # The stages that stay up keep serving.
 
 
 def test_a_stage_survives_bad_input_and_refuses_other_networks(llama):
@@ -175,6 +174,42 @@ def test_a_stage_survives_bad_input_and_refuses_other_networks(llama):
             assert reply.code == wire.UNKNOWN_SESSION and "layers 0-3" in reply.message
         prompt_ids = llama.tokenizer.encode(PROMPT_TEXT)
         assert chain.requester().generate(prompt_ids, GREEDY).token_ids == _single(llama, prompt_ids, GREEDY)
+    finally:
+        chain.close()
+
+
+def test_a_refusal_names_the_stage_and_idle_sessions_expire(llama):
+    chain = Chain(llama, [(0, 1), (1, 3)])
+    prompt_ids = llama.tokenizer.encode(PROMPT_TEXT)
+    first, second = chain.route()
+    # The first stage serves layers 0-1; a route that asks it for 0-2 is refused by name.
+    wrong = [
+        RouteStage(first.address, first.public_key, (0, 2)),
+        RouteStage(second.address, second.public_key, (2, 3)),
+    ]
+    requester = chain.requester()
+    requester.route = wrong
+    try:
+        with pytest.raises(StageError, match=f"at {first.address} \\(layers 0-1\\): asked for layers 0-2"):
+            requester.generate(prompt_ids, GREEDY)
+        stage = StageServer(
+            StageEngine.load(llama.gguf, llama.config, (0, 3), SETTINGS),
+            Identity.generate(),
+            StageConfig(model_id="tiny", session_timeout=0.2),
+        ).start()
+        chain.stages.append(stage)
+        key = chain.requester_identity.public_key
+        with SecureChannel.connect(
+            stage.host_port, chain.requester_identity, "swarm-local", timeout=5.0
+        ) as channel:
+            channel.send(
+                wire.encode(wire.OpenSession("idle", "tiny", (0, 3), GREEDY.to_dict(), key, max_context=64))
+            )
+            time.sleep(1.5)
+            hidden = Embedder(llama.gguf, llama.config)(prompt_ids)
+            channel.send(wire.encode(wire.Forward("idle", 0, hidden)))
+            reply = wire.decode(channel.recv())
+        assert reply.code == wire.UNKNOWN_SESSION
     finally:
         chain.close()
 
