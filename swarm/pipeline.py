@@ -101,7 +101,7 @@ class Requester:
         model_id: str,
         network_id: str = "swarm-local",
         timeout: float = 60.0,
-        compression: str = "f16",
+        compression: str = "f32",
     ) -> None:
         n_layers = embedder.config.n_layers
         edge = 0

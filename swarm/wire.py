@@ -61,7 +61,9 @@ MAX_SEALED_TOKEN_BYTES = 64 * 1024
 MAX_ERROR_MESSAGE_BYTES = 4096
 MAX_TOP_LOGPROBS = 64
 MAX_ROUTE_HOPS = 64
-COMPRESSIONS = ("f16", "q8_0")
+# Index order is the wire encoding: append only. f32 is lossless (pipeline output equals
+# a single node's); f16 halves and q8_0 quarters the bytes, for slow links.
+COMPRESSIONS = ("f16", "q8_0", "f32")
 Q8_0_BLOCK = 32
 Q8_0_BLOCK_BYTES = 34
 
@@ -162,7 +164,7 @@ class OpenSession:
     layer_range: tuple[int, int]
     sampling: dict[str, Any]
     requester_public_key: bytes
-    compression: str = "f16"
+    compression: str = "f32"
     max_context: int = 4096
     route: tuple[RouteHop, ...] = ()  # the stages after this one, in order
 
@@ -205,7 +207,7 @@ class Forward:
     session_id: str
     start_position: int
     hidden_states: np.ndarray
-    compression: str = "f16"
+    compression: str = "f32"
 
     def __post_init__(self) -> None:
         _check_session_id(self.session_id)
@@ -547,6 +549,8 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
 def encoded_size(rows: int, cols: int, compression: str) -> int:
     """Bytes of an encoded f32[rows, cols] tensor."""
     count = rows * cols
+    if compression == "f32":
+        return 4 * count
     if compression == "f16":
         return 2 * count
     return -(-count // Q8_0_BLOCK) * Q8_0_BLOCK_BYTES
@@ -560,6 +564,10 @@ def encode_hidden_states(hidden_states: np.ndarray, compression: str) -> bytes:
     values = np.asarray(hidden_states, dtype=np.float32)
     if values.ndim != 2:
         raise WireError(f"hidden states must have shape [T, d], not {values.shape}")
+    if compression == "f32":
+        if not np.isfinite(values).all():
+            raise WireError("hidden states are not finite")
+        return values.astype("<f4").tobytes()
     if compression == "f16":
         with np.errstate(over="ignore"):  # overflow shows up as infinity, refused below
             halves = values.astype("<f2")
@@ -598,7 +606,9 @@ def decode_hidden_states(payload: bytes, rows: int, cols: int, compression: str)
         raise WireError(
             f"{compression} hidden states of shape [{rows}, {cols}] take {expected} bytes, got {len(payload)}"
         )
-    if compression == "f16":
+    if compression == "f32":
+        values = np.frombuffer(payload, "<f4").astype(np.float32)
+    elif compression == "f16":
         values = np.frombuffer(payload, "<f2").astype(np.float32)
     else:
         blocks = np.frombuffer(payload, _q8_0_dtype())

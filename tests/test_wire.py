@@ -76,7 +76,7 @@ def test_every_message_type_round_trips():
         decoded = decode(data)
         assert type(decoded) is type(message)
         if isinstance(message, Forward):
-            assert (decoded.session_id, decoded.start_position, decoded.compression) == (SESSION, 12, "f16")
+            assert (decoded.session_id, decoded.start_position, decoded.compression) == (SESSION, 12, "f32")
             assert decoded.hidden_states.dtype == np.float32 and decoded.hidden_states.shape == (3, 64)
         else:
             assert decoded == message
@@ -91,9 +91,16 @@ def test_ping_and_pong_are_distinct_messages():
 def test_f16_is_exact_for_f16_values():
     values = _activations(7, 576).astype(np.float16).astype(np.float32)
     values[0, :4] = np.array([0.0, -0.0, 65504.0, 6e-8], np.float16)  # 6e-8 becomes a subnormal
-    decoded = decode(encode(Forward(SESSION, 0, values))).hidden_states
+    decoded = decode(encode(Forward(SESSION, 0, values, "f16"))).hidden_states
     assert np.array_equal(decoded, values)
-    assert len(encode(Forward(SESSION, 0, values))) < values.nbytes // 2 + 100
+    assert len(encode(Forward(SESSION, 0, values, "f16"))) < values.nbytes // 2 + 100
+
+
+def test_f32_is_lossless_and_the_default():
+    values = _activations(5, 640, seed=4) * 1e5  # Gemma's residual stream exceeds f16's range
+    message = decode(encode(Forward(SESSION, 0, values)))
+    assert message.compression == "f32"
+    assert np.array_equal(message.hidden_states, values)
 
 
 def _q8_0_round_trip(values: np.ndarray) -> tuple[np.ndarray, int]:
@@ -130,7 +137,7 @@ def test_q8_0_relative_rms_error_on_activations():
     decoded, size = _q8_0_round_trip(residual_like)
     assert _relative_rms_error(decoded, residual_like) < 0.015
     assert size < residual_like.nbytes / 3.7
-    f16 = decode(encode(Forward(SESSION, 0, residual_like))).hidden_states
+    f16 = decode(encode(Forward(SESSION, 0, residual_like, "f16"))).hidden_states
     assert _relative_rms_error(f16, residual_like) < 0.0005
 
 
@@ -142,7 +149,7 @@ def test_q8_0_keeps_zero_blocks_zero():
     assert decoded[1, 32] == pytest.approx(-1.0, abs=1e-3) and decoded[1, 63] == pytest.approx(1.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("compression", ["f16", "q8_0"])
+@pytest.mark.parametrize("compression", ["f16", "q8_0", "f32"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_hidden_states_are_not_sent(compression: str, bad: float):
     values = np.ones((2, 32), np.float32)
@@ -153,7 +160,7 @@ def test_non_finite_hidden_states_are_not_sent(compression: str, bad: float):
 
 def test_values_beyond_f16_range_are_not_sent():
     with pytest.raises(WireError, match="not finite in float16"):
-        encode(Forward(SESSION, 0, np.full((1, 4), 1e6, np.float32)))
+        encode(Forward(SESSION, 0, np.full((1, 4), 1e6, np.float32), "f16"))
     with pytest.raises(WireError, match="scale overflows float16"):
         encode(Forward(SESSION, 0, np.full((1, 32), 1e8, np.float32), "q8_0"))
 
