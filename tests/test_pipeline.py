@@ -223,3 +223,27 @@ def test_split_command_matches_one_engine(tiny_model, tmp_path):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["identical"] is True
     assert len(report["split"]["token_ids"]) == 8
+
+
+@pytest.mark.integration
+@pytest.mark.realmodel
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "stages", "prompt"),
+    [
+        ("smollm2-135m", 2, "The three primary colors are"),
+        ("smollm2-135m", 3, "def fibonacci(n):"),
+        ("gemma3-270m", 2, "The history of the Roman Empire"),
+        ("gemma3-270m", 3, "Water boils at"),
+    ],
+)
+def test_split_real_models_match_one_engine(data_dir, opened_models, model, stages, prompt):
+    """K separate stage processes over encrypted loopback links give the single node's 32 tokens."""
+    opened_models(model)  # installed, or the test fails naming `make models`
+    command = [sys.executable, "-m", "swarm", "test-split", model, "--stages", str(stages)]
+    command += ["--max-tokens", "32", "--prompt", prompt, "--json", "--data-dir", str(data_dir)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["identical"] is True, report
+    assert len(report["single"]["token_ids"]) >= 8
