@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = commands.add_parser("node", help="serve a range of layers as a pipeline stage")
     _add_common(node)
-    node.add_argument("--layers", help="A-B: serve layers [A, B)")
+    node.add_argument("--layers", help="A-B: serve layers [A, B) (default: every layer held here)")
     node.add_argument("--shards", help="I-J: serve the layers of shards I..J of a shard directory")
     node.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
     node.add_argument("--network-id", default="swarm-local")
@@ -334,8 +334,18 @@ def cmd_node(args: argparse.Namespace, data_dir: Path) -> int:
         if not entries:
             raise InvalidRequestError(f"no shards {args.shards}")
         layers = (min(e.layers[0] for e in entries), max(e.layers[1] for e in entries))
+    elif model.path.is_dir():
+        from swarm.shards import ShardSet
+
+        held = ShardSet.open(model.path).layers_held()
+        if len(held) != 1:
+            ranges = ", ".join(f"{a}-{b}" for a, b in held) or "none"
+            raise InvalidRequestError(
+                f"this shard set holds layers {ranges}: choose one range with --layers A-B"
+            )
+        layers = held[0]
     else:
-        raise InvalidRequestError("give --layers A-B or --shards I-J")
+        layers = (0, model.config.n_layers)
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise InvalidRequestError(f"--listen {args.listen!r} is not HOST:PORT")

@@ -247,3 +247,51 @@ def test_split_real_models_match_one_engine(data_dir, opened_models, model, stag
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["identical"] is True, report
     assert len(report["single"]["token_ids"]) >= 8
+
+
+def _start_node(*args: str) -> tuple[subprocess.Popen, str]:
+    node = subprocess.Popen(
+        [sys.executable, "-m", "swarm", "node", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return node, node.stdout.readline()
+
+
+@pytest.mark.integration
+def test_a_node_serves_what_it_holds_and_refuses_quarantined_layers(tiny_model, tmp_path):
+    from swarm.shards import ShardSet, split_gguf
+
+    shards = tmp_path / "shards"
+    manifest = split_gguf(tiny_model("gemma3-tiny"), shards, shard_size_mb=0.05)
+    assert len(manifest.shards) >= 3
+    first = manifest.shards[0]
+    (shards / first.file).unlink()  # this node holds every layer but the first shard's
+    held = ShardSet.open(shards).layers_held()
+    node, line = _start_node(str(shards), "--data-dir", str(tmp_path / "node"))
+    try:
+        assert line.startswith(f"layers {held[0][0]}-{held[0][1]} address 127.0.0.1:"), line
+    finally:
+        node.terminate()
+        assert node.wait(timeout=30) == 0
+    # A corrupted shard is quarantined, and asking for its layers is refused by name.
+    second = manifest.shards[1]
+    with open(shards / second.file, "r+b") as handle:
+        handle.seek(5)
+        byte = handle.read(1)
+        handle.seek(5)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    node, line = _start_node(
+        str(shards),
+        "--layers",
+        f"{second.layers[0]}-{second.layers[1]}",
+        "--data-dir",
+        str(tmp_path / "node"),
+    )
+    assert node.wait(timeout=120) != 0
+    error = node.stderr.read()
+    assert line == "" and "Traceback" not in error
+    assert f"layer {second.layers[0]} is not held here" in error, error
+    assert (shards / f"{second.file}.quarantine").exists()
