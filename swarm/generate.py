@@ -37,7 +37,7 @@ class GenerationResult:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
-class _StopScanner:
+class StopScanner:
     """Holds back text that could still become a stop string; finds the first stop."""
 
     def __init__(self, stops: Sequence[str]):
@@ -98,7 +98,7 @@ class Generator:
         logits, cache = engine.forward(np.asarray(prompt_ids, np.int32), 0, cache)
         sampler = Sampler(params)
         decoder = self.tokenizer.stream_decoder()
-        scanner = _StopScanner(params.stop)
+        scanner = StopScanner(params.stop)
         history = list(prompt_ids)
         eog = frozenset() if params.ignore_eos else self.tokenizer.eog_ids
         for step in range(budget):
@@ -129,16 +129,23 @@ class Generator:
         yield "length"
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
-        result = GenerationResult(prompt_token_ids=list(prompt_ids))
-        pieces = []
-        for event in self.stream(prompt_ids, params):
-            if isinstance(event, str):
-                result.finish_reason = event
-                break
-            pieces.append(event.text)
-            if event.token_id >= 0:
-                result.token_ids.append(event.token_id)
-                if params.top_logprobs:
-                    result.top_logprobs.append(event.top_logprobs)
-        result.text = "".join(pieces)
-        return result
+        return collect(self.stream(prompt_ids, params), prompt_ids, params)
+
+
+def collect(
+    events: Iterator[TokenEvent | str], prompt_ids: Sequence[int], params: SamplingParams
+) -> GenerationResult:
+    """Gather a token stream (TokenEvents, then a finish reason) into one result."""
+    result = GenerationResult(prompt_token_ids=list(prompt_ids))
+    pieces = []
+    for event in events:
+        if isinstance(event, str):
+            result.finish_reason = event
+            break
+        pieces.append(event.text)
+        if event.token_id >= 0:
+            result.token_ids.append(event.token_id)
+            if params.top_logprobs:
+                result.top_logprobs.append(event.top_logprobs)
+    result.text = "".join(pieces)
+    return result

@@ -16,14 +16,16 @@ Imports numpy and gguf, never jax.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -237,16 +239,23 @@ def _write_cache(cache_path: Path, parsed: tuple[dict[str, Any], dict[str, Tenso
     atomic_write_text(cache_path, json.dumps(payload, ensure_ascii=False))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically: temp file in the same dir, fsync, rename."""
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file written beside `path` and renamed onto it only once complete and synced."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically: temp file in the same dir, fsync, rename."""
+    with atomic_writer(path) as handle:
+        handle.write(text.encode("utf-8"))

@@ -33,7 +33,7 @@ from kernels.qtensor import QuantTensor
 from kernels.quant_types import GGMLType
 from swarm import wire
 from swarm.errors import InvalidRequestError, SwarmError
-from swarm.generate import GenerationResult, TokenEvent, _StopScanner
+from swarm.generate import GenerationResult, StopScanner, TokenEvent, collect
 from swarm.gguf_file import GGUFFile
 from swarm.identity import Identity, peer_id_of
 from swarm.model_config import ModelConfig
@@ -164,7 +164,7 @@ class Requester:
         self, channel: SecureChannel, session_id: str, history: list[int], budget: int, params: SamplingParams
     ) -> Iterator[TokenEvent | str]:
         decoder = self.tokenizer.stream_decoder()
-        scanner = _StopScanner(params.stop)
+        scanner = StopScanner(params.stop)
         eog = frozenset() if params.ignore_eos else self.tokenizer.eog_ids
         pending, start = history, 0
         for _ in range(budget):
@@ -213,19 +213,7 @@ class Requester:
             raise StageError(f"{first.describe()}: {error}") from error
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
-        result = GenerationResult(prompt_token_ids=list(prompt_ids))
-        pieces = []
-        for event in self.stream(prompt_ids, params):
-            if isinstance(event, str):
-                result.finish_reason = event
-                break
-            pieces.append(event.text)
-            if event.token_id >= 0:
-                result.token_ids.append(event.token_id)
-                if params.top_logprobs:
-                    result.top_logprobs.append(event.top_logprobs)
-        result.text = "".join(pieces)
-        return result
+        return collect(self.stream(prompt_ids, params), prompt_ids, params)
 
 
 def _host_port(address: str) -> tuple[str, int]:

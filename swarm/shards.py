@@ -18,22 +18,28 @@ Imports numpy and gguf (through swarm.gguf_file), never jax.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from swarm.errors import InvalidRequestError, ModelFileError
-from swarm.gguf_file import CACHE_FORMAT, GGUFFile, TensorInfo, atomic_write_text, parse_header, read_header
+from swarm.gguf_file import (
+    CACHE_FORMAT,
+    GGUFFile,
+    TensorInfo,
+    atomic_write_text,
+    atomic_writer,
+    parse_header,
+    read_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -370,21 +376,6 @@ def _plan(tensors: Mapping[str, TensorInfo], block_count: int, budget: int) -> l
     return plans
 
 
-@contextlib.contextmanager
-def _atomic_binary(path: Path) -> Iterator[BinaryIO]:
-    """A binary file written beside `path` and renamed onto it only once complete and synced."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_pieces(path: Path, source: np.ndarray, pieces: list[tuple[int, int, int]]) -> tuple[int, str]:
     """Write (file_offset, source_offset, size) pieces, zero-padding gaps; returns (size, sha256).
 
@@ -392,7 +383,7 @@ def _write_pieces(path: Path, source: np.ndarray, pieces: list[tuple[int, int, i
     """
     digest = hashlib.sha256()
     position = 0
-    with _atomic_binary(path) as handle:
+    with atomic_writer(path) as handle:
         for file_offset, source_offset, size in pieces:
             padding = bytes(file_offset - position)
             handle.write(padding)

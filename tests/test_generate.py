@@ -6,7 +6,7 @@ import pytest
 
 from swarm.engine import EngineSettings
 from swarm.errors import ContextOverflowError, InvalidRequestError
-from swarm.generate import Generator, _StopScanner
+from swarm.generate import Generator, StopScanner
 from swarm.loader import open_model
 from swarm.sampling import SamplingParams
 
@@ -18,7 +18,7 @@ def generator(tiny_model, data_dir):
 
 
 def test_stop_scanner_holds_back_a_partial_stop():
-    scanner = _StopScanner(["END"])
+    scanner = StopScanner(["END"])
     assert scanner.push("abc E") == "abc "
     assert scanner.push("N") == ""
     assert scanner.push("D and more") == ""
@@ -26,7 +26,7 @@ def test_stop_scanner_holds_back_a_partial_stop():
 
 
 def test_stop_scanner_releases_a_false_alarm():
-    scanner = _StopScanner(["END"])
+    scanner = StopScanner(["END"])
     assert scanner.push("xE") == "x"
     assert scanner.push("Nx") == "ENx"
     assert not scanner.stopped
