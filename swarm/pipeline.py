@@ -21,7 +21,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -35,7 +34,7 @@ from swarm import wire
 from swarm.errors import InvalidRequestError, SwarmError
 from swarm.generate import GenerationResult, StopScanner, TokenEvent, collect
 from swarm.gguf_file import GGUFFile
-from swarm.identity import Identity, peer_id_of
+from swarm.identity import Identity
 from swarm.model_config import ModelConfig
 from swarm.sampling import SamplingParams
 from swarm.secure_channel import ChannelError, SecureChannel
@@ -72,20 +71,8 @@ class Embedder:
         return np.asarray(self._embed(jnp.asarray(np.asarray(token_ids, np.int32))))
 
 
-@dataclass(frozen=True)
-class RouteStage:
-    """One stage of a route: where it listens, its identity key, the layers it runs."""
-
-    address: str  # "host:port"
-    public_key: bytes
-    layer_range: tuple[int, int]
-
-    def describe(self) -> str:
-        first, last = self.layer_range
-        return f"stage {peer_id_of(self.public_key)} at {self.address} (layers {first}-{last})"
-
-    def hop(self) -> wire.RouteHop:
-        return wire.RouteHop(self.address, self.public_key, self.layer_range)
+# A stage of a route, as the requester sees it: the same record the wire carries.
+RouteStage = wire.RouteHop
 
 
 class Requester:
@@ -151,7 +138,7 @@ class Requester:
                     self.identity.public_key,
                     self.compression,
                     len(prompt_ids) + budget,
-                    tuple(stage.hop() for stage in self.route[1:]),
+                    tuple(self.route[1:]),
                 ),
             )
             yield from self._steps(channel, session_id, list(prompt_ids), budget, params)

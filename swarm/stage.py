@@ -416,7 +416,4 @@ class StageServer:
 
 
 def _hop_name(hop: wire.RouteHop) -> str:
-    from swarm.identity import peer_id_of
-
-    first, last = hop.layer_range
-    return f"next stage {peer_id_of(hop.public_key)} at {hop.address} (layers {first}-{last})"
+    return f"next {hop.describe()}"

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from swarm.errors import SwarmError
-from swarm.identity import PUBLIC_KEY_BYTES, Identity, SealError, seal_to
+from swarm.identity import PUBLIC_KEY_BYTES, Identity, SealError, peer_id_of, seal_to
 
 if TYPE_CHECKING:
     import numpy as np
@@ -153,6 +153,10 @@ class RouteHop:
     def host_port(self) -> tuple[str, int]:
         host, port = self.address.rsplit(":", 1)
         return host.strip("[]"), int(port)
+
+    def describe(self) -> str:
+        first, last = self.layer_range
+        return f"stage {peer_id_of(self.public_key)} at {self.address} (layers {first}-{last})"
 
 
 @dataclass(frozen=True)
