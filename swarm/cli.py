@@ -101,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--network-id", default="swarm-local")
     node.add_argument("--model-id", help="the name requesters use for this model (default: from the file)")
 
+    run = commands.add_parser("run", help="start a full node: the model, the HTTP APIs on :8800, restarts")
+    run.add_argument("model", nargs="?", help="model to serve (default: node.model from the config)")
+    run.add_argument(
+        "--data-dir", help="data directory (default: $SWARM_NODE_DATA_DIR or ~/.local/share/swarm)"
+    )
+    run.add_argument("--port", type=int, help="HTTP port (default: node.listen_port, 8800)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
+
     split = commands.add_parser(
         "test-split", help="run a model split over local stage processes and compare with one engine"
     )
@@ -383,7 +397,26 @@ def cmd_test_split(args: argparse.Namespace, data_dir: Path) -> int:
     return 0 if report["identical"] else 1
 
 
+def cmd_run(args: argparse.Namespace, data_dir: Path) -> int:
+    from swarm.config import ConfigError, parse_value
+    from swarm.supervisor import run
+
+    overrides: dict[str, object] = {"node.model": args.model, "node.listen_port": args.port}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            print(f"swarm: --set needs SECTION.KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        try:
+            overrides[key.strip()] = parse_value(key.strip(), raw)
+        except ConfigError as error:
+            print(f"swarm: {error}", file=sys.stderr)
+            return 2
+    return run(data_dir, os.environ, overrides)
+
+
 COMMANDS = {
+    "run": cmd_run,
     "generate": cmd_generate,
     "chat": cmd_chat,
     "info": cmd_info,

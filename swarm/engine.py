@@ -167,16 +167,21 @@ class Engine:
                 return bucket
         return self.settings.prefill_buckets[-1]
 
-    def _run(self, all_logits: bool, kv_bound: int, *args):
-        """Run the compiled forward for these argument shapes, compiling it on first use."""
+    def _run(self, all_logits: bool, kv_bound: int, *args, hidden: bool = False):
+        """Run the compiled forward for these argument shapes, compiling it on first use.
+
+        hidden: stop before the output norm and head even on the last range
+        (embeddings read the final hidden states).
+        """
         inputs, cache = args[1], args[4]
-        key = (inputs.shape, inputs.dtype, cache.capacity, all_logits, kv_bound)
+        key = (inputs.shape, inputs.dtype, cache.capacity, all_logits, kv_bound, hidden)
         compiled = self._compiled.get(key)
         if compiled is None:
             began = time.perf_counter()
+            produces_logits = self.is_last and not hidden
             compiled = (
                 jax.jit(
-                    partial(_forward, self.config, self.is_first, self.is_last, all_logits, kv_bound),
+                    partial(_forward, self.config, self.is_first, produces_logits, all_logits, kv_bound),
                     donate_argnames=("cache",),
                 )
                 .lower(*args)
@@ -202,12 +207,20 @@ class Engine:
         return min(bound, capacity)
 
     def forward(
-        self, inputs: np.ndarray, start: int, cache: KVCache, *, all_logits: bool = False
+        self,
+        inputs: np.ndarray,
+        start: int,
+        cache: KVCache,
+        *,
+        all_logits: bool = False,
+        hidden: bool = False,
     ) -> tuple[np.ndarray, KVCache]:
         """Run one sequence (batch 1) through the range, in bucket-sized chunks.
 
         inputs: i32[T] token ids or f32[T, d] hidden states, at positions start..start+T.
-        Returns logits f32[vocab] (f32[T, vocab] with all_logits) or hidden f32[T, d].
+        Returns logits f32[vocab] (f32[T, vocab] with all_logits) or hidden f32[T, d]
+        (a range that is not last, or `hidden=True`: the last layer's output, before
+        the output norm).
         The cache is consumed (donated); use the returned one.
         """
         total = len(inputs)
@@ -223,15 +236,16 @@ class Engine:
             padded = np.zeros((1, steps, *chunk.shape[1:]), chunk.dtype)
             padded[0, : len(chunk)] = chunk
             is_final_chunk = done + len(chunk) == total
-            want_all = all_logits or not self.is_last
+            want_all = all_logits or hidden or not self.is_last
             out, cache = self._run(
-                all_logits and self.is_last,
+                all_logits and self.is_last and not hidden,
                 self._kv_bound(start + done + steps, steps, cache.capacity),
                 self.weights,
                 jnp.asarray(padded),
                 jnp.asarray([start + done], jnp.int32),
                 jnp.asarray([len(chunk)], jnp.int32),
                 cache,
+                hidden=hidden,
             )
             if want_all:
                 outputs.append(np.asarray(out[0, : len(chunk)]))
@@ -239,3 +253,19 @@ class Engine:
                 outputs.append(np.asarray(out[0]))
             done += len(chunk)
         return (np.concatenate(outputs) if len(outputs) > 1 else outputs[0]), cache
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """A sentence embedding f32[d]: the mean of the final-normed hidden states, unit length.
+
+        token_ids: i32[T]. Needs the whole model (first and last layers).
+        """
+        if not (self.is_first and self.is_last):
+            raise InvalidRequestError("embeddings need an engine holding every layer")
+        cache = self.new_cache(self.cache_capacity(len(token_ids)))
+        hidden, _ = self.forward(np.asarray(token_ids, np.int32), 0, cache, hidden=True)
+        hidden = hidden.astype(np.float64)
+        norm_weight = np.asarray(self.weights.output_norm, np.float64)
+        # The head's RMS norm (ggml rms_norm then mul by output_norm.weight).
+        normed = hidden / np.sqrt(np.mean(hidden * hidden, axis=-1, keepdims=True) + self.config.rms_eps)
+        pooled = np.mean(normed * norm_weight, axis=0)
+        return (pooled / max(np.linalg.norm(pooled), 1e-12)).astype(np.float32)

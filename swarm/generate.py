@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -16,6 +17,22 @@ from swarm.engine import Engine
 from swarm.errors import ContextOverflowError, InvalidRequestError
 from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
 from swarm.tokenizer import Tokenizer
+
+# How many of the most likely tokens a constrained step inspects, and how many
+# acceptable ones it keeps to sample from.
+CONSTRAINT_SCAN = 4096
+CONSTRAINT_KEEP = 64
+
+
+class Constraint(Protocol):
+    """Limits generated text to a language (see swarm.tool_calls)."""
+
+    def accepts(self, piece: str) -> bool: ...
+
+    def advance(self, piece: str) -> None: ...
+
+    @property
+    def complete(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -26,6 +43,18 @@ class TokenEvent:
     text: str
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     logprob: float | None = None
+
+
+class FinishReason(str):
+    """Why a generation ended ("stop" or "length"); names the stop string that ended it."""
+
+    stop_sequence: str | None = None
+
+    @classmethod
+    def stopped_by(cls, stop: str | None) -> FinishReason:
+        reason = cls("stop")
+        reason.stop_sequence = stop
+        return reason
 
 
 @dataclass
@@ -44,12 +73,13 @@ class StopScanner:
         self.stops = tuple(stops)
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None
 
     def push(self, text: str) -> str:
         self.pending += text
         hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
         if hits:
-            index = min(hits)[0]
+            index, self.matched = min(hits)
             out, self.pending, self.stopped = self.pending[:index], "", True
             return out
         hold = 0
@@ -75,6 +105,7 @@ class Generator:
             raise InvalidRequestError("generation needs an engine holding every layer")
         self.engine = engine
         self.tokenizer = tokenizer
+        self._piece_texts: list[str] | None = None
 
     def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int) -> int:
         """How many tokens may be generated; raises if the prompt does not fit."""
@@ -90,8 +121,48 @@ class Generator:
             )
         return min(max_tokens, limit - len(prompt_ids))
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent | str]:
-        """Yields a TokenEvent per generated token, then the finish reason as a str."""
+    def _constrain(self, logits: np.ndarray, constraint: Constraint) -> np.ndarray | None:
+        """`logits` with every token the constraint refuses set to -inf; None if none is left.
+
+        Scans the most likely tokens first and stops after CONSTRAINT_KEEP acceptable
+        ones: a valid continuation is almost always among the first few, and the
+        sampler would never pick the far tail anyway.
+        """
+        scan = min(CONSTRAINT_SCAN, logits.shape[0])
+        head = np.argpartition(-logits, scan - 1)[:scan]
+        order = head[np.argsort(-logits[head], kind="stable")]
+        pieces = self._pieces()
+        allowed = []
+        for token in order:
+            piece = pieces[token]
+            if piece and constraint.accepts(piece):
+                allowed.append(token)
+                if len(allowed) >= CONSTRAINT_KEEP:
+                    break
+        if not allowed:
+            return None
+        masked = np.full_like(logits, -np.inf)
+        masked[allowed] = logits[allowed]
+        return masked
+
+    def _pieces(self) -> list[str]:
+        """Each token's text on its own (special tokens empty), for constraints."""
+        if self._piece_texts is None:
+            tokenizer = self.tokenizer
+            self._piece_texts = [
+                tokenizer.token_bytes(t, skip_special=True).decode("utf-8", errors="replace")
+                for t in range(tokenizer.vocab_size)
+            ]
+        return self._piece_texts
+
+    def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams, constraint: Constraint | None = None
+    ) -> Iterator[TokenEvent | str]:
+        """Yields a TokenEvent per generated token, then the finish reason as a str.
+
+        With a `constraint`, only tokens it accepts are sampled, end-of-generation
+        tokens are refused until it is complete, and generation stops when it is.
+        """
         budget = self.check_prompt(prompt_ids, params.max_tokens)
         engine = self.engine
         cache = engine.new_cache(engine.cache_capacity(len(prompt_ids) + budget))
@@ -102,7 +173,15 @@ class Generator:
         history = list(prompt_ids)
         eog = frozenset() if params.ignore_eos else self.tokenizer.eog_ids
         for step in range(budget):
-            token = sampler.sample(logits, history)
+            if constraint is not None:
+                masked = self._constrain(logits, constraint)
+                if masked is None:
+                    yield "stop"
+                    return
+                token = sampler.sample(masked, history)
+                constraint.advance(self._pieces()[token])
+            else:
+                token = sampler.sample(logits, history)
             alternatives: list[tuple[int, float]] = []
             logprob = None
             if params.top_logprobs:
@@ -118,8 +197,14 @@ class Generator:
             history.append(token)
             text = scanner.push(decoder.push(token))
             yield TokenEvent(token, text, alternatives, logprob)
-            if scanner.stopped:
+            if constraint is not None and constraint.complete:
+                tail = scanner.push(decoder.flush()) + scanner.flush()
+                if tail:
+                    yield TokenEvent(-1, tail)
                 yield "stop"
+                return
+            if scanner.stopped:
+                yield FinishReason.stopped_by(scanner.matched)
                 return
             if step + 1 < budget:
                 logits, cache = engine.forward(np.asarray([token], np.int32), len(history) - 1, cache)

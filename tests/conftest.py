@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.control_fixtures import api_key, control_app, control_overrides, http, mock_backend, node_server  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "llamacpp"
 

@@ -1,0 +1,167 @@
+"""The control plane's one way to reach the node: a client over the node's unix socket.
+
+Every HTTP handler talks to the node through `NodeClient`; nothing else in
+`control/` opens the socket. It uses the plain `socket` module, which gevent
+patches in the gunicorn worker, so a slow generation blocks only its own greenlet.
+A node that is down or still starting gives `NodeUnavailable` (HTTP 503), never a
+hang. Must not import jax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from swarm.node_protocol import ERROR_STATUS, GenerationRequest, ProtocolError, encode, read_message
+
+KEEPALIVE = {"event": "keepalive"}
+
+
+class NodeUnavailable(Exception):
+    """The node process cannot be reached (not started, restarting, or crashed)."""
+
+
+class NodeError(Exception):
+    """The node refused or failed a request; `code` is one of node_protocol.ERROR_STATUS."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code if code in ERROR_STATUS else "internal"
+        self.message = message
+
+    @property
+    def status(self) -> int:
+        return ERROR_STATUS[self.code]
+
+
+class Generation:
+    """A running generation: iterate for events; close() (or leaving `with`) cancels it.
+
+    Yields {"event": "keepalive"} whenever the node has been quiet for
+    `keepalive_s` (queued behind other work), so SSE writers can send pings.
+    """
+
+    def __init__(self, connection: socket.socket, first: dict[str, Any], keepalive_s: float):
+        self._connection = connection
+        self._stream = connection.makefile("rb")
+        self._pending: dict[str, Any] | None = first
+        self._keepalive_s = keepalive_s
+        self.finished = False
+        self.start = first
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._pending is not None:
+            event, self._pending = self._pending, None
+            return event
+        if self.finished:
+            raise StopIteration
+        self._connection.settimeout(self._keepalive_s)
+        try:
+            event = read_message(self._stream)
+        except TimeoutError:
+            return dict(KEEPALIVE)
+        except (OSError, ProtocolError) as error:
+            self.close()
+            return {"event": "error", "code": "unavailable", "message": f"lost the node: {error}"}
+        if event is None:
+            self.close()
+            return {"event": "error", "code": "unavailable", "message": "the node closed the stream"}
+        if event.get("event") in ("done", "error"):
+            self.close()
+            self.finished = True
+        return event
+
+    def close(self) -> None:
+        """Stop reading; the node sees the closed socket and cancels the work."""
+        self.finished = True
+        for resource in (self._stream, self._connection):
+            with contextlib.suppress(OSError):
+                resource.close()
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class NodeClient:
+    def __init__(
+        self,
+        socket_path: Path,
+        *,
+        connect_timeout_s: float = 5.0,
+        request_timeout_s: float = 600.0,
+        keepalive_s: float = 10.0,
+    ):
+        self.socket_path = Path(socket_path)
+        self.connect_timeout_s = connect_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.keepalive_s = keepalive_s
+
+    def _connect(self) -> socket.socket:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.settimeout(self.connect_timeout_s)
+        try:
+            connection.connect(str(self.socket_path))
+        except OSError as error:
+            connection.close()
+            raise NodeUnavailable(
+                f"the node is not reachable at {self.socket_path}: {error.strerror or error}"
+            ) from None
+        return connection
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """One request, one answer; raises NodeError for an error answer."""
+        connection = self._connect()
+        try:
+            connection.settimeout(self.request_timeout_s)
+            connection.sendall(encode({"op": op, **fields}))
+            with connection.makefile("rb") as stream:
+                answer = read_message(stream)
+        except (OSError, ProtocolError) as error:
+            raise NodeUnavailable(f"the node did not answer {op!r}: {error}") from None
+        finally:
+            connection.close()
+        if answer is None:
+            raise NodeUnavailable(f"the node closed the connection during {op!r}")
+        if answer.get("event") == "error":
+            raise NodeError(str(answer.get("code")), str(answer.get("message")))
+        return answer
+
+    def health(self) -> dict[str, Any]:
+        return self.call("health")
+
+    def info(self) -> dict[str, Any]:
+        return self.call("info")
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        return int(self.call("count_tokens", request=request.to_dict())["prompt_tokens"])
+
+    def embed(self, model: str, inputs: list[str] | list[list[int]]) -> dict[str, Any]:
+        """{"model", "embeddings": [[float]], "prompt_tokens"} for each input."""
+        return self.call("embed", model=model, inputs=inputs)
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        """Start a generation; raises NodeError if the node refuses it up front."""
+        connection = self._connect()
+        try:
+            connection.settimeout(self.request_timeout_s)
+            connection.sendall(encode({"op": "generate", "request": request.to_dict()}))
+            first = read_message(connection.makefile("rb", buffering=0))
+        except (OSError, ProtocolError) as error:
+            connection.close()
+            raise NodeUnavailable(f"the node did not start the generation: {error}") from None
+        if first is None:
+            connection.close()
+            raise NodeUnavailable("the node closed the connection before starting")
+        if first.get("event") == "error":
+            connection.close()
+            raise NodeError(str(first.get("code")), str(first.get("message")))
+        return Generation(connection, first, self.keepalive_s)

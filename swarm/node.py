@@ -1,0 +1,334 @@
+"""The node process: the model, its engine and the local socket the control plane uses.
+
+`python -m swarm.node --data-dir DIR` loads the configured model in the background
+(the socket answers `health` at once, with state "loading"), then serves
+generations, token counts and embeddings through `swarm.node_server`. JAX lives
+here and nowhere else; all device work runs on the scheduler's one thread.
+
+`ModelBackend` turns a `GenerationRequest` into tokens: it renders chat messages
+with the model's template (tools described in the system prompt, see
+`swarm.tool_calls`), constrains the output when the caller forces a tool or asks
+for a JSON object, and splits the text stream into text and tool-call events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from swarm import paths
+from swarm.config import Config, ConfigError, load_config
+from swarm.errors import InvalidRequestError, UnknownModelError
+from swarm.node_protocol import SOCKET_NAME, GenerationRequest
+from swarm.node_server import NodeServer
+from swarm.tool_calls import (
+    ForcedToolCallStream,
+    JsonObjectConstraint,
+    ToolCallConstraint,
+    ToolCallParser,
+    new_call_id,
+    template_messages,
+)
+
+log = logging.getLogger("swarm.node")
+
+JSON_INSTRUCTION = "Reply with one JSON object and nothing else."
+# Written after the generation prompt when a tool call is forced, so the model
+# starts where a Hermes-style tool call would (see swarm.tool_calls).
+FORCED_TOOL_PREFIX = "<tool_call>\n"
+
+
+@dataclass
+class Prepared:
+    request: GenerationRequest
+    model_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+
+
+class ModelBackend:
+    """One whole model served from this node."""
+
+    def __init__(self, model: str, data_dir: Path, config: Config):
+        self.model_name = model
+        self.data_dir = data_dir
+        self.config = config
+        self.state = "loading"
+        self.error: str | None = None
+        self.loaded_at: float | None = None
+        self.opened: Any = None
+        self.generator: Any = None
+
+    # -- loading ---------------------------------------------------------------
+
+    def load(self) -> None:
+        """Open the model and compile the common shapes; sets `state`."""
+        from swarm.engine import EngineSettings, enable_compilation_cache
+        from swarm.generate import Generator
+        from swarm.loader import open_model
+        from swarm.sampling import SamplingParams
+
+        try:
+            began = time.perf_counter()
+            enable_compilation_cache(self.data_dir / "cache" / "xla")
+            self.opened = open_model(self.model_name, self.data_dir)
+            inference = self.config.inference
+            settings = EngineSettings(
+                weights=inference.weights,
+                kv_cache=inference.kv_cache,
+                layers=inference.layers,
+                max_context=inference.max_context or None,
+            )
+            self.generator = Generator(self.opened.engine(settings), self.opened.tokenizer)
+            # One short generation compiles the smallest prompt bucket and decode step.
+            warmup = self.opened.tokenizer.encode("Hello", add_bos=None, parse_special=False)
+            for _ in self.generator.stream(warmup, SamplingParams(temperature=0, max_tokens=2)):
+                pass
+            self.loaded_at = time.time()
+            self.state = "ready"
+            log.info("model %s ready in %.1f s", self.model_id, time.perf_counter() - began)
+        except Exception as error:
+            log.exception("loading %s failed", self.model_name)
+            self.error = f"{type(error).__name__}: {error}"
+            self.state = "failed"
+
+    @property
+    def model_id(self) -> str:
+        name = self.model_name
+        if name.endswith(".gguf") or "/" in name:
+            return Path(name).name.removesuffix(".gguf")
+        return name
+
+    def info(self) -> dict[str, Any]:
+        model: dict[str, Any] = {"id": self.model_id, "state": self.state, "aliases": ["default"]}
+        if self.error:
+            model["error"] = self.error
+        if self.generator is not None:
+            config = self.opened.config
+            engine = self.generator.engine
+            model.update(
+                context_length=engine.max_context,
+                architecture=config.architecture,
+                n_layers=config.n_layers,
+                layers=[engine.first, engine.last],
+                embedding_length=config.d_model,
+                vocab_size=config.vocab_size,
+                loaded_at=self.loaded_at,
+            )
+        return {"models": [model]}
+
+    # -- requests ----------------------------------------------------------------
+
+    def resolve(self, name: str) -> str:
+        """The served model for a requested name (claude-* names map to it: Claude Code sends them)."""
+        if name in ("", "default", "auto", self.model_id, self.model_name, f"claude-swarm-{self.model_id}"):
+            return self.model_id
+        if name.startswith("claude-"):
+            return self.model_id
+        raise UnknownModelError(f"model {name!r} is not served by this node (it serves {self.model_id})")
+
+    def _render(self, request: GenerationRequest) -> list[int]:
+        tokenizer = self.opened.tokenizer
+        if request.prompt is not None:
+            return tokenizer.encode(request.prompt, add_bos=None, parse_special=False)
+        tools = request.tools if request.tool_choice != "none" else ()
+        messages = template_messages(list(request.messages or ()), list(tools))
+        if request.response_format == "json_object" and not request.forced_tools:
+            messages = _with_system_note(messages, JSON_INSTRUCTION)
+        try:
+            text = self.opened.chat_template.render(messages, add_generation_prompt=True)
+        except ValueError as error:
+            raise InvalidRequestError(str(error)) from None
+        if request.forced_tools:
+            text += FORCED_TOOL_PREFIX
+        return tokenizer.encode(text, add_bos=None, parse_special=True)
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        model_id = self.resolve(request.model)
+        try:
+            prompt_ids = self._render(request)
+        except ValueError as error:
+            raise InvalidRequestError(str(error)) from None
+        max_tokens = self.generator.check_prompt(prompt_ids, request.sampling.max_tokens)
+        return Prepared(request, model_id, prompt_ids, max_tokens)
+
+    def prompt_tokens(self, prepared: Prepared) -> int:
+        return len(prepared.prompt_ids)
+
+    def served_model(self, prepared: Prepared) -> str:
+        return prepared.model_id
+
+    def run(self, prepared: Prepared) -> Iterator[dict[str, Any]]:
+        request = prepared.request
+        params = replace(request.sampling, max_tokens=prepared.max_tokens)
+        if request.logprobs and not params.top_logprobs:
+            params = replace(params, top_logprobs=1)
+        constraint: Any = None
+        forced: ForcedToolCallStream | None = None
+        parser: ToolCallParser | None = None
+        if request.forced_tools:
+            constraint = ToolCallConstraint(request.forced_tools)
+            forced = ForcedToolCallStream(constraint)
+        elif request.response_format == "json_object":
+            constraint = JsonObjectConstraint()
+        elif request.tools and request.tool_choice != "none":
+            parser = ToolCallParser()
+        call_ids: dict[int, str] = {}
+        completion_tokens = 0
+        finish = "length"
+        stop_sequence = None
+        pieces = self.generator._pieces() if forced else None
+        for event in self.generator.stream(prepared.prompt_ids, params, constraint):
+            if isinstance(event, str):
+                finish = event
+                stop_sequence = getattr(event, "stop_sequence", None)
+                break
+            if event.token_id >= 0:
+                completion_tokens += 1
+            if forced is not None:
+                piece = pieces[event.token_id] if event.token_id >= 0 else ""
+                yield from _tool_events(forced.feed(piece), call_ids)
+            elif parser is not None:
+                yield from _tool_events(parser.feed(event.text), call_ids)
+            else:
+                yield self._text_event(event.text, event, request.logprobs)
+        if parser is not None:
+            yield from _tool_events(parser.finish(), call_ids)
+        if call_ids:
+            finish = "tool_calls"
+        yield {
+            "event": "done",
+            "finish_reason": finish,
+            "stop_sequence": stop_sequence,
+            "prompt_tokens": len(prepared.prompt_ids),
+            "completion_tokens": completion_tokens,
+        }
+
+    def _text_event(self, text: str, event: Any, logprobs: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"event": "text", "text": text, "token_id": event.token_id}
+        if logprobs and event.token_id >= 0:
+            tokenizer = self.opened.tokenizer
+
+            def entry(token_id: int, logprob: float) -> dict[str, Any]:
+                raw = tokenizer.token_bytes(token_id)
+                return {
+                    "token": raw.decode("utf-8", errors="replace"),
+                    "logprob": logprob,
+                    "bytes": list(raw),
+                }
+
+            out.update(entry(event.token_id, event.logprob))
+            out["top_logprobs"] = [entry(t, lp) for t, lp in event.top_logprobs]
+        return out
+
+    def embed(self, model: str, inputs: list[Any]) -> Iterator[dict[str, Any]]:
+        model_id = self.resolve(model)
+        tokenizer = self.opened.tokenizer
+        sequences = []
+        for index, item in enumerate(inputs):
+            if isinstance(item, str):
+                ids = tokenizer.encode(item, add_bos=None, parse_special=False)
+            elif isinstance(item, list) and all(isinstance(t, int) for t in item):
+                ids = list(item)
+            else:
+                raise InvalidRequestError(f"input[{index}] must be a string or a list of token ids")
+            if not ids:
+                raise InvalidRequestError(f"input[{index}] is empty")
+            self.generator.check_prompt(ids, 1)
+            sequences.append(ids)
+        engine = self.generator.engine
+        embeddings = []
+        for ids in sequences:
+            embeddings.append([float(x) for x in engine.embed(ids)])
+            yield {"event": "progress"}
+        yield {
+            "event": "result",
+            "model": model_id,
+            "embeddings": embeddings,
+            "prompt_tokens": sum(len(ids) for ids in sequences),
+        }
+
+
+def _with_system_note(messages: list[dict[str, str]], note: str) -> list[dict[str, str]]:
+    if messages and messages[0]["role"] == "system":
+        first = {"role": "system", "content": f"{messages[0]['content']}\n\n{note}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
+def _tool_events(events: Sequence[tuple], call_ids: dict[int, str]) -> Iterator[dict[str, Any]]:
+    """Node protocol events for swarm.tool_calls parser events."""
+    for event in events:
+        kind = event[0]
+        if kind == "text" and event[1]:
+            yield {"event": "text", "text": event[1], "token_id": -1}
+        elif kind == "tool_call":
+            call_ids[event[1]] = new_call_id()
+            yield {"event": "tool_call", "index": event[1], "id": call_ids[event[1]], "name": event[2]}
+        elif kind == "arguments" and event[2]:
+            yield {"event": "arguments", "index": event[1], "delta": event[2]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m swarm.node", description="serve a model to the control plane"
+    )
+    parser.add_argument("--data-dir")
+    parser.add_argument("--model", help="model to serve (default: node.model from the config)")
+    args = parser.parse_args(argv)
+    data_dir = paths.data_dir(os.environ, args.data_dir)
+    try:
+        config = load_config(data_dir, os.environ, {"node.model": args.model})
+    except ConfigError as error:
+        print(f"swarm node: {error}", flush=True)
+        return 2
+    logging.basicConfig(
+        level=config.logging.level.upper(), format="%(asctime)s %(levelname)s node %(name)s: %(message)s"
+    )
+    backend = ModelBackend(config.node.model, data_dir, config)
+    server = NodeServer(
+        data_dir / SOCKET_NAME,
+        backend,
+        max_active=config.inference.max_concurrent_requests,
+        max_waiting=config.inference.max_queue,
+    )
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda signum, frame: _reload(backend, server, data_dir))
+    server.serve_in_thread()
+    log.info("node listening on %s; loading %s", data_dir / SOCKET_NAME, config.node.model)
+    threading.Thread(target=backend.load, name="load", daemon=True).start()
+    stopping.wait()
+    log.info("node stopping")
+    server.close()
+    return 0
+
+
+def _reload(backend: ModelBackend, server: NodeServer, data_dir: Path) -> None:
+    """SIGHUP: re-read the config; queue limits apply at once, the rest at restart."""
+    try:
+        config = load_config(data_dir, os.environ)
+    except ConfigError as error:
+        log.error("config reload failed, keeping the old config: %s", error)
+        return
+    server.scheduler.max_active = config.inference.max_concurrent_requests
+    server.scheduler.max_waiting = config.inference.max_queue
+    backend.config = config
+    log.info("config reloaded")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

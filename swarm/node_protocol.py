@@ -1,0 +1,203 @@
+"""The local protocol between the control plane and the node process.
+
+Owns the vocabulary that crosses the node's unix socket: the one internal request
+type every API dialect adapts to (`GenerationRequest`), the event stream a generation
+produces, the error codes, and the framing (one JSON object per line). The control
+plane and the node both import it, so it must stay free of jax (numpy comes in only
+through `SamplingParams`).
+
+Framing: the client writes one line `{"op": ..., ...}`; the node answers with one
+line, or, for `generate`, a stream of event lines ending with a `done` or `error`
+event. Closing the connection cancels a generation.
+
+Events of a generation, in order:
+  {"event": "start", "model", "prompt_tokens"}
+  {"event": "text", "text", "token_id", "logprob"?, "top_logprobs"?: [{"token", "logprob", "bytes"}]}
+  {"event": "tool_call", "index", "id", "name"}        a tool call begins
+  {"event": "arguments", "index", "delta"}             a fragment of its arguments JSON
+  {"event": "done", "finish_reason", "stop_sequence", "prompt_tokens", "completion_tokens"}
+  {"event": "error", "code", "message"}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from swarm.errors import InvalidRequestError
+from swarm.sampling import SamplingParams
+
+PROTOCOL_VERSION = 1
+SOCKET_NAME = "node.sock"
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+# Error codes a node answers with; the control plane maps them to HTTP statuses.
+ERROR_STATUS = {
+    "invalid_request": 400,
+    "context_overflow": 400,
+    "unknown_model": 404,
+    "overloaded": 429,
+    "unavailable": 503,
+    "internal": 500,
+}
+
+FINISH_REASONS = ("stop", "length", "tool_calls")
+TOOL_CHOICES = ("auto", "none", "required")
+RESPONSE_FORMATS = ("text", "json_object")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ProtocolError(InvalidRequestError):
+    """A malformed message on the node socket."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def read_message(stream: BinaryIO) -> dict[str, Any] | None:
+    """The next message, or None at end of stream."""
+    line = stream.readline(MAX_LINE_BYTES + 1)
+    if not line:
+        return None
+    if len(line) > MAX_LINE_BYTES:
+        raise ProtocolError("message too large")
+    try:
+        message = json.loads(line)
+    except ValueError as error:
+        raise ProtocolError(f"malformed message: {error}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("a message must be a JSON object")
+    return message
+
+
+def _message(raw: Any, index: int) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"messages[{index}] must be an object")
+    role = raw.get("role")
+    if role not in ROLES:
+        raise InvalidRequestError(f"messages[{index}].role must be one of {', '.join(ROLES)}")
+    content = raw.get("content")
+    if content is not None and not isinstance(content, str):
+        raise InvalidRequestError(f"messages[{index}].content must be a string")
+    message: dict[str, Any] = {"role": role, "content": content}
+    calls = raw.get("tool_calls") or []
+    if calls:
+        if role != "assistant" or not isinstance(calls, list):
+            raise InvalidRequestError(f"messages[{index}].tool_calls belong on assistant messages")
+        for call in calls:
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                raise InvalidRequestError(f"messages[{index}].tool_calls entries need a name")
+            if not isinstance(call.get("arguments", ""), str):
+                raise InvalidRequestError(f"messages[{index}].tool_calls arguments must be a JSON string")
+        message["tool_calls"] = [
+            {"id": str(c.get("id", "")), "name": c["name"], "arguments": c.get("arguments") or "{}"}
+            for c in calls
+        ]
+    for key in ("tool_call_id", "name"):
+        if isinstance(raw.get(key), str):
+            message[key] = raw[key]
+    return message
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What every API dialect is turned into before it reaches the node.
+
+    Exactly one of `messages` (a chat, rendered with the model's template) and
+    `prompt` (raw text) is set. Messages are plain dicts: role, content (str or
+    None), and for tool use `tool_calls` [{id, name, arguments (JSON text)}] on
+    assistant messages and `tool_call_id`/`name` on tool messages.
+    """
+
+    model: str
+    sampling: SamplingParams
+    messages: tuple[dict[str, Any], ...] | None = None
+    prompt: str | None = None
+    tools: tuple[dict[str, Any], ...] = ()  # {"name", "description", "parameters"}
+    tool_choice: str = "auto"  # auto | none | required | the name of one tool
+    response_format: str = "text"  # text | json_object
+    logprobs: bool = False  # report each generated token's log-probability
+    request_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # dialect hints, passed through
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str):
+            raise InvalidRequestError("model must be a string")
+        if (self.messages is None) == (self.prompt is None):
+            raise InvalidRequestError("a request needs exactly one of messages and prompt")
+        if self.messages is not None and not self.messages:
+            raise InvalidRequestError("messages must not be empty")
+        if self.response_format not in RESPONSE_FORMATS:
+            raise InvalidRequestError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}")
+        names = {tool["name"] for tool in self.tools}
+        if self.tool_choice not in TOOL_CHOICES and self.tool_choice not in names:
+            raise InvalidRequestError(f"tool_choice names no declared tool: {self.tool_choice!r}")
+        if self.tool_choice == "required" and not self.tools:
+            raise InvalidRequestError("tool_choice 'required' needs tools")
+
+    @property
+    def forced_tools(self) -> tuple[str, ...]:
+        """The tool names the output is constrained to (empty when not forced)."""
+        if not self.tools or self.tool_choice in ("auto", "none"):
+            return ()
+        if self.tool_choice == "required":
+            return tuple(tool["name"] for tool in self.tools)
+        return (self.tool_choice,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "sampling": self.sampling.to_dict(),
+            "messages": list(self.messages) if self.messages is not None else None,
+            "prompt": self.prompt,
+            "tools": list(self.tools),
+            "tool_choice": self.tool_choice,
+            "response_format": self.response_format,
+            "logprobs": self.logprobs,
+            "request_id": self.request_id,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> GenerationRequest:
+        if not isinstance(data, dict):
+            raise InvalidRequestError("request must be an object")
+        messages = data.get("messages")
+        if messages is not None:
+            if not isinstance(messages, list):
+                raise InvalidRequestError("messages must be a list")
+            messages = tuple(_message(m, i) for i, m in enumerate(messages))
+        prompt = data.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidRequestError("prompt must be a string")
+        tools = data.get("tools") or []
+        if not isinstance(tools, list):
+            raise InvalidRequestError("tools must be a list")
+        for tool in tools:
+            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
+                raise InvalidRequestError("every tool needs a name")
+        sampling = data.get("sampling") or {}
+        if not isinstance(sampling, dict):
+            raise InvalidRequestError("sampling must be an object")
+        extra = data.get("extra") or {}
+        return cls(
+            model=data.get("model", ""),
+            sampling=SamplingParams.from_dict(sampling),
+            messages=messages,
+            prompt=prompt,
+            tools=tuple(
+                {
+                    "name": t["name"],
+                    "description": str(t.get("description") or ""),
+                    "parameters": t.get("parameters") if isinstance(t.get("parameters"), dict) else {},
+                }
+                for t in tools
+            ),
+            tool_choice=str(data.get("tool_choice") or "auto"),
+            response_format=str(data.get("response_format") or "text"),
+            logprobs=bool(data.get("logprobs")),
+            request_id=str(data.get("request_id") or ""),
+            extra=extra if isinstance(extra, dict) else {},
+        )

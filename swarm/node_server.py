@@ -1,0 +1,311 @@
+"""The node's local socket server and its scheduler, over any `Backend`.
+
+Owns the unix socket the control plane talks to, one thread per connection, and
+one scheduler thread that does all device work. The scheduler keeps up to
+`max_active` generations open and advances them in turn, one step each, so a long
+generation never holds up a short one; extra requests wait in a bounded queue
+(full: `overloaded`). Each generation's events go into its own queue, so a slow
+reader never stalls the scheduler; a reader that hangs up cancels its generation
+at the next step.
+
+The backend (the real one is `swarm.node.ModelBackend`; tests use a mock) knows the
+model; this module knows only the protocol. Must not import jax.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import socket
+import socketserver
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from swarm.errors import ContextOverflowError, SwarmError, UnknownModelError
+from swarm.node_protocol import GenerationRequest, ProtocolError, encode, read_message
+
+log = logging.getLogger("swarm.node")
+
+
+class Backend(Protocol):
+    """What the server needs from a model host."""
+
+    state: str  # "loading" | "ready" | "failed"
+
+    def info(self) -> dict[str, Any]: ...
+
+    def prepare(self, request: GenerationRequest) -> Any:
+        """Validate and tokenize (no device work); raises SwarmError subclasses."""
+
+    def prompt_tokens(self, prepared: Any) -> int: ...
+
+    def served_model(self, prepared: Any) -> str: ...
+
+    def run(self, prepared: Any) -> Iterator[dict[str, Any]]:
+        """Events after `start`, ending with `done`; each next() is one step of device work."""
+
+    def embed(self, model: str, inputs: list[Any]) -> Iterator[dict[str, Any]]:
+        """One-shot device work yielding a single answer dict."""
+
+
+def error_event(error: BaseException) -> dict[str, Any]:
+    if isinstance(error, ContextOverflowError):
+        code = "context_overflow"
+    elif isinstance(error, UnknownModelError):
+        code = "unknown_model"
+    elif isinstance(error, SwarmError):
+        code = "invalid_request"
+    else:
+        code = "internal"
+    message = str(error) if code != "internal" else f"internal error: {type(error).__name__}: {error}"
+    return {"event": "error", "code": code, "message": message}
+
+
+@dataclass
+class Job:
+    events: Iterator[dict[str, Any]]
+    output: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class SchedulerStats:
+    active: int = 0
+    waiting: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    generated_tokens: int = 0
+
+
+class Scheduler:
+    """Round-robin over active jobs on one thread; the only place device work runs."""
+
+    def __init__(self, max_active: int, max_waiting: int):
+        self.max_active = max_active
+        self.max_waiting = max_waiting
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.stats = SchedulerStats()
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if len(self._waiting) >= self.max_waiting and len(self._active) >= self.max_active:
+                raise OverflowError("the node's queue is full")
+            self._waiting.append(job)
+            self.stats.waiting = len(self._waiting)
+            self._wake.notify()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=5)
+
+    def _admit(self) -> None:
+        with self._wake:
+            while not self._active and not self._waiting and not self._stopping:
+                self._wake.wait()
+            while self._waiting and len(self._active) < self.max_active:
+                self._active.append(self._waiting.popleft())
+            self.stats.active, self.stats.waiting = len(self._active), len(self._waiting)
+
+    def _step(self, job: Job) -> bool:
+        """Advance one job by one event; False when it is over."""
+        if job.cancelled.is_set():
+            self.stats.cancelled += 1
+            _close(job.events)
+            return False
+        try:
+            event = next(job.events)
+        except StopIteration:
+            event = {"event": "error", "code": "internal", "message": "generation ended without a result"}
+        except Exception as error:  # a failed generation must not take the node down
+            log.exception("generation failed")
+            event = error_event(error)
+        job.output.put(event)
+        kind = event.get("event")
+        if kind == "text" and event.get("token_id", -1) >= 0:
+            self.stats.generated_tokens += 1
+        if kind in ("done", "error", "result"):
+            if kind == "error":
+                self.stats.failed += 1
+            else:
+                self.stats.completed += 1
+            _close(job.events)
+            return False
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            self._admit()
+            if self._stopping:
+                for job in [*self._active, *self._waiting]:
+                    job.output.put(
+                        {"event": "error", "code": "unavailable", "message": "the node is stopping"}
+                    )
+                return
+            self._active = [job for job in list(self._active) if self._step(job)]
+            self.stats.active = len(self._active)
+
+
+def _close(events: Iterator[Any]) -> None:
+    close = getattr(events, "close", None)
+    if close:
+        close()
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: NodeServer
+
+    def handle(self) -> None:
+        try:
+            message = read_message(self.rfile)
+        except ProtocolError as error:
+            self._send(error_event(error))
+            return
+        if message is None:
+            return
+        op = message.get("op")
+        node = self.server
+        try:
+            if op == "health":
+                self._send(node.health())
+            elif op == "info":
+                self._send({**node.backend.info(), **node.health()})
+            elif op == "count_tokens":
+                self._require_ready()
+                prepared = node.backend.prepare(GenerationRequest.from_dict(message.get("request")))
+                self._send({"prompt_tokens": node.backend.prompt_tokens(prepared)})
+            elif op == "embed":
+                self._require_ready()
+                inputs = message.get("inputs")
+                if not isinstance(inputs, list) or not inputs:
+                    raise ProtocolError("inputs must be a non-empty list")
+                self._stream(node.backend.embed(str(message.get("model", "")), inputs))
+            elif op == "generate":
+                self._require_ready()
+                prepared = node.backend.prepare(GenerationRequest.from_dict(message.get("request")))
+                start = {
+                    "event": "start",
+                    "model": node.backend.served_model(prepared),
+                    "prompt_tokens": node.backend.prompt_tokens(prepared),
+                }
+                self._stream(node.backend.run(prepared), start)
+            else:
+                raise ProtocolError(f"unknown op {op!r}")
+        except OverflowError as error:
+            self._send({"event": "error", "code": "overloaded", "message": str(error)})
+        except _NotReady as error:
+            self._send({"event": "error", "code": "unavailable", "message": str(error)})
+        except Exception as error:
+            if not isinstance(error, SwarmError):
+                log.exception("request failed")
+            self._send(error_event(error))
+
+    def _require_ready(self) -> None:
+        state = self.server.backend.state
+        if state != "ready":
+            raise _NotReady(f"the model is not ready ({state})")
+
+    def _send(self, message: dict[str, Any]) -> bool:
+        try:
+            self.wfile.write(encode(message))
+            self.wfile.flush()
+            return True
+        except OSError:
+            return False
+
+    def _peer_gone(self) -> bool:
+        """True when the client has hung up (readable with nothing to read)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _stream(self, events: Iterator[dict[str, Any]], start: dict[str, Any] | None = None) -> None:
+        job = Job(events)
+        self.server.scheduler.submit(job)
+        if start is not None and not self._send(start):
+            job.cancelled.set()
+            return
+        while True:
+            try:
+                event = job.output.get(timeout=0.5)
+            except queue.Empty:
+                if self._peer_gone():
+                    job.cancelled.set()
+                    return
+                continue
+            if event.get("event") == "progress":
+                continue  # device work between answers; nothing to tell the client
+            if not self._send(event):
+                job.cancelled.set()
+                return
+            if event.get("event") in ("done", "error", "result"):
+                return
+
+
+class _NotReady(Exception):
+    pass
+
+
+class NodeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Serves `backend` on a unix socket at `path` (mode 0600)."""
+
+    daemon_threads = True
+
+    def __init__(self, path: Path, backend: Backend, *, max_active: int = 8, max_waiting: int = 256):
+        self.path = Path(path)
+        self.backend = backend
+        self.started = time.time()
+        self.scheduler = Scheduler(max_active, max_waiting)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            super().__init__(str(self.path), _Handler)
+        finally:
+            os.umask(old_umask)
+
+    def health(self) -> dict[str, Any]:
+        stats = self.scheduler.stats
+        return {
+            "state": self.backend.state,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "queue": {"active": stats.active, "waiting": stats.waiting},
+            "totals": {
+                "completed": stats.completed,
+                "cancelled": stats.cancelled,
+                "failed": stats.failed,
+                "generated_tokens": stats.generated_tokens,
+            },
+        }
+
+    def serve_in_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name="node-socket", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.scheduler.stop()
+        self.path.unlink(missing_ok=True)

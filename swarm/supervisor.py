@@ -1,0 +1,245 @@
+"""`swarm run`: the supervisor that starts, watches and stops the node and control processes.
+
+Owns the process tree of a running swarm node: the node process
+(`python -m swarm.node`, where JAX lives) and the control plane
+(`gunicorn -k gevent control.wsgi:app`). Children inherit the resolved settings
+through `SWARM_*` environment variables, so every process loads the same config.
+Each child's output goes to `<data dir>/logs/<name>.log` and, prefixed, to the
+console. A child that dies is restarted with exponential backoff (reset after a
+minute of good health); SIGINT/SIGTERM stop everything cleanly; SIGHUP re-reads
+the config and passes the signal on (the node updates its limits, gunicorn
+restarts its workers, which re-read the config).
+
+Imports no jax.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from swarm.config import Config, ConfigError, ensure_api_key, load_config
+from swarm.node_protocol import SOCKET_NAME
+
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+HEALTHY_AFTER_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    command: list[str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    restarts: int = 0
+    next_start: float = 0.0
+    backoff_s: float = BACKOFF_FIRST_S
+    pumps: list[threading.Thread] = field(default_factory=list)
+
+
+def _pump(stream: IO[bytes], log_file: IO[bytes], prefix: str, echo: bool) -> None:
+    for line in iter(stream.readline, b""):
+        log_file.write(line)
+        log_file.flush()
+        if echo:
+            sys.stdout.write(f"{prefix} {line.decode(errors='replace')}")
+            sys.stdout.flush()
+    stream.close()
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class Supervisor:
+    def __init__(
+        self, data_dir: Path, config: Config, *, echo: bool = True, say: Callable[[str], None] = print
+    ):
+        self.data_dir = data_dir
+        self.config = config
+        self.echo = echo
+        self.say = say
+        self.stopping = threading.Event()
+        self.reload_requested = threading.Event()
+        logs = data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        python = sys.executable
+        self.children = [
+            Child("node", [python, "-m", "swarm.node", "--data-dir", str(data_dir)], logs / "node.log"),
+            Child(
+                "control",
+                [
+                    python,
+                    "-m",
+                    "gunicorn",
+                    "-c",
+                    str(Path(__file__).parent.parent / "control" / "gunicorn_conf.py"),
+                    "control.wsgi:app",
+                ],
+                logs / "control.log",
+            ),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        """The children's environment: the resolved settings, so every process agrees."""
+        config = self.config
+        env = {key: value for key, value in os.environ.items() if not key.startswith("SWARM_INTERNAL_")}
+        env.update(
+            SWARM_NODE_DATA_DIR=str(self.data_dir),
+            SWARM_NODE_MODEL=config.node.model,
+            SWARM_NODE_LISTEN_PORT=str(config.node.listen_port),
+            SWARM_NODE_HOST=config.node.host,
+            SWARM_INTERNAL_BIND=f"{config.node.host}:{config.node.listen_port}",
+            SWARM_INTERNAL_WORKERS=str(config.api.workers),
+            SWARM_INTERNAL_SUPERVISOR_PID=str(os.getpid()),
+            PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.data_dir / "run" / "metrics"
+
+    def _start(self, child: Child) -> None:
+        log_file = open(child.log_path, "ab")  # noqa: SIM115 - closed by the pump's owner at exit
+        child.process = subprocess.Popen(
+            child.command,
+            env=self.environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=Path(__file__).parent.parent,
+            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops the children in order
+        )
+        child.started = time.monotonic()
+        pump = threading.Thread(
+            target=_pump, args=(child.process.stdout, log_file, f"[{child.name}]", self.echo), daemon=True
+        )
+        pump.start()
+        child.pumps.append(pump)
+
+    def _check(self, child: Child) -> None:
+        """Restart a child that exited, after its backoff."""
+        now = time.monotonic()
+        process = child.process
+        if process is not None and process.poll() is None:
+            if now - child.started > HEALTHY_AFTER_S:
+                child.backoff_s = BACKOFF_FIRST_S
+            return
+        if process is not None:
+            code = process.returncode
+            child.process = None
+            child.next_start = now + child.backoff_s
+            self.say(f"swarm: {child.name} exited with code {code}; restarting in {child.backoff_s:.0f} s")
+            child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+            return
+        if now >= child.next_start:
+            child.restarts += 1
+            self._start(child)
+
+    def reload(self) -> None:
+        try:
+            self.config = load_config(self.data_dir, os.environ, _cli_overrides(self.config))
+        except ConfigError as error:
+            self.say(f"swarm: config reload failed, keeping the running config: {error}")
+            return
+        self.say("swarm: config reloaded")
+        for child in self.children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):  # control first: stop taking requests, then the node
+            if child.process is not None and child.process.poll() is None:
+                child.process.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in self.children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.process.pid, signal.SIGKILL)
+                child.process.wait()
+        for child in self.children:
+            for pump in child.pumps:
+                pump.join(timeout=2)
+
+    def run(self) -> int:
+        config = self.config
+        host, port = config.node.host, config.node.listen_port
+        if not port_free(host, port):
+            self.say(f"swarm: port {port} on {host} is in use; pick another with --port or node.listen_port")
+            return 1
+        key_file = self.data_dir / "api_key"
+        ensure_api_key(self.data_dir, config.api.key)  # before workers fork: one key for all
+        base = f"http://{host}:{port}"
+        self.say(f"swarm: dashboard {base}/  API {base}/v1  (model {config.node.model})")
+        self.say(
+            f"swarm: API key: {'config api.key' if config.api.key else key_file}"
+            f"  (or from this machine: curl {base}/api/admin/api-key)"
+        )
+        self.say(f"swarm: logs in {self.data_dir / 'logs'}; Ctrl-C stops")
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.metrics_dir.mkdir(parents=True)
+        (self.data_dir / SOCKET_NAME).unlink(missing_ok=True)
+        previous = {
+            signum: signal.signal(signum, self._on_signal)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        }
+        try:
+            for child in self.children:
+                self._start(child)
+            while not self.stopping.wait(0.2):
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self.reload()
+                for child in self.children:
+                    self._check(child)
+        finally:
+            self.say("swarm: stopping")
+            self.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self.reload_requested.set()
+        else:
+            self.stopping.set()
+
+
+def _cli_overrides(config: Config) -> dict[str, object]:
+    """The settings `swarm run` fixed from its flags, kept across reloads."""
+    return {"node.model": config.node.model, "node.listen_port": config.node.listen_port}
+
+
+def run(data_dir: Path, environ: Mapping[str, str], overrides: Mapping[str, object]) -> int:
+    try:
+        config = load_config(data_dir, environ, overrides)
+    except ConfigError as error:
+        print(f"swarm: {error}")
+        return 2
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return Supervisor(data_dir, config).run()
