@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m
 BENCH_MODELS ?= smollm2-135m gemma3-270m
 
-.PHONY: install system-deps models run test lint bench clean
+.PHONY: install system-deps models run chat test lint bench clean
 
 install: $(STAMP)
 
@@ -28,15 +28,19 @@ models: install
 	$(SWARM) pull smollm2-135m > /dev/null
 	$(SWARM) pull gemma3-270m --data-dir .test-data > /dev/null
 
+# The full node: model, OpenAI/Anthropic/MCP APIs and dashboard on 127.0.0.1:8800.
 run: install
+	$(SWARM) run $(MODEL)
+
+chat: install
 	$(SWARM) chat $(MODEL)
 
 test: models
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check swarm kernels tests tools
-	$(VENV)/bin/ruff format --check swarm kernels tests tools
+	$(VENV)/bin/ruff check swarm kernels control tests tools
+	$(VENV)/bin/ruff format --check swarm kernels control tests tools
 
 bench: models
 	$(PY) -m pip install --quiet -e '.[bench]'

@@ -87,7 +87,10 @@ def anthropic_body(error: ApiError, request_id: str | None = None) -> dict[str, 
 
 
 def jsonrpc_body(error: ApiError, request_id: Any = None) -> dict[str, Any]:
-    code = {400: -32600, 404: -32601, 413: -32600, 429: -32000, 503: -32000}.get(error.status, -32603)
+    # -32001 for auth failures as common MCP servers do; -32000 is "server error" (retry later).
+    code = {400: -32600, 401: -32001, 403: -32001, 404: -32601, 413: -32600, 429: -32000, 503: -32000}.get(
+        error.status, -32603
+    )
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": error.message}}
 
 

@@ -15,7 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from swarm.node_protocol import ERROR_STATUS, GenerationRequest, ProtocolError, encode, read_message
+from swarm.node_protocol import (
+    ERROR_STATUS,
+    MAX_LINE_BYTES,
+    GenerationRequest,
+    ProtocolError,
+    encode,
+    parse_message,
+    read_message,
+)
 
 KEEPALIVE = {"event": "keepalive"}
 
@@ -37,6 +45,31 @@ class NodeError(Exception):
         return ERROR_STATUS[self.code]
 
 
+class LineReader:
+    """Lines from a socket with plain recv() and a buffer.
+
+    A socket file object cannot be read again after a timeout, and a timeout is
+    routine here (keep-alives while a request waits in the node's queue).
+    """
+
+    def __init__(self, connection: socket.socket):
+        self.connection = connection
+        self.buffer = b""
+
+    def read_line(self, timeout_s: float) -> bytes | None:
+        """The next line, None at end of stream; TimeoutError after timeout_s of silence."""
+        self.connection.settimeout(timeout_s)
+        while b"\n" not in self.buffer:
+            if len(self.buffer) > MAX_LINE_BYTES:
+                raise ProtocolError("message too large")
+            chunk = self.connection.recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
+
+
 class Generation:
     """A running generation: iterate for events; close() (or leaving `with`) cancels it.
 
@@ -44,9 +77,9 @@ class Generation:
     `keepalive_s` (queued behind other work), so SSE writers can send pings.
     """
 
-    def __init__(self, connection: socket.socket, first: dict[str, Any], keepalive_s: float):
-        self._connection = connection
-        self._stream = connection.makefile("rb")
+    def __init__(self, reader: LineReader, first: dict[str, Any], keepalive_s: float):
+        self._reader = reader
+        self._connection = reader.connection
         self._pending: dict[str, Any] | None = first
         self._keepalive_s = keepalive_s
         self.finished = False
@@ -61,28 +94,30 @@ class Generation:
             return event
         if self.finished:
             raise StopIteration
-        self._connection.settimeout(self._keepalive_s)
         try:
-            event = read_message(self._stream)
+            line = self._reader.read_line(self._keepalive_s)
         except TimeoutError:
             return dict(KEEPALIVE)
         except (OSError, ProtocolError) as error:
             self.close()
             return {"event": "error", "code": "unavailable", "message": f"lost the node: {error}"}
-        if event is None:
+        if line is None:
             self.close()
             return {"event": "error", "code": "unavailable", "message": "the node closed the stream"}
+        try:
+            event = parse_message(line)
+        except ProtocolError as error:
+            self.close()
+            return {"event": "error", "code": "internal", "message": str(error)}
         if event.get("event") in ("done", "error"):
             self.close()
-            self.finished = True
         return event
 
     def close(self) -> None:
         """Stop reading; the node sees the closed socket and cancels the work."""
         self.finished = True
-        for resource in (self._stream, self._connection):
-            with contextlib.suppress(OSError):
-                resource.close()
+        with contextlib.suppress(OSError):
+            self._connection.close()
 
     def __enter__(self) -> Generation:
         return self
@@ -154,7 +189,9 @@ class NodeClient:
         try:
             connection.settimeout(self.request_timeout_s)
             connection.sendall(encode({"op": "generate", "request": request.to_dict()}))
-            first = read_message(connection.makefile("rb", buffering=0))
+            reader = LineReader(connection)
+            line = reader.read_line(self.request_timeout_s)
+            first = parse_message(line) if line is not None else None
         except (OSError, ProtocolError) as error:
             connection.close()
             raise NodeUnavailable(f"the node did not start the generation: {error}") from None
@@ -164,4 +201,4 @@ class NodeClient:
         if first.get("event") == "error":
             connection.close()
             raise NodeError(str(first.get("code")), str(first.get("message")))
-        return Generation(connection, first, self.keepalive_s)
+        return Generation(reader, first, self.keepalive_s)

@@ -63,6 +63,11 @@ def read_message(stream: BinaryIO) -> dict[str, Any] | None:
         return None
     if len(line) > MAX_LINE_BYTES:
         raise ProtocolError("message too large")
+    return parse_message(line)
+
+
+def parse_message(line: bytes) -> dict[str, Any]:
+    """One framed message (a JSON object on one line)."""
     try:
         message = json.loads(line)
     except ValueError as error:

@@ -300,7 +300,9 @@ class NodeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         }
 
     def serve_in_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="node-socket", daemon=True)
+        thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="node-socket", daemon=True
+        )
         thread.start()
         return thread
 

@@ -15,6 +15,9 @@ Imports no jax.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
 import signal
@@ -35,6 +38,7 @@ BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0
 STOP_TIMEOUT_S = 10.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -58,6 +62,15 @@ def _pump(stream: IO[bytes], log_file: IO[bytes], prefix: str, echo: bool) -> No
             sys.stdout.write(f"{prefix} {line.decode(errors='replace')}")
             sys.stdout.flush()
     stream.close()
+
+
+def _child_setup() -> None:
+    """In the child before exec: its own session, so Ctrl-C reaches only the supervisor
+    (which stops the children in order), and SIGTERM if the supervisor dies."""
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def port_free(host: str, port: int) -> bool:
@@ -129,7 +142,7 @@ class Supervisor:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=Path(__file__).parent.parent,
-            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops the children in order
+            preexec_fn=_child_setup,
         )
         child.started = time.monotonic()
         pump = threading.Thread(

@@ -150,7 +150,7 @@ def test_errors_are_named(node):
 
 
 def test_hang_up_cancels_and_others_continue(node):
-    client, backend, server = node
+    client, _, server = node
     cancelled_before = server.scheduler.stats.cancelled
     results = {}
 

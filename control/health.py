@@ -1,0 +1,71 @@
+"""Health probes and the Prometheus scrape: `/health`, `/health/ready`, `/metrics`.
+
+`/health` says only that this worker answers: it never touches the node, so it stays
+instant while generations stream. `/health/ready` asks the node, with a short timeout
+of its own, whether the model is loaded. `/metrics` renders control.metrics, first
+refreshing the node's queue gauge when the node answers quickly. Auth for these
+routes is decided in control.middleware. Must not import jax.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+# control.app imports this module: reach its accessors through the module, at call time.
+from control import app as application
+from control import metrics
+from control.node_client import NodeClient, NodeError, NodeUnavailable
+
+bp = Blueprint("health", __name__)
+
+READY_TIMEOUT_S = 2.0
+METRICS_TIMEOUT_S = 0.5
+RETRY_AFTER_S = 5
+
+
+def _probe(timeout_s: float) -> dict[str, Any]:
+    """The node's health answer, asked on a client that gives up after `timeout_s`.
+
+    The app's own client waits as long as a generation may take; a probe must not.
+    """
+    client = NodeClient(
+        application.node().socket_path, connect_timeout_s=timeout_s, request_timeout_s=timeout_s
+    )
+    return client.health()
+
+
+@bp.get("/health")
+def health() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/health/ready")
+def ready() -> Response | tuple[Response, int, dict[str, str]]:
+    try:
+        answer: dict[str, Any] | None = _probe(READY_TIMEOUT_S)
+    except (NodeUnavailable, NodeError):
+        answer = None
+    model_ready = answer is not None and answer.get("state") == "ready"
+    body = {
+        "status": "ready" if model_ready else "not_ready",
+        "subsystems": {"control": True, "node": answer is not None, "model": model_ready},
+        "node": answer,
+    }
+    if model_ready:
+        return jsonify(body)
+    return jsonify(body), 503, {"Retry-After": str(RETRY_AFTER_S)}
+
+
+@bp.get("/metrics")
+def scrape() -> Response:
+    try:
+        queue = _probe(METRICS_TIMEOUT_S).get("queue") or {}
+    except (NodeUnavailable, NodeError):
+        queue = {}
+    for state in ("active", "waiting"):
+        if isinstance(queue.get(state), int | float):
+            metrics.NODE_QUEUE.labels(state).set(queue[state])
+    body, content_type = metrics.render()
+    return Response(body, headers={"Content-Type": content_type})
