@@ -4,27 +4,36 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SWARM := $(VENV)/bin/swarm
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 MODEL ?= smollm2-135m
 BENCH_MODELS ?= smollm2-135m gemma3-270m
 
-.PHONY: install system-deps models run chat test lint bench clean
+.PHONY: install install-dev system-deps models run chat test lint bench clean
 
+# What a node needs (runtime dependencies and the default model): kept lean so that
+# `make run` on a fresh clone serves its first reply within about a minute.
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(MAKE) system-deps
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e .
 	$(SWARM) pull smollm2-135m
 	touch $(STAMP)
+
+# Test and lint tools, and the official API clients the tests drive the node with.
+install-dev: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(DEV_STAMP)
 
 # libsodium for libnacl (the peer transport's crypto); Debian's package.
 system-deps:
 	@ldconfig -p | grep -q libsodium || { apt-get update -qq && apt-get install -y -qq libsodium23; }
 
 # Both real models: the default one and Gemma 3 270M, used by the real-model tests.
-models: install
+models: install-dev
 	$(SWARM) pull smollm2-135m > /dev/null
 	$(SWARM) pull gemma3-270m --data-dir .test-data > /dev/null
 
@@ -38,7 +47,7 @@ chat: install
 test: models
 	$(PY) -m pytest
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check swarm kernels control tests tools
 	$(VENV)/bin/ruff format --check swarm kernels control tests tools
 

@@ -17,10 +17,11 @@ from control import admin, anthropic_api, health, mcp_api, middleware, openai_ap
 from control.node_client import NodeClient
 from swarm.config import Config, ensure_api_key
 from swarm.node_protocol import SOCKET_NAME
+from webui import bp as webui_bp
 
 
 def create_app(config: Config, data_dir: Path, *, node: NodeClient | None = None) -> Flask:
-    app = Flask("control")
+    app = Flask("control", static_folder=None)  # the dashboard blueprint serves /static
     app.config["SWARM"] = config
     app.config["DATA_DIR"] = Path(data_dir)
     app.config["MAX_CONTENT_LENGTH"] = int(config.api.max_body_mb * 2**20)
@@ -29,7 +30,7 @@ def create_app(config: Config, data_dir: Path, *, node: NodeClient | None = None
         Path(data_dir) / SOCKET_NAME, request_timeout_s=config.api.request_timeout_s
     )
     middleware.init_app(app)
-    for blueprint in (health.bp, admin.bp, openai_api.bp, anthropic_api.bp, mcp_api.bp):
+    for blueprint in (health.bp, admin.bp, openai_api.bp, anthropic_api.bp, mcp_api.bp, webui_bp):
         app.register_blueprint(blueprint)
     return app
 

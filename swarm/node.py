@@ -88,10 +88,15 @@ class ModelBackend:
                 max_context=inference.max_context or None,
             )
             self.generator = Generator(self.opened.engine(settings), self.opened.tokenizer)
-            # One short generation compiles the smallest prompt bucket and decode step.
-            warmup = self.opened.tokenizer.encode("Hello", add_bos=None, parse_special=False)
-            for _ in self.generator.stream(warmup, SamplingParams(temperature=0, max_tokens=2)):
+            # Compile what a first short chat needs before saying ready: its prompt
+            # bucket and the decode step, at the cache size the default max_tokens gives.
+            text = self.opened.chat_template.render([{"role": "user", "content": "Hello!"}])
+            warmup = self.opened.tokenizer.encode(text, add_bos=None, parse_special=True)
+            params = SamplingParams(temperature=0, max_tokens=inference.default_max_tokens, ignore_eos=True)
+            steps = self.generator.stream(warmup, params)
+            for _ in zip(range(2), steps, strict=False):
                 pass
+            steps.close()
             self.loaded_at = time.time()
             self.state = "ready"
             log.info("model %s ready in %.1f s", self.model_id, time.perf_counter() - began)
