@@ -100,15 +100,17 @@ def _tool_result(block: dict[str, Any], param: str) -> str:
 def node_messages(raw: list[Any], system: Any) -> tuple[dict[str, Any], ...]:
     """Anthropic system + messages as node messages (tool results become `tool` messages)."""
     messages: list[dict[str, Any]] = []
-    if system is not None:
-        text = _text_of(system, "system")
-        if text:
-            messages.append({"role": "system", "content": text})
+    system_texts = [_text_of(system, "system")] if system is not None else []
     for index, item in enumerate(raw):
         param = f"messages[{index}]"
         role = item.get("role") if isinstance(item, dict) else None
+        if role == "system":
+            # Claude Code sends per-turn instructions as system messages inside `messages`;
+            # small models' templates want one leading system prompt, so they join it.
+            system_texts.append(_text_of(item.get("content"), f"{param}.content"))
+            continue
         if role not in ("user", "assistant"):
-            raise _error(f"'{param}.role' must be 'user' or 'assistant'")
+            raise _error(f"'{param}.role' must be 'user', 'assistant' or 'system'")
         content = item.get("content")
         if isinstance(content, str):
             messages.append({"role": role, "content": content})
@@ -150,6 +152,11 @@ def node_messages(raw: list[Any], system: Any) -> tuple[dict[str, Any], ...]:
             messages.append(message)
         elif role == "user" and (texts or not content):
             messages.append({"role": "user", "content": "\n".join(texts)})
+    if not messages:
+        raise _error("'messages' must hold at least one user or assistant message", "messages")
+    system_text = "\n\n".join(text for text in system_texts if text)
+    if system_text:
+        messages.insert(0, {"role": "system", "content": system_text})
     return tuple(messages)
 
 

@@ -248,6 +248,26 @@ def test_claude_code_request_shape_is_accepted(http):
     assert Message.model_validate(response.json()).stop_reason == "max_tokens"
 
 
+def test_system_messages_inside_messages_join_the_system_prompt(http):
+    # Claude Code 2.1.330 sends per-turn instructions as {"role": "system"} after the user turn.
+    body = {
+        "model": "claude-opus-5-5",
+        "max_tokens": 4,
+        "system": "one two",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "three four"}]},
+            {"role": "system", "content": [{"type": "text", "text": "five six seven"}]},
+        ],
+    }
+    response = http.post("/v1/messages?beta=true", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["input_tokens"] == 7
+    body["messages"][1] = {"role": "narrator", "content": "x"}
+    assert "'messages[1].role'" in error_of(
+        http.post("/v1/messages", json=body), 400, "invalid_request_error"
+    )
+
+
 def test_x_api_key_and_old_version_header(control_app, api_key):
     transport = httpx2.WSGITransport(app=control_app, remote_addr="127.0.0.1")
     with httpx2.Client(transport=transport, base_url="http://127.0.0.1") as raw:
@@ -291,7 +311,8 @@ def test_unknown_model_is_404(http, client):
         ({"max_tokens": "lots"}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"messages": None}, "messages"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "narrator", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages"),
         ({"temperature": 1.5}, "temperature"),
         ({"stop_sequences": "w1"}, None),
         ({"tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice"),
