@@ -557,3 +557,38 @@ def test_metrics_add_up_across_gunicorn_workers(tmp_path):
     assert total("swarm_generation_tokens_total") == 24 * 4
     assert total("swarm_prompt_tokens_total") == 24 * 3
     assert total("swarm_http_requests_total", status="2xx") >= 24
+
+
+@pytest.mark.integration
+def test_a_client_that_stops_reading_blocks_no_one_and_cancels_on_hang_up(tmp_path):
+    backend = MockBackend(delay_s=0.001)  # 100000 tokens would take 100 s
+    with gunicorn_serving(tmp_path, backend) as client:
+        port = int(str(client.base_url).rsplit(":", 1)[1].strip("/"))
+        key = client.headers["Authorization"]
+        body = json.dumps(
+            {
+                "model": "mock-1",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+                "max_tokens": 100000,
+            }
+        ).encode()
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Authorization: {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(1.0)  # it streams into full socket buffers and then waits on us
+        short = {"model": "mock-1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        for _ in range(5):
+            reply = client.post("/v1/chat/completions", json=short, timeout=10)
+            assert (
+                reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "w0 w1 w2 "
+            )
+        stalled.close()
+        deadline = time.monotonic() + 15
+        while backend.cancelled_runs == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert backend.cancelled_runs == 1
