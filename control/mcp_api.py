@@ -12,9 +12,15 @@ a session, and Origin checks against DNS rebinding. The tools themselves live in
   state; ended sessions are listed in a small file in the data dir that every
   worker reads.
 - modern era (2026-07-28): stateless; a request is modern when its
-  `params._meta` names the version or the `MCP-Protocol-Version` header does.
-  Results carry `resultType`, list results `ttlMs`/`cacheScope`, and all carry
-  the server info in `_meta`.
+  `params._meta` names a version, the `MCP-Protocol-Version` header names the
+  modern one, or it is `server/discover`. A modern request must carry the
+  `_meta` envelope and mirror it in the `MCP-Protocol-Version`, `Mcp-Method` and
+  `Mcp-Name` headers; `initialize` and `ping` no longer exist there. Results
+  carry `resultType`, list results `ttlMs`/`cacheScope`, and all carry the
+  server info in `_meta`.
+
+A request with neither a modern `_meta` nor a modern header (curl, handshake-era
+clients) is served leniently in the handshake era, with or without a session.
 
 Authentication is the middleware's job. Must not import jax.
 """
@@ -31,7 +37,7 @@ import os
 import secrets
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, request
@@ -53,6 +59,7 @@ VERSION_HEADER = "MCP-Protocol-Version"
 METHOD_HEADER = "Mcp-Method"
 NAME_HEADER = "Mcp-Name"
 VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+CLIENT_CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
 SERVER_INFO_KEY = "io.modelcontextprotocol/serverInfo"
 
 # JSON-RPC 2.0 codes, plus the 2026-07-28 transport codes.
@@ -64,7 +71,13 @@ MODERN_STATUS = {INVALID_PARAMS: 400, METHOD_NOT_FOUND: 404}
 TRANSPORT_STATUS = {PARSE_ERROR: 400, INVALID_REQUEST: 400, HEADER_MISMATCH: 400, UNSUPPORTED_VERSION: 400}
 
 SERVER_INFO = {"name": "swarm", "version": swarm.__version__, "title": "swarm node"}
-CAPABILITIES = {"tools": {"listChanged": False}}
+# Prompts and resources are declared (with empty lists) because we answer their methods:
+# a server that answers prompts/list MUST declare prompts (2026-07-28 server/discover).
+CAPABILITIES = {
+    "tools": {"listChanged": False},
+    "prompts": {"listChanged": False},
+    "resources": {"listChanged": False},
+}
 INSTRUCTIONS = (
     "Tools for the language models this swarm node serves. Use `chat` for a conversation, "
     "`compare` to see several models answer one prompt, `research` for a synthesised answer, "
@@ -72,6 +85,14 @@ INSTRUCTIONS = (
     "cheap, smart), and `models` and `node_info` to see what is served and how the node is doing."
 )
 LIST_METHODS = ("tools/list", "resources/list", "resources/templates/list", "prompts/list", "server/discover")
+EMPTY_LISTS = {
+    "resources/list": "resources",
+    "resources/templates/list": "resourceTemplates",
+    "prompts/list": "prompts",
+}
+HANDSHAKE_ONLY_METHODS = ("initialize", "ping")  # removed in 2026-07-28
+# The methods whose target the `Mcp-Name` header mirrors, and the param it mirrors.
+NAMED_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ENDED_SESSIONS_FILE = "mcp_ended_sessions"
 ENDED_SESSIONS_KEPT = 10_000
@@ -233,23 +254,28 @@ def handle_post() -> Response:
     try:
         if not isinstance(params, dict):
             raise RpcError(INVALID_PARAMS, "params must be an object")
-        modern = _is_modern(method, params) and method != "initialize"
+        modern = _is_modern(method, params)
         if not modern and method != "initialize":
             session_id = request.headers.get(SESSION_HEADER)
             # Clients without a session (curl) are served; a stale one is told to re-initialize.
             if session_id is not None and not session_is_live(session_id):
                 raise RpcError(INVALID_REQUEST, "unknown or ended session; initialize again", status=404)
         if is_notification:
+            # 2026-07-28 defines no client notifications over HTTP, but clients still post
+            # them; like the reference SDK, accept them without the envelope checks.
             return Response(status=202)
+        if modern:
+            _check_envelope(method, params)
         result, headers = _dispatch(method, params, modern)
     except RpcError as error:
         return _error(error, request_id, modern=modern)
     return _json({"jsonrpc": "2.0", "id": request_id, "result": result}, headers=headers)
 
 
-def _decode_header(value: str) -> str | None:
-    """A 2026-07-28 header value: verbatim, or `=?base64?…?=` for non-ASCII text."""
-    if not (value.startswith("=?base64?") and value.endswith("?=")):
+def _decode_header(value: str | None) -> str | None:
+    """A 2026-07-28 header value: verbatim, or `=?base64?…?=` for non-ASCII text;
+    None when absent or malformed, so it never matches a body value by accident."""
+    if value is None or not (value.startswith("=?base64?") and value.endswith("?=")):
         return value
     try:
         return base64.b64decode(value[9:-2], validate=True).decode()
@@ -257,27 +283,61 @@ def _decode_header(value: str) -> str | None:
         return None
 
 
+def _header(name: str) -> str | None:
+    value = request.headers.get(name)
+    return None if value is None else value.strip(" \t")  # RFC 9110 §5.5: no surrounding whitespace
+
+
 def _is_modern(method: str, params: dict[str, Any]) -> bool:
-    """Which era a request speaks; raises RpcError for unknown versions or headers
-    that contradict the body (checked loosely: only headers that are present)."""
-    header_version = request.headers.get(VERSION_HEADER)
-    if header_version is not None and header_version not in SUPPORTED_VERSIONS:
-        raise _unsupported(header_version)
+    """Which era a request speaks. A handshake-era request with an unknown
+    `MCP-Protocol-Version` header is refused here; a modern one is checked by
+    `_check_envelope`."""
+    header_version = _header(VERSION_HEADER)
     meta = params.get("_meta")
     body_version = meta.get(VERSION_KEY) if isinstance(meta, dict) else None
-    if body_version is not None:
-        if body_version not in MODERN_VERSIONS:
-            raise _unsupported(body_version)
-        if header_version is not None and header_version != body_version:
-            raise RpcError(HEADER_MISMATCH, f"the {VERSION_HEADER} header does not match params._meta")
-    modern = body_version is not None or header_version in MODERN_VERSIONS or method == "server/discover"
-    if modern:
-        if request.headers.get(METHOD_HEADER, method) != method:
-            raise RpcError(HEADER_MISMATCH, f"the {METHOD_HEADER} header does not match the method")
-        name = request.headers.get(NAME_HEADER)
-        if method == "tools/call" and name is not None and _decode_header(name) != params.get("name"):
-            raise RpcError(HEADER_MISMATCH, f"the {NAME_HEADER} header does not match params.name")
-    return modern
+    if body_version is not None or header_version in MODERN_VERSIONS or method == "server/discover":
+        return True
+    if header_version is not None and header_version not in SUPPORTED_VERSIONS:
+        raise _unsupported(header_version)
+    return False
+
+
+def _check_envelope(method: str, params: dict[str, Any]) -> None:
+    """The 2026-07-28 checks on a modern request, in the order of the reference SDK
+    (`mcp.shared.inbound.classify_inbound_request`), first failure wins:
+
+    1. `params._meta` carries the protocol version and client capabilities, else
+       -32602 (basic/index "Per-request protocol fields"; client info is optional);
+    2. the `MCP-Protocol-Version`, `Mcp-Method` and (for `NAMED_PARAMS` methods)
+       `Mcp-Name` headers are present and mirror the body, else -32020
+       HeaderMismatch (transports, "Standard request headers"); this comes before
+       the version check so a client that contradicts itself is told so. (WSGI
+       folds a repeated header into one comma-joined value, which cannot match.)
+    3. the version is one we serve, else -32022 listing the supported ones. (A
+       non-string version never gets here: it cannot equal the header.)
+    """
+    meta = params.get("_meta")
+    if not isinstance(meta, dict):
+        raise RpcError(
+            INVALID_PARAMS,
+            f"params._meta must be an object with {VERSION_KEY!r} and {CLIENT_CAPABILITIES_KEY!r}",
+        )
+    missing = [key for key in (VERSION_KEY, CLIENT_CAPABILITIES_KEY) if key not in meta]
+    if missing:
+        raise RpcError(INVALID_PARAMS, f"params._meta lacks {' and '.join(map(repr, missing))}")
+    version = meta[VERSION_KEY]
+    if _header(VERSION_HEADER) != version:
+        raise RpcError(
+            HEADER_MISMATCH, f"the {VERSION_HEADER} header must equal params._meta[{VERSION_KEY!r}]"
+        )
+    if _header(METHOD_HEADER) != method:
+        raise RpcError(HEADER_MISMATCH, f"the {METHOD_HEADER} header must equal the method")
+    named = NAMED_PARAMS.get(method)
+    target = params.get(named) if named else None
+    if target is not None and _decode_header(_header(NAME_HEADER)) != target:
+        raise RpcError(HEADER_MISMATCH, f"the {NAME_HEADER} header must equal params.{named}")
+    if version not in MODERN_VERSIONS:
+        raise _unsupported(version)
 
 
 def _unsupported(version: Any) -> RpcError:
@@ -290,6 +350,8 @@ def _unsupported(version: Any) -> RpcError:
 
 def _dispatch(method: str, params: dict[str, Any], modern: bool) -> tuple[dict[str, Any], dict[str, str]]:
     headers: dict[str, str] = {}
+    if modern and method in HANDSHAKE_ONLY_METHODS:
+        raise RpcError(METHOD_NOT_FOUND, f"method not found: {method} (removed in {MODERN_VERSIONS[-1]})")
     if method == "initialize":
         requested = params.get("protocolVersion")
         version = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[-1]
@@ -313,19 +375,28 @@ def _dispatch(method: str, params: dict[str, Any], modern: bool) -> tuple[dict[s
         result = {"tools": [tool.describe() for tool in TOOLS.values()]}
     elif method == "tools/call":
         result = _call(params)
-    elif method in ("resources/list", "resources/templates/list", "prompts/list"):
-        # Not advertised as capabilities, but an empty answer beats an error for lenient clients.
-        key = {"resources/list": "resources", "resources/templates/list": "resourceTemplates"}.get(
-            method, "prompts"
-        )
-        result = {key: []}
+    elif method in EMPTY_LISTS:
+        result = {EMPTY_LISTS[method]: []}
+    elif method in ("resources/read", "prompts/get"):
+        _unknown_target(method, params)
     else:
         raise RpcError(METHOD_NOT_FOUND, f"method not found: {method}")
-    if modern or method == "server/discover":
+    if modern:
         result = {**result, "resultType": "complete", "_meta": {SERVER_INFO_KEY: SERVER_INFO}}
         if method in LIST_METHODS:
             result.update(ttlMs=0, cacheScope="private")
     return result, headers
+
+
+def _unknown_target(method: str, params: dict[str, Any]) -> NoReturn:
+    """This server has no resources or prompts: any read or get names an unknown one,
+    which is -32602 with the name in `data` (2026-07-28 resources, SEP-2164)."""
+    key = NAMED_PARAMS[method]
+    target = params.get(key)
+    if not isinstance(target, str):
+        raise RpcError(INVALID_PARAMS, f"params.{key} must be a string")
+    kind = "resource" if key == "uri" else "prompt"
+    raise RpcError(INVALID_PARAMS, f"{kind} not found: {target!r}; this server has none", data={key: target})
 
 
 def _call(params: dict[str, Any]) -> dict[str, Any]:

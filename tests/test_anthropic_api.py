@@ -17,6 +17,8 @@ import httpx2
 import pydantic
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from control.anthropic_api import _frames, message_events
 
@@ -413,3 +415,43 @@ def test_text_after_a_tool_call_opens_a_new_block():
     starts = [event["content_block"]["type"] for event in out if event["type"] == "content_block_start"]
     assert starts == ["text", "tool_use", "text"]
     assert out[-2]["delta"]["stop_reason"] == "tool_use"  # a tool_use block went out
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-50, 50)
+    | st.floats()
+    | st.text(max_size=4)
+    | st.sampled_from(
+        ["text", "image", "tool_use", "tool_result", "auto", "any", "tool", "user", "assistant"]
+    ),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                ["type", "text", "name", "id", "input", "content", "role", "tool_use_id", "is_error"]
+            ),
+            children,
+            max_size=3,
+        )
+    ),
+    max_leaves=10,
+)
+FIELDS = ["model", "messages", "max_tokens", "system", "temperature", "top_p", "top_k", "stop_sequences"]
+FIELDS += ["stream", "tools", "tool_choice", "thinking"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]),
+    changes=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=3),
+    content=JSON_VALUES,
+)
+def test_no_body_gets_a_server_error(http, path, changes, content):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]
+    body = {"model": "mock-1", "max_tokens": 2, "messages": messages, **changes}
+    response = http.post(path, content=json.dumps(body))
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        assert response.json()["type"] == "error"

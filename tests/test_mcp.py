@@ -1,5 +1,5 @@
 """MCP at /mcp against the mock node: raw JSON-RPC over the in-process app, and the
-official `mcp` client (legacy and auto modes) against a real loopback server.
+official `mcp` client (legacy, auto and 2026-07-28 modes) against a real loopback server.
 
 The mock model answers "w0 w1 w2 ..." one word per token, so every generated text
 here is checkable by hand (tests/mock_backend.py).
@@ -8,6 +8,7 @@ here is checkable by hand (tests/mock_backend.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import threading
 
@@ -21,9 +22,13 @@ import swarm
 
 MODERN = "2026-07-28"
 TOOL_NAMES = ["chat", "models", "compare", "research", "batch_prompts", "delegate", "node_info"]
-MODERN_META = {
-    "io.modelcontextprotocol/protocolVersion": MODERN,
-    "io.modelcontextprotocol/clientCapabilities": {},
+VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+CAPABILITIES_KEY = "io.modelcontextprotocol/clientCapabilities"
+MODERN_META = {VERSION_KEY: MODERN, CAPABILITIES_KEY: {}}
+CAPABILITIES = {
+    "tools": {"listChanged": False},
+    "prompts": {"listChanged": False},
+    "resources": {"listChanged": False},
 }
 
 
@@ -70,7 +75,7 @@ def test_initialize_negotiates_and_assigns_a_visible_ascii_session(http):
     result = mcp_types.InitializeResult.model_validate(response.json()["result"])
     assert result.protocol_version == "2025-06-18"
     assert result.server_info.name == "swarm" and result.server_info.version == swarm.__version__
-    assert result.capabilities.tools is not None and result.capabilities.resources is None
+    assert response.json()["result"]["capabilities"] == CAPABILITIES
     assert re.fullmatch(r"[\x21-\x7e]+", response.headers["Mcp-Session-Id"])
     # An unknown version gets our latest handshake version; the client decides.
     assert initialize(http, "1999-01-01").json()["result"]["protocolVersion"] == "2025-11-25"
@@ -292,8 +297,8 @@ def test_unknown_protocol_version_header_is_400(http):
 # --- modern era (2026-07-28) -------------------------------------------------------------
 
 
-def modern_headers(method, name=None):
-    headers = {"MCP-Protocol-Version": MODERN, "Mcp-Method": method}
+def modern_headers(method, name=None, version=MODERN):
+    headers = {"MCP-Protocol-Version": version, "Mcp-Method": method}
     if name:
         headers["Mcp-Name"] = name
     return headers
@@ -306,7 +311,7 @@ def test_server_discover_shape(http):
     result = response.json()["result"]
     discovered = mcp_types.DiscoverResult.model_validate(result)
     assert discovered.supported_versions[0] == MODERN and "2025-11-25" in discovered.supported_versions
-    assert result["resultType"] == "complete" and result["capabilities"] == {"tools": {"listChanged": False}}
+    assert result["resultType"] == "complete" and result["capabilities"] == CAPABILITIES
     assert (result["ttlMs"], result["cacheScope"]) == (0, "private")
     assert result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "swarm"
 
@@ -340,9 +345,159 @@ def test_modern_errors_carry_http_statuses(http):
     params = {"name": "models", "arguments": {}, "_meta": MODERN_META}
     wrong_name = rpc(http, "tools/call", params, headers=modern_headers("tools/call", "chat"))
     assert wrong_name.status_code == 400 and wrong_name.json()["error"]["code"] == -32020
-    future = {"_meta": {**MODERN_META, "io.modelcontextprotocol/protocolVersion": "2099-01-01"}}
-    unsupported = rpc(http, "tools/list", future)
+    future = {"_meta": {**MODERN_META, VERSION_KEY: "2099-01-01"}}
+    unsupported = rpc(http, "tools/list", future, headers=modern_headers("tools/list", version="2099-01-01"))
     assert unsupported.status_code == 400 and unsupported.json()["error"]["code"] == -32022
+    assert unsupported.json()["error"]["data"] == {
+        "supported": [MODERN, "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"],
+        "requested": "2099-01-01",
+    }
+
+
+def modern_error(response, status, code):
+    assert response.status_code == status, response.text
+    body = response.json()
+    mcp_types.JSONRPCError.model_validate(body)
+    assert body["id"] == 1 and body["error"]["code"] == code
+    return body["error"]
+
+
+@pytest.mark.parametrize("method", ["server/discover", "tools/list"])
+@pytest.mark.parametrize(
+    ("meta", "missing"),
+    [
+        (None, "params._meta must be an object"),
+        ({CAPABILITIES_KEY: {}}, "protocolVersion"),
+        ({VERSION_KEY: MODERN}, "clientCapabilities"),
+    ],
+)
+def test_modern_requests_without_the_meta_envelope_are_invalid_params(http, method, meta, missing):
+    """A request that is modern by its header (or by being server/discover) must carry
+    params._meta with the protocol version and client capabilities: 400 and -32602."""
+    params = {} if meta is None else {"_meta": meta}
+    error = modern_error(rpc(http, method, params, headers=modern_headers(method)), 400, -32602)
+    assert missing in error["message"]
+
+
+def test_server_discover_without_any_envelope_is_refused(http):
+    # Even from a client that sends no headers at all: discover only exists in 2026-07-28.
+    modern_error(rpc(http, "server/discover"), 400, -32602)
+
+
+def test_client_info_is_optional(http):
+    meta = {**MODERN_META, "io.modelcontextprotocol/clientInfo": {"name": "pytest", "version": "1"}}
+    for envelope in (MODERN_META, meta):
+        response = rpc(
+            http, "server/discover", {"_meta": envelope}, headers=modern_headers("server/discover")
+        )
+        assert response.status_code == 200 and response.json()["result"]["supportedVersions"][0] == MODERN
+
+
+def test_a_non_string_protocol_version_is_a_header_mismatch(http):
+    params = {"_meta": {**MODERN_META, VERSION_KEY: 20260728}}
+    headers = modern_headers("tools/list", version="20260728")
+    modern_error(rpc(http, "tools/list", params, headers=headers), 400, -32020)
+
+
+@pytest.mark.parametrize("header", ["Mcp-Method", "MCP-Protocol-Version"])
+def test_a_modern_request_missing_a_routing_header_is_a_header_mismatch(http, header):
+    headers = modern_headers("tools/list")
+    del headers[header]
+    error = modern_error(rpc(http, "tools/list", {"_meta": MODERN_META}, headers=headers), 400, -32020)
+    assert header in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("tools/call", {"name": "models", "arguments": {}}),
+        ("prompts/get", {"name": "summarise"}),
+        ("resources/read", {"uri": "file:///etc/hosts"}),
+    ],
+)
+def test_a_named_request_missing_mcp_name_is_a_header_mismatch(http, method, params):
+    response = rpc(http, method, {**params, "_meta": MODERN_META}, headers=modern_headers(method))
+    assert "Mcp-Name" in modern_error(response, 400, -32020)["message"]
+
+
+def test_mcp_name_may_be_padded_or_base64_encoded(http):
+    params = {"name": "models", "arguments": {}, "_meta": MODERN_META}
+    padded = rpc(http, "tools/call", params, headers=modern_headers("tools/call", "  models\t"))
+    assert padded.status_code == 200 and padded.json()["result"]["isError"] is False
+    encoded = "=?base64?" + base64.b64encode(b"models").decode() + "?="
+    assert rpc(http, "tools/call", params, headers=modern_headers("tools/call", encoded)).status_code == 200
+    broken = modern_headers("tools/call", "=?base64?not base64?=")
+    modern_error(rpc(http, "tools/call", params, headers=broken), 400, -32020)
+
+
+def test_method_values_are_case_sensitive_and_headers_may_not_repeat(http):
+    params = {"_meta": MODERN_META}
+    modern_error(rpc(http, "tools/list", params, headers=modern_headers("TOOLS/LIST")), 400, -32020)
+    # A repeated header reaches WSGI folded into one comma-joined value (as gunicorn does).
+    repeated = modern_headers("tools/list") | {"Mcp-Method": "tools/list, tools/list"}
+    modern_error(rpc(http, "tools/list", params, headers=repeated), 400, -32020)
+    # Header names are case-insensitive.
+    lower = {"mcp-protocol-version": MODERN, "mcp-method": "tools/list"}
+    assert rpc(http, "tools/list", params, headers=lower).status_code == 200
+
+
+def test_a_header_that_contradicts_the_body_version_is_a_mismatch_before_unsupported(http):
+    params = {"_meta": {**MODERN_META, VERSION_KEY: "v999.0.0"}}
+    modern_error(rpc(http, "server/discover", params, headers=modern_headers("server/discover")), 400, -32020)
+    headers = modern_headers("server/discover", version="v999.0.0")
+    error = modern_error(rpc(http, "server/discover", params, headers=headers), 400, -32022)
+    assert error["data"]["requested"] == "v999.0.0"
+    # A modern body without the version header is a mismatch too, not a curl-style legacy request.
+    modern_error(rpc(http, "tools/list", {"_meta": MODERN_META}), 400, -32020)
+
+
+@pytest.mark.parametrize("method", ["initialize", "ping", "logging/setLevel"])
+def test_handshake_methods_are_gone_in_the_modern_era(http, method):
+    response = rpc(http, method, {"_meta": MODERN_META}, headers=modern_headers(method))
+    modern_error(response, 404, -32601)
+    assert "Mcp-Session-Id" not in response.headers
+
+
+def test_modern_notifications_are_accepted_without_the_envelope(http):
+    message = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}
+    response = http.post("/mcp", json=message, headers={"MCP-Protocol-Version": MODERN})
+    assert response.status_code == 202 and response.content == b""
+
+
+@pytest.mark.parametrize(("method", "key"), [("prompts/list", "prompts"), ("resources/list", "resources")])
+def test_prompts_and_resources_are_declared_and_empty(http, method, key):
+    assert rpc(http, method).json()["result"] == {key: []}
+    modern = rpc(http, method, {"_meta": MODERN_META}, headers=modern_headers(method)).json()["result"]
+    assert modern[key] == [] and (modern["ttlMs"], modern["cacheScope"]) == (0, "private")
+    templates = rpc(http, "resources/templates/list").json()["result"]
+    mcp_types.ListResourceTemplatesResult.model_validate(templates)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        ("prompts/get", {"name": "summarise"}, "prompt not found: 'summarise'"),
+        ("resources/read", {"uri": "test://nothing"}, "resource not found: 'test://nothing'"),
+    ],
+)
+def test_unknown_prompts_and_resources_are_invalid_params_in_both_eras(http, method, params, message):
+    legacy = rpc(http, method, params)
+    assert legacy.status_code == 200
+    assert legacy.json()["error"]["message"].startswith(message) and legacy.json()["error"]["data"] == params
+    name = next(iter(params.values()))
+    modern = rpc(http, method, {**params, "_meta": MODERN_META}, headers=modern_headers(method, name))
+    assert modern_error(modern, 400, -32602)["data"] == params
+    wrong_type = rpc(http, method, {next(iter(params)): 7}).json()["error"]
+    assert wrong_type["code"] == -32602 and "must be a string" in wrong_type["message"]
+
+
+def test_clients_without_protocol_headers_stay_in_the_lenient_handshake_era(http):
+    """curl: no session, no version header, no _meta; served as the handshake era."""
+    for method in ("tools/list", "ping", "prompts/list"):
+        response = rpc(http, method)
+        assert response.status_code == 200 and "resultType" not in response.json()["result"]
+    assert rpc(http, "tools/call", {"name": "models", "arguments": {}}).json()["result"]["isError"] is False
+    assert rpc(http, "initialize", {"protocolVersion": "2025-11-25"}).status_code == 200
 
 
 # --- the official client against a real server -------------------------------------------

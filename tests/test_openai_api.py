@@ -16,6 +16,8 @@ import time
 import httpx2
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai.types import Completion, CreateEmbeddingResponse, Model
 from openai.types.chat import ChatCompletionChunk
 
@@ -438,3 +440,60 @@ def test_stream_error_midway_is_one_error_frame_without_done():
     error = json.loads(frames[-1].removeprefix("data: "))["error"]
     assert error["message"] == "the node's queue is full"
     assert error["code"] == "rate_limit_exceeded"
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-50, 50)
+    | st.floats()
+    | st.text(max_size=4)
+    | st.sampled_from(["text", "image_url", "function", "auto", "required", "user", "assistant", "tool"]),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                ["type", "text", "name", "role", "content", "function", "arguments", "tool_calls"]
+            ),
+            children,
+            max_size=3,
+        )
+    ),
+    max_leaves=10,
+)
+FIELDS = [
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+]
+FIELDS += [
+    "stop",
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "prompt",
+    "echo",
+]
+FIELDS += ["input", "encoding_format", "dimensions"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]),
+    changes=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=3),
+)
+def test_no_body_gets_a_server_error(http, path, changes):
+    body = {"model": "mock-1", "messages": USER, "max_tokens": 2, "prompt": "x", "input": "y", **changes}
+    response = http.post(path, content=json.dumps(body))
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
