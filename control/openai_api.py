@@ -162,15 +162,23 @@ def _tool_choice(body: dict[str, Any]) -> str:
     )
 
 
-def _response_format(body: dict[str, Any]) -> str:
+def _response_format(body: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """(text | json_object | json_schema, the schema): the node constrains decoding to it."""
     value = get_object(body, "response_format")
     kind = (value or {}).get("type", "text")
     if kind not in ("text", "json_object", "json_schema"):
         raise ApiError(
             400, "'response_format.type' must be text, json_object or json_schema", param="response_format"
         )
-    # The node constrains output to JSON but not to a schema: json_schema gets valid JSON.
-    return "text" if kind == "text" else "json_object"
+    if kind != "json_schema":
+        return kind, None
+    spec = value.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise ApiError(
+            400, "'response_format.json_schema.schema' must be a JSON Schema object", param="response_format"
+        )
+    return kind, schema
 
 
 def _common(body: dict[str, Any]) -> dict[str, Any]:
@@ -211,13 +219,15 @@ def parse_chat(body: dict[str, Any], default_max_tokens: int) -> Call:
         max_tokens=max_tokens or default_max_tokens,
         top_logprobs=top_logprobs,
     )
+    response_format, json_schema = _response_format(body)
     request = generation_request(
         model=model,
         sampling=sampling,
         messages=messages,
         tools=_tools(body),
         tool_choice=_tool_choice(body),
-        response_format=_response_format(body),
+        response_format=response_format,
+        json_schema=json_schema,
         logprobs=logprobs,
         request_id=new_id("chatcmpl-"),
     )

@@ -132,18 +132,29 @@ class Generator:
         head = np.argpartition(-logits, scan - 1)[:scan]
         order = head[np.argsort(-logits[head], kind="stable")]
         pieces = self._pieces()
-        allowed = []
-        for token in order:
-            piece = pieces[token]
-            if piece and constraint.accepts(piece):
-                allowed.append(token)
-                if len(allowed) >= CONSTRAINT_KEEP:
-                    break
+        allowed = self._accepted(order, pieces, constraint)
+        if not allowed and scan < logits.shape[0]:
+            # A narrow schema can leave its only valid token far down the ranking
+            # (a key's last letter): then look through the whole vocabulary.
+            rest = np.setdiff1d(np.arange(logits.shape[0]), head, assume_unique=True)
+            allowed = self._accepted(rest[np.argsort(-logits[rest], kind="stable")], pieces, constraint)
         if not allowed:
             return None
         masked = np.full_like(logits, -np.inf)
         masked[allowed] = logits[allowed]
         return masked
+
+    @staticmethod
+    def _accepted(order: np.ndarray, pieces: list[str], constraint: Constraint) -> list[int]:
+        """Up to CONSTRAINT_KEEP tokens of `order` whose text the constraint accepts."""
+        allowed: list[int] = []
+        for token in order:
+            piece = pieces[token]
+            if piece and constraint.accepts(piece):
+                allowed.append(int(token))
+                if len(allowed) >= CONSTRAINT_KEEP:
+                    break
+        return allowed
 
     def _pieces(self) -> list[str]:
         """Each token's text on its own (special tokens empty), for constraints."""

@@ -14,6 +14,7 @@ for a JSON object, and splits the text stream into text and tool-call events.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from swarm.config import Config, ConfigError, load_config
 from swarm.errors import InvalidRequestError, UnknownModelError
 from swarm.node_protocol import SOCKET_NAME, GenerationRequest
 from swarm.node_server import NodeServer
+from swarm.schema_constraint import SchemaConstraint
 from swarm.tool_calls import (
     ForcedToolCallStream,
     JsonObjectConstraint,
@@ -148,6 +150,11 @@ class ModelBackend:
         messages = template_messages(list(request.messages or ()), list(tools))
         if request.response_format == "json_object" and not request.forced_tools:
             messages = _with_system_note(messages, JSON_INSTRUCTION)
+        elif request.response_format == "json_schema" and not request.forced_tools:
+            schema = json.dumps(request.json_schema, ensure_ascii=False)
+            messages = _with_system_note(
+                messages, f"{JSON_INSTRUCTION} It must match this JSON Schema: {schema}"
+            )
         try:
             text = self.opened.chat_template.render(messages, add_generation_prompt=True)
         except ValueError as error:
@@ -180,8 +187,13 @@ class ModelBackend:
         forced: ForcedToolCallStream | None = None
         parser: ToolCallParser | None = None
         if request.forced_tools:
-            constraint = ToolCallConstraint(request.forced_tools)
+            # Each tool's parameters schema guides its arguments, so even a tiny model
+            # fills in the declared fields instead of echoing the schema.
+            schemas = {tool["name"]: tool["parameters"] for tool in request.tools}
+            constraint = ToolCallConstraint(request.forced_tools, schemas=schemas)
             forced = ForcedToolCallStream(constraint)
+        elif request.response_format == "json_schema":
+            constraint = SchemaConstraint(request.json_schema)
         elif request.response_format == "json_object":
             constraint = JsonObjectConstraint()
         elif request.tools and request.tool_choice != "none":

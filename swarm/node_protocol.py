@@ -44,7 +44,7 @@ ERROR_STATUS = {
 
 FINISH_REASONS = ("stop", "length", "tool_calls")
 TOOL_CHOICES = ("auto", "none", "required")
-RESPONSE_FORMATS = ("text", "json_object")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -122,7 +122,8 @@ class GenerationRequest:
     prompt: str | None = None
     tools: tuple[dict[str, Any], ...] = ()  # {"name", "description", "parameters"}
     tool_choice: str = "auto"  # auto | none | required | the name of one tool
-    response_format: str = "text"  # text | json_object
+    response_format: str = "text"  # text | json_object | json_schema
+    json_schema: dict[str, Any] | None = None  # the schema, with response_format json_schema
     logprobs: bool = False  # report each generated token's log-probability
     request_id: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # dialect hints, passed through
@@ -139,6 +140,8 @@ class GenerationRequest:
         names = {tool["name"] for tool in self.tools}
         if self.tool_choice not in TOOL_CHOICES and self.tool_choice not in names:
             raise InvalidRequestError(f"tool_choice names no declared tool: {self.tool_choice!r}")
+        if self.response_format == "json_schema" and not isinstance(self.json_schema, dict):
+            raise InvalidRequestError("response_format json_schema needs a schema object")
         if self.tool_choice == "required" and not self.tools:
             raise InvalidRequestError("tool_choice 'required' needs tools")
 
@@ -160,6 +163,7 @@ class GenerationRequest:
             "tools": list(self.tools),
             "tool_choice": self.tool_choice,
             "response_format": self.response_format,
+            "json_schema": self.json_schema,
             "logprobs": self.logprobs,
             "request_id": self.request_id,
             "extra": self.extra,
@@ -202,6 +206,7 @@ class GenerationRequest:
             ),
             tool_choice=str(data.get("tool_choice") or "auto"),
             response_format=str(data.get("response_format") or "text"),
+            json_schema=data.get("json_schema") if isinstance(data.get("json_schema"), dict) else None,
             logprobs=bool(data.get("logprobs")),
             request_id=str(data.get("request_id") or ""),
             extra=extra if isinstance(extra, dict) else {},

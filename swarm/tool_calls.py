@@ -10,7 +10,9 @@ prompt and the model answers in the Hermes/Qwen format,
   JSON value, incrementally, so constrained decoding can test ~200 candidate pieces per
   token on a cheap copy of the scanner for the accepted text.
 - `JsonObjectConstraint` and `ToolCallConstraint` implement the `Constraint` protocol the
-  generator uses when a tool is forced or `response_format` is `json_object`.
+  generator uses when a tool is forced or `response_format` is `json_object`; given the
+  tool's parameter schema, a forced call's arguments are held to it
+  (`swarm.schema_constraint`).
 - `ToolCallParser` (free output) and `ForcedToolCallStream` (constrained output) turn
   generated text into stream events for the API layer.
 
@@ -26,6 +28,8 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+from swarm.schema_constraint import SchemaScanner
 
 Event = (
     tuple[Literal["text"], str]
@@ -338,16 +342,26 @@ class JsonObjectConstraint:
 class _CallProgress:
     matched: str  # the fixed literal so far, until a name is chosen
     name: str | None
-    arguments: JsonScanner
+    arguments: JsonScanner | SchemaScanner  # the arguments scanner, once a name is chosen
     arguments_text: str
     tail_whitespace: int
     complete: bool
 
 
 class ToolCallConstraint:
-    """Output is `{"name": "<one of names>", "arguments": {...}}`, the body of a forced call."""
+    """Output is `{"name": "<one of names>", "arguments": {...}}`, the body of a forced call.
 
-    def __init__(self, names: Sequence[str], max_whitespace_run: int = 4) -> None:
+    `schemas` maps a tool name to its parameters' JSON Schema: that tool's arguments can
+    then only be an instance of it (an object; a schema that allows no object, such as
+    `{"type": "string"}`, falls back to any object). Without one, any object.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        max_whitespace_run: int = 4,
+        schemas: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         if not names:
             raise ValueError("a forced tool call needs at least one tool name")
         # Quoting the name makes every literal end at its closing quote, so none is a prefix
@@ -356,8 +370,16 @@ class ToolCallConstraint:
             '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ': name for name in names
         }
         self._max_whitespace_run = max_whitespace_run
-        scanner = JsonScanner(object_only=True, max_whitespace_run=max_whitespace_run)
-        self._progress = _CallProgress("", None, scanner, "", 0, False)
+        # A fresh arguments scanner per name, copied when the name is chosen.
+        self._scanners: dict[str, JsonScanner | SchemaScanner] = {
+            name: SchemaScanner(schemas[name], max_whitespace_run, object_only=True)
+            if schemas is not None and schemas.get(name) is not None
+            else JsonScanner(object_only=True, max_whitespace_run=max_whitespace_run)
+            for name in names
+        }
+        generic = JsonScanner(object_only=True, max_whitespace_run=max_whitespace_run)
+        self._progress = _CallProgress("", None, generic, "", 0, False)
+        self._arguments_after: dict[str, JsonScanner | SchemaScanner | None] = {}
 
     @property
     def name(self) -> str | None:
@@ -372,6 +394,21 @@ class ToolCallConstraint:
         return self._progress.complete
 
     def accepts(self, piece: str) -> bool:
+        progress = self._progress
+        if piece and progress.name is not None and not progress.arguments.complete:
+            # The generator tries hundreds of pieces per token and most fail early: the
+            # scanner after each first character is worked out once per token, and a piece
+            # that cannot close the arguments is refused on the scanner alone.
+            first = piece[0]
+            if first in self._arguments_after:
+                after = self._arguments_after[first]
+            else:
+                after = progress.arguments.copy()
+                if not after.feed(first):
+                    after = None
+                self._arguments_after[first] = after
+            if after is None or ("}" not in piece and not after.copy().feed(piece[1:])):
+                return False
         return self._advanced(piece) is not None
 
     def advance(self, piece: str) -> None:
@@ -379,6 +416,7 @@ class ToolCallConstraint:
         if progress is None:
             raise ValueError(f"piece {piece!r} was not accepted")
         self._progress = progress
+        self._arguments_after.clear()
 
     def _advanced(self, piece: str) -> _CallProgress | None:
         progress = self._progress
@@ -390,12 +428,21 @@ class ToolCallConstraint:
             for literal, candidate in self._literals.items():
                 if matched.startswith(literal):
                     name, rest = candidate, matched[len(literal) :]  # the piece may straddle
+                    scanner = self._scanners[name].copy()
                     break
             else:
                 if any(literal.startswith(matched) for literal in self._literals):
                     return _CallProgress(matched, None, progress.arguments, "", 0, False)
                 return None
-        scanner = progress.arguments.copy()
+        else:
+            scanner = progress.arguments.copy()
+        if not scanner.complete and "}" not in rest:
+            # The arguments object cannot close within `rest`: feed it whole (faster).
+            if not scanner.feed(rest):
+                return None
+            return _CallProgress(
+                "", name, scanner, progress.arguments_text + rest, progress.tail_whitespace, False
+            )
         consumed, tail_whitespace, complete = 0, progress.tail_whitespace, False
         for character in rest:
             if complete:

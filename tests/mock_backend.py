@@ -102,7 +102,7 @@ class MockBackend:
                 yield {"event": "arguments", "index": 0, "delta": piece}
             yield {**done, "finish_reason": "tool_calls", "completion_tokens": 2}
             return
-        if request.response_format == "json_object":
+        if request.response_format in ("json_object", "json_schema"):
             for index, piece in enumerate(('{"answer"', ": 42}")):
                 self._pause()
                 yield {"event": "text", "text": piece, "token_id": index}

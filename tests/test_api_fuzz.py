@@ -41,11 +41,20 @@ VALID = {
         "temperature": 0.5,
     },
     "/v1/messages/count_tokens": {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}]},
-    "/mcp": {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "models", "arguments": {}}},
+    "/mcp": {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "models", "arguments": {}},
+    },
 }
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12,
 )
@@ -56,7 +65,9 @@ def mutated(draw, route: str):
     body = json.loads(json.dumps(VALID[route]))
     for _ in range(draw(st.integers(1, 3))):
         target = body
-        path = draw(st.lists(st.sampled_from(["messages", "tools", "params", 0, "content", "function"]), max_size=2))
+        path = draw(
+            st.lists(st.sampled_from(["messages", "tools", "params", 0, "content", "function"]), max_size=2)
+        )
         for step in path:
             inner = target.get(step) if isinstance(target, dict) else None
             if isinstance(step, int) and isinstance(target, list) and target:

@@ -72,7 +72,9 @@ def test_stop_string_is_named_and_cut(node):
 
 def test_max_tokens_gives_length(node):
     client, _, _ = node
-    _, events = run(client, chat("Tell me a long story.", sampling=SamplingParams(temperature=0, max_tokens=5)))
+    _, events = run(
+        client, chat("Tell me a long story.", sampling=SamplingParams(temperature=0, max_tokens=5))
+    )
     assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 5
 
 
@@ -101,8 +103,27 @@ def test_forced_tool_call_parses(node, choice):
     calls = [e for e in events if e["event"] == "tool_call"]
     assert len(calls) == 1 and calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
     arguments = "".join(e["delta"] for e in events if e["event"] == "arguments")
-    assert isinstance(json.loads(arguments), dict)
+    # Decoding follows the tool's parameters schema: the model fills in the city.
+    assert json.loads(arguments) == {"city": "Paris"}
     assert events[-1]["finish_reason"] == "tool_calls"
+
+
+def test_json_schema_output_is_an_instance(node):
+    client, _, _ = node
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    request = chat(
+        "Describe a cat with a name and an age.",
+        response_format="json_schema",
+        json_schema=schema,
+        sampling=SamplingParams(temperature=0, max_tokens=100),
+    )
+    text, _ = run(client, request)
+    value = json.loads(text)
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int) and len(value["name"]) <= 20
 
 
 def test_logprobs_name_tokens(node):
@@ -135,7 +156,9 @@ def test_embeddings_are_unit_and_meaningful(node):
         return sum(x * y for x, y in zip(a, b, strict=True))
 
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2])
-    assert client.embed("smollm2-135m", ["I love cats"])["embeddings"][0] == pytest.approx(vectors[0], abs=1e-5)
+    assert client.embed("smollm2-135m", ["I love cats"])["embeddings"][0] == pytest.approx(
+        vectors[0], abs=1e-5
+    )
 
 
 def test_errors_are_named(node):
@@ -157,7 +180,9 @@ def test_hang_up_cancels_and_others_continue(node):
     def short():
         results["short"] = run(client, chat("Say hi.", sampling=SamplingParams(temperature=0, max_tokens=8)))
 
-    long_run = client.generate(chat("Write a long essay.", sampling=SamplingParams(temperature=0, max_tokens=500)))
+    long_run = client.generate(
+        chat("Write a long essay.", sampling=SamplingParams(temperature=0, max_tokens=500))
+    )
     next(long_run)
     worker = threading.Thread(target=short)
     worker.start()

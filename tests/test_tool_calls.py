@@ -431,3 +431,53 @@ def test_import_pulls_in_neither_jax_nor_numpy() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city"],
+}
+
+
+def test_tool_call_constraint_holds_arguments_to_the_tool_schema() -> None:
+    schemas = {"get_weather": WEATHER_PARAMETERS, "now": {}, "echo": {"type": "string"}}
+    text = '{"name": "get_weather", "arguments": {"unit": "celsius", "city": "Paris"} }'
+    for cut in range(1, len(text)):
+        constraint = ToolCallConstraint(["get_weather", "now", "echo"], schemas=schemas)
+        assert feed_all(constraint, [text[:cut], text[cut:]]), cut
+        assert constraint.complete and constraint.name == "get_weather"
+        assert constraint.arguments_text == '{"unit": "celsius", "city": "Paris"}'
+    head = '{"name": "get_weather", "arguments": '
+    for arguments in [
+        '{"type": "object"',  # what a tiny model writes unguided: the schema itself
+        '{"city": 1',
+        '{"unit": "kelvin"',
+        '{"unit": "celsius"}',  # the required city is missing
+        '{"city": "a", "city"',
+        "[",
+    ]:
+        assert not ToolCallConstraint(["get_weather"], schemas=schemas).accepts(head + arguments), arguments
+    # An empty schema or one that allows no object: any object; a tool without one too.
+    for name in ("now", "echo", "get_time"):
+        constraint = ToolCallConstraint(["now", "echo", "get_time"], schemas=schemas)
+        call = '{"name": ' + json.dumps(name) + ', "arguments": {"a": [1, {"b": null}]}}'
+        assert feed_all(constraint, [call]) and constraint.complete, name
+
+
+def test_forced_tool_call_stream_with_a_schema() -> None:
+    constraint = ToolCallConstraint(["get_weather"], schemas={"get_weather": WEATHER_PARAMETERS})
+    stream = ForcedToolCallStream(constraint)
+    events: list[Event] = []
+    for piece in ['{"name": "get_weather", "arguments": {"', 'city": "Pa', 'ris"}', "}"]:
+        assert constraint.accepts(piece)
+        constraint.advance(piece)
+        events.extend(stream.feed(piece))
+    assert normalized(events) == [
+        ("tool_call", 0, "get_weather"),
+        ("arguments", 0, '{"city": "Paris"}'),
+        ("tool_call_end", 0),
+    ]
