@@ -22,7 +22,6 @@ from swarm.node_protocol import (
     ProtocolError,
     encode,
     parse_message,
-    read_message,
 )
 
 KEEPALIVE = {"event": "keepalive"}
@@ -152,22 +151,33 @@ class NodeClient:
             ) from None
         return connection
 
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        """One request, one answer; raises NodeError for an error answer."""
+    def _exchange(self, op: str, **fields: Any) -> tuple[LineReader, dict[str, Any]]:
+        """Send one request and read the node's first answer line (the connection stays open).
+
+        Raises NodeUnavailable when the node cannot be reached or hangs up, and
+        NodeError when its first answer is an error.
+        """
         connection = self._connect()
+        reader = LineReader(connection)
         try:
             connection.settimeout(self.request_timeout_s)
             connection.sendall(encode({"op": op, **fields}))
-            with connection.makefile("rb") as stream:
-                answer = read_message(stream)
+            line = reader.read_line(self.request_timeout_s)
+            first = parse_message(line) if line is not None else None
         except (OSError, ProtocolError) as error:
-            raise NodeUnavailable(f"the node did not answer {op!r}: {error}") from None
-        finally:
             connection.close()
-        if answer is None:
-            raise NodeUnavailable(f"the node closed the connection during {op!r}")
-        if answer.get("event") == "error":
-            raise NodeError(str(answer.get("code")), str(answer.get("message")))
+            raise NodeUnavailable(f"the node did not answer {op!r}: {error}") from None
+        if first is None or first.get("event") == "error":
+            connection.close()
+            if first is None:
+                raise NodeUnavailable(f"the node closed the connection during {op!r}")
+            raise NodeError(str(first.get("code")), str(first.get("message")))
+        return reader, first
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """One request, one answer; raises NodeError for an error answer."""
+        reader, answer = self._exchange(op, **fields)
+        reader.connection.close()
         return answer
 
     def health(self) -> dict[str, Any]:
@@ -185,20 +195,5 @@ class NodeClient:
 
     def generate(self, request: GenerationRequest) -> Generation:
         """Start a generation; raises NodeError if the node refuses it up front."""
-        connection = self._connect()
-        try:
-            connection.settimeout(self.request_timeout_s)
-            connection.sendall(encode({"op": "generate", "request": request.to_dict()}))
-            reader = LineReader(connection)
-            line = reader.read_line(self.request_timeout_s)
-            first = parse_message(line) if line is not None else None
-        except (OSError, ProtocolError) as error:
-            connection.close()
-            raise NodeUnavailable(f"the node did not start the generation: {error}") from None
-        if first is None:
-            connection.close()
-            raise NodeUnavailable("the node closed the connection before starting")
-        if first.get("event") == "error":
-            connection.close()
-            raise NodeError(str(first.get("code")), str(first.get("message")))
+        reader, first = self._exchange("generate", request=request.to_dict())
         return Generation(reader, first, self.keepalive_s)

@@ -263,9 +263,7 @@ class Engine:
             raise InvalidRequestError("embeddings need an engine holding every layer")
         cache = self.new_cache(self.cache_capacity(len(token_ids)))
         hidden, _ = self.forward(np.asarray(token_ids, np.int32), 0, cache, hidden=True)
-        hidden = hidden.astype(np.float64)
-        norm_weight = np.asarray(self.weights.output_norm, np.float64)
-        # The head's RMS norm (ggml rms_norm then mul by output_norm.weight).
-        normed = hidden / np.sqrt(np.mean(hidden * hidden, axis=-1, keepdims=True) + self.config.rms_eps)
-        pooled = np.mean(normed * norm_weight, axis=0)
+        # The head's own output norm, then the mean over positions.
+        normed = model.rms_norm(jnp.asarray(hidden), self.weights.output_norm, self.config.rms_eps)
+        pooled = np.mean(np.asarray(normed, np.float64), axis=0)
         return (pooled / max(np.linalg.norm(pooled), 1e-12)).astype(np.float32)

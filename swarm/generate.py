@@ -131,7 +131,7 @@ class Generator:
         scan = min(CONSTRAINT_SCAN, logits.shape[0])
         head = np.argpartition(-logits, scan - 1)[:scan]
         order = head[np.argsort(-logits[head], kind="stable")]
-        pieces = self._pieces()
+        pieces = self.token_pieces()
         allowed = self._accepted(order, pieces, constraint)
         if not allowed and scan < logits.shape[0]:
             # A narrow schema can leave its only valid token far down the ranking
@@ -156,7 +156,7 @@ class Generator:
                     break
         return allowed
 
-    def _pieces(self) -> list[str]:
+    def token_pieces(self) -> list[str]:
         """Each token's text on its own (special tokens empty), for constraints."""
         if self._piece_texts is None:
             tokenizer = self.tokenizer
@@ -190,7 +190,7 @@ class Generator:
                     yield "stop"
                     return
                 token = sampler.sample(masked, history)
-                constraint.advance(self._pieces()[token])
+                constraint.advance(self.token_pieces()[token])
             else:
                 token = sampler.sample(logits, history)
             alternatives: list[tuple[int, float]] = []

@@ -155,10 +155,7 @@ class ModelBackend:
             messages = _with_system_note(
                 messages, f"{JSON_INSTRUCTION} It must match this JSON Schema: {schema}"
             )
-        try:
-            text = self.opened.chat_template.render(messages, add_generation_prompt=True)
-        except ValueError as error:
-            raise InvalidRequestError(str(error)) from None
+        text = self.opened.chat_template.render(messages, add_generation_prompt=True)
         if request.forced_tools:
             text += FORCED_TOOL_PREFIX
         return tokenizer.encode(text, add_bos=None, parse_special=True)
@@ -167,7 +164,7 @@ class ModelBackend:
         model_id = self.resolve(request.model)
         try:
             prompt_ids = self._render(request)
-        except ValueError as error:
+        except ValueError as error:  # template_messages refusing a message
             raise InvalidRequestError(str(error)) from None
         max_tokens = self.generator.check_prompt(prompt_ids, request.sampling.max_tokens)
         return Prepared(request, model_id, prompt_ids, max_tokens)
@@ -202,7 +199,7 @@ class ModelBackend:
         completion_tokens = 0
         finish = "length"
         stop_sequence = None
-        pieces = self.generator._pieces() if forced else None
+        pieces = self.generator.token_pieces() if forced else None
         for event in self.generator.stream(prepared.prompt_ids, params, constraint):
             if isinstance(event, str):
                 finish = event
