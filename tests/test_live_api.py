@@ -335,11 +335,19 @@ def test_fifty_concurrent_streams_and_fast_health(live):
     workers = [threading.Thread(target=one, args=(i,)) for i in range(50)]
     for worker in workers:
         worker.start()
+    # Probed from its own process (curl times itself), so the 50 reader threads of this
+    # process do not stand between the probe and its clock.
     health_ms = []
     while any(w.is_alive() for w in workers):
-        began = time.perf_counter()
-        assert httpx2.get(f"{live.base}/health", timeout=5).status_code == 200
-        health_ms.append((time.perf_counter() - began) * 1000)
+        probe = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", f"{live.base}/health"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        status, seconds = probe.stdout.split()
+        assert status == "200"
+        health_ms.append(float(seconds) * 1000)
         time.sleep(0.05)
     for worker in workers:
         worker.join()
@@ -349,7 +357,7 @@ def test_fifty_concurrent_streams_and_fast_health(live):
     print(
         f"/health during 50 streams: median {statistics.median(health_ms):.1f} ms, max {max(health_ms):.1f} ms"
     )
-    assert statistics.median(health_ms) < 100
+    assert max(health_ms) < 100
 
 
 def test_node_killed_gives_503_then_restarts(live):
