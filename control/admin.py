@@ -96,6 +96,20 @@ def models() -> Response:
     return jsonify({"models": [{**model, "state": state} for model in info.get("models", [])]})
 
 
+@bp.get("/peers")
+def peers() -> Response:
+    """The peers this node knows (id, DHT address, latency, layers), its DHT and its stage."""
+    from swarm.dht_client import DhtClient, DhtError, DhtUnavailable
+
+    dht = DhtClient(current_app.config["DATA_DIR"], timeout=5.0)
+    try:
+        status, known = dht.status(), dht.peers()
+    except (DhtUnavailable, DhtError) as error:
+        status, known = {"state": "down", "error": str(error)}, []
+    node = _node_answer("info")
+    return jsonify({"peers": known, "dht": status, "node": node.get("peering") or {"state": node.get("state")}})
+
+
 @bp.get("/config")
 def get_config() -> Response:
     config = application.settings()

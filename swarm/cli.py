@@ -114,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a config key (repeatable)",
     )
+    run.add_argument(
+        "--join",
+        action="append",
+        default=[],
+        metavar="CODE",
+        help="join the swarm of an invite code (swarm://...)",
+    )
+
+    for name, text in (
+        ("invite", "print an invite code others join this node's swarm with"),
+        ("peers", "list the peers this node knows: id, address, latency, layers"),
+        ("status", "this node's state: model, layers, stage, DHT, peers"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--data-dir", help="data directory of the running node")
+        if name != "invite":
+            command.add_argument("--json", action="store_true", help="print JSON")
 
     split = commands.add_parser(
         "test-split", help="run a model split over local stage processes and compare with one engine"
@@ -412,7 +429,109 @@ def cmd_run(args: argparse.Namespace, data_dir: Path) -> int:
         except ConfigError as error:
             print(f"swarm: {error}", file=sys.stderr)
             return 2
-    return run(data_dir, os.environ, overrides)
+    joins = []
+    if args.join:
+        from swarm.invite import Invite
+
+        networks = set()
+        for code in args.join:
+            networks.add(Invite.parse(code).network_id)
+            joins.append(code.strip())
+        if len(networks) > 1:
+            print(
+                f"swarm: the invite codes are for different networks: {', '.join(sorted(networks))}",
+                file=sys.stderr,
+            )
+            return 2
+        network = networks.pop()
+        chosen = overrides.get("network.gossip_network_id")
+        if chosen is not None and chosen != network:
+            print(
+                f"swarm: the invite is for network {network!r}, but network.gossip_network_id is {chosen!r}",
+                file=sys.stderr,
+            )
+            return 2
+        overrides["network.gossip_network_id"] = network
+    return run(data_dir, os.environ, overrides, joins)
+
+
+def _dht(data_dir: Path):
+    from swarm.dht_client import DhtClient
+
+    return DhtClient(data_dir)
+
+
+def cmd_invite(args: argparse.Namespace, data_dir: Path) -> int:
+    print(_dht(data_dir).invite())
+    return 0
+
+
+def _layers_text(records: list[dict]) -> str:
+    return (
+        ", ".join(f"{r.get('model_id')} {r['layers'][0]}-{r['layers'][1]}" for r in records if "layers" in r)
+        or "-"
+    )
+
+
+def cmd_peers(args: argparse.Namespace, data_dir: Path) -> int:
+    peers = _dht(data_dir).peers()
+    if args.json:
+        print(json.dumps(peers, indent=2))
+        return 0
+    if not peers:
+        print("no peers known yet")
+        return 0
+    print(f"{'peer':<34} {'address':<22} {'latency':>9}  layers")
+    for peer in peers:
+        latency = peer.get("latency_ms")
+        latency_text = f"{latency:.1f} ms" if latency is not None else "-"
+        print(
+            f"{peer['peer_id']:<34} {peer.get('dht', '-'):<22} {latency_text:>9}  {_layers_text(peer.get('records', []))}"
+        )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, data_dir: Path) -> int:
+    from control.node_client import NodeClient, NodeError, NodeUnavailable
+    from swarm.dht_client import DhtError, DhtUnavailable
+    from swarm.node_protocol import SOCKET_NAME
+
+    status: dict = {"data_dir": str(data_dir)}
+    try:
+        status["node"] = NodeClient(data_dir / SOCKET_NAME, request_timeout_s=10).info()
+    except (NodeUnavailable, NodeError) as error:
+        status["node"] = {"state": "down", "error": str(error)}
+    try:
+        status["dht"] = _dht(data_dir).status()
+        status["peers"] = len(_dht(data_dir).peers())
+    except (DhtUnavailable, DhtError) as error:
+        status["dht"] = {"state": "down", "error": str(error)}
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    node = status["node"]
+    print(f"node: {node.get('state', '?')}" + (f" ({node['error']})" if node.get("error") else ""))
+    for model in node.get("models", []):
+        layers = model.get("layers")
+        held = f" layers {layers[0]}-{layers[1]} of {model.get('n_layers')}" if layers else ""
+        print(
+            f"  model {model['id']}: {model.get('state')}{held}{' (routed through peers)' if model.get('routed') else ''}"
+        )
+    peering = node.get("peering")
+    if peering:
+        stage = peering["stage"]
+        print(
+            f"  peer {peering['peer_id']} network {peering['network_id']}; stage {stage['address']}"
+            f" ({stage['sessions']} sessions open, {peering['throughput_layers_s']} layers/s)"
+        )
+    dht = status["dht"]
+    if dht.get("state") == "down":
+        print(f"dht: down ({dht['error']})")
+    else:
+        print(
+            f"dht: {dht.get('dht')} network {dht.get('network_id')}, {dht.get('contacts')} contacts, {status['peers']} peers"
+        )
+    return 0
 
 
 COMMANDS = {
@@ -425,6 +544,9 @@ COMMANDS = {
     "pull": cmd_pull,
     "node": cmd_node,
     "test-split": cmd_test_split,
+    "invite": cmd_invite,
+    "peers": cmd_peers,
+    "status": cmd_status,
 }
 
 

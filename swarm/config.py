@@ -74,6 +74,7 @@ class NodeConfig(_Section):
     host: str = _key("127.0.0.1", "address the HTTP server binds", restart=True)
     listen_port: int = _key(8800, "HTTP port", restart=True, low=0, high=65535)
     model: str = _key("smollm2-135m", "model the node serves", restart=True)
+    layers: str = _key("", "layers this node holds, as FIRST-LAST (end exclusive); empty = all", restart=True)
     contribution: str = _key(
         "minimal", "share of this machine lent to the swarm", choices=("minimal", "moderate", "maximum")
     )
@@ -127,6 +128,10 @@ class NetworkConfig(_Section):
     peer_port: int = _key(0, "peer port; 0 = any free port", restart=True, low=0, high=65535)
     peer_exchange: bool = _key(True, "learn peers from peers")
     max_peers: int = _key(150, "most peers kept", low=1)
+    dht_port: int = _key(0, "UDP port of the DHT; 0 = any free port", restart=True, low=0, high=65535)
+    record_ttl_s: int = _key(120, "seconds a published DHT record stays valid", low=10)
+    stage_timeout_s: float = _key(20.0, "seconds a pipeline stage may stall before the route fails over", above=0)
+    failover_timeout_s: float = _key(120.0, "seconds spent finding a new route before a request fails", above=0)
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,21 @@ class StopScanner:
         return out
 
 
+def check_prompt(engine: Engine, prompt_ids: Sequence[int], max_tokens: int) -> int:
+    """How many tokens may follow `prompt_ids` in `engine`'s context; raises if it does not fit."""
+    limit = engine.max_context
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty")
+    vocab = engine.config.vocab_size
+    if any(not 0 <= t < vocab for t in prompt_ids):
+        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+    if len(prompt_ids) >= limit:
+        raise ContextOverflowError(
+            f"prompt is too long: {len(prompt_ids)} tokens, the context window is {limit} tokens"
+        )
+    return min(max_tokens, limit - len(prompt_ids))
+
+
 class Generator:
     """Generates from a whole-model engine (layers [0, L)) with its tokenizer."""
 
@@ -109,17 +124,7 @@ class Generator:
 
     def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int) -> int:
         """How many tokens may be generated; raises if the prompt does not fit."""
-        limit = self.engine.max_context
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty")
-        vocab = self.engine.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt_ids) >= limit:
-            raise ContextOverflowError(
-                f"prompt is too long: {len(prompt_ids)} tokens, the context window is {limit} tokens"
-            )
-        return min(max_tokens, limit - len(prompt_ids))
+        return check_prompt(self.engine, prompt_ids, max_tokens)
 
     def _constrain(self, logits: np.ndarray, constraint: Constraint) -> np.ndarray | None:
         """`logits` with every token the constraint refuses set to -inf; None if none is left.

@@ -9,6 +9,11 @@ here and nowhere else; all device work runs on the scheduler's one thread.
 with the model's template (tools described in the system prompt, see
 `swarm.tool_calls`), constrains the output when the caller forces a tool or asks
 for a JSON object, and splits the text stream into text and tool-call events.
+
+A node holds the layers `node.layers` names (all by default). Unless the config says
+offline, it also serves them to peers as a pipeline stage and publishes them in the
+DHT (`swarm.peering`). A node holding the whole model generates locally; one holding
+part of it routes each request through peers, failing over when one drops out.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from typing import Any
 from swarm import paths
 from swarm.config import Config, ConfigError, load_config
 from swarm.errors import InvalidRequestError, UnknownModelError
+from swarm.generate import check_prompt
 from swarm.node_protocol import SOCKET_NAME, GenerationRequest
-from swarm.node_server import NodeServer
+from swarm.node_server import Detached, NodeServer
 from swarm.schema_constraint import SchemaConstraint
 from swarm.tool_calls import (
     ForcedToolCallStream,
@@ -67,7 +73,9 @@ class ModelBackend:
         self.error: str | None = None
         self.loaded_at: float | None = None
         self.opened: Any = None
+        self.engine: Any = None
         self.generator: Any = None
+        self.peering: Any = None
 
     # -- loading ---------------------------------------------------------------
 
@@ -76,7 +84,6 @@ class ModelBackend:
         from swarm.engine import EngineSettings, enable_compilation_cache
         from swarm.generate import Generator
         from swarm.loader import open_model
-        from swarm.sampling import SamplingParams
 
         try:
             began = time.perf_counter()
@@ -89,16 +96,30 @@ class ModelBackend:
                 layers=inference.layers,
                 max_context=inference.max_context or None,
             )
-            self.generator = Generator(self.opened.engine(settings), self.opened.tokenizer)
-            # Compile what a first short chat needs before saying ready: its prompt
-            # bucket and the decode step, at the cache size the default max_tokens gives.
-            text = self.opened.chat_template.render([{"role": "user", "content": "Hello!"}])
-            warmup = self.opened.tokenizer.encode(text, add_bos=None, parse_special=True)
-            params = SamplingParams(temperature=0, max_tokens=inference.default_max_tokens, ignore_eos=True)
-            steps = self.generator.stream(warmup, params)
-            for _ in zip(range(2), steps, strict=False):
-                pass
-            steps.close()
+            n_layers = self.opened.config.n_layers
+            layers = parse_layers(self.config.node.layers, n_layers)
+            self.engine = self.opened.engine(settings, layers)
+            whole = layers == (0, n_layers)
+            if whole:
+                self.generator = Generator(self.engine, self.opened.tokenizer)
+                self._warm_up(inference.default_max_tokens)
+            if not self.config.pool.offline_mode:
+                from swarm.identity import Identity
+                from swarm.peering import Peering
+
+                identity = Identity.load_or_create(self.data_dir)
+                self.peering = Peering(
+                    self.engine, self.opened, self.model_id, identity, self.config, self.data_dir
+                )
+                if whole:  # serves its own requests at once; joins the swarm meanwhile
+                    threading.Thread(target=self._join_swarm, name="peering", daemon=True).start()
+                else:
+                    self.peering.start()
+            elif not whole:
+                raise InvalidRequestError(
+                    f"node.layers={self.config.node.layers} needs peers for the other layers,"
+                    " and pool.offline_mode is on"
+                )
             self.loaded_at = time.time()
             self.state = "ready"
             log.info("model %s ready in %.1f s", self.model_id, time.perf_counter() - began)
@@ -106,6 +127,25 @@ class ModelBackend:
             log.exception("loading %s failed", self.model_name)
             self.error = f"{type(error).__name__}: {error}"
             self.state = "failed"
+
+    def _join_swarm(self) -> None:
+        try:
+            self.peering.start()
+        except Exception:
+            log.exception("joining the swarm failed; serving local requests only")
+
+    def _warm_up(self, max_tokens: int) -> None:
+        """Compiles what a first short chat needs before saying ready: its prompt bucket
+        and the decode step, at the cache size the default max_tokens gives."""
+        from swarm.sampling import SamplingParams
+
+        text = self.opened.chat_template.render([{"role": "user", "content": "Hello!"}])
+        warmup = self.opened.tokenizer.encode(text, add_bos=None, parse_special=True)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        steps = self.generator.stream(warmup, params)
+        for _ in zip(range(2), steps, strict=False):
+            pass
+        steps.close()
 
     @property
     def model_id(self) -> str:
@@ -118,9 +158,9 @@ class ModelBackend:
         model: dict[str, Any] = {"id": self.model_id, "state": self.state, "aliases": ["default"]}
         if self.error:
             model["error"] = self.error
-        if self.generator is not None:
+        if self.engine is not None:
             config = self.opened.config
-            engine = self.generator.engine
+            engine = self.engine
             model.update(
                 context_length=engine.max_context,
                 architecture=config.architecture,
@@ -129,8 +169,12 @@ class ModelBackend:
                 embedding_length=config.d_model,
                 vocab_size=config.vocab_size,
                 loaded_at=self.loaded_at,
+                routed=self.generator is None,
             )
-        return {"models": [model]}
+        info: dict[str, Any] = {"models": [model]}
+        if self.peering is not None:
+            info["peering"] = self.peering.info()
+        return info
 
     # -- requests ----------------------------------------------------------------
 
@@ -166,7 +210,12 @@ class ModelBackend:
             prompt_ids = self._render(request)
         except ValueError as error:  # template_messages refusing a message
             raise InvalidRequestError(str(error)) from None
-        max_tokens = self.generator.check_prompt(prompt_ids, request.sampling.max_tokens)
+        max_tokens = check_prompt(self.engine, prompt_ids, request.sampling.max_tokens)
+        if self.generator is None and (request.forced_tools or request.response_format != "text"):
+            raise InvalidRequestError(
+                "forced tool calls and JSON output need a node holding the whole model;"
+                f" this node holds layers {self.engine.first}-{self.engine.last} and routes through peers"
+            )
         return Prepared(request, model_id, prompt_ids, max_tokens)
 
     def prompt_tokens(self, prepared: Prepared) -> int:
@@ -176,6 +225,10 @@ class ModelBackend:
         return prepared.model_id
 
     def run(self, prepared: Prepared) -> Iterator[dict[str, Any]]:
+        events = self._events(prepared)
+        return events if self.generator is not None else Detached(events)
+
+    def _events(self, prepared: Prepared) -> Iterator[dict[str, Any]]:
         request = prepared.request
         params = replace(request.sampling, max_tokens=prepared.max_tokens)
         if request.logprobs and not params.top_logprobs:
@@ -200,7 +253,11 @@ class ModelBackend:
         finish = "length"
         stop_sequence = None
         pieces = self.generator.token_pieces() if forced else None
-        for event in self.generator.stream(prepared.prompt_ids, params, constraint):
+        if self.generator is not None:
+            events = self.generator.stream(prepared.prompt_ids, params, constraint)
+        else:
+            events = self.peering.requester().stream(prepared.prompt_ids, params)
+        for event in events:
             if isinstance(event, str):
                 finish = event
                 stop_sequence = getattr(event, "stop_sequence", None)
@@ -245,6 +302,11 @@ class ModelBackend:
 
     def embed(self, model: str, inputs: list[Any]) -> Iterator[dict[str, Any]]:
         model_id = self.resolve(model)
+        if self.generator is None:
+            raise InvalidRequestError(
+                f"embeddings need a node holding the whole model; this node holds layers"
+                f" {self.engine.first}-{self.engine.last}"
+            )
         tokenizer = self.opened.tokenizer
         sequences = []
         for index, item in enumerate(inputs):
@@ -256,7 +318,7 @@ class ModelBackend:
                 raise InvalidRequestError(f"input[{index}] must be a string or a list of token ids")
             if not ids:
                 raise InvalidRequestError(f"input[{index}] is empty")
-            self.generator.check_prompt(ids, 1)
+            check_prompt(self.engine, ids, 1)
             sequences.append(ids)
         engine = self.generator.engine
         embeddings = []
@@ -269,6 +331,18 @@ class ModelBackend:
             "embeddings": embeddings,
             "prompt_tokens": sum(len(ids) for ids in sequences),
         }
+
+
+def parse_layers(text: str, n_layers: int) -> tuple[int, int]:
+    """node.layers ("FIRST-LAST", end exclusive; empty = all) as a range of this model."""
+    if not text.strip():
+        return (0, n_layers)
+    first, sep, last = text.strip().partition("-")
+    if not sep or not first.isdigit() or not last.isdigit():
+        raise InvalidRequestError(f"node.layers must look like FIRST-LAST (e.g. 0-10), not {text!r}")
+    if not 0 <= int(first) < int(last) <= n_layers:
+        raise InvalidRequestError(f"node.layers {text} is not a range within the model's {n_layers} layers")
+    return (int(first), int(last))
 
 
 def _with_system_note(messages: list[dict[str, str]], note: str) -> list[dict[str, str]]:

@@ -68,6 +68,24 @@ def error_event(error: BaseException) -> dict[str, Any]:
     return {"event": "error", "code": code, "message": message}
 
 
+class Detached:
+    """A backend run whose steps wait on the network, not on this node's device (a request
+    routed through peers): the scheduler gives it a thread of its own instead of a turn in
+    the round robin, so it never holds up local generations."""
+
+    def __init__(self, events: Iterator[dict[str, Any]]):
+        self.events = events
+
+    def __iter__(self) -> Detached:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self.events)
+
+    def close(self) -> None:
+        _close(self.events)
+
+
 @dataclass
 class Job:
     events: Iterator[dict[str, Any]]
@@ -96,17 +114,35 @@ class Scheduler:
         self._active: list[Job] = []
         self._wake = threading.Condition()
         self._stopping = False
+        self._detached = 0
         self.stats = SchedulerStats()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
+        if isinstance(job.events, Detached):
+            with self._wake:
+                if self._detached >= self.max_active + self.max_waiting:
+                    raise OverflowError("the node's queue is full")
+                self._detached += 1
+                self.stats.active += 1
+            threading.Thread(target=self._run_detached, args=(job,), name="routed", daemon=True).start()
+            return
         with self._wake:
             if len(self._waiting) >= self.max_waiting and len(self._active) >= self.max_active:
                 raise OverflowError("the node's queue is full")
             self._waiting.append(job)
             self.stats.waiting = len(self._waiting)
             self._wake.notify()
+
+    def _run_detached(self, job: Job) -> None:
+        try:
+            while self._step(job):
+                pass
+        finally:
+            with self._wake:
+                self._detached -= 1
+                self.stats.active -= 1
 
     def stop(self) -> None:
         with self._wake:
@@ -120,7 +156,8 @@ class Scheduler:
                 self._wake.wait()
             while self._waiting and len(self._active) < self.max_active:
                 self._active.append(self._waiting.popleft())
-            self.stats.active, self.stats.waiting = len(self._active), len(self._waiting)
+            self.stats.active = len(self._active) + self._detached
+            self.stats.waiting = len(self._waiting)
 
     def _step(self, job: Job) -> bool:
         """Advance one job by one event; False when it is over."""
@@ -158,7 +195,8 @@ class Scheduler:
                     )
                 return
             self._active = [job for job in list(self._active) if self._step(job)]
-            self.stats.active = len(self._active)
+            with self._wake:
+                self.stats.active = len(self._active) + self._detached
 
 
 def _close(events: Iterator[Any]) -> None:

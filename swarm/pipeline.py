@@ -20,7 +20,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -44,7 +45,23 @@ EMBEDDING = "token_embd.weight"
 
 
 class StageError(SwarmError):
-    """A stage of the route failed, refused the request, or did not answer in time."""
+    """A stage of the route failed, refused the request, or did not answer in time.
+
+    retriable: whether another route could succeed (a peer died, stalled or lost the
+    session), as opposed to a refusal every route would repeat (a malformed request).
+    """
+
+    def __init__(self, message: str, *, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+# Error codes a stage answers with that another route may not repeat.
+RETRIABLE_CODES = frozenset(
+    {"next_hop_failed", "unknown_session", "internal", "layer_mismatch", "overloaded"}
+)
+PROBE_TIMEOUT_S = 2.0
+MAX_FAILOVERS = 8
 
 
 class Embedder:
@@ -75,8 +92,32 @@ class Embedder:
 RouteStage = wire.RouteHop
 
 
+# Given {address: wall-clock time it was excluded}, a new route (records published after
+# a peer's exclusion may use it again: it restarted).
+Reroute = Callable[[Mapping[str, float]], Sequence[RouteStage]]
+
+
+@dataclass
+class Failover:
+    """One recovery: which stages were dropped and how long until generation resumed."""
+
+    reason: str
+    excluded: list[str]
+    replayed_tokens: int
+    delay_ms: float = 0.0
+
+
 class Requester:
-    """Generates through a chain of stages; holds the token history and the sealing key."""
+    """Generates through a chain of stages; holds the token history and the sealing key.
+
+    With `reroute`, a stage that dies, stalls past `timeout` or loses the session does not
+    fail the request (DESIGN.md §5): the stages of the old route are probed, those that do
+    not answer are excluded, `reroute({address: excluded at})` gives a new route (it may raise
+    `NoRouteError` while none exists; it is asked again until `failover_timeout`), and the
+    token history is replayed through it in the original chunks (the prompt, then one
+    token at a time) so that every stage's KV cache, and the last stage's sampler, are
+    rebuilt exactly: greedy output equals a run without the failure.
+    """
 
     def __init__(
         self,
@@ -89,8 +130,24 @@ class Requester:
         network_id: str = "swarm-local",
         timeout: float = 60.0,
         compression: str = "f32",
+        reroute: Reroute | None = None,
+        failover_timeout: float = 120.0,
     ) -> None:
-        n_layers = embedder.config.n_layers
+        self.identity = identity
+        self.embedder = embedder
+        self.tokenizer = tokenizer
+        self.route = self._checked(route)
+        self.model_id = model_id
+        self.network_id = network_id
+        self.timeout = timeout
+        self.compression = compression
+        self.reroute = reroute
+        self.failover_timeout = failover_timeout
+        self.failovers: list[Failover] = []
+        self._excluded: dict[str, float] = {}
+
+    def _checked(self, route: Sequence[RouteStage]) -> list[RouteStage]:
+        n_layers = self.embedder.config.n_layers
         edge = 0
         for stage in route:
             if stage.layer_range[0] != edge:
@@ -98,14 +155,7 @@ class Requester:
             edge = stage.layer_range[1]
         if not route or edge != n_layers:
             raise InvalidRequestError(f"route covers layers 0-{edge}, the model has {n_layers}")
-        self.identity = identity
-        self.embedder = embedder
-        self.tokenizer = tokenizer
-        self.route = list(route)
-        self.model_id = model_id
-        self.network_id = network_id
-        self.timeout = timeout
-        self.compression = compression
+        return list(route)
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[TokenEvent | str]:
         """Yields a TokenEvent per generated token, then the finish reason as a str."""
@@ -115,49 +165,22 @@ class Requester:
         budget = min(params.max_tokens, self.embedder.config.context_length - len(prompt_ids))
         if budget < 1:
             raise InvalidRequestError("the prompt fills the context window")
-        first = self.route[0]
-        session_id = uuid.uuid4().hex
+        link = _Link(self, params, len(prompt_ids) + budget)
         try:
-            channel = SecureChannel.connect(
-                _host_port(first.address),
-                self.identity,
-                self.network_id,
-                expected_peer=first.public_key,
-                timeout=self.timeout,
-            )
-        except ChannelError as error:
-            raise StageError(f"{first.describe()}: {error}") from error
-        try:
-            self._send(
-                channel,
-                wire.OpenSession(
-                    session_id,
-                    self.model_id,
-                    first.layer_range,
-                    params.to_dict(),
-                    self.identity.public_key,
-                    self.compression,
-                    len(prompt_ids) + budget,
-                    tuple(self.route[1:]),
-                ),
-            )
-            yield from self._steps(channel, session_id, list(prompt_ids), budget, params)
+            yield from self._steps(link, list(prompt_ids), budget, params)
         finally:
-            with contextlib.suppress(ChannelError):
-                channel.send(wire.encode(wire.Close(session_id)), timeout=1.0)
-            channel.close()
+            link.close()
 
     def _steps(
-        self, channel: SecureChannel, session_id: str, history: list[int], budget: int, params: SamplingParams
+        self, link: _Link, history: list[int], budget: int, params: SamplingParams
     ) -> Iterator[TokenEvent | str]:
         decoder = self.tokenizer.stream_decoder()
         scanner = StopScanner(params.stop)
         eog = frozenset() if params.ignore_eos else self.tokenizer.eog_ids
-        pending, start = history, 0
-        for _ in range(budget):
-            self._send(channel, wire.Forward(session_id, start, self.embedder(pending), self.compression))
-            token = self._receive_token(channel, session_id, start + len(pending))
-            start += len(pending)
+        prompt_length = len(history)
+        for step in range(budget):
+            start = 0 if step == 0 else len(history) - 1
+            token = self._step_with_failover(link, history, prompt_length, start)
             if token.token_id in eog:
                 tail = scanner.push(decoder.flush()) + scanner.flush()
                 if tail:
@@ -170,37 +193,164 @@ class Requester:
             if scanner.stopped:
                 yield "stop"
                 return
-            pending = [token.token_id]
         tail = scanner.push(decoder.flush()) + scanner.flush()
         if tail:
             yield TokenEvent(-1, tail)
         yield "length"
 
-    def _send(self, channel: SecureChannel, message: wire.Message) -> None:
-        try:
-            channel.send(wire.encode(message))
-        except ChannelError as error:
-            raise StageError(f"{self.route[0].describe()}: {error}") from error
+    def _step_with_failover(
+        self, link: _Link, history: list[int], prompt_length: int, start: int
+    ) -> wire.SampledToken:
+        """The token after history[start:], fed through the route; recovers from failed stages."""
+        recovery: Failover | None = None
+        began = 0.0
+        while True:
+            try:
+                if not link.open:
+                    link.connect(self.route)
+                    # Rebuild positions [0, start) in the chunks they were first fed in.
+                    if start:
+                        link.exchange(0, history[:prompt_length])
+                        for position in range(prompt_length, start):
+                            link.exchange(position, [history[position]])
+                token = link.exchange(start, history[start:])
+            except StageError as error:
+                link.close()
+                if not error.retriable or self.reroute is None or len(self.failovers) >= MAX_FAILOVERS:
+                    raise
+                if recovery is None:
+                    began = time.monotonic()
+                recovery = self._fail_over(error, began, start)
+                continue
+            if recovery is not None:
+                recovery.delay_ms = (time.monotonic() - began) * 1000.0
+            return token
 
-    def _receive_token(self, channel: SecureChannel, session_id: str, position: int) -> wire.SampledToken:
-        first = self.route[0]
+    def _fail_over(self, error: StageError, began: float, replay: int) -> Failover:
+        """Excludes the stages that stopped answering and picks a new route."""
+        from swarm.router import NoRouteError
+
+        dead = [stage.address for stage in self.route if not self._answers(stage)]
+        recovery = Failover(str(error), dead, replay)
+        self.failovers.append(recovery)
+        self._excluded.update(dict.fromkeys(dead, time.time()))
+        deadline = began + self.failover_timeout
+        while True:
+            try:
+                self.route = self._checked(self.reroute(dict(self._excluded)))
+                return recovery
+            except NoRouteError as no_route:
+                if time.monotonic() >= deadline:
+                    raise StageError(
+                        f"{error}; no route to fail over to: {no_route}", retriable=False
+                    ) from None
+            time.sleep(0.5)
+
+    def _answers(self, stage: RouteStage) -> bool:
+        """Whether `stage` completes a handshake and answers a ping within PROBE_TIMEOUT_S."""
         try:
-            reply = wire.decode(channel.recv(timeout=self.timeout))
+            channel = SecureChannel.connect(
+                _host_port(stage.address),
+                self.identity,
+                self.network_id,
+                expected_peer=stage.public_key,
+                timeout=PROBE_TIMEOUT_S,
+            )
+        except ChannelError:
+            return False
+        try:
+            channel.send(wire.encode(wire.Ping(1, time.time())), timeout=PROBE_TIMEOUT_S)
+            return isinstance(wire.decode(channel.recv(timeout=PROBE_TIMEOUT_S)), wire.Pong)
+        except (ChannelError, wire.WireError):
+            return False
+        finally:
+            channel.close()
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
+        return collect(self.stream(prompt_ids, params), prompt_ids, params)
+
+
+class _Link:
+    """One session over one route: the channel to its first stage."""
+
+    def __init__(self, requester: Requester, params: SamplingParams, max_context: int) -> None:
+        self.requester = requester
+        self.params = params
+        self.max_context = max_context
+        self.channel: SecureChannel | None = None
+        self.session_id = ""
+        self.first: RouteStage | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.channel is not None
+
+    def connect(self, route: Sequence[RouteStage]) -> None:
+        requester = self.requester
+        first = route[0]
+        self.first = first
+        self.session_id = uuid.uuid4().hex
+        try:
+            self.channel = SecureChannel.connect(
+                _host_port(first.address),
+                requester.identity,
+                requester.network_id,
+                expected_peer=first.public_key,
+                timeout=requester.timeout,
+            )
+        except ChannelError as error:
+            raise StageError(f"{first.describe()}: {error}") from error
+        self._send(
+            wire.OpenSession(
+                self.session_id,
+                requester.model_id,
+                first.layer_range,
+                self.params.to_dict(),
+                requester.identity.public_key,
+                requester.compression,
+                self.max_context,
+                tuple(route[1:]),
+            )
+        )
+
+    def exchange(self, start: int, token_ids: Sequence[int]) -> wire.SampledToken:
+        """Feeds `token_ids` at positions start.. and returns the token sampled after them."""
+        requester = self.requester
+        hidden = requester.embedder(token_ids)
+        self._send(wire.Forward(self.session_id, start, hidden, requester.compression))
+        return self._receive_token(start + len(token_ids))
+
+    def _send(self, message: wire.Message) -> None:
+        assert self.channel is not None and self.first is not None
+        try:
+            self.channel.send(wire.encode(message))
+        except ChannelError as error:
+            raise StageError(f"{self.first.describe()}: {error}") from error
+
+    def _receive_token(self, position: int) -> wire.SampledToken:
+        assert self.channel is not None and self.first is not None
+        first = self.first
+        try:
+            reply = wire.decode(self.channel.recv(timeout=self.requester.timeout))
         except (ChannelError, wire.WireError) as error:
             raise StageError(f"{first.describe()}: {error}") from error
         if isinstance(reply, wire.Error):
-            raise StageError(f"{reply.code}: {reply.message}")
-        if not isinstance(reply, wire.TokenResult) or reply.session_id != session_id:
+            raise StageError(f"{reply.code}: {reply.message}", retriable=reply.code in RETRIABLE_CODES)
+        if not isinstance(reply, wire.TokenResult) or reply.session_id != self.session_id:
             raise StageError(f"{first.describe()}: unexpected {type(reply).__name__}")
         if reply.position != position:
             raise StageError(f"{first.describe()}: token for position {reply.position}, expected {position}")
         try:
-            return wire.open_token(self.identity, reply)
+            return wire.open_token(self.requester.identity, reply)
         except wire.WireError as error:
             raise StageError(f"{first.describe()}: {error}") from error
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
-        return collect(self.stream(prompt_ids, params), prompt_ids, params)
+    def close(self) -> None:
+        if self.channel is not None:
+            with contextlib.suppress(ChannelError):
+                self.channel.send(wire.encode(wire.Close(self.session_id)), timeout=1.0)
+            self.channel.close()
+        self.channel = None
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -115,6 +115,8 @@ class StageServer:
         self._sessions_lock = threading.Lock()
         self._channels: set[SecureChannel] = set()
         self._threads: list[threading.Thread] = []
+        self._opened_total = 0
+        self._forwards_total = 0
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -172,6 +174,15 @@ class StageServer:
 
     def serve_forever(self) -> None:
         self._stopping.wait()
+
+    def stats(self) -> dict[str, int]:
+        """Sessions open now, sessions opened and forwards run since start."""
+        with self._sessions_lock:
+            return {
+                "sessions": len(self._sessions),
+                "sessions_opened": self._opened_total,
+                "forwards": self._forwards_total,
+            }
 
     def observe(self, message: wire.Message) -> None:
         """Called with every message this stage decodes; a no-op (a hook for tests and metrics)."""
@@ -327,6 +338,7 @@ class StageServer:
                 raise _Refusal(NEXT_HOP_FAILED, f"{_hop_name(hop)} failed: {error}") from error
         with self._sessions_lock:
             self._sessions[message.session_id] = session
+            self._opened_total += 1
 
     def _drop(self, session_id: str) -> None:
         with self._sessions_lock:
@@ -375,6 +387,7 @@ class StageServer:
             with self._device_lock:
                 out, session.cache = self.engine.forward(hidden, message.start_position, cache)
             session.next_position += rows
+            self._forwards_total += 1
             if session.downstream is None:
                 return wire.encode(self._sample(session, out, session.next_position))
             return self._relay(

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -94,10 +94,18 @@ def port_free(host: str, port: int) -> bool:
 
 class Supervisor:
     def __init__(
-        self, data_dir: Path, config: Config, *, echo: bool = True, say: Callable[[str], None] = print
+        self,
+        data_dir: Path,
+        config: Config,
+        *,
+        joins: Sequence[str] = (),
+        overrides: Mapping[str, object] | None = None,
+        echo: bool = True,
+        say: Callable[[str], None] = print,
     ):
         self.data_dir = data_dir
         self.config = config
+        self.overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
         self.echo = echo
         self.say = say
         self.stopping = threading.Event()
@@ -105,7 +113,11 @@ class Supervisor:
         logs = data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         python = sys.executable
+        join_args = [arg for code in joins for arg in ("--join", code)]
         self.children = [
+            Child(
+                "dht", [python, "-m", "swarm.dht", "--data-dir", str(data_dir), *join_args], logs / "dht.log"
+            ),
             Child(
                 "node",
                 [python, "-m", "swarm.node", "--data-dir", str(data_dir)],
@@ -130,6 +142,7 @@ class Supervisor:
         """The children's environment: the resolved settings, so every process agrees."""
         config = self.config
         env = {key: value for key, value in os.environ.items() if not key.startswith("SWARM_INTERNAL_")}
+        env.update(_environment_overrides(self.overrides))
         env.update(
             SWARM_NODE_DATA_DIR=str(self.data_dir),
             SWARM_NODE_MODEL=config.node.model,
@@ -186,7 +199,7 @@ class Supervisor:
 
     def reload(self) -> None:
         try:
-            self.config = load_config(self.data_dir, os.environ, _cli_overrides(self.config))
+            self.config = load_config(self.data_dir, os.environ, self.overrides)
         except ConfigError as error:
             self.say(f"swarm: config reload failed, keeping the running config: {error}")
             return
@@ -196,7 +209,8 @@ class Supervisor:
                 child.process.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        for child in reversed(self.children):  # control first: stop taking requests, then the node
+        # Control first (stop taking requests), then the node, then the DHT.
+        for child in reversed(self.children):
             if child.process is not None and child.process.poll() is None:
                 child.process.terminate()
         deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -257,16 +271,29 @@ class Supervisor:
             self.stopping.set()
 
 
-def _cli_overrides(config: Config) -> dict[str, object]:
-    """The settings `swarm run` fixed from its flags, kept across reloads."""
-    return {"node.model": config.node.model, "node.listen_port": config.node.listen_port}
+def _environment_overrides(overrides: Mapping[str, object]) -> dict[str, str]:
+    """`--set` values as the SWARM_<SECTION>_<KEY> variables every child reads its config from."""
+    env = {}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, list | tuple):
+            text = ",".join(str(item) for item in value)
+        else:
+            text = str(value)
+        env[f"SWARM_{section}_{name}".upper()] = text
+    return env
 
 
-def run(data_dir: Path, environ: Mapping[str, str], overrides: Mapping[str, object]) -> int:
+def run(
+    data_dir: Path, environ: Mapping[str, str], overrides: Mapping[str, object], joins: Sequence[str] = ()
+) -> int:
+    """`swarm run`: joins are invite codes (already checked) the DHT bootstraps from."""
     try:
         config = load_config(data_dir, environ, overrides)
     except ConfigError as error:
         print(f"swarm: {error}")
         return 2
     data_dir.mkdir(parents=True, exist_ok=True)
-    return Supervisor(data_dir, config).run()
+    return Supervisor(data_dir, config, joins=joins, overrides=overrides).run()

@@ -1,0 +1,236 @@
+"""The node's side of the swarm: its pipeline stage, its DHT records, and routes through peers.
+
+Owns `Peering`, which a node that joins a network holds:
+- a `StageServer` for the layers this node holds (peers route their requests through it),
+  sharing the weights of the node's own engine;
+- a publisher thread that keeps this node's record (model, layers, stage address, measured
+  throughput, current load) in the DHT through the DHT process's local socket;
+- `route()`, the cheapest chain of stages for the model from the verified records
+  (`swarm.router`), excluding peers that just failed unless they published again since;
+- `requester()`, a `Requester` that fails over along new routes (DESIGN.md §5).
+
+Throughput is measured once at start: the median time of a one-token forward through
+this node's layers. The per-hop cost is measured too: a ping over an encrypted channel to
+this node's own stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from swarm import wire
+from swarm.config import Config
+from swarm.dht_client import DhtClient, DhtError, DhtUnavailable
+from swarm.identity import Identity
+from swarm.pipeline import Embedder, Requester, RouteStage
+from swarm.records import PeerRecord
+from swarm.router import DEFAULT_HOP_COST_MS, NoRouteError, estimate_ms, plan_route
+from swarm.secure_channel import ChannelError, SecureChannel
+from swarm.stage import StageConfig, StageEngine, StageServer
+
+log = logging.getLogger(__name__)
+
+REPUBLISH_S = 20.0  # even unchanged, so a restarted DHT process learns the record again
+LOAD_REPUBLISH_S = 5.0  # a changed load is published at most this often
+PEERS_REFRESH_S = 10.0
+RETRY_S = 5  # how long measured RTTs are reused
+
+
+class Peering:
+    """This node as a member of the swarm (see the module docstring)."""
+
+    def __init__(self, engine: Any, opened: Any, model_id: str, identity: Identity, config: Config, data_dir):
+        self.model_id = model_id
+        self.identity = identity
+        self.config = config
+        self.n_layers = opened.config.n_layers
+        self.layers = (engine.first, engine.last)
+        self.dht = DhtClient(data_dir)
+        self.stage_engine = StageEngine(
+            engine.config, engine.weights, engine.first, engine.last, engine.settings
+        )
+        network = config.network
+        self.stage = StageServer(
+            self.stage_engine,
+            identity,
+            StageConfig(
+                model_id=model_id,
+                network_id=network.gossip_network_id,
+                host=network.listen_address,
+                port=network.peer_port,
+                hop_timeout=network.stage_timeout_s,
+            ),
+        )
+        self.embedder: Embedder | None = None
+        if (engine.first, engine.last) != (0, self.n_layers):
+            self.embedder = Embedder(opened.gguf, opened.config)
+        self.tokenizer = opened.tokenizer
+        self.throughput = 0.0
+        self.hop_cost_ms = DEFAULT_HOP_COST_MS
+        self._stopping = threading.Event()
+        self._rtt: dict[str, float] = {}
+        self._rtt_at = 0.0
+        self._published: tuple | None = None
+        self._published_at = 0.0
+        self._unreachable = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listens for peers, measures this node, and starts publishing."""
+        self.stage.start()
+        self.throughput = self._measure_throughput()
+        self.hop_cost_ms = self._measure_hop_cost()
+        log.info(
+            "stage %s serves layers %d-%d of %s at %.0f layers/s (hop cost %.2f ms)",
+            self.stage.address,
+            *self.layers,
+            self.model_id,
+            self.throughput,
+            self.hop_cost_ms,
+        )
+        threading.Thread(target=self._publish_loop, name="publish", daemon=True).start()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self.stage.close()
+
+    def _measure_throughput(self) -> float:
+        """Layers per second of a one-token forward (median of 5, after one to compile)."""
+        engine = self.stage_engine
+        hidden = np.zeros((1, engine.config.d_model), np.float32)
+        times = []
+        for _ in range(6):
+            cache = engine.new_cache(engine.cache_capacity(1))
+            began = time.perf_counter()
+            engine.forward(hidden, 0, cache)
+            times.append(time.perf_counter() - began)
+        return (self.layers[1] - self.layers[0]) / max(statistics.median(times[1:]), 1e-6)
+
+    def _measure_hop_cost(self) -> float:
+        """Milliseconds of one encrypted ping round trip to this node's own stage."""
+        host, port = self.stage.host_port
+        try:
+            channel = SecureChannel.connect(
+                (host, port), self.identity, self.config.network.gossip_network_id, timeout=5.0
+            )
+        except ChannelError:
+            return DEFAULT_HOP_COST_MS
+        try:
+            times = []
+            for nonce in range(5):
+                began = time.perf_counter()
+                channel.send(wire.encode(wire.Ping(nonce, time.time())))
+                wire.decode(channel.recv(timeout=5.0))
+                times.append((time.perf_counter() - began) * 1000.0)
+            return statistics.median(times)
+        except (ChannelError, wire.WireError):
+            return DEFAULT_HOP_COST_MS
+        finally:
+            channel.close()
+
+    # -- publishing ----------------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        stats = self.stage.stats()
+        return {
+            "model_id": self.model_id,
+            "layers": list(self.layers),
+            "n_layers": self.n_layers,
+            "address": self.stage.address,
+            "throughput": round(self.throughput, 1),
+            "load": float(stats["sessions"]),
+        }
+
+    def _publish_loop(self) -> None:
+        while not self._stopping.is_set():
+            record = self.record()
+            content = tuple(sorted((k, str(v)) for k, v in record.items()))
+            now = time.monotonic()
+            due = now - self._published_at >= REPUBLISH_S
+            changed = content != self._published and now - self._published_at >= LOAD_REPUBLISH_S
+            if due or changed or self._published is None:
+                try:
+                    self.dht.publish([record])
+                    self._published, self._published_at = content, now
+                    self._unreachable = False
+                except (DhtUnavailable, DhtError) as error:
+                    if not self._unreachable:
+                        log.warning("publishing to the DHT failed (retrying every %d s): %s", RETRY_S, error)
+                    self._unreachable = True
+                    self._stopping.wait(RETRY_S)
+            self._stopping.wait(1.0)
+
+    # -- routing -------------------------------------------------------------------
+
+    def records(self) -> list[PeerRecord]:
+        """The valid records of this network for the model, this node's own included."""
+        network_id = self.config.network.gossip_network_id
+        try:
+            found = self.dht.lookup(self.model_id)
+        except (DhtUnavailable, DhtError) as error:
+            raise NoRouteError(f"the DHT cannot be asked for peers: {error}") from None
+        return [r for r in found if r.valid(network_id) and r.model_id == self.model_id]
+
+    def rtt_ms(self) -> dict[str, float]:
+        """Measured DHT round trips by peer id (this node: 0), refreshed every few seconds."""
+        if time.monotonic() - self._rtt_at > PEERS_REFRESH_S:
+            rtt: dict[str, float] = {}
+            try:
+                for peer in self.dht.peers():
+                    if peer.get("latency_ms") is not None:
+                        rtt[str(peer["peer_id"])] = float(peer["latency_ms"])
+            except (DhtUnavailable, DhtError):
+                pass
+            rtt[self.identity.peer_id] = 0.0
+            self._rtt, self._rtt_at = rtt, time.monotonic()
+        return self._rtt
+
+    def route(self, excluded: Mapping[str, float] | None = None) -> list[RouteStage]:
+        """The cheapest chain of stages for the model; raises NoRouteError."""
+        excluded = excluded or {}
+        usable = [
+            r for r in self.records() if not (r.address in excluded and r.issued <= excluded[r.address])
+        ]
+        hops = plan_route(
+            usable, self.n_layers, rtt_ms=self.rtt_ms(), hop_cost_ms=self.hop_cost_ms, model_id=self.model_id
+        )
+        log.info(
+            "route for %s: %s (estimated %.1f ms per token)",
+            self.model_id,
+            " -> ".join(f"{h.peer_id[:8]}@{h.address}[{h.layers[0]}-{h.layers[1]}]" for h in hops),
+            estimate_ms(hops),
+        )
+        return [RouteStage(hop.address, hop.public_key, hop.layers) for hop in hops]
+
+    def requester(self) -> Requester:
+        """A requester over the current best route, failing over to new ones."""
+        assert self.embedder is not None, "a node holding the whole model generates locally"
+        network = self.config.network
+        return Requester(
+            self.identity,
+            self.embedder,
+            self.tokenizer,
+            self.route(),
+            model_id=self.model_id,
+            network_id=network.gossip_network_id,
+            timeout=network.stage_timeout_s,
+            reroute=self.route,
+            failover_timeout=network.failover_timeout_s,
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.identity.peer_id,
+            "network_id": self.config.network.gossip_network_id,
+            "stage": {"address": self.stage.address, "layers": list(self.layers), **self.stage.stats()},
+            "throughput_layers_s": round(self.throughput, 1),
+            "hop_cost_ms": round(self.hop_cost_ms, 3),
+        }
