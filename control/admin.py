@@ -107,7 +107,9 @@ def peers() -> Response:
     except (DhtUnavailable, DhtError) as error:
         status, known = {"state": "down", "error": str(error)}, []
     node = _node_answer("info")
-    return jsonify({"peers": known, "dht": status, "node": node.get("peering") or {"state": node.get("state")}})
+    return jsonify(
+        {"peers": known, "dht": status, "node": node.get("peering") or {"state": node.get("state")}}
+    )
 
 
 @bp.get("/config")

@@ -130,8 +130,12 @@ class NetworkConfig(_Section):
     max_peers: int = _key(150, "most peers kept", low=1)
     dht_port: int = _key(0, "UDP port of the DHT; 0 = any free port", restart=True, low=0, high=65535)
     record_ttl_s: int = _key(120, "seconds a published DHT record stays valid", low=10)
-    stage_timeout_s: float = _key(20.0, "seconds a pipeline stage may stall before the route fails over", above=0)
-    failover_timeout_s: float = _key(120.0, "seconds spent finding a new route before a request fails", above=0)
+    stage_timeout_s: float = _key(
+        20.0, "seconds a pipeline stage may stall before the route fails over", above=0
+    )
+    failover_timeout_s: float = _key(
+        120.0, "seconds spent finding a new route before a request fails", above=0
+    )
 
 
 @dataclass(frozen=True)
