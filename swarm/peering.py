@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 REPUBLISH_S = 20.0  # even unchanged, so a restarted DHT process learns the record again
 LOAD_REPUBLISH_S = 5.0  # a changed load is published at most this often
-PEERS_REFRESH_S = 10.0
-RETRY_S = 5  # how long measured RTTs are reused
+PEERS_REFRESH_S = 10.0  # how long measured RTTs are reused
+RETRY_S = 5  # seconds between attempts to reach a DHT process that is down
+EXCLUSION_S = 30.0  # how long a peer that failed a request is left out of its new routes
 
 
 class Peering:
@@ -196,11 +197,20 @@ class Peering:
     def route(self, excluded: Mapping[str, float] | None = None) -> list[RouteStage]:
         """The cheapest chain of stages for the model; raises NoRouteError."""
         excluded = excluded or {}
-        usable = [
-            r for r in self.records() if not (r.address in excluded and r.issued <= excluded[r.address])
-        ]
+        now = time.time()
+
+        def usable(record: PeerRecord) -> bool:
+            # A failed peer is skipped for EXCLUSION_S, and after that until it publishes
+            # again (a restart does; a stalled process's DHT may keep re-signing, hence both).
+            since = excluded.get(record.address)
+            return since is None or (now - since >= EXCLUSION_S and record.issued > since)
+
         hops = plan_route(
-            usable, self.n_layers, rtt_ms=self.rtt_ms(), hop_cost_ms=self.hop_cost_ms, model_id=self.model_id
+            [record for record in self.records() if usable(record)],
+            self.n_layers,
+            rtt_ms=self.rtt_ms(),
+            hop_cost_ms=self.hop_cost_ms,
+            model_id=self.model_id,
         )
         log.info(
             "route for %s: %s (estimated %.1f ms per token)",

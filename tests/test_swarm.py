@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.realmodel]
 MODEL = "smollm2-135m"
 PROMPT = "The three most important inventions of the nineteenth century were"
 MAX_TOKENS = 40
+STAGE_TIMEOUT_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,10 @@ def reference(model_path: Path, data_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory, model_path: Path):
     root = tmp_path_factory.mktemp("swarm")
-    with LocalSwarm(root, model_path, model_id=MODEL, network_id="swarm-test") as local:
+    # A stalled stage is given up on after STAGE_TIMEOUT_S (a healthy one answers in well
+    # under a second, compiling included).
+    env = {"SWARM_NETWORK_STAGE_TIMEOUT_S": str(STAGE_TIMEOUT_S)}
+    with LocalSwarm(root, model_path, model_id=MODEL, network_id="swarm-test", env=env) as local:
         for layers in ((0, 10), (10, 20), (20, 30)):
             local.add(layers)
         local.wait_ready()
@@ -179,6 +183,48 @@ def test_stage_killed_mid_generation_gives_the_same_output(swarm: LocalSwarm, re
     assert killed, "no middle stage carried the session"
     print(f"failover: longest gap between tokens {max(gaps[5:]) * 1000:.0f} ms")
     swarm.wait_ready([killed[0]])  # the supervisor brings the killed node back
+
+
+def test_stage_stalled_mid_generation_gives_the_same_output(swarm: LocalSwarm, reference: str):
+    a, b = swarm.nodes[0], swarm.nodes[1]
+    joiner = next(node for node in swarm.nodes if node.name == "joiner")
+    wait_for_route(a)
+    stopped: list[int] = []
+
+    def stall_the_middle_stage(tokens: int) -> None:
+        if tokens == 5 and not stopped:
+            victim = next(node for node in (b, joiner) if stage(node)["sessions"] > 0)
+            stopped.append(victim.node_pid())
+            os.kill(stopped[0], signal.SIGSTOP)
+
+    began = time.monotonic()
+    try:
+        assert complete(a, stream=True, on_token=stall_the_middle_stage) == reference
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert stopped, "no middle stage carried the session"
+    assert time.monotonic() - began < STAGE_TIMEOUT_S + 60
+
+
+def test_cli_reports_peers_status_and_invites(swarm: LocalSwarm):
+    import subprocess
+    import sys
+
+    from swarm.invite import Invite
+
+    a = swarm.nodes[0]
+
+    def swarm_cli(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "swarm", *args, "--data-dir", str(a.data_dir)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    peers = json.loads(swarm_cli("peers", "--json").stdout)
+    assert {tuple(r["layers"]) for p in peers for r in p["records"]} >= {(10, 20), (20, 30)}
+    status = swarm_cli("status")
+    assert status.returncode == 0 and "layers 0-10 of 30" in status.stdout and "routed" in status.stdout
+    invite = Invite.parse(swarm_cli("invite").stdout.strip())
+    assert invite.network_id == "swarm-test" and invite.port == int(a.dht.rsplit(":", 1)[1])
 
 
 def test_node_of_another_network_is_never_used(swarm: LocalSwarm, reference: str):
