@@ -25,14 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from swarm import wire
 from swarm.config import Config
 from swarm.dht_client import DhtClient, DhtError, DhtUnavailable
 from swarm.identity import Identity
-from swarm.pipeline import Embedder, Requester, RouteStage
+from swarm.pipeline import Embedder, Requester, RouteStage, ping_stage
 from swarm.records import PeerRecord
 from swarm.router import DEFAULT_HOP_COST_MS, NoRouteError, estimate_ms, plan_route
-from swarm.secure_channel import ChannelError, SecureChannel
 from swarm.stage import StageConfig, StageEngine, StageServer
 
 log = logging.getLogger(__name__)
@@ -41,6 +39,7 @@ REPUBLISH_S = 20.0  # even unchanged, so a restarted DHT process learns the reco
 LOAD_REPUBLISH_S = 5.0  # a changed load is published at most this often
 PEERS_REFRESH_S = 10.0  # how long measured RTTs are reused
 RETRY_S = 5  # seconds between attempts to reach a DHT process that is down
+MAX_STAGE_PROBES = 16  # peers the DHT has not timed, pinged directly per route
 EXCLUSION_S = 30.0  # how long a peer that failed a request is left out of its new routes
 
 
@@ -54,6 +53,10 @@ class Peering:
         self.n_layers = opened.config.n_layers
         self.layers = (engine.first, engine.last)
         self.dht = DhtClient(data_dir)
+        whole = self.layers == (0, self.n_layers)
+        # Requests entering here need the embedding when routed; a whole-model stage needs
+        # it to decode on its own when a peer hands it a whole request.
+        self.embedder = Embedder(opened.gguf, opened.config)
         self.stage_engine = StageEngine(
             engine.config, engine.weights, engine.first, engine.last, engine.settings
         )
@@ -68,16 +71,15 @@ class Peering:
                 port=network.peer_port,
                 hop_timeout=network.stage_timeout_s,
             ),
+            embed=self.embedder if whole else None,
         )
-        self.embedder: Embedder | None = None
-        if (engine.first, engine.last) != (0, self.n_layers):
-            self.embedder = Embedder(opened.gguf, opened.config)
         self.tokenizer = opened.tokenizer
         self.throughput = 0.0
         self.hop_cost_ms = DEFAULT_HOP_COST_MS
         self._stopping = threading.Event()
         self._rtt: dict[str, float] = {}
         self._rtt_at = 0.0
+        self._stage_rtt: dict[str, tuple[float | None, float]] = {}
         self._published: tuple | None = None
         self._published_at = 0.0
         self._unreachable = False
@@ -116,26 +118,11 @@ class Peering:
         return (self.layers[1] - self.layers[0]) / max(statistics.median(times[1:]), 1e-6)
 
     def _measure_hop_cost(self) -> float:
-        """Milliseconds of one encrypted ping round trip to this node's own stage."""
-        host, port = self.stage.host_port
-        try:
-            channel = SecureChannel.connect(
-                (host, port), self.identity, self.config.network.gossip_network_id, timeout=5.0
-            )
-        except ChannelError:
-            return DEFAULT_HOP_COST_MS
-        try:
-            times = []
-            for nonce in range(5):
-                began = time.perf_counter()
-                channel.send(wire.encode(wire.Ping(nonce, time.time())))
-                wire.decode(channel.recv(timeout=5.0))
-                times.append((time.perf_counter() - began) * 1000.0)
-            return statistics.median(times)
-        except (ChannelError, wire.WireError):
-            return DEFAULT_HOP_COST_MS
-        finally:
-            channel.close()
+        """Milliseconds of an encrypted ping round trip to this node's own stage (median of 5)."""
+        network_id = self.config.network.gossip_network_id
+        times = [ping_stage(self.identity, network_id, self.stage.address, None, 5.0) for _ in range(5)]
+        measured = [t for t in times if t is not None]
+        return statistics.median(measured) if measured else DEFAULT_HOP_COST_MS
 
     # -- publishing ----------------------------------------------------------------
 
@@ -194,6 +181,17 @@ class Peering:
             self._rtt, self._rtt_at = rtt, time.monotonic()
         return self._rtt
 
+    def _stage_rtt_ms(self, record: PeerRecord) -> float | None:
+        """A measured round trip to a peer's stage (an encrypted ping), cached; None if it
+        does not answer. Used for peers the DHT has not timed yet."""
+        cached = self._stage_rtt.get(record.address)
+        if cached is not None and time.monotonic() - cached[1] < PEERS_REFRESH_S:
+            return cached[0]
+        network_id = self.config.network.gossip_network_id
+        rtt = ping_stage(self.identity, network_id, record.address, record.public_key)
+        self._stage_rtt[record.address] = (rtt, time.monotonic())
+        return rtt
+
     def route(self, excluded: Mapping[str, float] | None = None) -> list[RouteStage]:
         """The cheapest chain of stages for the model; raises NoRouteError."""
         excluded = excluded or {}
@@ -205,10 +203,17 @@ class Peering:
             since = excluded.get(record.address)
             return since is None or (now - since >= EXCLUSION_S and record.issued > since)
 
+        records = [record for record in self.records() if usable(record)]
+        rtt = dict(self.rtt_ms())
+        for record in records[:MAX_STAGE_PROBES]:
+            if record.peer_id not in rtt:
+                measured = self._stage_rtt_ms(record)
+                if measured is not None:
+                    rtt[record.peer_id] = measured
         hops = plan_route(
-            [record for record in self.records() if usable(record)],
+            records,
             self.n_layers,
-            rtt_ms=self.rtt_ms(),
+            rtt_ms=rtt,
             hop_cost_ms=self.hop_cost_ms,
             model_id=self.model_id,
         )
@@ -222,7 +227,6 @@ class Peering:
 
     def requester(self) -> Requester:
         """A requester over the current best route, failing over to new ones."""
-        assert self.embedder is not None, "a node holding the whole model generates locally"
         network = self.config.network
         return Requester(
             self.identity,

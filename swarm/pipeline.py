@@ -177,10 +177,7 @@ class Requester:
         decoder = self.tokenizer.stream_decoder()
         scanner = StopScanner(params.stop)
         eog = frozenset() if params.ignore_eos else self.tokenizer.eog_ids
-        prompt_length = len(history)
-        for step in range(budget):
-            start = 0 if step == 0 else len(history) - 1
-            token = self._step_with_failover(link, history, prompt_length, start)
+        for token in self._tokens(link, history, budget, eog):
             if token.token_id in eog:
                 tail = scanner.push(decoder.flush()) + scanner.flush()
                 if tail:
@@ -197,6 +194,37 @@ class Requester:
         if tail:
             yield TokenEvent(-1, tail)
         yield "length"
+
+    def _tokens(
+        self, link: _Link, history: list[int], budget: int, eog: frozenset[int]
+    ) -> Iterator[wire.SampledToken]:
+        """The generated tokens; the caller appends each to `history` before asking for the next.
+
+        The prompt goes through the route as one chunk. After that, a route of one stage
+        holding the whole model is handed the rest of the generation (a Generate: tokens
+        stream back without a round trip each); a longer route is driven token by token.
+        Either way a failure falls back to `_step_with_failover`.
+        """
+        prompt_length = len(history)
+        produced = 0
+        while produced < budget:
+            start = 0 if produced == 0 else len(history) - 1
+            if produced and link.open and len(self.route) == 1:
+                try:
+                    for token in link.generate(start, budget - produced, eog):
+                        produced += 1
+                        yield token
+                        if produced == budget or token.token_id in eog:
+                            return
+                    return
+                except StageError as error:
+                    link.close()
+                    if not error.retriable or self.reroute is None or len(self.failovers) >= MAX_FAILOVERS:
+                        raise
+                    self._fail_over(error, time.monotonic(), len(history) - 1)
+                    continue
+            yield self._step_with_failover(link, history, prompt_length, start)
+            produced += 1
 
     def _step_with_failover(
         self, link: _Link, history: list[int], prompt_length: int, start: int
@@ -248,23 +276,7 @@ class Requester:
 
     def _answers(self, stage: RouteStage) -> bool:
         """Whether `stage` completes a handshake and answers a ping within PROBE_TIMEOUT_S."""
-        try:
-            channel = SecureChannel.connect(
-                _host_port(stage.address),
-                self.identity,
-                self.network_id,
-                expected_peer=stage.public_key,
-                timeout=PROBE_TIMEOUT_S,
-            )
-        except ChannelError:
-            return False
-        try:
-            channel.send(wire.encode(wire.Ping(1, time.time())), timeout=PROBE_TIMEOUT_S)
-            return isinstance(wire.decode(channel.recv(timeout=PROBE_TIMEOUT_S)), wire.Pong)
-        except (ChannelError, wire.WireError):
-            return False
-        finally:
-            channel.close()
+        return ping_stage(self.identity, self.network_id, stage.address, stage.public_key) is not None
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
         return collect(self.stream(prompt_ids, params), prompt_ids, params)
@@ -320,6 +332,15 @@ class _Link:
         self._send(wire.Forward(self.session_id, start, hidden, requester.compression))
         return self._receive_token(start + len(token_ids))
 
+    def generate(self, start: int, max_tokens: int, eog: frozenset[int]) -> Iterator[wire.SampledToken]:
+        """Has the one whole-model stage decode from position `start` on its own."""
+        self._send(wire.Generate(self.session_id, start, max_tokens, tuple(sorted(eog))))
+        for position in range(start + 1, start + max_tokens + 1):
+            token = self._receive_token(position)
+            yield token
+            if token.token_id in eog:
+                return
+
     def _send(self, message: wire.Message) -> None:
         assert self.channel is not None and self.first is not None
         try:
@@ -351,6 +372,33 @@ class _Link:
                 self.channel.send(wire.encode(wire.Close(self.session_id)), timeout=1.0)
             self.channel.close()
         self.channel = None
+
+
+def ping_stage(
+    identity: Identity,
+    network_id: str,
+    address: str,
+    public_key: bytes | None,
+    timeout: float = PROBE_TIMEOUT_S,
+) -> float | None:
+    """Milliseconds of an encrypted Ping/Pong round trip to the stage at `address` (the
+    handshake not counted), or None if it does not complete one within `timeout`."""
+    try:
+        channel = SecureChannel.connect(
+            _host_port(address), identity, network_id, expected_peer=public_key, timeout=timeout
+        )
+    except ChannelError:
+        return None
+    try:
+        began = time.perf_counter()
+        channel.send(wire.encode(wire.Ping(1, time.time())), timeout=timeout)
+        if isinstance(wire.decode(channel.recv(timeout=timeout)), wire.Pong):
+            return (time.perf_counter() - began) * 1000.0
+        return None
+    except (ChannelError, wire.WireError):
+        return None
+    finally:
+        channel.close()
 
 
 def _host_port(address: str) -> tuple[str, int]:

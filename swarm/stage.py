@@ -7,6 +7,7 @@ drew, the requester's key, the channel to the next stage). The protocol, per ses
     upstream -> OpenSession (with the rest of the route)   no reply on success, else Error
     upstream -> Forward (hidden states f32[T, d])           one reply: TokenResult or Error
     upstream -> Close                                       no reply
+    requester -> Generate (whole-model sessions only)       TokenResult per token, or Error
 
 A stage that is not last opens the session on the next hop and forwards its hidden states
 there, then relays the reply upstream byte for byte, so the token sealed to the requester
@@ -25,6 +26,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,8 +104,18 @@ class _Refusal(SwarmError):
 class StageServer:
     """Serves `engine`'s layers to requesters and upstream stages; `start()`, then `close()`."""
 
-    def __init__(self, engine: Engine, identity: Identity, config: StageConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        identity: Identity,
+        config: StageConfig,
+        *,
+        embed: Callable[[Sequence[int]], np.ndarray] | None = None,
+    ) -> None:
         self.engine = engine
+        # token ids -> hidden states, for a stage holding the whole model to decode on its
+        # own (Generate); None: this stage only ever runs the hidden states it is sent.
+        self.embed = embed
         self.identity = identity
         self.config = config
         self.layer_range = (engine.first, engine.last)
@@ -117,6 +129,7 @@ class StageServer:
         self._threads: list[threading.Thread] = []
         self._opened_total = 0
         self._forwards_total = 0
+        self._generations_total = 0  # Generate requests: whole requests handed to this stage
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -182,6 +195,7 @@ class StageServer:
                 "sessions": len(self._sessions),
                 "sessions_opened": self._opened_total,
                 "forwards": self._forwards_total,
+                "generations": self._generations_total,
             }
 
     def observe(self, message: wire.Message) -> None:
@@ -227,8 +241,11 @@ class StageServer:
                 except ChannelError:
                     return
                 reply = self._answer(data, opened)
-                if reply is not None:
+                if isinstance(reply, bytes):
                     channel.send(reply)
+                elif reply is not None:  # a Generate: one message per token
+                    for part in reply:
+                        channel.send(part)
         except ChannelError as error:
             logger.info("%s lost a connection: %s", self.describe(), error)
         finally:
@@ -238,7 +255,7 @@ class StageServer:
             for session_id in opened:
                 self._drop(session_id)
 
-    def _answer(self, data: bytes, opened: set[str]) -> bytes | None:
+    def _answer(self, data: bytes, opened: set[str]) -> bytes | Iterator[bytes] | None:
         """The bytes to send back for one received payload, or None."""
         session_id = ""
         try:
@@ -257,6 +274,8 @@ class StageServer:
                 return None
             if isinstance(message, wire.Ping):
                 return wire.encode(wire.Pong(message.nonce, time.time()))
+            if isinstance(message, wire.Generate):
+                return self._generate(self._generating_session(message), message)
             raise _Refusal(wire.BAD_MESSAGE, f"a stage does not accept {type(message).__name__}")
         except wire.WireError as error:
             reply = wire.error_reply(error, session_id)
@@ -393,6 +412,55 @@ class StageServer:
             return self._relay(
                 session, wire.Forward(message.session_id, message.start_position, out, message.compression)
             )
+
+    def _generating_session(self, message: wire.Generate) -> _Session:
+        """The session a Generate may run in; refuses it otherwise."""
+        if self.embed is None or not (self.engine.is_last and self.layer_range[0] == 0):
+            raise _Refusal(
+                wire.BAD_MESSAGE, "this stage does not hold the whole model and cannot generate alone"
+            )
+        with self._sessions_lock:
+            session = self._sessions.get(message.session_id)
+        if session is None:
+            raise _Refusal(wire.UNKNOWN_SESSION, f"no session {message.session_id}")
+        if not session.sampled or message.start_position != session.next_position:
+            raise _Refusal(
+                wire.BAD_MESSAGE,
+                f"generate starts at position {message.start_position}, the session is at"
+                f" {session.next_position} with {len(session.sampled)} sampled tokens",
+            )
+        if message.start_position + message.max_tokens > session.max_context:
+            raise _Refusal(wire.BAD_MESSAGE, f"positions past the session's context of {session.max_context}")
+        return session
+
+    def _generate(self, session: _Session, message: wire.Generate) -> Iterator[bytes]:
+        """Decodes from the session's last sampled token; yields each TokenResult's bytes."""
+        assert self.embed is not None
+        eog = frozenset(message.eog_ids)
+        with self._sessions_lock:
+            self._generations_total += 1
+        try:
+            for _ in range(message.max_tokens):
+                with session.lock:
+                    if session.cache is None:
+                        raise _Refusal(wire.UNKNOWN_SESSION, f"session {session.session_id} is closed")
+                    session.last_used = time.monotonic()
+                    hidden = self.embed([session.sampled[-1]])
+                    cache, session.cache = session.cache, None
+                    with self._device_lock:
+                        logits, session.cache = self.engine.forward(hidden, session.next_position, cache)
+                    session.next_position += 1
+                    self._forwards_total += 1
+                    result = self._sample(session, logits, session.next_position)
+                yield wire.encode(result)
+                if session.sampled[-1] in eog:
+                    return
+        except _Refusal as error:
+            yield self._error(session.session_id, error.code, str(error))
+        except Exception as error:  # a device failure must not take the server down
+            logger.exception("%s failed while generating", self.describe())
+            self._drop(session.session_id)
+            yield self._error(session.session_id, wire.INTERNAL, f"{type(error).__name__}: {error}")
 
     def _sample(self, session: _Session, logits: np.ndarray, position: int) -> wire.TokenResult:
         """logits: f32[vocab] -> the next token, sealed to the requester."""

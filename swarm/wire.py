@@ -19,6 +19,14 @@ u32 length and the bytes. Tensor payloads are little-endian, as in GGUF and ggml
     4 Close        str8 session_id
     5 Error        str8 session_id (may be empty) | str8 code | u16 n | message (UTF-8)
     6 Ping, 7 Pong u64 nonce | f64 timestamp (Unix seconds)
+    8 Generate     str8 session_id | u32 start_position | u32 max_tokens | u16 n
+                   | n x u32 end-of-generation token ids
+
+A Generate goes to a stage that holds the whole model in its session (one-stage route):
+it decodes on its own from its last sampled token, at start_position, answering one
+TokenResult per token, until it has sent max_tokens or one of the end-of-generation
+tokens (DESIGN.md §5, remote-generate). The requester stops it early by closing the
+connection.
 
 The hops of an OpenSession are the rest of the route after the stage it is sent to: that
 stage opens the session on the first hop and passes it the remaining ones.
@@ -61,6 +69,7 @@ MAX_SEALED_TOKEN_BYTES = 64 * 1024
 MAX_ERROR_MESSAGE_BYTES = 4096
 MAX_TOP_LOGPROBS = 64
 MAX_ROUTE_HOPS = 64
+MAX_EOG_IDS = 256
 # Index order is the wire encoding: append only. f32 is lossless (pipeline output equals
 # a single node's); f16 halves and q8_0 quarters the bytes, for slow links.
 COMPRESSIONS = ("f16", "q8_0", "f32")
@@ -262,6 +271,26 @@ class Error:
 
 
 @dataclass(frozen=True)
+class Generate:
+    """Asks a whole-model stage to decode up to max_tokens on its own (see the module docstring)."""
+
+    session_id: str
+    start_position: int
+    max_tokens: int
+    eog_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_session_id(self.session_id)
+        _check_u32("start position", self.start_position)
+        _check_u32("max tokens", self.max_tokens, minimum=1)
+        object.__setattr__(self, "eog_ids", tuple(self.eog_ids))
+        if len(self.eog_ids) > MAX_EOG_IDS:
+            raise WireError(f"at most {MAX_EOG_IDS} end-of-generation tokens")
+        for token_id in self.eog_ids:
+            _check_u32("end-of-generation token id", token_id)
+
+
+@dataclass(frozen=True)
 class _Heartbeat:
     nonce: int
     timestamp: float
@@ -283,7 +312,7 @@ class Pong(_Heartbeat):
     """Answers a Ping: its nonce, and the answering peer's clock."""
 
 
-Message = OpenSession | Forward | TokenResult | Close | Error | Ping | Pong
+Message = OpenSession | Forward | TokenResult | Close | Error | Ping | Pong | Generate
 
 
 @dataclass(frozen=True)
@@ -384,6 +413,10 @@ def encode(message: Message) -> bytes:
         writer.parts.append(text)
     elif kind in (Ping, Pong):
         writer.pack("Qd", message.nonce, message.timestamp)
+    elif kind is Generate:
+        writer.str8(message.session_id)
+        writer.pack("IIH", message.start_position, message.max_tokens, len(message.eog_ids))
+        writer.pack(f"{len(message.eog_ids)}I", *message.eog_ids)
     else:
         raise WireError(f"cannot encode {kind.__name__}")
     body = b"".join(writer.parts)
@@ -506,6 +539,14 @@ def _decode_error(reader: _Reader) -> Error:
     return Error(session_id, code, reader.text(size, "message"))
 
 
+def _decode_generate(reader: _Reader) -> Generate:
+    session_id = reader.str8("session id")
+    start, max_tokens, count = reader.unpack("IIH", "generate header")
+    if count > MAX_EOG_IDS:
+        raise WireError(f"{count} end-of-generation tokens exceed the limit of {MAX_EOG_IDS}")
+    return Generate(session_id, start, max_tokens, reader.unpack(f"{count}I", "end-of-generation tokens"))
+
+
 _DECODERS = {
     1: (OpenSession, _decode_open_session),
     2: (Forward, _decode_forward),
@@ -514,6 +555,7 @@ _DECODERS = {
     5: (Error, _decode_error),
     6: (Ping, lambda reader: Ping(*reader.unpack("Qd", "body"))),
     7: (Pong, lambda reader: Pong(*reader.unpack("Qd", "body"))),
+    8: (Generate, _decode_generate),
 }
 _TYPE_IDS = {kind: type_id for type_id, (kind, _) in _DECODERS.items()}
 

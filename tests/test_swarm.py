@@ -237,3 +237,14 @@ def test_node_of_another_network_is_never_used(swarm: LocalSwarm, reference: str
     assert stage(stranger)["sessions_opened"] == 0
     records = DhtClient(a.data_dir).lookup(MODEL)
     assert stranger_id not in {record.peer_id for record in records}
+
+
+def test_whole_request_is_handed_to_a_peer_holding_the_whole_model(swarm: LocalSwarm, reference: str):
+    a = swarm.nodes[0]
+    whole = swarm.add(name="whole")
+    swarm.wait_ready([whole])
+    deadline = time.monotonic() + 60
+    while stage(whole)["generations"] == 0:  # once its record is in the DHT, it is the best route
+        assert time.monotonic() < deadline, "the whole-model peer was never handed a request"
+        assert complete(a) == reference
+    assert complete(a, stream=True) == reference

@@ -20,6 +20,7 @@ from swarm.wire import (
     Close,
     Error,
     Forward,
+    Generate,
     OpenSession,
     Ping,
     Pong,
@@ -66,6 +67,8 @@ def _messages() -> list[wire.Message]:
         Error("", wire.OVERLOADED, ""),
         Ping(2**64 - 1, 1_700_000_000.25),
         Pong(7, 1_700_000_000.5),
+        Generate(SESSION, 40, 512, (2, 128001)),
+        Generate(SESSION, 0, 1),
     ]
 
 
@@ -325,6 +328,10 @@ def test_invalid_messages_cannot_be_built():
         Error(SESSION, "Not Found", "x")
     with pytest.raises(WireError, match="64-bit"):
         Ping(-1, 0.0)
+    with pytest.raises(WireError, match="max tokens"):
+        Generate(SESSION, 0, 0)
+    with pytest.raises(WireError, match="at most 256"):
+        Generate(SESSION, 0, 5, tuple(range(300)))
     with pytest.raises(WireError, match="float32"):
         SampledToken(1, float("nan"))
 
