@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import yaml
 
 from swarm.errors import InvalidRequestError
-from swarm.gguf_file import atomic_write_text
+from swarm.files import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 API_KEY_FILE = "api_key"

@@ -16,20 +16,18 @@ Imports numpy and gguf, never jax.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from swarm.errors import ModelFileError
+from swarm.files import atomic_write_text
 
 GGUF_MAGIC = b"GGUF"
 CACHE_FORMAT = 1
@@ -237,25 +235,3 @@ def _write_cache(cache_path: Path, parsed: tuple[dict[str, Any], dict[str, Tenso
         "tensors": [[t.name, t.qtype, list(t.ne), t.offset, t.nbytes] for t in tensors.values()],
     }
     atomic_write_text(cache_path, json.dumps(payload, ensure_ascii=False))
-
-
-@contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """A binary file written beside `path` and renamed onto it only once complete and synced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` atomically: temp file in the same dir, fsync, rename."""
-    with atomic_writer(path) as handle:
-        handle.write(text.encode("utf-8"))

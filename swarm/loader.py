@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swarm.chat_template import ChatTemplate
-from swarm.gguf_file import GGUFFile, atomic_write_text
+from swarm.files import atomic_write_text
+from swarm.gguf_file import GGUFFile
 from swarm.model_config import ModelConfig
 from swarm.models import resolve_model
 from swarm.tokenizer import Tokenizer

@@ -31,12 +31,11 @@ from typing import Any
 import numpy as np
 
 from swarm.errors import InvalidRequestError, ModelFileError
+from swarm.files import atomic_write_text, atomic_writer
 from swarm.gguf_file import (
     CACHE_FORMAT,
     GGUFFile,
     TensorInfo,
-    atomic_write_text,
-    atomic_writer,
     parse_header,
     read_header,
 )
