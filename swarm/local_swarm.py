@@ -1,8 +1,10 @@
 """A swarm of full nodes on this machine's loopback, for tests and benchmarks.
 
 Owns `LocalSwarm`: N complete nodes (`swarm run`: supervisor, DHT, node and control
-processes), each with its own data dir, free ports and a hard link to the model file,
-holding the layer ranges of a split. The first node is every other node's bootstrap
+processes), each with its own data dir and free ports, holding the layer ranges of a
+split. The model is sharded once (`swarm.shards`); each node's model directory holds hard
+links to the shards its layers need plus the embedding's (every node can take requests,
+and a requester embeds its own tokens), so a node never has the rest of the model. The first node is every other node's bootstrap
 peer; mDNS is off unless asked for (it would find unrelated nodes on the machine).
 `tools/local_swarm.py` is its command line; the integration tests drive it directly.
 
@@ -159,6 +161,35 @@ class LocalSwarm:
         self.echo = echo
         self.nodes: list[LocalNode] = []
         self.n_layers = layer_count(self.model_path)
+        self._manifest: Any = None
+
+    def _model_dir(self, data_dir: Path, layers: tuple[int, int]) -> Path:
+        """`data_dir/models/<model id>/`: the manifest, the header and this node's shards, hard-linked."""
+        from swarm.shards import (
+            EMBEDDING,
+            HEADER_FILE,
+            MANIFEST_FILE,
+            MIB,
+            select_shards,
+            shard_file_name,
+            split_gguf,
+        )
+
+        shards = self.root / "shards"
+        if self._manifest is None:
+            size_mb = max(self.model_path.stat().st_size / (2 * self.n_layers) / MIB, 0.001)
+            self._manifest = split_gguf(self.model_path, shards, shard_size_mb=size_mb)
+        manifest = self._manifest
+        chosen = set(select_shards(manifest, layers)) | {manifest.holders(EMBEDDING)[0][0]}
+        out = data_dir / "models" / self.model_id
+        out.mkdir(parents=True, exist_ok=True)
+        for name in [MANIFEST_FILE, HEADER_FILE, *(shard_file_name(i) for i in sorted(chosen))]:
+            if not (out / name).exists():
+                try:
+                    os.link(shards / name, out / name)
+                except OSError:
+                    shutil.copyfile(shards / name, out / name)
+        return out
 
     def add(
         self,
@@ -173,15 +204,8 @@ class LocalSwarm:
         unless `join` (an invite code) or `bootstrap=False` says otherwise."""
         name = name or f"node{len(self.nodes)}"
         data_dir = self.root / name
-        models = data_dir / "models"
-        models.mkdir(parents=True, exist_ok=True)
-        model_file = models / f"{self.model_id}.gguf"
-        if not model_file.exists():
-            try:
-                os.link(self.model_path, model_file)
-            except OSError:
-                shutil.copyfile(self.model_path, model_file)
         layers = layers or (0, self.n_layers)
+        model_dir = self._model_dir(data_dir, layers)
         node = LocalNode(
             name,
             data_dir,
@@ -203,7 +227,7 @@ class LocalSwarm:
         if bootstrap and not join and self.nodes:
             env["SWARM_NETWORK_BOOTSTRAP_PEERS"] = self.nodes[0].dht
         env.update(self.env)
-        command = [sys.executable, "-m", "swarm", "run", str(model_file), "--data-dir", str(data_dir)]
+        command = [sys.executable, "-m", "swarm", "run", str(model_dir), "--data-dir", str(data_dir)]
         command += ["--port", str(node.port)]
         if join:
             command += ["--join", join]

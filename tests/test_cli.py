@@ -195,3 +195,18 @@ def test_shard_bad_size(tmp_path, tiny_model):
         data_dir=tmp_path,
     )
     assert_one_line_error(result, "shard")
+
+
+def test_join_with_a_malformed_invite_code(tmp_path):
+    assert_one_line_error(swarm("run", "--join", "swarm://not-a-code", data_dir=tmp_path), "invite")
+    assert_one_line_error(swarm("run", "--join", "http://example", data_dir=tmp_path), "swarm://")
+    assert not (tmp_path / "logs").exists()  # refused before anything started
+
+
+def test_peers_and_invite_without_a_running_node(tmp_path):
+    for command in ("peers", "invite", "status"):
+        result = swarm(command, data_dir=tmp_path)
+        if command == "status":  # reports each part as down rather than failing
+            assert result.returncode == 0 and "node: down" in result.stdout and "dht: down" in result.stdout
+        else:
+            assert_one_line_error(result, "dht.sock")
