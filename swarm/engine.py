@@ -254,6 +254,18 @@ class Engine:
             done += len(chunk)
         return (np.concatenate(outputs) if len(outputs) > 1 else outputs[0]), cache
 
+    def cache_rows(self, cache: KVCache, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of the keys and values of positions [start, stop) of sequence 0."""
+        return np.asarray(cache.keys[:, 0, start:stop]), np.asarray(cache.values[:, 0, start:stop])
+
+    def with_rows(self, cache: KVCache, keys: np.ndarray, values: np.ndarray) -> KVCache:
+        """`cache` with positions [0, len) of sequence 0 set to `keys`/`values` (a cached prefix)."""
+        count = keys.shape[1]
+        return KVCache(
+            keys=cache.keys.at[:, 0, :count].set(jnp.asarray(keys, cache.keys.dtype)),
+            values=cache.values.at[:, 0, :count].set(jnp.asarray(values, cache.values.dtype)),
+        )
+
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """A sentence embedding f32[d]: the mean of the final-normed hidden states, unit length.
 

@@ -15,6 +15,8 @@ import numpy as np
 
 from swarm.engine import Engine
 from swarm.errors import ContextOverflowError, InvalidRequestError
+from swarm.model import KVCache
+from swarm.prefix_cache import Block, PrefixCache
 from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
 from swarm.tokenizer import Tokenizer
 
@@ -115,11 +117,12 @@ def check_prompt(engine: Engine, prompt_ids: Sequence[int], max_tokens: int) -> 
 class Generator:
     """Generates from a whole-model engine (layers [0, L)) with its tokenizer."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, prefix_cache: PrefixCache | None = None):
         if not (engine.is_first and engine.is_last):
             raise InvalidRequestError("generation needs an engine holding every layer")
         self.engine = engine
         self.tokenizer = tokenizer
+        self.prefix_cache = prefix_cache
         self._piece_texts: list[str] | None = None
 
     def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int) -> int:
@@ -171,6 +174,25 @@ class Generator:
             ]
         return self._piece_texts
 
+    def _prefill(self, prompt_ids: Sequence[int], budget: int) -> tuple[np.ndarray, KVCache]:
+        """The prompt's last logits and its cache, reusing and feeding the prefix cache."""
+        engine = self.engine
+        cache = engine.new_cache(engine.cache_capacity(len(prompt_ids) + budget))
+        prefix = self.prefix_cache
+        start = 0
+        if prefix is not None:
+            blocks = prefix.lookup(prompt_ids)
+            if blocks:
+                keys = np.concatenate([block.keys for block in blocks], axis=1)
+                values = np.concatenate([block.values for block in blocks], axis=1)
+                cache = engine.with_rows(cache, keys, values)
+                start = keys.shape[1]
+        logits, cache = engine.forward(np.asarray(prompt_ids[start:], np.int32), start, cache)
+        if prefix is not None:
+            for first, stop, key in prefix.missing(prompt_ids):
+                prefix.store(key, Block(*engine.cache_rows(cache, first, stop)))
+        return logits, cache
+
     def stream(
         self, prompt_ids: Sequence[int], params: SamplingParams, constraint: Constraint | None = None
     ) -> Iterator[TokenEvent | str]:
@@ -180,9 +202,7 @@ class Generator:
         tokens are refused until it is complete, and generation stops when it is.
         """
         budget = self.check_prompt(prompt_ids, params.max_tokens)
-        engine = self.engine
-        cache = engine.new_cache(engine.cache_capacity(len(prompt_ids) + budget))
-        logits, cache = engine.forward(np.asarray(prompt_ids, np.int32), 0, cache)
+        logits, cache = self._prefill(prompt_ids, budget)
         sampler = Sampler(params)
         decoder = self.tokenizer.stream_decoder()
         scanner = StopScanner(params.stop)
@@ -223,7 +243,7 @@ class Generator:
                 yield FinishReason.stopped_by(scanner.matched)
                 return
             if step + 1 < budget:
-                logits, cache = engine.forward(np.asarray([token], np.int32), len(history) - 1, cache)
+                logits, cache = self.engine.forward(np.asarray([token], np.int32), len(history) - 1, cache)
         tail = scanner.push(decoder.flush()) + scanner.flush()
         if tail:
             yield TokenEvent(-1, tail)

@@ -84,6 +84,7 @@ class ModelBackend:
         from swarm.engine import EngineSettings, enable_compilation_cache
         from swarm.generate import Generator
         from swarm.loader import open_model
+        from swarm.prefix_cache import PrefixCache
 
         try:
             began = time.perf_counter()
@@ -101,7 +102,8 @@ class ModelBackend:
             self.engine = self.opened.engine(settings, layers)
             whole = layers == (0, n_layers)
             if whole:
-                self.generator = Generator(self.engine, self.opened.tokenizer)
+                prefix = PrefixCache(inference.prefix_cache_mb * 2**20) if inference.prefix_cache_mb else None
+                self.generator = Generator(self.engine, self.opened.tokenizer, prefix)
                 self._warm_up(inference.default_max_tokens)
             if not self.config.pool.offline_mode:
                 from swarm.identity import Identity
@@ -171,6 +173,16 @@ class ModelBackend:
                 loaded_at=self.loaded_at,
                 routed=self.generator is None,
             )
+        prefix = self.generator.prefix_cache if self.generator is not None else None
+        if prefix is not None:
+            stats = prefix.stats
+            model["prefix_cache"] = {
+                "blocks": len(prefix),
+                "mb": round(prefix.nbytes / 2**20, 1),
+                "hits": stats.hits,
+                "misses": stats.misses,
+                "reused_tokens": stats.reused_tokens,
+            }
         info: dict[str, Any] = {"models": [model]}
         if self.peering is not None:
             info["peering"] = self.peering.info()

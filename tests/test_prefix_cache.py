@@ -1,0 +1,88 @@
+"""The prefix cache: hashed 64-token blocks of prompt KV, reused across requests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from swarm.prefix_cache import BLOCK_TOKENS, Block, PrefixCache, block_keys
+from swarm.sampling import SamplingParams
+
+
+def block(fill: float = 0.0) -> Block:
+    rows = np.full((2, BLOCK_TOKENS, 1, 4), fill, np.float16)
+    return Block(rows, rows.copy())
+
+
+def test_keys_name_whole_prefixes():
+    a = list(range(200))
+    b = [*range(64), *range(1000, 1136)]
+    assert block_keys(a, 3)[0] == block_keys(b, 3)[0]  # same first block
+    assert block_keys(a, 3)[1] != block_keys(b, 3)[1]  # a different second block changes it
+    c = [*range(64, 128), *range(64)]
+    assert block_keys(c, 2)[1] != block_keys(a, 2)[1]  # a block's key depends on what precedes it
+
+
+def fill(cache: PrefixCache, prompt: list[int]) -> None:
+    for start, stop, key in cache.missing(prompt):
+        rows = np.full((2, stop - start, 1, 4), start, np.float16)
+        cache.store(key, Block(rows, rows.copy()))
+
+
+def test_lookup_leaves_a_token_to_prefill_and_stops_at_the_first_gap():
+    cache = PrefixCache(1 << 20)
+    prompt = list(range(150))
+    fill(cache, prompt)  # blocks 0-64 and 64-128, and the tail 128-149
+    assert len(cache) == 3
+    found = cache.lookup(prompt)  # resubmitted: everything but the last token
+    assert [b.keys.shape[1] for b in found] == [64, 64, 21]
+    assert [int(b.keys[0, 0, 0, 0]) for b in found] == [0, 64, 128]
+    assert [b.keys.shape[1] for b in cache.lookup([*prompt[:140], 9, 9])] == [64, 64]  # tail differs
+    assert cache.lookup([7, *prompt]) == []
+    assert cache.stats.hits == 2 and cache.stats.misses == 1
+    assert cache.stats.reused_tokens == 149 + 128
+
+
+def test_a_prompt_ending_on_a_block_edge_reuses_all_but_its_last_token():
+    cache = PrefixCache(1 << 20)
+    prompt = list(range(128))
+    fill(cache, prompt)
+    assert [b.keys.shape[1] for b in cache.lookup(prompt)] == [64, 63]
+    assert [b.keys.shape[1] for b in cache.lookup([*prompt, 1])] == [64, 64]
+
+
+def test_least_recently_used_blocks_go_first_within_the_budget():
+    one = block().nbytes
+    cache = PrefixCache(2 * one)
+    prompts = [[i] * (BLOCK_TOKENS + 1) for i in range(3)]
+    for prompt in prompts[:2]:
+        fill(cache, prompt)
+    assert cache.lookup(prompts[0])  # touch the first: the second is now the oldest
+    fill(cache, prompts[2])
+    assert cache.nbytes <= 2 * one and len(cache) == 2
+    assert cache.lookup(prompts[0]) and cache.lookup(prompts[2]) and not cache.lookup(prompts[1])
+    assert cache.stats.evicted_blocks == 1
+
+
+@pytest.mark.realmodel
+def test_a_prefix_hit_gives_the_tokens_of_a_cold_run(opened_models, real_engines):
+    from swarm.generate import Generator
+
+    model = opened_models("smollm2-135m")
+    engine = real_engines("smollm2-135m")
+    text = " ".join(f"Item {i} is a small blue box with a red lid." for i in range(25))
+    shared = model.tokenizer.encode(text, add_bos=None, parse_special=False)
+    assert len(shared) > 4 * BLOCK_TOKENS
+    first = [*shared, *model.tokenizer.encode(" The last item is", add_bos=None, parse_special=False)]
+    second = [
+        *shared,
+        *model.tokenizer.encode(" The colour of the lid is", add_bos=None, parse_special=False),
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    cold = Generator(engine, model.tokenizer)
+    cached = Generator(engine, model.tokenizer, PrefixCache(256 << 20))
+    for prompt in (first, first, second):
+        assert cached.generate(prompt, params).token_ids == cold.generate(prompt, params).token_ids
+    stats = cached.prefix_cache.stats
+    assert stats.misses == 1 and stats.hits == 2
+    assert stats.reused_tokens >= 2 * (len(shared) // BLOCK_TOKENS) * BLOCK_TOKENS
