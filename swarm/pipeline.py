@@ -51,9 +51,10 @@ class StageError(SwarmError):
     session), as opposed to a refusal every route would repeat (a malformed request).
     """
 
-    def __init__(self, message: str, *, retriable: bool = True) -> None:
+    def __init__(self, message: str, *, retriable: bool = True, code: str = "") -> None:
         super().__init__(message)
         self.retriable = retriable
+        self.code = code  # the stage's error code, when it answered with one
 
 
 # Error codes a stage answers with that another route may not repeat.
@@ -207,9 +208,11 @@ class Requester:
         """
         prompt_length = len(history)
         produced = 0
+        delegate = True
         while produced < budget:
             start = 0 if produced == 0 else len(history) - 1
-            if produced and link.open and len(self.route) == 1:
+            if delegate and produced and link.open and len(self.route) == 1:
+                began = produced
                 try:
                     for token in link.generate(start, budget - produced, eog):
                         produced += 1
@@ -218,6 +221,9 @@ class Requester:
                             return
                     return
                 except StageError as error:
+                    if error.code == wire.BAD_MESSAGE and produced == began:
+                        delegate = False  # a stage that cannot decode alone: drive it token by token
+                        continue
                     link.close()
                     if not error.retriable or self.reroute is None or len(self.failovers) >= MAX_FAILOVERS:
                         raise
@@ -356,7 +362,9 @@ class _Link:
         except (ChannelError, wire.WireError) as error:
             raise StageError(f"{first.describe()}: {error}") from error
         if isinstance(reply, wire.Error):
-            raise StageError(f"{reply.code}: {reply.message}", retriable=reply.code in RETRIABLE_CODES)
+            raise StageError(
+                f"{reply.code}: {reply.message}", retriable=reply.code in RETRIABLE_CODES, code=reply.code
+            )
         if not isinstance(reply, wire.TokenResult) or reply.session_id != self.session_id:
             raise StageError(f"{first.describe()}: unexpected {type(reply).__name__}")
         if reply.position != position:
