@@ -106,6 +106,9 @@ def _message(raw: Any, index: int) -> dict[str, Any]:
     return message
 
 
+MAX_PRIORITY = 100
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """What every API dialect is turned into before it reaches the node.
@@ -127,8 +130,15 @@ class GenerationRequest:
     logprobs: bool = False  # report each generated token's log-probability
     request_id: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # dialect hints, passed through
+    priority: int = 0  # higher is admitted sooner; equal priorities are first come, first served
 
     def __post_init__(self) -> None:
+        if (
+            not isinstance(self.priority, int)
+            or isinstance(self.priority, bool)
+            or abs(self.priority) > MAX_PRIORITY
+        ):
+            raise InvalidRequestError(f"priority must be an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}")
         if not isinstance(self.model, str):
             raise InvalidRequestError("model must be a string")
         if (self.messages is None) == (self.prompt is None):
@@ -167,6 +177,7 @@ class GenerationRequest:
             "logprobs": self.logprobs,
             "request_id": self.request_id,
             "extra": self.extra,
+            "priority": self.priority,
         }
 
     @classmethod
@@ -210,4 +221,5 @@ class GenerationRequest:
             logprobs=bool(data.get("logprobs")),
             request_id=str(data.get("request_id") or ""),
             extra=extra if isinstance(extra, dict) else {},
+            priority=data.get("priority", 0),
         )

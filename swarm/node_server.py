@@ -92,6 +92,7 @@ class Job:
     output: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.monotonic)
+    priority: int = 0  # waiting jobs are admitted highest first, then in arrival order
 
 
 @dataclass
@@ -155,7 +156,9 @@ class Scheduler:
             while not self._active and not self._waiting and not self._stopping:
                 self._wake.wait()
             while self._waiting and len(self._active) < self.max_active:
-                self._active.append(self._waiting.popleft())
+                chosen = max(self._waiting, key=lambda job: job.priority)  # the first of the highest
+                self._waiting.remove(chosen)
+                self._active.append(chosen)
             self.stats.active = len(self._active) + self._detached
             self.stats.waiting = len(self._waiting)
 
@@ -235,13 +238,14 @@ class _Handler(socketserver.StreamRequestHandler):
                 self._stream(node.backend.embed(str(message.get("model", "")), inputs))
             elif op == "generate":
                 self._require_ready()
-                prepared = node.backend.prepare(GenerationRequest.from_dict(message.get("request")))
+                request = GenerationRequest.from_dict(message.get("request"))
+                prepared = node.backend.prepare(request)
                 start = {
                     "event": "start",
                     "model": node.backend.served_model(prepared),
                     "prompt_tokens": node.backend.prompt_tokens(prepared),
                 }
-                self._stream(node.backend.run(prepared), start)
+                self._stream(node.backend.run(prepared), start, request.priority)
             else:
                 raise ProtocolError(f"unknown op {op!r}")
         except OverflowError as error:
@@ -276,8 +280,10 @@ class _Handler(socketserver.StreamRequestHandler):
         except OSError:
             return True
 
-    def _stream(self, events: Iterator[dict[str, Any]], start: dict[str, Any] | None = None) -> None:
-        job = Job(events)
+    def _stream(
+        self, events: Iterator[dict[str, Any]], start: dict[str, Any] | None = None, priority: int = 0
+    ) -> None:
+        job = Job(events, priority=priority)
         self.server.scheduler.submit(job)
         if start is not None and not self._send(start):
             job.cancelled.set()

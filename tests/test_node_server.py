@@ -25,6 +25,8 @@ def exchange(path, raw: bytes) -> dict:
         (b'{"op": "generate", "request": {"model": "mock-1"}}\n', "exactly one of messages and prompt"),
         (b'{"op": "generate", "request": {"prompt": "x", "sampling": {"top_p": 7}}}\n', "top_p"),
         (b'{"op": "embed", "model": "mock-1", "inputs": []}\n', "inputs"),
+        (b'{"op": "generate", "request": {"prompt": "x", "priority": 1000}}\n', "priority"),
+        (b'{"op": "generate", "request": {"prompt": "x", "priority": "high"}}\n', "priority"),
     ],
 )
 def test_bad_frames_get_a_named_error_and_the_node_keeps_serving(node_server, raw, words):

@@ -1,0 +1,117 @@
+"""The node's scheduler with stand-in generations: admission by priority, fair turns,
+cancellation, and routed (detached) runs that never hold up local ones."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+from swarm.node_server import Detached, Job, Scheduler
+
+
+def generation(
+    name: str, steps: int, trace: list[str], gate: threading.Event | None = None
+) -> Iterator[dict]:
+    if gate is not None:
+        gate.wait(10)
+    for step in range(steps):
+        trace.append(name)
+        yield {"event": "text", "text": f"{name}{step}", "token_id": step}
+    yield {"event": "done", "finish_reason": "length"}
+
+
+def finish(job: Job, timeout: float = 10.0) -> list[dict]:
+    events = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = job.output.get(timeout=timeout)
+        events.append(event)
+        if event["event"] in ("done", "error"):
+            return events
+    raise AssertionError("the job did not finish")
+
+
+def test_higher_priority_waiting_jobs_are_admitted_first_and_equals_in_order():
+    scheduler = Scheduler(max_active=1, max_waiting=10)
+    trace: list[str] = []
+    gate = threading.Event()
+    try:
+        blocker = Job(generation("blocker", 1, trace, gate))
+        scheduler.submit(blocker)
+        time.sleep(0.2)  # the blocker holds the only slot
+        jobs = {
+            name: Job(generation(name, 2, trace), priority=priority)
+            for name, priority in (("low1", 0), ("high", 5), ("low2", 0), ("mid", 1))
+        }
+        for job in jobs.values():
+            scheduler.submit(job)
+        gate.set()
+        for job in [blocker, *jobs.values()]:
+            finish(job)
+    finally:
+        scheduler.stop()
+    order = [name for index, name in enumerate(trace) if name != "blocker" and trace.index(name) == index]
+    assert order == ["high", "mid", "low1", "low2"]
+
+
+def test_active_jobs_take_turns():
+    scheduler = Scheduler(max_active=3, max_waiting=10)
+    trace: list[str] = []
+    gate = threading.Event()
+    try:
+        jobs = [Job(generation(name, 4, trace, gate if name == "a" else None)) for name in "abc"]
+        for job in jobs:
+            scheduler.submit(job)
+        gate.set()
+        for job in jobs:
+            finish(job)
+    finally:
+        scheduler.stop()
+    # After the first turn, no job takes two steps while another waits.
+    steady = trace[3:9]
+    assert all(steady[i] != steady[i + 1] for i in range(len(steady) - 1)), trace
+
+
+def test_a_cancelled_job_is_dropped_and_closed():
+    scheduler = Scheduler(max_active=1, max_waiting=10)
+    closed = threading.Event()
+
+    def endless() -> Iterator[dict]:
+        try:
+            while True:
+                time.sleep(0.01)
+                yield {"event": "text", "text": "x", "token_id": 1}
+        finally:
+            closed.set()
+
+    try:
+        job = Job(endless())
+        scheduler.submit(job)
+        job.output.get(timeout=5)
+        job.cancelled.set()
+        assert closed.wait(5)
+        other = Job(generation("next", 1, []))
+        scheduler.submit(other)
+        assert finish(other)[-1]["event"] == "done"
+        assert scheduler.stats.cancelled == 1
+    finally:
+        scheduler.stop()
+
+
+def test_a_detached_run_waiting_on_the_network_holds_up_no_local_job():
+    scheduler = Scheduler(max_active=1, max_waiting=10)
+    gate = threading.Event()
+    trace: list[str] = []
+    try:
+        routed = Job(Detached(generation("routed", 1, trace, gate)))
+        scheduler.submit(routed)
+        local = Job(generation("local", 3, trace))
+        scheduler.submit(local)
+        assert finish(local)[-1]["event"] == "done"  # while the routed run still waits
+        assert "routed" not in trace
+        gate.set()
+        assert finish(routed)[-1]["event"] == "done"
+    finally:
+        scheduler.stop()
+    assert scheduler.stats.active == 0
