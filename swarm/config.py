@@ -105,6 +105,9 @@ class InferenceConfig(_Section):
     weights: str = _key("auto", "weight layout", restart=True, choices=("auto", "f32", "packed"))
     layers: str = _key("auto", "layer loop", restart=True, choices=("auto", "scan", "unroll"))
     kv_cache: str = _key("f16", "KV cache dtype", restart=True, choices=("f16", "f32"))
+    prefill_chunk: int = _key(
+        256, "prompt tokens prefilled between other requests' steps; 0 = all at once", low=0
+    )
     prefix_cache_mb: int = _key(
         256, "memory for reusable prompt-prefix KV, in MB; 0 = off", restart=True, low=0
     )

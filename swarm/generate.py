@@ -7,6 +7,7 @@ and streaming text that never splits a UTF-8 character or leaks part of a stop s
 
 from __future__ import annotations
 
+from collections.abc import Generator as GeneratorType
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -99,6 +100,16 @@ class StopScanner:
         return out
 
 
+class Prefilling:
+    """Yielded by `Generator.stream` between prompt chunks when asked to (`prefill_chunk`)."""
+
+    def __repr__(self) -> str:
+        return "PREFILLING"
+
+
+PREFILLING = Prefilling()
+
+
 def check_prompt(engine: Engine, prompt_ids: Sequence[int], max_tokens: int) -> int:
     """How many tokens may follow `prompt_ids` in `engine`'s context; raises if it does not fit."""
     limit = engine.max_context
@@ -174,35 +185,55 @@ class Generator:
             ]
         return self._piece_texts
 
-    def _prefill(self, prompt_ids: Sequence[int], budget: int) -> tuple[np.ndarray, KVCache]:
-        """The prompt's last logits and its cache, reusing and feeding the prefix cache."""
+    def _prefill(
+        self, prompt_ids: Sequence[int], budget: int, chunk: int | None
+    ) -> GeneratorType[Prefilling, None, tuple[np.ndarray, KVCache]]:
+        """The prompt's last logits and its cache, reusing and feeding the prefix cache.
+
+        With `chunk`, the prompt goes through in pieces of that many tokens and PREFILLING
+        is yielded between them (a scheduler's chance to run other sessions' steps).
+        """
         engine = self.engine
         cache = engine.new_cache(engine.cache_capacity(len(prompt_ids) + budget))
         prefix = self.prefix_cache
-        start = 0
+        position = 0
         if prefix is not None:
             blocks = prefix.lookup(prompt_ids)
             if blocks:
                 keys = np.concatenate([block.keys for block in blocks], axis=1)
                 values = np.concatenate([block.values for block in blocks], axis=1)
                 cache = engine.with_rows(cache, keys, values)
-                start = keys.shape[1]
-        logits, cache = engine.forward(np.asarray(prompt_ids[start:], np.int32), start, cache)
+                position = keys.shape[1]
+        step = chunk or len(prompt_ids)
+        while True:
+            piece = np.asarray(prompt_ids[position : position + step], np.int32)
+            logits, cache = engine.forward(piece, position, cache)
+            position += len(piece)
+            if position >= len(prompt_ids):
+                break
+            yield PREFILLING
         if prefix is not None:
             for first, stop, key in prefix.missing(prompt_ids):
                 prefix.store(key, Block(*engine.cache_rows(cache, first, stop)))
         return logits, cache
 
     def stream(
-        self, prompt_ids: Sequence[int], params: SamplingParams, constraint: Constraint | None = None
-    ) -> Iterator[TokenEvent | str]:
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        constraint: Constraint | None = None,
+        *,
+        prefill_chunk: int | None = None,
+    ) -> Iterator[TokenEvent | str | Prefilling]:
         """Yields a TokenEvent per generated token, then the finish reason as a str.
 
         With a `constraint`, only tokens it accepts are sampled, end-of-generation
         tokens are refused until it is complete, and generation stops when it is.
+        With `prefill_chunk`, a long prompt is prefilled that many tokens at a time and
+        PREFILLING is yielded between the chunks (callers passing it must skip those).
         """
         budget = self.check_prompt(prompt_ids, params.max_tokens)
-        logits, cache = self._prefill(prompt_ids, budget)
+        logits, cache = yield from self._prefill(prompt_ids, budget, prefill_chunk)
         sampler = Sampler(params)
         decoder = self.tokenizer.stream_decoder()
         scanner = StopScanner(params.stop)

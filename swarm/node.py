@@ -33,7 +33,7 @@ from typing import Any
 from swarm import paths
 from swarm.config import Config, ConfigError, load_config
 from swarm.errors import InvalidRequestError, UnknownModelError
-from swarm.generate import check_prompt
+from swarm.generate import PREFILLING, check_prompt
 from swarm.node_protocol import SOCKET_NAME, GenerationRequest
 from swarm.node_server import Detached, NodeServer
 from swarm.schema_constraint import SchemaConstraint
@@ -266,10 +266,15 @@ class ModelBackend:
         stop_sequence = None
         pieces = self.generator.token_pieces() if forced else None
         if self.generator is not None:
-            events = self.generator.stream(prepared.prompt_ids, params, constraint)
+            # A long prompt advances a chunk per scheduler turn, between other requests' tokens.
+            chunk = self.config.inference.prefill_chunk or None
+            events = self.generator.stream(prepared.prompt_ids, params, constraint, prefill_chunk=chunk)
         else:
             events = self.peering.requester().stream(prepared.prompt_ids, params)
         for event in events:
+            if event is PREFILLING:
+                yield {"event": "progress"}
+                continue
             if isinstance(event, str):
                 finish = event
                 stop_sequence = getattr(event, "stop_sequence", None)

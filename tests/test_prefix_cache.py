@@ -1,4 +1,4 @@
-"""The prefix cache: hashed 64-token blocks of prompt KV, reused across requests."""
+"""The prefix cache (hashed 64-token blocks of prompt KV, reused across requests) and chunked prefill."""
 
 from __future__ import annotations
 
@@ -86,3 +86,18 @@ def test_a_prefix_hit_gives_the_tokens_of_a_cold_run(opened_models, real_engines
     stats = cached.prefix_cache.stats
     assert stats.misses == 1 and stats.hits == 2
     assert stats.reused_tokens >= 2 * (len(shared) // BLOCK_TOKENS) * BLOCK_TOKENS
+
+
+@pytest.mark.realmodel
+def test_chunked_prefill_yields_between_chunks_and_gives_the_same_tokens(opened_models, real_engines):
+    from swarm.generate import PREFILLING, Generator
+
+    model = opened_models("smollm2-135m")
+    generator = Generator(real_engines("smollm2-135m"), model.tokenizer)
+    text = " ".join(f"Step {i}: stir the pot and add a pinch of salt." for i in range(20))
+    prompt = model.tokenizer.encode(text, add_bos=None, parse_special=False)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    events = list(generator.stream(prompt, params, prefill_chunk=64))
+    assert events[: -(len(prompt) // -64) - 1] == [PREFILLING] * (-(len(prompt) // -64) - 1)
+    tokens = [event.token_id for event in events if event is not PREFILLING and not isinstance(event, str)]
+    assert tokens == generator.generate(prompt, params).token_ids
