@@ -14,10 +14,8 @@ Never imports jax: everything runs in the child processes.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm.errors import InvalidRequestError, SwarmError
+from swarm.router import even_split
 
 READY_TIMEOUT_S = 600.0
 
@@ -42,13 +41,6 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def even_split(n_layers: int, nodes: int) -> list[tuple[int, int]]:
-    if not 1 <= nodes <= n_layers:
-        raise InvalidRequestError(f"cannot split {n_layers} layers over {nodes} nodes")
-    edges = [round(i * n_layers / nodes) for i in range(nodes + 1)]
-    return list(itertools.pairwise(edges))
 
 
 def parse_split(text: str, n_layers: int, nodes: int) -> list[tuple[int, int]]:
@@ -165,15 +157,7 @@ class LocalSwarm:
 
     def _model_dir(self, data_dir: Path, layers: tuple[int, int]) -> Path:
         """`data_dir/models/<model id>/`: the manifest, the header and this node's shards, hard-linked."""
-        from swarm.shards import (
-            EMBEDDING,
-            HEADER_FILE,
-            MANIFEST_FILE,
-            MIB,
-            select_shards,
-            shard_file_name,
-            split_gguf,
-        )
+        from swarm.shards import EMBEDDING, MIB, link_shards, select_shards, split_gguf
 
         shards = self.root / "shards"
         if self._manifest is None:
@@ -181,15 +165,7 @@ class LocalSwarm:
             self._manifest = split_gguf(self.model_path, shards, shard_size_mb=size_mb)
         manifest = self._manifest
         chosen = set(select_shards(manifest, layers)) | {manifest.holders(EMBEDDING)[0][0]}
-        out = data_dir / "models" / self.model_id
-        out.mkdir(parents=True, exist_ok=True)
-        for name in [MANIFEST_FILE, HEADER_FILE, *(shard_file_name(i) for i in sorted(chosen))]:
-            if not (out / name).exists():
-                try:
-                    os.link(shards / name, out / name)
-                except OSError:
-                    shutil.copyfile(shards / name, out / name)
-        return out
+        return link_shards(shards, sorted(chosen), data_dir / "models" / self.model_id)
 
     def add(
         self,

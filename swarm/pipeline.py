@@ -11,10 +11,7 @@ or stalls raises `StageError` naming it.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import os
 import select
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -224,10 +221,7 @@ class Requester:
                     if error.code == wire.BAD_MESSAGE and produced == began:
                         delegate = False  # a stage that cannot decode alone: drive it token by token
                         continue
-                    link.close()
-                    if not error.retriable or self.reroute is None or len(self.failovers) >= MAX_FAILOVERS:
-                        raise
-                    self._fail_over(error, time.monotonic(), len(history) - 1)
+                    self._recover(link, error, time.monotonic(), len(history) - 1)
                     continue
             yield self._step_with_failover(link, history, prompt_length, start)
             produced += 1
@@ -249,16 +243,21 @@ class Requester:
                             link.exchange(position, [history[position]])
                 token = link.exchange(start, history[start:])
             except StageError as error:
-                link.close()
-                if not error.retriable or self.reroute is None or len(self.failovers) >= MAX_FAILOVERS:
-                    raise
                 if recovery is None:
                     began = time.monotonic()
-                recovery = self._fail_over(error, began, start)
+                recovery = self._recover(link, error, began, start)
                 continue
             if recovery is not None:
                 recovery.delay_ms = (time.monotonic() - began) * 1000.0
             return token
+
+    def _recover(self, link: _Link, error: StageError, began: float, replay: int) -> Failover:
+        """Drops the failed session and fails over to a new route; re-raises `error` when
+        no other route could help (a refusal, no rerouting, too many failovers)."""
+        link.close()
+        if not error.retriable or self.reroute is None or len(self.failovers) >= MAX_FAILOVERS:
+            raise error
+        return self._fail_over(error, began, replay)
 
     def _fail_over(self, error: StageError, began: float, replay: int) -> Failover:
         """Excludes the stages that stopped answering and picks a new route."""
@@ -417,27 +416,6 @@ def _host_port(address: str) -> tuple[str, int]:
 # --- a local split check: K stage processes on loopback against one engine --------------
 
 
-def _even_splits(n_layers: int, stages: int) -> list[tuple[int, int]]:
-    if not 1 <= stages <= n_layers:
-        raise InvalidRequestError(f"cannot split {n_layers} layers into {stages} stages")
-    edges = [round(i * n_layers / stages) for i in range(stages + 1)]
-    return list(itertools.pairwise(edges))
-
-
-def _stage_directory(shard_dir: Path, manifest, layers: tuple[int, int], out: Path) -> Path:
-    """A shard directory holding only the shards `layers` need (hard links where possible)."""
-    from swarm.shards import HEADER_FILE, MANIFEST_FILE, select_shards, shard_file_name
-
-    out.mkdir(parents=True)
-    names = [MANIFEST_FILE, HEADER_FILE] + [shard_file_name(i) for i in select_shards(manifest, layers)]
-    for name in names:
-        try:
-            os.link(shard_dir / name, out / name)
-        except OSError:
-            shutil.copyfile(shard_dir / name, out / name)
-    return out
-
-
 def _read_first_line(process: subprocess.Popen, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -492,7 +470,8 @@ def run_split_check(
     """
     from swarm.generate import Generator
     from swarm.loader import open_model
-    from swarm.shards import MIB, split_gguf
+    from swarm.router import even_split
+    from swarm.shards import MIB, link_shards, select_shards, split_gguf
 
     model = open_model(model_name, data_dir)
     if model.path.is_dir():
@@ -500,7 +479,7 @@ def run_split_check(
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     prompt_ids = model.tokenizer.encode(prompt, add_bos=None, parse_special=False)
     n_layers = model.config.n_layers
-    splits = _even_splits(n_layers, stages)
+    splits = even_split(n_layers, stages)
     model_id = model_id_of(model)
     processes: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="swarm-split-") as scratch:
@@ -509,7 +488,9 @@ def run_split_check(
         manifest = split_gguf(model.path, root / "shards", shard_size_mb=shard_size_mb)
         try:
             for index, layers in enumerate(splits):
-                stage_dir = _stage_directory(root / "shards", manifest, layers, root / f"stage{index}")
+                stage_dir = link_shards(
+                    root / "shards", select_shards(manifest, layers), root / f"stage{index}"
+                )
                 processes.append(_start_node(stage_dir, layers, root / f"node{index}", settings, model_id))
             route = [_parse_node_line(_read_first_line(process, 300.0)) for process in processes]
             requester = Requester(

@@ -16,11 +16,12 @@ Pure: no network, no jax. The node feeds it the verified records of the DHT.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from swarm.errors import SwarmError
+from swarm.errors import InvalidRequestError, SwarmError
 
 UNKNOWN_RTT_MS = 150.0  # Petals' assumption for a peer never pinged
 UNKNOWN_THROUGHPUT = 100.0  # layers per second
@@ -115,6 +116,14 @@ def plan_route(
         route.append(hop)
         layer = hop.layers[0]
     return route[::-1]
+
+
+def even_split(n_layers: int, count: int) -> list[tuple[int, int]]:
+    """[0, n_layers) cut into `count` contiguous ranges of (nearly) equal size."""
+    if not 1 <= count <= n_layers:
+        raise InvalidRequestError(f"cannot split {n_layers} layers into {count} ranges")
+    edges = [round(i * n_layers / count) for i in range(count + 1)]
+    return list(itertools.pairwise(edges))
 
 
 def estimate_ms(route: Iterable[Hop]) -> float:

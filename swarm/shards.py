@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -620,6 +621,19 @@ class ShardedGGUF(GGUFFile):
 
 
 # ---------------------------------------------------------------------------- CLI
+
+
+def link_shards(shard_dir: Path, indices: list[int], out: Path) -> Path:
+    """`out` as a shard directory: the manifest, the header and shards `indices` of the set
+    in `shard_dir`, hard-linked (copied where a link cannot be made); files there are kept."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in [MANIFEST_FILE, HEADER_FILE, *(shard_file_name(i) for i in sorted(indices))]:
+        if not (out / name).exists():
+            try:
+                os.link(shard_dir / name, out / name)
+            except OSError:
+                shutil.copyfile(shard_dir / name, out / name)
+    return out
 
 
 def shard_command(source: Path, out_dir: Path, shard_size_mb: float) -> Manifest:

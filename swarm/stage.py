@@ -378,11 +378,26 @@ class StageServer:
                 logger.info("%s: session %s expired", self.describe(), session_id)
                 self._drop(session_id)
 
-    def _forward(self, message: wire.Forward) -> bytes:
+    def _session(self, session_id: str) -> _Session:
         with self._sessions_lock:
-            session = self._sessions.get(message.session_id)
+            session = self._sessions.get(session_id)
         if session is None:
-            raise _Refusal(wire.UNKNOWN_SESSION, f"no session {message.session_id}")
+            raise _Refusal(wire.UNKNOWN_SESSION, f"no session {session_id}")
+        return session
+
+    def _advance(self, session: _Session, hidden: np.ndarray) -> np.ndarray:
+        """Runs `hidden` at the session's next positions (its lock held); the output rows."""
+        if session.cache is None:
+            raise _Refusal(wire.UNKNOWN_SESSION, f"session {session.session_id} is closed")
+        cache, session.cache = session.cache, None  # donated: a failure leaves none behind
+        with self._device_lock:
+            out, session.cache = self.engine.forward(hidden, session.next_position, cache)
+        session.next_position += hidden.shape[0]
+        self._forwards_total += 1
+        return out
+
+    def _forward(self, message: wire.Forward) -> bytes:
+        session = self._session(message.session_id)
         with session.lock:
             session.last_used = time.monotonic()
             hidden = message.hidden_states
@@ -400,13 +415,7 @@ class StageServer:
                 raise _Refusal(
                     wire.BAD_MESSAGE, f"positions past the session's context of {session.max_context}"
                 )
-            if session.cache is None:
-                raise _Refusal(wire.UNKNOWN_SESSION, f"session {message.session_id} is closed")
-            cache, session.cache = session.cache, None  # donated: a failure leaves none behind
-            with self._device_lock:
-                out, session.cache = self.engine.forward(hidden, message.start_position, cache)
-            session.next_position += rows
-            self._forwards_total += 1
+            out = self._advance(session, hidden)
             if session.downstream is None:
                 return wire.encode(self._sample(session, out, session.next_position))
             return self._relay(
@@ -419,10 +428,7 @@ class StageServer:
             raise _Refusal(
                 wire.BAD_MESSAGE, "this stage does not hold the whole model and cannot generate alone"
             )
-        with self._sessions_lock:
-            session = self._sessions.get(message.session_id)
-        if session is None:
-            raise _Refusal(wire.UNKNOWN_SESSION, f"no session {message.session_id}")
+        session = self._session(message.session_id)
         if not session.sampled or message.start_position != session.next_position:
             raise _Refusal(
                 wire.BAD_MESSAGE,
@@ -442,15 +448,8 @@ class StageServer:
         try:
             for _ in range(message.max_tokens):
                 with session.lock:
-                    if session.cache is None:
-                        raise _Refusal(wire.UNKNOWN_SESSION, f"session {session.session_id} is closed")
                     session.last_used = time.monotonic()
-                    hidden = self.embed([session.sampled[-1]])
-                    cache, session.cache = session.cache, None
-                    with self._device_lock:
-                        logits, session.cache = self.engine.forward(hidden, session.next_position, cache)
-                    session.next_position += 1
-                    self._forwards_total += 1
+                    logits = self._advance(session, self.embed([session.sampled[-1]]))
                     result = self._sample(session, logits, session.next_position)
                 yield wire.encode(result)
                 if session.sampled[-1] in eog:

@@ -25,6 +25,7 @@ import yaml
 
 from control.middleware import RequestIdFilter, json_body
 from swarm.config import load_config
+from swarm.local_swarm import free_port
 from swarm.node_protocol import SOCKET_NAME
 from swarm.node_server import NodeServer
 from tests.mock_backend import MockBackend
@@ -435,19 +436,13 @@ def test_control_app_does_not_import_jax():
     assert result.returncode == 0, result.stderr or "control.app imported jax"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def gunicorn_serving(data_dir: Path, backend: MockBackend, **environment: str) -> Iterator[httpx2.Client]:
     """The real thing: a mock node on a socket in `data_dir` and gunicorn + gevent on a free
     loopback port; yields a client with the API key set. Always stops both."""
     server = NodeServer(data_dir / SOCKET_NAME, backend, max_active=8, max_waiting=256)
     server.serve_in_thread()
-    port = _free_port()
+    port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SWARM_", "PROMETHEUS_"))}
     env.update(SWARM_NODE_DATA_DIR=str(data_dir), SWARM_INTERNAL_BIND=f"127.0.0.1:{port}", **environment)
     log_path = data_dir / "gunicorn.log"

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import openai
 import psutil
 import pytest
 
+from swarm.local_swarm import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.realmodel]
 
 MODEL = "smollm2-135m"
@@ -36,12 +37,6 @@ WEATHER = {
     "description": "Get the current weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class LiveNode:
