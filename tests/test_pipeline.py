@@ -44,13 +44,16 @@ class RecordingStage(StageServer):
 class Chain:
     """Stages for consecutive layer ranges of one model, and a requester over them."""
 
-    def __init__(self, model, splits: list[tuple[int, int]], hop_timeout: float = 30.0) -> None:
+    def __init__(
+        self, model, splits: list[tuple[int, int]], hop_timeout: float = 30.0, embed: bool = False
+    ) -> None:
         self.model = model
         self.stages = [
             RecordingStage(
                 StageEngine.load(model.gguf, model.config, split, SETTINGS),
                 Identity.generate(),
                 StageConfig(model_id="tiny", hop_timeout=hop_timeout),
+                embed=Embedder(model.gguf, model.config) if embed else None,
             ).start()
             for split in splits
         ]
@@ -173,6 +176,32 @@ def test_a_stage_survives_bad_input_and_refuses_other_networks(llama):
             reply = wire.decode(channel.recv())
             assert reply.code == wire.UNKNOWN_SESSION and "layers 0-3" in reply.message
         prompt_ids = llama.tokenizer.encode(PROMPT_TEXT)
+        assert chain.requester().generate(prompt_ids, GREEDY).token_ids == _single(llama, prompt_ids, GREEDY)
+    finally:
+        chain.close()
+
+
+def test_a_whole_model_stage_generates_alone_and_refuses_bad_generates(llama):
+    chain = Chain(llama, [(0, 3)], embed=True)
+    stage = chain.stages[0]
+    prompt_ids = llama.tokenizer.encode(PROMPT_TEXT)
+    try:
+        # Handed the whole request: one Forward (the prompt), then one Generate.
+        assert chain.requester().generate(prompt_ids, GREEDY).token_ids == _single(llama, prompt_ids, GREEDY)
+        kinds = [type(m).__name__ for m in stage.received]
+        assert kinds == ["OpenSession", "Forward", "Generate", "Close"], kinds
+        with SecureChannel.connect(
+            stage.host_port, Identity.generate(), "swarm-local", timeout=5.0
+        ) as channel:
+            channel.send(wire.encode(wire.Generate("nope", 0, 4)))
+            assert wire.decode(channel.recv()).code == wire.UNKNOWN_SESSION
+            opened = wire.OpenSession(
+                "s1", "tiny", (0, 3), GREEDY.to_dict(), chain.requester_identity.public_key, max_context=64
+            )
+            channel.send(wire.encode(opened))
+            channel.send(wire.encode(wire.Generate("s1", 0, 4)))  # nothing sampled yet
+            reply = wire.decode(channel.recv())
+            assert reply.code == wire.BAD_MESSAGE and "position" in reply.message
         assert chain.requester().generate(prompt_ids, GREEDY).token_ids == _single(llama, prompt_ids, GREEDY)
     finally:
         chain.close()

@@ -243,8 +243,13 @@ def test_whole_request_is_handed_to_a_peer_holding_the_whole_model(swarm: LocalS
     a = swarm.nodes[0]
     whole = swarm.add(name="whole")
     swarm.wait_ready([whole])
+    # Which route is cheapest rests on throughputs measured on a busy machine (the cost
+    # model itself is tested in test_router): leave the whole-model peer the only route.
+    for node in swarm.nodes:
+        if node.layers == (10, 20) and node.network_id == a.network_id:
+            swarm.stop_node(node)
     deadline = time.monotonic() + 60
-    while stage(whole)["generations"] == 0:  # once its record is in the DHT, it is the best route
+    while stage(whole)["generations"] == 0:  # once its record is in the DHT, it is the route
         assert time.monotonic() < deadline, "the whole-model peer was never handed a request"
         assert complete(a) == reference
     assert complete(a, stream=True) == reference
