@@ -111,6 +111,12 @@ class InferenceConfig(_Section):
     prefix_cache_mb: int = _key(
         256, "memory for reusable prompt-prefix KV, in MB; 0 = off", restart=True, low=0
     )
+    batch_context: int = _key(
+        4096,
+        "longest request (prompt + max_tokens) decoded in the shared batch; longer ones alone; 0 = no batching",
+        restart=True,
+        low=0,
+    )
 
 
 @dataclass(frozen=True)

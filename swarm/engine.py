@@ -72,10 +72,12 @@ def _forward(
     start: jax.Array,
     length: jax.Array,
     cache: KVCache,
+    slots: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """inputs: i32[B, T] token ids (first range) or f32[B, T, d] hidden states.
 
-    start: i32[B] position of inputs[:, 0]; length: i32[B] real (unpadded) steps.
+    start: i32[B] position of inputs[:, 0]; length: i32[B] real (unpadded) steps;
+    slots: i32[B] the cache row of each sequence (None: row b).
     Returns logits f32[B, vocab] at the last real step (f32[B, T, vocab] with
     all_logits) for the last range, else hidden states f32[B, T, d].
     """
@@ -83,7 +85,7 @@ def _forward(
     positions = start[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
     kv_length = start + length
     hidden = model.embed(config, weights, inputs) if is_first else inputs
-    hidden, cache = model.run_layers(config, weights, hidden, positions, kv_length, cache, kv_bound)
+    hidden, cache = model.run_layers(config, weights, hidden, positions, kv_length, cache, kv_bound, slots)
     if not is_last:
         return hidden, cache
     if not all_logits:
@@ -99,6 +101,20 @@ def enable_compilation_cache(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@partial(jax.jit, donate_argnums=0)
+def _set_rows(cache: KVCache, keys: jax.Array, values: jax.Array, slot: jax.Array) -> KVCache:
+    """cache with keys/values f[layers, 1, n, ...] written at row `slot`, positions [0, n)."""
+    zero = jnp.int32(0)
+    return KVCache(
+        keys=jax.lax.dynamic_update_slice(
+            cache.keys, keys.astype(cache.keys.dtype), (zero, slot, zero, zero, zero)
+        ),
+        values=jax.lax.dynamic_update_slice(
+            cache.values, values.astype(cache.values.dtype), (zero, slot, zero, zero, zero)
+        ),
+    )
 
 
 class Engine:
@@ -161,6 +177,15 @@ class Engine:
         dtype = jnp.float16 if self.settings.kv_cache == "f16" else jnp.float32
         return model.new_cache(self.config, self.last - self.first, batch, capacity, dtype)
 
+    def grow_cache(self, cache: KVCache, capacity: int) -> KVCache:
+        """A larger cache (same rows) holding what `cache` holds at the same positions."""
+        bigger = self.new_cache(capacity, cache.keys.shape[1])
+        held = cache.capacity
+        return KVCache(
+            keys=bigger.keys.at[:, :, :held].set(cache.keys),
+            values=bigger.values.at[:, :, :held].set(cache.values),
+        )
+
     def _bucket(self, steps: int) -> int:
         for bucket in self.settings.prefill_buckets:
             if steps <= bucket:
@@ -170,11 +195,13 @@ class Engine:
     def _run(self, all_logits: bool, kv_bound: int, *args, hidden: bool = False):
         """Run the compiled forward for these argument shapes, compiling it on first use.
 
+        args: weights, inputs, start, length, cache and optionally slots.
         hidden: stop before the output norm and head even on the last range
         (embeddings read the final hidden states).
         """
         inputs, cache = args[1], args[4]
-        key = (inputs.shape, inputs.dtype, cache.capacity, all_logits, kv_bound, hidden)
+        slots = args[5].shape if len(args) > 5 else None
+        key = (inputs.shape, inputs.dtype, cache.keys.shape, all_logits, kv_bound, hidden, slots)
         compiled = self._compiled.get(key)
         if compiled is None:
             began = time.perf_counter()
@@ -214,10 +241,12 @@ class Engine:
         *,
         all_logits: bool = False,
         hidden: bool = False,
+        slot: int | None = None,
     ) -> tuple[np.ndarray, KVCache]:
-        """Run one sequence (batch 1) through the range, in bucket-sized chunks.
+        """Run one sequence through the range, in bucket-sized chunks.
 
-        inputs: i32[T] token ids or f32[T, d] hidden states, at positions start..start+T.
+        inputs: i32[T] token ids or f32[T, d] hidden states, at positions start..start+T,
+        in cache row `slot` of a many-session cache (None: a cache of one sequence).
         Returns logits f32[vocab] (f32[T, vocab] with all_logits) or hidden f32[T, d]
         (a range that is not last, or `hidden=True`: the last layer's output, before
         the output norm).
@@ -230,6 +259,7 @@ class Engine:
             raise ContextOverflowError(f"{start + total} positions exceed the cache of {cache.capacity}")
         outputs = []
         done = 0
+        slots = () if slot is None else (jnp.asarray([slot], jnp.int32),)
         while done < total:
             chunk = inputs[done : done + self.settings.prefill_buckets[-1]]
             steps = 1 if len(chunk) == 1 else self._bucket(len(chunk))
@@ -245,6 +275,7 @@ class Engine:
                 jnp.asarray([start + done], jnp.int32),
                 jnp.asarray([len(chunk)], jnp.int32),
                 cache,
+                *slots,
                 hidden=hidden,
             )
             if want_all:
@@ -254,17 +285,72 @@ class Engine:
             done += len(chunk)
         return (np.concatenate(outputs) if len(outputs) > 1 else outputs[0]), cache
 
-    def cache_rows(self, cache: KVCache, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Host copies of the keys and values of positions [start, stop) of sequence 0."""
-        return np.asarray(cache.keys[:, 0, start:stop]), np.asarray(cache.values[:, 0, start:stop])
+    def step(
+        self, inputs: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache: KVCache
+    ) -> tuple[np.ndarray, KVCache]:
+        """One decode step for several sequences of a many-session cache, in one call.
 
-    def with_rows(self, cache: KVCache, keys: np.ndarray, values: np.ndarray) -> KVCache:
-        """`cache` with positions [0, len) of sequence 0 set to `keys`/`values` (a cached prefix)."""
-        count = keys.shape[1]
-        return KVCache(
-            keys=cache.keys.at[:, 0, :count].set(jnp.asarray(keys, cache.keys.dtype)),
-            values=cache.values.at[:, 0, :count].set(jnp.asarray(values, cache.values.dtype)),
+        inputs: i32[B] token ids or f32[B, d] hidden states; positions: i32[B] where
+        each goes; slots: i32[B] distinct cache rows. Returns logits f32[B, vocab]
+        (last range) or hidden f32[B, d]. The batch pads to a power of two with rows
+        whose writes fall past the cache (dropped), so few shapes are ever compiled;
+        attention reads the positions up to the next power of two past the furthest.
+        """
+        count = len(slots)
+        if count == 0 or len(inputs) != count or len(positions) != count:
+            raise InvalidRequestError("a step needs one input and one position per slot")
+        capacity = cache.capacity
+        if int(np.max(positions)) >= capacity:
+            raise ContextOverflowError(f"position {int(np.max(positions))} is past the cache of {capacity}")
+        rows = 1
+        while rows < count:
+            rows *= 2
+        padded = np.zeros((rows, 1, *np.shape(inputs)[1:]), np.asarray(inputs).dtype)
+        padded[:count, 0] = inputs
+        start = np.full(rows, capacity, np.int32)
+        start[:count] = positions
+        row_slots = np.zeros(rows, np.int32)
+        row_slots[:count] = slots
+        bound = MIN_CACHE
+        while bound <= int(np.max(positions)):
+            bound *= 2
+        out, cache = self._run(
+            False,
+            min(bound, capacity),
+            self.weights,
+            jnp.asarray(padded),
+            jnp.asarray(start),
+            jnp.ones(rows, jnp.int32),
+            cache,
+            jnp.asarray(row_slots),
         )
+        out = np.asarray(out)
+        return (out[:count] if self.is_last else out[:count, 0]), cache
+
+    def cache_rows(
+        self, cache: KVCache, start: int, stop: int, slot: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of the keys and values of positions [start, stop) of cache row `slot`."""
+        return np.asarray(cache.keys[:, slot, start:stop]), np.asarray(cache.values[:, slot, start:stop])
+
+    def with_rows(self, cache: KVCache, keys: np.ndarray, values: np.ndarray, slot: int = 0) -> KVCache:
+        """`cache` with positions [0, len) of row `slot` set to `keys`/`values` (a cached prefix).
+
+        The cache is consumed (donated, updated in place). The rows pad with zeros to
+        a power of two (fewer compiled shapes); the padding lands on positions the
+        prompt's suffix overwrites before anything reads them.
+        """
+        count = keys.shape[1]
+        if count > cache.capacity:
+            raise ContextOverflowError(f"{count} cached positions exceed the cache of {cache.capacity}")
+        padded = 64
+        while padded < count:
+            padded *= 2
+        padded = min(padded, cache.capacity)
+        pad = ((0, 0), (0, padded - count), (0, 0), (0, 0))
+        keys = np.pad(np.asarray(keys), pad)[:, None]
+        values = np.pad(np.asarray(values), pad)[:, None]
+        return _set_rows(cache, keys, values, jnp.int32(slot))
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """A sentence embedding f32[d]: the mean of the final-normed hidden states, unit length.

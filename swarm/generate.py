@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from swarm.batching import SlotBatch, Ticket
 from swarm.engine import Engine
 from swarm.errors import ContextOverflowError, InvalidRequestError
 from swarm.model import KVCache
@@ -125,15 +126,84 @@ def check_prompt(engine: Engine, prompt_ids: Sequence[int], max_tokens: int) -> 
     return min(max_tokens, limit - len(prompt_ids))
 
 
+class _Step:
+    """A decode step of a session with its own cache, run when its result is asked for."""
+
+    def __init__(self, seat: _OwnCache, token: np.ndarray, position: int):
+        self.seat, self.token, self.position = seat, token, position
+
+    def result(self) -> np.ndarray:
+        return self.seat.prefill(np.asarray([self.token], np.int32), self.position)
+
+
+class _OwnCache:
+    """A session's keys and values in a cache of its own."""
+
+    def __init__(self, engine: Engine, capacity: int):
+        self.engine = engine
+        self.cache: KVCache | None = engine.new_cache(capacity)
+
+    def prefill(self, ids: np.ndarray, start: int) -> np.ndarray:
+        out, self.cache = self.engine.forward(ids, start, self.cache)
+        return out
+
+    def load_rows(self, keys: np.ndarray, values: np.ndarray) -> None:
+        self.cache = self.engine.with_rows(self.cache, keys, values)
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.engine.cache_rows(self.cache, start, stop)
+
+    def submit(self, token: np.ndarray, position: int) -> _Step:
+        return _Step(self, token, position)
+
+    def close(self) -> None:
+        self.cache = None
+
+
+class _BatchSeat:
+    """A session's keys and values in a row of a shared SlotBatch."""
+
+    def __init__(self, batch: SlotBatch, slot: int):
+        self.batch = batch
+        self.slot: int | None = slot
+
+    def prefill(self, ids: np.ndarray, start: int) -> np.ndarray:
+        return self.batch.prefill(self.slot, ids, start)
+
+    def load_rows(self, keys: np.ndarray, values: np.ndarray) -> None:
+        self.batch.load_rows(self.slot, keys, values)
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.batch.rows(self.slot, start, stop)
+
+    def submit(self, token: np.ndarray, position: int) -> Ticket:
+        return self.batch.submit(self.slot, token, position)
+
+    def close(self) -> None:
+        if self.slot is not None:
+            self.batch.release(self.slot)
+            self.slot = None
+
+
+_Seat = _OwnCache | _BatchSeat
+
+
 class Generator:
     """Generates from a whole-model engine (layers [0, L)) with its tokenizer."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, prefix_cache: PrefixCache | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        prefix_cache: PrefixCache | None = None,
+        batch: SlotBatch | None = None,
+    ):
         if not (engine.is_first and engine.is_last):
             raise InvalidRequestError("generation needs an engine holding every layer")
         self.engine = engine
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
+        self.batch = batch  # a shared cache whose sessions decode together
         self._piece_texts: list[str] | None = None
 
     def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int) -> int:
@@ -185,16 +255,24 @@ class Generator:
             ]
         return self._piece_texts
 
+    def _seat(self, positions: int) -> _Seat:
+        """Where a session's keys and values live: a row of the shared batch when one is
+        free and large enough, else a cache of its own."""
+        if self.batch is not None:
+            slot = self.batch.acquire(positions)
+            if slot is not None:
+                return _BatchSeat(self.batch, slot)
+        return _OwnCache(self.engine, self.engine.cache_capacity(positions))
+
     def _prefill(
-        self, prompt_ids: Sequence[int], budget: int, chunk: int | None
-    ) -> GeneratorType[Prefilling, None, tuple[np.ndarray, KVCache]]:
-        """The prompt's last logits and its cache, reusing and feeding the prefix cache.
+        self, seat: _Seat, prompt_ids: Sequence[int], chunk: int | None
+    ) -> GeneratorType[Prefilling, None, np.ndarray]:
+        """The prompt's last logits, its keys and values in `seat`, reusing and feeding the
+        prefix cache.
 
         With `chunk`, the prompt goes through in pieces of that many tokens and PREFILLING
         is yielded between them (a scheduler's chance to run other sessions' steps).
         """
-        engine = self.engine
-        cache = engine.new_cache(engine.cache_capacity(len(prompt_ids) + budget))
         prefix = self.prefix_cache
         position = 0
         if prefix is not None:
@@ -202,20 +280,20 @@ class Generator:
             if blocks:
                 keys = np.concatenate([block.keys for block in blocks], axis=1)
                 values = np.concatenate([block.values for block in blocks], axis=1)
-                cache = engine.with_rows(cache, keys, values)
+                seat.load_rows(keys, values)
                 position = keys.shape[1]
         step = chunk or len(prompt_ids)
         while True:
             piece = np.asarray(prompt_ids[position : position + step], np.int32)
-            logits, cache = engine.forward(piece, position, cache)
+            logits = seat.prefill(piece, position)
             position += len(piece)
             if position >= len(prompt_ids):
                 break
             yield PREFILLING
         if prefix is not None:
             for first, stop, key in prefix.missing(prompt_ids):
-                prefix.store(key, Block(*engine.cache_rows(cache, first, stop)))
-        return logits, cache
+                prefix.store(key, Block(*seat.rows(first, stop)))
+        return logits
 
     def stream(
         self,
@@ -231,9 +309,29 @@ class Generator:
         tokens are refused until it is complete, and generation stops when it is.
         With `prefill_chunk`, a long prompt is prefilled that many tokens at a time and
         PREFILLING is yielded between the chunks (callers passing it must skip those).
+        Each decode step is queued before its token is yielded and computed when the
+        stream resumes, so with a shared batch, sessions advanced in turn step together.
         """
         budget = self.check_prompt(prompt_ids, params.max_tokens)
-        logits, cache = yield from self._prefill(prompt_ids, budget, prefill_chunk)
+        seat = self._seat(len(prompt_ids) + budget)
+        try:
+            for event in self._decode(seat, prompt_ids, params, constraint, budget, prefill_chunk):
+                if isinstance(event, str):  # the finish reason, always last: leave the batch now
+                    seat.close()
+                yield event
+        finally:
+            seat.close()
+
+    def _decode(
+        self,
+        seat: _Seat,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        constraint: Constraint | None,
+        budget: int,
+        prefill_chunk: int | None,
+    ) -> Iterator[TokenEvent | str | Prefilling]:
+        logits = yield from self._prefill(seat, prompt_ids, prefill_chunk)
         sampler = Sampler(params)
         decoder = self.tokenizer.stream_decoder()
         scanner = StopScanner(params.stop)
@@ -263,8 +361,12 @@ class Generator:
                 return
             history.append(token)
             text = scanner.push(decoder.push(token))
+            complete = constraint is not None and constraint.complete
+            pending = None
+            if not (complete or scanner.stopped) and step + 1 < budget:
+                pending = seat.submit(np.int32(token), len(history) - 1)
             yield TokenEvent(token, text, alternatives, logprob)
-            if constraint is not None and constraint.complete:
+            if complete:
                 tail = scanner.push(decoder.flush()) + scanner.flush()
                 if tail:
                     yield TokenEvent(-1, tail)
@@ -273,8 +375,8 @@ class Generator:
             if scanner.stopped:
                 yield FinishReason.stopped_by(scanner.matched)
                 return
-            if step + 1 < budget:
-                logits, cache = self.engine.forward(np.asarray([token], np.int32), len(history) - 1, cache)
+            if pending is not None:
+                logits = pending.result()
         tail = scanner.push(decoder.flush()) + scanner.flush()
         if tail:
             yield TokenEvent(-1, tail)

@@ -144,8 +144,12 @@ def _layer(
     cos: jax.Array,
     sin: jax.Array,
     kv_bound: int,
+    slots: jax.Array | None,
 ) -> tuple[jax.Array, KVCache]:
-    """One decoder layer. hidden: f32[B, T, d]; positions: i32[B, T]; kv_length: i32[B]."""
+    """One decoder layer. hidden: f32[B, T, d]; positions: i32[B, T]; kv_length: i32[B].
+
+    slots: i32[B], the cache row of each batch row (None: row b is cache row b).
+    """
     batch, steps, _ = hidden.shape
     normed = rms_norm(hidden, params["attn_norm"], config.rms_eps)
     q = ops.matmul(normed, params["wq"])
@@ -165,13 +169,16 @@ def _layer(
     # Write this step's keys and values at their positions; padded steps past the
     # capacity are dropped, padded steps inside it are overwritten later and masked
     # by kv_length meanwhile.
-    rows = jnp.arange(batch)[:, None]
+    rows = (jnp.arange(batch) if slots is None else slots)[:, None]
     keys = cache.keys.at[layer, rows, positions].set(k.astype(cache.keys.dtype), mode="drop")
     values = cache.values.at[layer, rows, positions].set(v.astype(cache.values.dtype), mode="drop")
+    layer_keys, layer_values = keys[layer, :, :kv_bound], values[layer, :, :kv_bound]
+    if slots is not None:
+        layer_keys, layer_values = jnp.take(layer_keys, slots, axis=0), jnp.take(layer_values, slots, axis=0)
     attended = ops.attention(
         q,
-        keys[layer, :, :kv_bound],
-        values[layer, :, :kv_bound],
+        layer_keys,
+        layer_values,
         positions,
         kv_length,
         scale=config.attention_scale,
@@ -205,11 +212,14 @@ def run_layers(
     kv_length: jax.Array,
     cache: KVCache,
     kv_bound: int | None = None,
+    slots: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Every layer of the range over hidden: f32[B, T, d].
 
-    Attention reads cache slots [0, kv_bound) only (default: all): a static bound
-    that covers every visible key saves the work of scoring empty slots.
+    Attention reads cache positions [0, kv_bound) only (default: all): a static bound
+    that covers every visible key saves the work of scoring empty positions. With
+    `slots` (i32[B]), batch row b reads and writes cache row slots[b]: sequences of a
+    shared many-session cache step together, or one of them alone.
     """
     kv_bound = cache.capacity if kv_bound is None else min(kv_bound, cache.capacity)
     cos_tables, sin_tables = rope_tables(positions, weights.rope_theta_scale, weights.rope_freq_scale, config)
@@ -230,6 +240,7 @@ def run_layers(
                 cos_tables[table],
                 sin_tables[table],
                 kv_bound,
+                slots,
             )
             return (hidden, cache), None
 

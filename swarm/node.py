@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from swarm import paths
 from swarm.config import Config, ConfigError, load_config
 from swarm.errors import InvalidRequestError, UnknownModelError
@@ -81,6 +83,7 @@ class ModelBackend:
 
     def load(self) -> None:
         """Open the model and compile the common shapes; sets `state`."""
+        from swarm.batching import SlotBatch
         from swarm.engine import EngineSettings, enable_compilation_cache
         from swarm.generate import Generator
         from swarm.loader import open_model
@@ -103,7 +106,12 @@ class ModelBackend:
             whole = layers == (0, n_layers)
             if whole:
                 prefix = PrefixCache(inference.prefix_cache_mb * 2**20) if inference.prefix_cache_mb else None
-                self.generator = Generator(self.engine, self.opened.tokenizer, prefix)
+                batch = None
+                if inference.batch_context:
+                    # Up to max_concurrent_requests sessions decode in one compiled step.
+                    limit = min(inference.batch_context, self.engine.max_context)
+                    batch = SlotBatch(self.engine, inference.max_concurrent_requests, limit)
+                self.generator = Generator(self.engine, self.opened.tokenizer, prefix, batch)
                 self._warm_up(inference.default_max_tokens)
             if not self.config.pool.offline_mode:
                 from swarm.identity import Identity
@@ -148,6 +156,8 @@ class ModelBackend:
         for _ in zip(range(2), steps, strict=False):
             pass
         steps.close()
+        if self.generator.batch is not None:
+            self.generator.batch.warm_up(np.int32(0))
 
     @property
     def model_id(self) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from swarm.batching import SlotBatch
 from swarm.config import Config
 from swarm.dht_client import DhtClient, DhtError, DhtUnavailable
 from swarm.identity import Identity
@@ -41,6 +42,15 @@ PEERS_REFRESH_S = 10.0  # how long measured RTTs are reused
 RETRY_S = 5  # seconds between attempts to reach a DHT process that is down
 MAX_STAGE_PROBES = 16  # peers the DHT has not timed, pinged directly per route
 EXCLUSION_S = 30.0  # how long a peer that failed a request is left out of its new routes
+
+
+def _stage_batch(engine: Any, config: Config) -> SlotBatch | None:
+    """The stage's shared cache: peers' sessions' decode steps run together."""
+    inference = config.inference
+    if not inference.batch_context:
+        return None
+    limit = min(inference.batch_context, engine.max_context)
+    return SlotBatch(engine, inference.max_concurrent_requests, limit)
 
 
 class Peering:
@@ -72,6 +82,7 @@ class Peering:
                 hop_timeout=network.stage_timeout_s,
             ),
             embed=self.embedder if whole else None,
+            batch=_stage_batch(self.stage_engine, config),
         )
         self.tokenizer = opened.tokenizer
         self.throughput = 0.0

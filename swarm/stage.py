@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from swarm import wire
+from swarm.batching import SlotBatch
 from swarm.engine import Engine
 from swarm.errors import SwarmError
 from swarm.identity import Identity
@@ -73,7 +74,7 @@ class StageConfig:
 @dataclass
 class _Session:
     session_id: str
-    cache: object
+    cache: object  # its own cache, or None while it holds a row of the stage's batch
     next_position: int
     max_context: int
     params: SamplingParams
@@ -84,6 +85,9 @@ class _Session:
     sampled: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    batch: SlotBatch | None = None  # with `slot`: the shared cache row its keys live in
+    slot: int | None = None
+    closed: bool = False
 
     def close(self) -> None:
         if self.downstream is not None:
@@ -91,6 +95,10 @@ class _Session:
                 self.downstream.send(wire.encode(wire.Close(self.session_id)), timeout=1.0)
             self.downstream.close()
         self.cache = None
+        self.closed = True
+        if self.batch is not None and self.slot is not None:
+            self.batch.release(self.slot)
+            self.slot = None
 
 
 class _Refusal(SwarmError):
@@ -111,8 +119,12 @@ class StageServer:
         config: StageConfig,
         *,
         embed: Callable[[Sequence[int]], np.ndarray] | None = None,
+        batch: SlotBatch | None = None,
     ) -> None:
         self.engine = engine
+        # A shared cache over `engine` whose sessions' single-token steps run together
+        # (continuous batching across requesters); None: every session has its own cache.
+        self.batch = batch
         # token ids -> hidden states, for a stage holding the whole model to decode on its
         # own (Generate); None: this stage only ever runs the hidden states it is sent.
         self.embed = embed
@@ -316,8 +328,11 @@ class StageServer:
             if message.session_id in self._sessions:
                 raise _Refusal(wire.BAD_MESSAGE, f"session {message.session_id} is already open")
         capacity = self.engine.cache_capacity(message.max_context)
-        with self._device_lock:
-            cache = self.engine.new_cache(capacity)
+        slot = self.batch.acquire(message.max_context) if self.batch is not None else None
+        cache = None
+        if slot is None:
+            with self._device_lock:
+                cache = self.engine.new_cache(capacity)
         session = _Session(
             message.session_id,
             cache,
@@ -326,6 +341,8 @@ class StageServer:
             params,
             Sampler(params),
             message.requester_public_key,
+            batch=self.batch if slot is not None else None,
+            slot=slot,
         )
         if message.route:
             hop, rest = message.route[0], message.route[1:]
@@ -387,11 +404,19 @@ class StageServer:
 
     def _advance(self, session: _Session, hidden: np.ndarray) -> np.ndarray:
         """Runs `hidden` at the session's next positions (its lock held); the output rows."""
-        if session.cache is None:
+        if session.closed or (session.cache is None and session.slot is None):
             raise _Refusal(wire.UNKNOWN_SESSION, f"session {session.session_id} is closed")
-        cache, session.cache = session.cache, None  # donated: a failure leaves none behind
-        with self._device_lock:
-            out, session.cache = self.engine.forward(hidden, session.next_position, cache)
+        if session.batch is not None and session.slot is not None:
+            batch, slot = session.batch, session.slot
+            if hidden.shape[0] == 1:  # a decode step: runs with the other sessions' steps
+                out = batch.run(slot, hidden[0], session.next_position)
+                out = out if self.engine.is_last else out[None]
+            else:
+                out = batch.prefill(slot, hidden, session.next_position)
+        else:
+            cache, session.cache = session.cache, None  # donated: a failure leaves none behind
+            with self._device_lock:
+                out, session.cache = self.engine.forward(hidden, session.next_position, cache)
         session.next_position += hidden.shape[0]
         self._forwards_total += 1
         return out

@@ -1,0 +1,353 @@
+"""Continuous batching: sessions of a shared cache decode together.
+
+With a stand-in engine whose output depends on every token a cache row holds (so a
+lost, stale or misplaced row changes the answer): steps queued together run in one
+call; sessions join and leave between steps; a leaving session's queued step never
+runs; threads batch by group commit; the scheduler advances every decoding request one
+token per step (fairness) and frees the row of a cancelled one. With the real models:
+batched decoding gives the same greedy tokens as decoding alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from swarm.batching import SlotBatch
+from swarm.errors import InvalidRequestError
+from swarm.generate import Generator
+from swarm.node_server import Job, Scheduler
+from swarm.sampling import SamplingParams
+
+VOCAB = 101
+
+
+def answer(tokens) -> np.ndarray:
+    """The stand-in model: logits peaking at (sum of the tokens so far * 7) mod VOCAB."""
+    tokens = np.asarray(tokens)
+    if (tokens < 0).any():
+        raise AssertionError("read a position nobody wrote")
+    logits = np.zeros(VOCAB, np.float32)
+    logits[int(tokens.sum() * 7 + len(tokens)) % VOCAB] = 10.0
+    return logits
+
+
+def expected_tokens(prompt: list[int], count: int) -> list[int]:
+    tokens = list(prompt)
+    out = []
+    for _ in range(count):
+        out.append(int(np.argmax(answer(tokens))))
+        tokens.append(out[-1])
+    return out
+
+
+class StandInEngine:
+    """The engine interface of SlotBatch and Generator over a cache of token ids."""
+
+    is_first = True
+    is_last = True
+
+    def __init__(self, max_context: int = 4096, step_seconds: float = 0.0):
+        self.config = SimpleNamespace(vocab_size=VOCAB)
+        self.max_context = max_context
+        self.step_seconds = step_seconds
+        self.steps: list[list[int]] = []  # the slots of each step call
+        self.fail_next = False
+
+    def cache_capacity(self, needed: int) -> int:
+        return max(needed, 16)
+
+    def new_cache(self, capacity: int, batch: int = 1) -> np.ndarray:
+        return np.full((batch, capacity), -1, np.int64)
+
+    def grow_cache(self, cache: np.ndarray, capacity: int) -> np.ndarray:
+        bigger = self.new_cache(capacity, cache.shape[0])
+        bigger[:, : cache.shape[1]] = cache
+        return bigger
+
+    def forward(self, inputs, start, cache, *, slot=None):
+        row = 0 if slot is None else slot
+        inputs = np.asarray(inputs)
+        cache[row, start : start + len(inputs)] = inputs
+        return answer(cache[row, : start + len(inputs)]), cache
+
+    def step(self, inputs, positions, slots, cache):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("device lost")
+        assert len(set(slots.tolist())) == len(slots), "one step per row"
+        time.sleep(self.step_seconds)
+        self.steps.append(sorted(slots.tolist()))
+        outputs = []
+        for token, position, slot in zip(inputs, positions, slots, strict=True):
+            cache[slot, position] = token
+            cache[slot, position + 1 :] = -1  # anything past the step is not yet written
+            outputs.append(answer(cache[slot, : position + 1]))
+        return np.stack(outputs), cache
+
+    def with_rows(self, cache, keys, values, slot=0):
+        cache[slot, : keys.shape[1]] = keys[0]
+        return cache
+
+    def cache_rows(self, cache, start, stop, slot=0):
+        rows = cache[slot, start:stop][None].copy()
+        return rows, rows.copy()
+
+
+def prefilled(batch: SlotBatch, prompt: list[int]) -> tuple[int, np.ndarray]:
+    slot = batch.acquire(len(prompt) + 32)
+    assert slot is not None
+    return slot, batch.prefill(slot, np.asarray(prompt), 0)
+
+
+def test_steps_queued_together_run_in_one_call_and_each_gets_its_own_answer():
+    engine = StandInEngine()
+    batch = SlotBatch(engine, slots=4, max_capacity=1024)
+    prompts = [[3, 4], [9, 9, 9], [1]]
+    seated = [prefilled(batch, prompt) for prompt in prompts]
+    tickets = [
+        batch.submit(slot, int(np.argmax(logits)), len(prompt))
+        for (slot, logits), prompt in zip(seated, prompts, strict=True)
+    ]
+    outputs = [ticket.result() for ticket in tickets]
+    assert engine.steps == [sorted(slot for slot, _ in seated)]
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert int(np.argmax(output)) == expected_tokens(prompt, 2)[1]
+    assert batch.stats.as_dict() == {"steps": 1, "rows": 3, "mean_rows": 3.0, "widest": 3}
+
+
+def test_a_leaving_session_s_queued_step_never_runs_and_its_row_is_reused():
+    engine = StandInEngine()
+    batch = SlotBatch(engine, slots=2, max_capacity=1024)
+    slot, _ = prefilled(batch, [5, 6, 7])
+    ticket = batch.submit(slot, 50, 3)
+    batch.release(slot)
+    batch.flush()
+    assert engine.steps == []
+    with pytest.raises(InvalidRequestError):
+        ticket.result()
+    again, logits = prefilled(batch, [8])
+    assert again == slot  # the freed row goes to the next session, clean
+    assert int(np.argmax(batch.run(again, int(np.argmax(logits)), 1))) == expected_tokens([8], 2)[1]
+
+
+def test_rows_run_out_and_too_long_sessions_are_turned_away():
+    batch = SlotBatch(StandInEngine(), slots=2, max_capacity=512)
+    assert batch.acquire(513) is None
+    first, second = batch.acquire(100), batch.acquire(100)
+    assert {first, second} == {0, 1}
+    assert batch.acquire(10) is None
+    batch.release(first)
+    assert batch.acquire(10) == first
+    with pytest.raises(InvalidRequestError):
+        SlotBatch(StandInEngine(), slots=0, max_capacity=512)
+
+
+def test_the_shared_cache_grows_without_losing_what_sessions_hold():
+    engine = StandInEngine()
+    batch = SlotBatch(engine, slots=2, max_capacity=4096)
+    slot, logits = prefilled(batch, list(range(1, 200)))
+    assert batch.capacity == 256
+    other = batch.acquire(1500)
+    assert batch.capacity == 2048
+    batch.prefill(other, np.asarray([4, 4]), 0)
+    token = int(np.argmax(logits))
+    assert int(np.argmax(batch.run(slot, token, 199))) == expected_tokens(list(range(1, 200)), 2)[1]
+
+
+def test_a_failing_step_fails_every_session_in_it():
+    engine = StandInEngine()
+    batch = SlotBatch(engine, slots=2, max_capacity=1024)
+    tickets = [batch.submit(prefilled(batch, [i + 1])[0], 1, 1) for i in range(2)]
+    engine.fail_next = True
+    for ticket in tickets:
+        with pytest.raises(RuntimeError, match="device lost"):
+            ticket.result()
+
+
+def test_threads_stepping_at_once_share_calls_by_group_commit():
+    engine = StandInEngine(step_seconds=0.02)
+    batch = SlotBatch(engine, slots=4, max_capacity=1024)
+    prompts = [[i + 2, i + 3] for i in range(4)]
+    seated = [prefilled(batch, prompt) for prompt in prompts]
+    produced: dict[int, list[int]] = {}
+
+    def session(index: int) -> None:
+        slot, logits = seated[index]
+        tokens = [int(np.argmax(logits))]
+        for position in range(len(prompts[index]), len(prompts[index]) + 10):
+            tokens.append(int(np.argmax(batch.run(slot, tokens[-1], position))))
+        produced[index] = tokens
+
+    threads = [threading.Thread(target=session, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for index, prompt in enumerate(prompts):
+        assert produced[index] == expected_tokens(prompt, 11)
+    assert batch.stats.rows == 40
+    assert batch.stats.steps < 40 and batch.stats.widest > 1
+
+
+# --- the scheduler over generations sharing a batch ------------------------------------------
+
+
+class DigitTokenizer:
+    """Token t's text is its number and a space; nothing ends a generation."""
+
+    vocab_size = VOCAB
+    eog_ids = frozenset()
+
+    def stream_decoder(self):
+        return SimpleNamespace(push=lambda token: f"{token} ", flush=lambda: "")
+
+    def token_bytes(self, token: int, skip_special: bool = False) -> bytes:
+        return f"{token} ".encode()
+
+
+def events(generator: Generator, prompt: list[int], count: int):
+    """Node-protocol events of a generation, as swarm.node gives the scheduler."""
+    for event in generator.stream(prompt, SamplingParams(temperature=0, max_tokens=count)):
+        if isinstance(event, str):
+            yield {"event": "done", "finish_reason": event}
+            return
+        yield {"event": "text", "text": event.text, "token_id": event.token_id}
+
+
+def tokens_of(job: Job, timeout: float = 10.0) -> list[int]:
+    out = []
+    while True:
+        event = job.output.get(timeout=timeout)
+        if event["event"] == "done":
+            return out
+        out.append(event["token_id"])
+
+
+def batched_generator(slots: int = 4) -> tuple[StandInEngine, SlotBatch, Generator]:
+    engine = StandInEngine(step_seconds=0.005)
+    batch = SlotBatch(engine, slots=slots, max_capacity=1024)
+    return engine, batch, Generator(engine, DigitTokenizer(), batch=batch)
+
+
+def test_scheduled_requests_decode_together_one_token_each_per_step():
+    engine, batch, generator = batched_generator()
+    scheduler = Scheduler(max_active=4, max_waiting=8)
+    prompts = [[1, 2], [3], [4, 5, 6], [7]]
+    try:
+        jobs = [Job(events(generator, prompt, 12)) for prompt in prompts]
+        for job in jobs:
+            scheduler.submit(job)
+        results = [tokens_of(job) for job in jobs]
+    finally:
+        scheduler.stop()
+    for prompt, tokens in zip(prompts, results, strict=True):
+        assert tokens == expected_tokens(prompt, 12)
+    # Fair: no request ever has two steps in one call; together: most calls carry all four.
+    assert sum(len(step) for step in engine.steps) == 4 * 11
+    assert max(len(step) for step in engine.steps) == 4
+    assert sum(len(step) == 4 for step in engine.steps) >= 8
+    assert batch.in_use() == 0
+
+
+def test_requests_join_and_leave_between_steps():
+    engine, batch, generator = batched_generator()
+    scheduler = Scheduler(max_active=4, max_waiting=8)
+    try:
+        long = Job(events(generator, [1], 40))
+        scheduler.submit(long)
+        while len(engine.steps) < 5:
+            time.sleep(0.005)
+        short = Job(events(generator, [2], 4))  # joins a running batch
+        scheduler.submit(short)
+        assert tokens_of(short) == expected_tokens([2], 4)
+        assert tokens_of(long) == expected_tokens([1], 40)
+    finally:
+        scheduler.stop()
+    widths = [len(step) for step in engine.steps]
+    first_pair = widths.index(2)
+    assert widths[:first_pair] == [1] * first_pair  # alone until the other joined
+    assert widths[first_pair : first_pair + 3] == [2, 2, 2]  # together for its 3 steps
+    assert set(widths[first_pair + 3 :]) == {1}  # alone again once it left
+    assert batch.in_use() == 0
+
+
+def test_a_cancelled_request_leaves_the_batch_at_once():
+    engine, batch, generator = batched_generator()
+    scheduler = Scheduler(max_active=4, max_waiting=8)
+    try:
+        keep = Job(events(generator, [3], 30))
+        cancel = Job(events(generator, [4], 1000))
+        scheduler.submit(keep)
+        scheduler.submit(cancel)
+        for _ in range(3):
+            assert cancel.output.get(timeout=10)["event"] == "text"
+        cancel.cancelled.set()
+        assert tokens_of(keep) == expected_tokens([3], 30)
+    finally:
+        scheduler.stop()
+    assert batch.in_use() == 0
+    assert engine.steps[-1] == [0]  # the survivor (row 0) finished alone
+    assert scheduler.stats.cancelled == 1
+
+
+def test_requests_beyond_the_batch_decode_with_a_cache_of_their_own():
+    engine, batch, generator = batched_generator(slots=1)
+    scheduler = Scheduler(max_active=3, max_waiting=8)
+    prompts = [[1], [2], [3]]
+    try:
+        jobs = [Job(events(generator, prompt, 6)) for prompt in prompts]
+        for job in jobs:
+            scheduler.submit(job)
+        results = [tokens_of(job) for job in jobs]
+    finally:
+        scheduler.stop()
+    assert results == [expected_tokens(prompt, 6) for prompt in prompts]
+    assert max(len(step) for step in engine.steps) == 1  # only the row's holder used the batch
+    assert batch.in_use() == 0
+
+
+# --- real models ---------------------------------------------------------------------
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_batched_decoding_gives_the_greedy_tokens_of_decoding_alone(name, opened_models, real_engines):
+    model = opened_models(name)
+    engine = real_engines(name)
+    tokenizer = model.tokenizer
+    texts = [
+        "The capital of France is",
+        "Once upon a time, in a small village by the sea, there lived",
+        "def fibonacci(n):",
+        "Three colours of the rainbow are",
+        "Water boils at",
+    ]
+    prompts = [tokenizer.encode(text, add_bos=None, parse_special=False) for text in texts]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    alone = Generator(engine, tokenizer)
+    expected = [alone.generate(prompt, params).token_ids for prompt in prompts]
+
+    batch = SlotBatch(engine, slots=8, max_capacity=512)
+    together = Generator(engine, tokenizer, batch=batch)
+    streams = [together.stream(prompt, params) for prompt in prompts[:3]]
+    got: list[list[int]] = [[] for _ in prompts]
+    live = {0, 1, 2}
+    turn = 0
+    while live:
+        turn += 1
+        if turn == 4:  # two requests join a batch already decoding
+            streams += [together.stream(prompt, params) for prompt in prompts[3:]]
+            live |= {3, 4}
+        for index in sorted(live):
+            event = next(streams[index])
+            if isinstance(event, str):
+                live.discard(index)
+            elif event.token_id >= 0:
+                got[index].append(event.token_id)
+    assert got == expected
+    assert batch.stats.widest == 5 and batch.in_use() == 0
