@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from swarm import wire
+from swarm.batching import SlotBatch
 from swarm.engine import EngineSettings
 from swarm.generate import Generator
 from swarm.identity import Identity
@@ -45,18 +46,25 @@ class Chain:
     """Stages for consecutive layer ranges of one model, and a requester over them."""
 
     def __init__(
-        self, model, splits: list[tuple[int, int]], hop_timeout: float = 30.0, embed: bool = False
+        self,
+        model,
+        splits: list[tuple[int, int]],
+        hop_timeout: float = 30.0,
+        embed: bool = False,
+        batch_rows: int = 0,
     ) -> None:
         self.model = model
-        self.stages = [
-            RecordingStage(
-                StageEngine.load(model.gguf, model.config, split, SETTINGS),
+        self.stages = []
+        for split in splits:
+            engine = StageEngine.load(model.gguf, model.config, split, SETTINGS)
+            stage = RecordingStage(
+                engine,
                 Identity.generate(),
                 StageConfig(model_id="tiny", hop_timeout=hop_timeout),
                 embed=Embedder(model.gguf, model.config) if embed else None,
-            ).start()
-            for split in splits
-        ]
+                batch=SlotBatch(engine, batch_rows, engine.max_context) if batch_rows else None,
+            )
+            self.stages.append(stage.start())
         self.requester_identity = Identity.generate()
 
     def route(self) -> list[RouteStage]:
@@ -105,6 +113,33 @@ def test_split_generation_matches_one_engine(request, which, splits):
         chain.close()
     assert split.token_ids == _single(model, prompt_ids, GREEDY)
     assert len(split.token_ids) == GREEDY.max_tokens
+
+
+def test_concurrent_requests_share_each_stage_s_batched_steps(llama):
+    prompts = [llama.tokenizer.encode(text) for text in (PROMPT_TEXT, "a b c d", "hello world again")]
+    chain = Chain(llama, [(0, 1), (1, 3)], batch_rows=4)
+    results: dict[int, list[int]] = {}
+    try:
+
+        def run(index: int) -> None:
+            results[index] = chain.requester().generate(prompts[index], GREEDY).token_ids
+
+        threads = [threading.Thread(target=run, args=(index,)) for index in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        deadline = time.monotonic() + 5
+        while any(stage.batch.in_use() for stage in chain.stages) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the requesters' Close messages free the rows
+        for stage in chain.stages:
+            # Every decode step of every request went through the stage's batch.
+            assert stage.batch.stats.rows == len(prompts) * (GREEDY.max_tokens - 1)
+            assert stage.batch.in_use() == 0
+    finally:
+        chain.close()
+    for index, prompt in enumerate(prompts):
+        assert results[index] == _single(llama, prompt, GREEDY)
 
 
 def test_stages_never_see_token_ids_and_cannot_open_tokens(llama):

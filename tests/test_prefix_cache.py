@@ -65,7 +65,9 @@ def test_least_recently_used_blocks_go_first_within_the_budget():
 
 
 @pytest.mark.realmodel
-def test_a_prefix_hit_gives_the_tokens_of_a_cold_run(opened_models, real_engines):
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_prefix_hit_gives_the_tokens_of_a_cold_run(opened_models, real_engines, batched):
+    from swarm.batching import SlotBatch
     from swarm.generate import Generator
 
     model = opened_models("smollm2-135m")
@@ -80,7 +82,8 @@ def test_a_prefix_hit_gives_the_tokens_of_a_cold_run(opened_models, real_engines
     ]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     cold = Generator(engine, model.tokenizer)
-    cached = Generator(engine, model.tokenizer, PrefixCache(256 << 20))
+    batch = SlotBatch(engine, 2, 1024) if batched else None  # the prefix lands in a shared row
+    cached = Generator(engine, model.tokenizer, PrefixCache(256 << 20), batch)
     for prompt in (first, first, second):
         assert cached.generate(prompt, params).token_ids == cold.generate(prompt, params).token_ids
     stats = cached.prefix_cache.stats
