@@ -148,6 +148,11 @@ class NetworkConfig(_Section):
     failover_timeout_s: float = _key(
         120.0, "seconds spent finding a new route before a request fails", above=0
     )
+    prefix_sharing: bool = _key(
+        False,
+        "share prompt-prefix KV with peers and fetch it from them (peers then hold your prompts' KV)",
+        restart=True,
+    )
 
 
 @dataclass(frozen=True)

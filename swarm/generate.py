@@ -7,10 +7,11 @@ and streaming text that never splits a UTF-8 character or leaks part of a stop s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Generator as GeneratorType
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -18,9 +19,14 @@ from swarm.batching import SlotBatch, Ticket
 from swarm.engine import Engine
 from swarm.errors import ContextOverflowError, InvalidRequestError
 from swarm.model import KVCache
-from swarm.prefix_cache import Block, PrefixCache
+from swarm.prefix_cache import BLOCK_TOKENS, Block, PrefixCache, segments
 from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
 from swarm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from swarm.prefix_share import PrefixFetcher
+
+log = logging.getLogger(__name__)
 
 # How many of the most likely tokens a constrained step inspects, and how many
 # acceptable ones it keeps to sample from.
@@ -204,6 +210,8 @@ class Generator:
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
         self.batch = batch  # a shared cache whose sessions decode together
+        # Asks peers for prefix blocks this node lacks (network.prefix_sharing); None: never.
+        self.prefix_fetcher: PrefixFetcher | None = None
         self._piece_texts: list[str] | None = None
 
     def check_prompt(self, prompt_ids: Sequence[int], max_tokens: int) -> int:
@@ -277,6 +285,8 @@ class Generator:
         position = 0
         if prefix is not None:
             blocks = prefix.lookup(prompt_ids)
+            if self.prefix_fetcher is not None:
+                blocks += yield from self._fetch(prompt_ids, len(blocks), chunk is not None)
             if blocks:
                 keys = np.concatenate([block.keys for block in blocks], axis=1)
                 values = np.concatenate([block.values for block in blocks], axis=1)
@@ -294,6 +304,31 @@ class Generator:
             for first, stop, key in prefix.missing(prompt_ids):
                 prefix.store(key, Block(*seat.rows(first, stop)))
         return logits
+
+    def _fetch(
+        self, prompt_ids: Sequence[int], held: int, yielding: bool
+    ) -> GeneratorType[Prefilling, None, list[Block]]:
+        """Blocks after the first `held` fetched from peers and stored here, when at least a
+        whole block is missing; yields PREFILLING while waiting when `yielding`."""
+        assert self.prefix_fetcher is not None and self.prefix_cache is not None
+        usable = [piece for piece in segments(prompt_ids) if piece[1] <= len(prompt_ids) - 1]
+        wanted = usable[held:]
+        if sum(stop - start for start, stop, _ in wanted) < BLOCK_TOKENS:
+            return []  # computing a few tokens beats a round trip
+        future = self.prefix_fetcher.fetch_async(wanted)
+        while yielding and not future.done():
+            try:
+                future.result(timeout=0.002)
+            except TimeoutError:
+                yield PREFILLING
+        try:
+            blocks = future.result()
+        except Exception:  # a failed fetch only means computing the prefix here
+            log.exception("fetching prompt prefixes from peers failed")
+            return []
+        for (_, _, key), block in zip(wanted, blocks, strict=False):
+            self.prefix_cache.store(key, block)
+        return blocks
 
     def stream(
         self,

@@ -118,9 +118,18 @@ class ModelBackend:
                 from swarm.peering import Peering
 
                 identity = Identity.load_or_create(self.data_dir)
+                prefix_cache = self.generator.prefix_cache if whole else None
                 self.peering = Peering(
-                    self.engine, self.opened, self.model_id, identity, self.config, self.data_dir
+                    self.engine,
+                    self.opened,
+                    self.model_id,
+                    identity,
+                    self.config,
+                    self.data_dir,
+                    prefix_cache,
                 )
+                if prefix_cache is not None and self.config.network.prefix_sharing:
+                    self.generator.prefix_fetcher = self._prefix_fetcher(identity)
                 if whole:  # serves its own requests at once; joins the swarm meanwhile
                     threading.Thread(target=self._join_swarm, name="peering", daemon=True).start()
                 else:
@@ -137,6 +146,22 @@ class ModelBackend:
             log.exception("loading %s failed", self.model_name)
             self.error = f"{type(error).__name__}: {error}"
             self.state = "failed"
+
+    def _prefix_fetcher(self, identity: Any) -> Any:
+        from swarm.prefix_share import BlockLayout, PrefixFetcher
+
+        engine, config = self.engine, self.opened.config
+        layout = BlockLayout(
+            engine.last - engine.first,
+            config.n_kv_heads,
+            config.head_dim,
+            config.value_dim,
+            engine.settings.kv_cache,
+        )
+        network = self.config.network
+        return PrefixFetcher(
+            identity, network.gossip_network_id, self.model_id, layout, self.peering.prefix_peers
+        )
 
     def _join_swarm(self) -> None:
         try:
@@ -193,6 +218,8 @@ class ModelBackend:
                 "misses": stats.misses,
                 "reused_tokens": stats.reused_tokens,
             }
+            if self.generator.prefix_fetcher is not None:
+                model["prefix_cache"]["from_peers"] = self.generator.prefix_fetcher.stats.as_dict()
         info: dict[str, Any] = {"models": [model]}
         if self.peering is not None:
             info["peering"] = self.peering.info()

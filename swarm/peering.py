@@ -56,7 +56,16 @@ def _stage_batch(engine: Any, config: Config) -> SlotBatch | None:
 class Peering:
     """This node as a member of the swarm (see the module docstring)."""
 
-    def __init__(self, engine: Any, opened: Any, model_id: str, identity: Identity, config: Config, data_dir):
+    def __init__(
+        self,
+        engine: Any,
+        opened: Any,
+        model_id: str,
+        identity: Identity,
+        config: Config,
+        data_dir,
+        prefix_cache: Any = None,
+    ):
         self.model_id = model_id
         self.identity = identity
         self.config = config
@@ -83,6 +92,7 @@ class Peering:
             ),
             embed=self.embedder if whole else None,
             batch=_stage_batch(self.stage_engine, config),
+            prefix_cache=prefix_cache if whole and config.network.prefix_sharing else None,
         )
         self.tokenizer = opened.tokenizer
         self.throughput = 0.0
@@ -235,6 +245,18 @@ class Peering:
             estimate_ms(hops),
         )
         return [RouteStage(hop.address, hop.public_key, hop.layers) for hop in hops]
+
+    def prefix_peers(self) -> list[tuple[str, bytes]]:
+        """(address, public key) of other peers holding the whole model, nearest first:
+        those a prompt prefix's KV can be fetched from."""
+        rtt = self.rtt_ms()
+        whole = [
+            record
+            for record in self.records()
+            if tuple(record.layers) == (0, self.n_layers) and record.peer_id != self.identity.peer_id
+        ]
+        whole.sort(key=lambda record: rtt.get(record.peer_id, float("inf")))
+        return [(record.address, record.public_key) for record in whole]
 
     def requester(self) -> Requester:
         """A requester over the current best route, failing over to new ones."""

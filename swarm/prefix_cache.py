@@ -111,6 +111,18 @@ class PrefixCache:
                 self.stats.misses += 1
         return found
 
+    def held(self, keys: Sequence[bytes]) -> list[tuple[bytes, Block]]:
+        """The blocks of the leading run of `keys` held here (for a peer's query); no stats."""
+        found = []
+        with self._lock:
+            for key in keys:
+                block = self._blocks.get(key)
+                if block is None:
+                    break
+                self._blocks.move_to_end(key)
+                found.append((key, block))
+        return found
+
     def missing(self, prompt_ids: Sequence[int]) -> list[tuple[int, int, bytes]]:
         """(start, stop, key) of the pieces of a prefilled prompt not stored yet."""
         with self._lock:

@@ -36,6 +36,8 @@ from swarm.batching import SlotBatch
 from swarm.engine import Engine
 from swarm.errors import SwarmError
 from swarm.identity import Identity
+from swarm.prefix_cache import PrefixCache
+from swarm.prefix_share import answer_query
 from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
 from swarm.secure_channel import ChannelError, ChannelTimeout, SecureChannel
 
@@ -120,8 +122,11 @@ class StageServer:
         *,
         embed: Callable[[Sequence[int]], np.ndarray] | None = None,
         batch: SlotBatch | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.engine = engine
+        # Answers peers' PrefixQuery from this cache (network.prefix_sharing); None: refuses.
+        self.prefix_cache = prefix_cache
         # A shared cache over `engine` whose sessions' single-token steps run together
         # (continuous batching across requesters); None: every session has its own cache.
         self.batch = batch
@@ -288,6 +293,12 @@ class StageServer:
                 return wire.encode(wire.Pong(message.nonce, time.time()))
             if isinstance(message, wire.Generate):
                 return self._generate(self._generating_session(message), message)
+            if isinstance(message, wire.PrefixQuery):
+                if self.prefix_cache is None:
+                    raise _Refusal(wire.NOT_FOUND, "this peer does not share prompt prefixes")
+                if message.model_id != self.config.model_id:
+                    raise _Refusal(wire.NOT_FOUND, f"serves model {self.config.model_id!r}")
+                return answer_query(self.prefix_cache, message)
             raise _Refusal(wire.BAD_MESSAGE, f"a stage does not accept {type(message).__name__}")
         except wire.WireError as error:
             reply = wire.error_reply(error, session_id)

@@ -22,6 +22,18 @@ u32 length and the bytes. Tensor payloads are little-endian, as in GGUF and ggml
     8 Generate     str8 session_id | u32 start_position | u32 max_tokens | u16 n
                    | n x u32 end-of-generation token ids
 
+    9 PrefixQuery  str8 model_id | u16 n | n x 16-byte prefix-block keys
+   10 PrefixBlock  u16 remaining | 16-byte key | u8 dtype (0 f16, 1 f32) | u32 layers
+                   | u32 tokens | u32 kv_heads | u32 key_dim | u32 value_dim | 32-byte digest
+                   | bytes32 keys | bytes32 values
+
+A PrefixQuery asks a peer that shares its prompt-prefix cache (`network.prefix_sharing`)
+for the KV of the blocks named by their chained keys (`swarm.prefix_cache`). It answers
+one PrefixBlock per block it holds, from the first key on and stopping at the first it
+lacks, each saying how many more follow; an Error (code `not_found`) when it holds none.
+The digest is BLAKE2b-256 over the key, the layout fields and the two tensors' bytes
+(`prefix_digest`), checked by the asker with the layout and finite values before use.
+
 A Generate goes to a stage that holds the whole model in its session (one-stage route):
 it decodes on its own from its last sampled token, at start_position, answering one
 TokenResult per token, until it has sent max_tokens or one of the end-of-generation
@@ -70,6 +82,10 @@ MAX_ERROR_MESSAGE_BYTES = 4096
 MAX_TOP_LOGPROBS = 64
 MAX_ROUTE_HOPS = 64
 MAX_EOG_IDS = 256
+MAX_PREFIX_KEYS = 1024
+PREFIX_KEY_BYTES = 16
+PREFIX_DIGEST_BYTES = 32
+KV_DTYPES = ("f16", "f32")
 # Index order is the wire encoding: append only. f32 is lossless (pipeline output equals
 # a single node's); f16 halves and q8_0 quarters the bytes, for slow links.
 COMPRESSIONS = ("f16", "q8_0", "f32")
@@ -80,6 +96,7 @@ Q8_0_BLOCK_BYTES = 34
 UNSUPPORTED_VERSION = "unsupported_version"
 BAD_MESSAGE = "bad_message"
 UNKNOWN_SESSION = "unknown_session"
+NOT_FOUND = "not_found"
 OVERLOADED = "overloaded"
 INTERNAL = "internal"
 
@@ -291,6 +308,69 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class PrefixQuery:
+    """Asks a peer for the KV of prefix blocks (see the module docstring)."""
+
+    model_id: str
+    keys: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", tuple(self.keys))
+        if not self.model_id or len(self.model_id.encode()) > 255:
+            raise WireError("a prefix query needs a model id of 1 to 255 bytes")
+        if not 1 <= len(self.keys) <= MAX_PREFIX_KEYS:
+            raise WireError(f"a prefix query names 1 to {MAX_PREFIX_KEYS} blocks, not {len(self.keys)}")
+        if any(not isinstance(key, bytes) or len(key) != PREFIX_KEY_BYTES for key in self.keys):
+            raise WireError(f"prefix block keys are {PREFIX_KEY_BYTES} bytes")
+
+
+@dataclass(frozen=True)
+class PrefixBlock:
+    """One block of prefix KV: keys and values f16/f32[layers, tokens, kv_heads, dim]."""
+
+    remaining: int
+    key: bytes
+    keys: np.ndarray
+    values: np.ndarray
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.remaining <= MAX_PREFIX_KEYS:
+            raise WireError(f"remaining blocks {self.remaining} out of range")
+        if len(self.key) != PREFIX_KEY_BYTES or len(self.digest) != PREFIX_DIGEST_BYTES:
+            raise WireError("bad prefix block key or digest size")
+        if self.keys.ndim != 4 or self.values.ndim != 4 or self.keys.shape[:3] != self.values.shape[:3]:
+            raise WireError("prefix block keys and values must be [layers, tokens, kv_heads, dim]")
+        if self.keys.dtype != self.values.dtype or self.keys.dtype.name not in ("float16", "float32"):
+            raise WireError("prefix block tensors must both be f16 or both f32")
+
+    @classmethod
+    def of(cls, remaining: int, key: bytes, keys: np.ndarray, values: np.ndarray) -> PrefixBlock:
+        """A block with its digest computed."""
+        return cls(remaining, key, keys, values, prefix_digest(key, keys, values))
+
+
+def prefix_digest(key: bytes, keys: np.ndarray, values: np.ndarray) -> bytes:
+    """BLAKE2b-256 over a prefix block's key, layout and little-endian tensor bytes."""
+    import hashlib
+
+    import numpy as np
+
+    layers, tokens, heads, key_dim = keys.shape
+    layout = struct.pack(
+        ">BIIIII", KV_DTYPES.index(_kv_dtype(keys)), layers, tokens, heads, key_dim, values.shape[3]
+    )
+    digest = hashlib.blake2b(key + layout, digest_size=PREFIX_DIGEST_BYTES)
+    for tensor in (keys, values):
+        digest.update(np.ascontiguousarray(tensor, tensor.dtype.newbyteorder("<")).tobytes())
+    return digest.digest()
+
+
+def _kv_dtype(tensor: np.ndarray) -> str:
+    return "f16" if tensor.dtype.name == "float16" else "f32"
+
+
+@dataclass(frozen=True)
 class _Heartbeat:
     nonce: int
     timestamp: float
@@ -312,7 +392,9 @@ class Pong(_Heartbeat):
     """Answers a Ping: its nonce, and the answering peer's clock."""
 
 
-Message = OpenSession | Forward | TokenResult | Close | Error | Ping | Pong | Generate
+Message = (
+    OpenSession | Forward | TokenResult | Close | Error | Ping | Pong | Generate | PrefixQuery | PrefixBlock
+)
 
 
 @dataclass(frozen=True)
@@ -417,6 +499,28 @@ def encode(message: Message) -> bytes:
         writer.str8(message.session_id)
         writer.pack("IIH", message.start_position, message.max_tokens, len(message.eog_ids))
         writer.pack(f"{len(message.eog_ids)}I", *message.eog_ids)
+    elif kind is PrefixQuery:
+        writer.str8(message.model_id)
+        writer.pack("H", len(message.keys))
+        writer.parts.extend(message.keys)
+    elif kind is PrefixBlock:
+        import numpy as np
+
+        layers, tokens, heads, key_dim = message.keys.shape
+        writer.pack("H", message.remaining)
+        writer.parts.append(message.key)
+        writer.pack(
+            "BIIIII",
+            KV_DTYPES.index(_kv_dtype(message.keys)),
+            layers,
+            tokens,
+            heads,
+            key_dim,
+            message.values.shape[3],
+        )
+        writer.parts.append(message.digest)
+        for tensor in (message.keys, message.values):
+            writer.bytes32(np.ascontiguousarray(tensor, tensor.dtype.newbyteorder("<")).tobytes())
     else:
         raise WireError(f"cannot encode {kind.__name__}")
     body = b"".join(writer.parts)
@@ -547,6 +651,36 @@ def _decode_generate(reader: _Reader) -> Generate:
     return Generate(session_id, start, max_tokens, reader.unpack(f"{count}I", "end-of-generation tokens"))
 
 
+def _decode_prefix_query(reader: _Reader) -> PrefixQuery:
+    model_id = reader.str8("model id")
+    (count,) = reader.unpack("H", "key count")
+    if count > MAX_PREFIX_KEYS:
+        raise WireError(f"{count} prefix keys exceed the limit of {MAX_PREFIX_KEYS}")
+    return PrefixQuery(model_id, tuple(reader.take(PREFIX_KEY_BYTES, "key") for _ in range(count)))
+
+
+def _decode_prefix_block(reader: _Reader) -> PrefixBlock:
+    import numpy as np
+
+    (remaining,) = reader.unpack("H", "remaining")
+    key = reader.take(PREFIX_KEY_BYTES, "key")
+    dtype_tag, layers, tokens, heads, key_dim, value_dim = reader.unpack("BIIIII", "layout")
+    if dtype_tag >= len(KV_DTYPES):
+        raise WireError(f"unknown KV dtype tag {dtype_tag}")
+    digest = reader.take(PREFIX_DIGEST_BYTES, "digest")
+    dtype = np.dtype("<f2" if KV_DTYPES[dtype_tag] == "f16" else "<f4")
+    tensors = []
+    for what, dim in (("keys", key_dim), ("values", value_dim)):
+        expected = layers * tokens * heads * dim * dtype.itemsize
+        payload = reader.bytes32(what, MAX_MESSAGE_BYTES)
+        if len(payload) != expected:
+            raise WireError(f"prefix block {what} have {len(payload)} bytes, the layout needs {expected}")
+        tensors.append(
+            np.frombuffer(payload, dtype).reshape(layers, tokens, heads, dim).astype(dtype.newbyteorder("="))
+        )
+    return PrefixBlock(remaining, key, tensors[0], tensors[1], digest)
+
+
 _DECODERS = {
     1: (OpenSession, _decode_open_session),
     2: (Forward, _decode_forward),
@@ -556,6 +690,8 @@ _DECODERS = {
     6: (Ping, lambda reader: Ping(*reader.unpack("Qd", "body"))),
     7: (Pong, lambda reader: Pong(*reader.unpack("Qd", "body"))),
     8: (Generate, _decode_generate),
+    9: (PrefixQuery, _decode_prefix_query),
+    10: (PrefixBlock, _decode_prefix_block),
 }
 _TYPE_IDS = {kind: type_id for type_id, (kind, _) in _DECODERS.items()}
 
