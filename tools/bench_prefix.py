@@ -3,8 +3,11 @@
     .venv/bin/python tools/bench_prefix.py [--model smollm2-135m] [--prompt-tokens 512] [--runs 5]
 
 Cold: prompts of the same length that share no prefix (each starts with a different
-token), after one run to compile. Warm: the same prompt submitted again. Reports the
-medians and their ratio as JSON; both are measured in the same process and run.
+token), after one run to compile. Warm: the same prompt submitted again. From a peer
+(`--from-peer`): a second node in this process, sharing its prefix cache through its
+stage on loopback, first serves each prompt; this node, holding none of it, fetches the
+prefix's KV over the encrypted transport and prefills only the last token. Reports the
+medians and their ratios to the cold one as JSON; all are measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from swarm.bench import bench_prompt
 from swarm.generate import Generator
+from swarm.identity import Identity
 from swarm.loader import open_model
 from swarm.paths import data_dir as default_data_dir
 from swarm.prefix_cache import PrefixCache
+from swarm.prefix_share import BlockLayout, PrefixFetcher
 from swarm.sampling import SamplingParams
+from swarm.stage import StageConfig, StageEngine, StageServer
 
 
 def first_token_s(generator: Generator, prompt: list[int]) -> float:
@@ -36,14 +42,44 @@ def first_token_s(generator: Generator, prompt: list[int]) -> float:
     return elapsed
 
 
+def from_peer(model, engine, prompts: list[list[int]]) -> tuple[list[float], int]:
+    """First-token times of prompts whose prefix KV is fetched from a sharing peer."""
+    peer_cache = PrefixCache(1 << 30)
+    peer = Generator(engine, model.tokenizer, peer_cache)
+    stage_engine = StageEngine(engine.config, engine.weights, engine.first, engine.last, engine.settings)
+    stage = StageServer(
+        stage_engine, Identity.generate(), StageConfig(model_id=model.name), prefix_cache=peer_cache
+    ).start()
+    try:
+        config = model.config
+        layout = BlockLayout(
+            config.n_layers, config.n_kv_heads, config.head_dim, config.value_dim, engine.settings.kv_cache
+        )
+        peers = [(stage.address, stage.identity.public_key)]
+        fetcher = PrefixFetcher(Identity.generate(), "swarm-local", model.name, layout, lambda: peers)
+        times = []
+        for index, prompt in enumerate(prompts):
+            first_token_s(peer, prompt)  # the peer computes and keeps the prefix
+            node = Generator(engine, model.tokenizer, PrefixCache(512 << 20))
+            node.prefix_fetcher = fetcher
+            elapsed = first_token_s(node, prompt)
+            if index:  # the first one compiles the fetched prefix's shapes
+                times.append(elapsed)
+        return times, fetcher.stats.fetched_blocks
+    finally:
+        stage.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--from-peer", action="store_true", help="also time fetching the prefix from a peer")
     args = parser.parse_args()
     model = open_model(args.model, default_data_dir(os.environ))
-    generator = Generator(model.engine(), model.tokenizer, PrefixCache(512 << 20))
+    engine = model.engine()
+    generator = Generator(engine, model.tokenizer, PrefixCache(512 << 20))
     base = bench_prompt(model.tokenizer, args.prompt_tokens)
 
     def variant(index: int) -> list[int]:
@@ -59,6 +95,11 @@ def main() -> int:
         "cached_first_token_ms": statistics.median(warm) * 1000,
     }
     report["speedup"] = report["cold_first_token_ms"] / report["cached_first_token_ms"]
+    if args.from_peer:
+        fetched, blocks = from_peer(model, engine, [variant(100 + i) for i in range(args.runs + 1)])
+        report["peer_fetch_first_token_ms"] = statistics.median(fetched) * 1000
+        report["peer_fetch_speedup"] = report["cold_first_token_ms"] / report["peer_fetch_first_token_ms"]
+        report["peer_fetched_blocks"] = blocks
     print(json.dumps(report, indent=2))
     return 0
 
