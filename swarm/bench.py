@@ -130,6 +130,13 @@ def _measure_llama_cpp(
     }
 
 
+def weight_bytes(weights: Any) -> int:
+    """Bytes the engine's weights hold in memory (every array leaf, packed or not)."""
+    import jax
+
+    return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(weights) if hasattr(leaf, "nbytes"))
+
+
 def run_bench(model_name: str, data_dir: Path, settings, options: BenchOptions) -> dict[str, Any]:
     from swarm.loader import open_model
 
@@ -140,6 +147,9 @@ def run_bench(model_name: str, data_dir: Path, settings, options: BenchOptions) 
     engine = model.engine(settings)
     report: dict[str, Any] = {"model": model_name}
     report.update(_measure_swarm(engine, prompt, options))
+    report["weights_mb"] = weight_bytes(engine.weights) / 2**20
+    report["gguf_tensor_mb"] = sum(t.nbytes for t in model.gguf.tensors.values()) / 2**20
+    report["weights_over_gguf"] = report["weights_mb"] / report["gguf_tensor_mb"]
     report["prompt_tokens"] = len(prompt)
     report["gen_tokens"] = options.gen_tokens
     report["runs"] = options.runs
@@ -189,6 +199,10 @@ def format_table(report: dict[str, Any]) -> str:
         )
         ratio = report["ratio"]
         lines.append(f"{'ratio':<12}{ratio['prefill']:>14.2f}x{ratio['decode']:>14.2f}x")
+    lines.append(
+        f"weights in memory {report['weights_mb']:.0f} MB = {report['weights_over_gguf']:.2f}x"
+        f" the GGUF's {report['gguf_tensor_mb']:.0f} MB of tensors"
+    )
     lines.append(f"compile time {report['compile_s']:.1f} s")
     return "\n".join(lines)
 

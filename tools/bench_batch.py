@@ -1,0 +1,194 @@
+"""Throughput under load: one stream against N concurrent ones, through the node's scheduler
+and its shared batch, and how long a long prompt holds up the others' tokens.
+
+    .venv/bin/python tools/bench_batch.py [--model smollm2-135m] [--streams 8]
+        [--gen-tokens 64] [--prompt-tokens 128] [--long-prompt 1024] [--baseline llama-cpp]
+
+Single: one request alone (tok/s of its decode). Concurrent: N requests submitted at once,
+each with its own prompt; aggregate tok/s is every generated token over the wall time from
+the first token to the last, and each request's time to first token is reported. Long
+prompt: while N-1 requests decode, one with a long prompt arrives; the others' longest gap
+between two tokens is measured with chunked prefill (inference.prefill_chunk) and with the
+prompt prefilled whole. With --baseline llama-cpp, llama.cpp's single-stream decode on the
+same model and prompt is measured in the same run (a child process) for the ratio.
+Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from swarm.batching import SlotBatch
+from swarm.bench import bench_prompt
+from swarm.generate import PREFILLING, Generator
+from swarm.loader import open_model
+from swarm.node_server import Job, Scheduler
+from swarm.paths import data_dir as default_data_dir
+from swarm.sampling import SamplingParams
+
+
+def events(generator: Generator, prompt: list[int], tokens: int, chunk: int | None):
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    for event in generator.stream(prompt, params, prefill_chunk=chunk):
+        if event is PREFILLING:
+            yield {"event": "progress"}
+        elif isinstance(event, str):
+            yield {"event": "done"}
+            return
+        else:
+            yield {"event": "text", "token_id": event.token_id}
+
+
+def token_times(job: Job) -> list[float]:
+    """Arrival time of each token of a job, until it is done."""
+    times = []
+    while True:
+        event = job.output.get(timeout=600)
+        if event["event"] == "text":
+            times.append(time.perf_counter())
+        elif event["event"] in ("done", "error"):
+            if event["event"] == "error":
+                raise RuntimeError(event)
+            return times
+
+
+def run_together(
+    scheduler: Scheduler, generator: Generator, prompts: list[list[int]], tokens: int, chunk: int | None
+) -> tuple[float, list[list[float]]]:
+    """Submits every prompt at once; the submit time and each job's token arrival times."""
+    jobs = [Job(events(generator, prompt, tokens, chunk)) for prompt in prompts]
+    began = time.perf_counter()
+    for job in jobs:
+        scheduler.submit(job)
+    return began, [token_times(job) for job in jobs]
+
+
+def longest_gap_during_long_prompt(
+    scheduler: Scheduler,
+    generator: Generator,
+    short: list[list[int]],
+    long_prompt: list[int],
+    tokens: int,
+    chunk: int | None,
+) -> dict[str, float]:
+    """Others decode; a long prompt arrives; their longest gap between tokens meanwhile."""
+    jobs = [Job(events(generator, prompt, tokens, chunk)) for prompt in short]
+    for job in jobs:
+        scheduler.submit(job)
+    results: dict[int, list[float]] = {}
+    readers = [
+        threading.Thread(target=lambda i=i, job=job: results.__setitem__(i, token_times(job)))
+        for i, job in enumerate(jobs)
+    ]
+    for reader in readers:
+        reader.start()
+    time.sleep(1.0)  # the others are decoding
+    arrived = time.perf_counter()
+    long_job = Job(events(generator, long_prompt, 4, chunk))
+    scheduler.submit(long_job)
+    long_times = token_times(long_job)
+    for reader in readers:
+        reader.join()
+    gaps = []
+    for times in results.values():
+        for before, after in itertools.pairwise(times):
+            if arrived <= after <= long_times[0] + 0.5:
+                gaps.append(after - before)
+    return {
+        "long_prompt_first_token_ms": (long_times[0] - arrived) * 1000,
+        "others_longest_gap_ms": max(gaps, default=0.0) * 1000,
+    }
+
+
+def llama_cpp_decode(path: str, prompt: list[int], tokens: int) -> float:
+    job = {"path": path, "prompt": prompt, "gen_tokens": tokens, "runs": 3, "threads": os.cpu_count() or 1}
+    child = subprocess.run(
+        [sys.executable, "-m", "swarm.bench", "--llama-cpp-child", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(child.stdout.strip().splitlines()[-1])["decode_tok_s"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--long-prompt", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--baseline", choices=["llama-cpp"])
+    args = parser.parse_args()
+    model = open_model(args.model, default_data_dir(os.environ))
+    engine = model.engine()
+    vocab = model.config.vocab_size
+    base = bench_prompt(model.tokenizer, args.prompt_tokens)
+
+    def prompt(index: int, length: int = args.prompt_tokens) -> list[int]:
+        text = bench_prompt(model.tokenizer, length)
+        return [(text[0] + 1 + index) % vocab, *text[1:]]
+
+    batch = SlotBatch(engine, args.streams, 4096)
+    batch.warm_up(base[0])
+    generator = Generator(engine, model.tokenizer, batch=batch)
+    scheduler = Scheduler(max_active=args.streams, max_waiting=64)
+    report: dict = {"model": args.model, "streams": args.streams, "gen_tokens": args.gen_tokens}
+    try:
+        run_together(scheduler, generator, [prompt(i) for i in range(args.streams)], 8, args.chunk)  # compile
+        singles = []
+        for run in range(3):
+            _, (times,) = run_together(scheduler, generator, [prompt(100 + run)], args.gen_tokens, args.chunk)
+            singles.append((len(times) - 1) / (times[-1] - times[0]))
+        report["single_tok_s"] = statistics.median(singles)
+        aggregates, first_tokens = [], []
+        for run in range(3):
+            prompts = [prompt(200 + run * args.streams + i) for i in range(args.streams)]
+            began, times = run_together(scheduler, generator, prompts, args.gen_tokens, args.chunk)
+            start = min(t[0] for t in times)
+            end = max(t[-1] for t in times)
+            aggregates.append(sum(len(t) - 1 for t in times) / (end - start))
+            first_tokens.append([(t[0] - began) * 1000 for t in times])
+        report["aggregate_tok_s"] = statistics.median(aggregates)
+        report["aggregate_over_single"] = report["aggregate_tok_s"] / report["single_tok_s"]
+        middle = first_tokens[1]
+        report["first_token_ms"] = {
+            "min": min(middle),
+            "median": statistics.median(middle),
+            "max": max(middle),
+        }
+        report["batch"] = batch.stats.as_dict()
+        long_prompt = prompt(999, args.long_prompt)
+        others = [prompt(300 + i) for i in range(args.streams - 1)]
+        tokens = args.gen_tokens * 2
+        report["long_prompt_chunked"] = longest_gap_during_long_prompt(
+            scheduler, generator, others, long_prompt, tokens, args.chunk
+        )
+        others = [prompt(400 + i) for i in range(args.streams - 1)]
+        report["long_prompt_whole"] = longest_gap_during_long_prompt(
+            scheduler, generator, others, [(long_prompt[0] + 1) % vocab, *long_prompt[1:]], tokens, None
+        )
+    finally:
+        scheduler.stop()
+    if args.baseline == "llama-cpp":
+        report["llama_cpp_single_tok_s"] = llama_cpp_decode(str(model.path), base, args.gen_tokens)
+        report["single_over_llama_cpp"] = report["single_tok_s"] / report["llama_cpp_single_tok_s"]
+        report["aggregate_over_llama_cpp"] = report["aggregate_tok_s"] / report["llama_cpp_single_tok_s"]
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
