@@ -11,8 +11,8 @@ session pays no wait; a busy node runs one step for all its sessions. Sessions j
 and leave between steps; `release` drops a leaving session's queued step so that it
 can never write into the row's next owner.
 
-The cache grows (powers of two, up to `max_capacity` positions) as sessions need
-more; a session needing more than that, or finding every row taken, keeps a cache of
+The cache holds `max_capacity` positions per row, allocated when the first session
+joins; a session needing more than that, or finding every row taken, keeps a cache of
 its own (`acquire` returns None).
 
 Depends only on the engine interface below; tests drive it with a stand-in engine.
@@ -20,6 +20,8 @@ Depends only on the engine interface below; tests drive it with a stand-in engin
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,7 +30,10 @@ import numpy as np
 
 from swarm.errors import InvalidRequestError
 
-MIN_CAPACITY = 256
+log = logging.getLogger(__name__)
+
+# Steps ahead of the furthest session at which the next attention bound's step is compiled.
+LOOKAHEAD = 64
 
 
 class BatchEngine(Protocol):
@@ -40,11 +45,13 @@ class BatchEngine(Protocol):
 
     def step(self, inputs: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache: Any) -> Any: ...
 
+    def step_shape(self, count: int, position: int, capacity: int) -> tuple[int, int]: ...
+
+    def prepare_step(self, count: int, position: int, cache: Any) -> bool: ...
+
     def with_rows(self, cache: Any, keys: np.ndarray, values: np.ndarray, slot: int = 0) -> Any: ...
 
     def cache_rows(self, cache: Any, start: int, stop: int, slot: int = 0) -> Any: ...
-
-    def grow_cache(self, cache: Any, capacity: int) -> Any: ...
 
 
 class Ticket:
@@ -99,6 +106,9 @@ class SlotBatch:
         self._queued: dict[int, Ticket] = {}
         self._lock = threading.Lock()  # the free rows and the queue
         self._device = threading.Lock()  # one engine call on the shared cache at a time
+        self._prepared: set[tuple[int, int]] = set()  # step shapes compiled or asked for
+        self._to_prepare: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        self._preparer: threading.Thread | None = None
 
     @property
     def capacity(self) -> int:
@@ -120,7 +130,7 @@ class SlotBatch:
             slot = min(self._free)  # the lowest free row: busy rows stay packed together
             self._free.remove(slot)
         try:
-            self._reserve(positions)
+            self._reserve()
         except BaseException:
             self.release(slot)
             raise
@@ -135,20 +145,13 @@ class SlotBatch:
         if ticket is not None:
             ticket._finish(None, InvalidRequestError("the session left the batch"))
 
-    def _reserve(self, positions: int) -> None:
-        """Grows the shared cache (keeping what it holds) to hold `positions` per row."""
+    def _reserve(self) -> None:
+        """Allocates the shared cache, at its full size, when the first session joins: one
+        size means no step or prefill ever compiles again for a larger cache."""
         with self._device:
-            if positions <= self._capacity:
-                return
-            capacity = max(MIN_CAPACITY, self._capacity)
-            while capacity < positions:
-                capacity *= 2
-            capacity = min(capacity, self.max_capacity)
             if self._cache is None:
-                self._cache = self.engine.new_cache(capacity, self.slots)
-            else:
-                self._cache = self.engine.grow_cache(self._cache, capacity)
-            self._capacity = capacity
+                self._cache = self.engine.new_cache(self.max_capacity, self.slots)
+                self._capacity = self.max_capacity
 
     # --- device work ---------------------------------------------------------------------
 
@@ -168,23 +171,37 @@ class SlotBatch:
         with self._device:
             return self.engine.cache_rows(self._cache, start, stop, slot)
 
-    def warm_up(self, example: np.ndarray) -> None:
-        """Compiles the step for every batch width (1, 2, 4, ... slots) before any session
-        joins, so the first time several run together nobody waits for a compile.
+    def warm_up(self) -> None:
+        """Compiles the one-session step now and, on a background thread, the steps of
+        every wider batch (2, 4, ... slots), before any session joins."""
+        self._reserve()
+        self.engine.prepare_step(1, 0, self._cache)
+        self._prepared.add(self.engine.step_shape(1, 0, self._capacity))
+        width = 2
+        while width < 2 * self.slots:
+            self._prepare(min(width, self.slots), 0)
+            width *= 2
 
-        example: one step's input (a token id or a hidden state) of the engine's kind.
-        """
-        self._reserve(MIN_CAPACITY)
-        with self._device:
-            width = 1
-            while True:
-                rows = min(width, self.slots)
-                inputs = np.stack([np.asarray(example)] * rows)
-                zeros = np.zeros(rows, np.int32)
-                _, self._cache = self.engine.step(inputs, zeros, np.arange(rows, dtype=np.int32), self._cache)
-                if rows == self.slots:
-                    break
-                width *= 2
+    def _prepare(self, count: int, position: int) -> None:
+        """Has the step of `count` sessions reaching `position` compiled in the background,
+        once, so that sessions reaching a new attention bound or a wider batch never wait
+        for a compile."""
+        shape = self.engine.step_shape(count, position, self._capacity)
+        if shape in self._prepared:
+            return
+        self._prepared.add(shape)
+        self._to_prepare.put((count, position))
+        if self._preparer is None:
+            self._preparer = threading.Thread(target=self._prepare_loop, name="batch-compile", daemon=True)
+            self._preparer.start()
+
+    def _prepare_loop(self) -> None:
+        while True:
+            count, position = self._to_prepare.get()
+            try:
+                self.engine.prepare_step(count, position, self._cache)
+            except Exception:  # the step compiles when first run instead
+                log.exception("compiling a batch step ahead of time failed")
 
     def submit(self, slot: int, inputs: np.ndarray, position: int) -> Ticket:
         """Queues one decode step of `slot` at `position`; returns at once."""
@@ -225,5 +242,10 @@ class SlotBatch:
             self.stats.steps += 1
             self.stats.rows += len(tickets)
             self.stats.widest = max(self.stats.widest, len(tickets))
+            furthest = max(ticket.position for ticket in tickets)
+        # What the next steps will need: a bound further on, and room for one more session.
+        self._prepare(len(tickets), furthest + LOOKAHEAD)
+        if len(tickets) < self.slots:
+            self._prepare(len(tickets) + 1, furthest)
         for ticket, output in zip(tickets, outputs, strict=True):
             ticket._finish(output)

@@ -112,8 +112,9 @@ class InferenceConfig(_Section):
         256, "memory for reusable prompt-prefix KV, in MB; 0 = off", restart=True, low=0
     )
     batch_context: int = _key(
-        4096,
-        "longest request (prompt + max_tokens) decoded in the shared batch; longer ones alone; 0 = no batching",
+        2048,
+        "positions per request in the shared batch cache (allocated whole: max_concurrent_requests"
+        " x this); longer requests decode alone; 0 = no batching",
         restart=True,
         low=0,
     )

@@ -177,15 +177,6 @@ class Engine:
         dtype = jnp.float16 if self.settings.kv_cache == "f16" else jnp.float32
         return model.new_cache(self.config, self.last - self.first, batch, capacity, dtype)
 
-    def grow_cache(self, cache: KVCache, capacity: int) -> KVCache:
-        """A larger cache (same rows) holding what `cache` holds at the same positions."""
-        bigger = self.new_cache(capacity, cache.keys.shape[1])
-        held = cache.capacity
-        return KVCache(
-            keys=bigger.keys.at[:, :, :held].set(cache.keys),
-            values=bigger.values.at[:, :, :held].set(cache.values),
-        )
-
     def _bucket(self, steps: int) -> int:
         for bucket in self.settings.prefill_buckets:
             if steps <= bucket:
@@ -199,6 +190,10 @@ class Engine:
         hidden: stop before the output norm and head even on the last range
         (embeddings read the final hidden states).
         """
+        return self._compiled_for(all_logits, kv_bound, args, hidden)(*args)
+
+    def _compiled_for(self, all_logits: bool, kv_bound: int, args: tuple, hidden: bool = False):
+        """The compiled forward for these arguments (arrays or ShapeDtypeStructs alike)."""
         inputs, cache = args[1], args[4]
         slots = args[5].shape if len(args) > 5 else None
         key = (inputs.shape, inputs.dtype, cache.keys.shape, all_logits, kv_bound, hidden, slots)
@@ -216,7 +211,7 @@ class Engine:
             )
             self.compile_seconds += time.perf_counter() - began
             self._compiled[key] = compiled
-        return compiled(*args)
+        return compiled
 
     @staticmethod
     def _kv_bound(end: int, steps: int, capacity: int) -> int:
@@ -302,21 +297,16 @@ class Engine:
         capacity = cache.capacity
         if int(np.max(positions)) >= capacity:
             raise ContextOverflowError(f"position {int(np.max(positions))} is past the cache of {capacity}")
-        rows = 1
-        while rows < count:
-            rows *= 2
+        rows, bound = self.step_shape(count, int(np.max(positions)), capacity)
         padded = np.zeros((rows, 1, *np.shape(inputs)[1:]), np.asarray(inputs).dtype)
         padded[:count, 0] = inputs
         start = np.full(rows, capacity, np.int32)
         start[:count] = positions
         row_slots = np.zeros(rows, np.int32)
         row_slots[:count] = slots
-        bound = MIN_CACHE
-        while bound <= int(np.max(positions)):
-            bound *= 2
         out, cache = self._run(
             False,
-            min(bound, capacity),
+            bound,
             self.weights,
             jnp.asarray(padded),
             jnp.asarray(start),
@@ -326,6 +316,37 @@ class Engine:
         )
         out = np.asarray(out)
         return (out[:count] if self.is_last else out[:count, 0]), cache
+
+    @staticmethod
+    def step_shape(count: int, position: int, capacity: int) -> tuple[int, int]:
+        """(rows, attention bound) a step of `count` sequences reaching `position` runs at."""
+        rows = 1
+        while rows < count:
+            rows *= 2
+        bound = MIN_CACHE
+        while bound <= position:
+            bound *= 2
+        return rows, min(bound, capacity)
+
+    def prepare_step(self, count: int, position: int, cache: KVCache) -> bool:
+        """Compiles (without running) the step `count` sequences reaching `position` in
+        `cache` will need; False if it was compiled already. Safe on another thread while
+        steps run: a batch compiles the next attention bound before its sessions reach it."""
+        rows, bound = self.step_shape(count, position, cache.capacity)
+        d_model = self.config.d_model
+        inputs = (
+            jax.ShapeDtypeStruct((rows, 1), jnp.int32)
+            if self.is_first
+            else jax.ShapeDtypeStruct((rows, 1, d_model), jnp.float32)
+        )
+        vector = jax.ShapeDtypeStruct((rows,), jnp.int32)
+        abstract_cache = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), cache)
+        args = (self.weights, inputs, vector, vector, abstract_cache, vector)
+        key = (inputs.shape, inputs.dtype, cache.keys.shape, False, bound, False, (rows,))
+        if key in self._compiled:
+            return False
+        self._compiled_for(False, bound, args)
+        return True
 
     def cache_rows(
         self, cache: KVCache, start: int, stop: int, slot: int = 0

@@ -30,8 +30,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from swarm import paths
 from swarm.config import Config, ConfigError, load_config
 from swarm.errors import InvalidRequestError, UnknownModelError
@@ -182,7 +180,7 @@ class ModelBackend:
             pass
         steps.close()
         if self.generator.batch is not None:
-            self.generator.batch.warm_up(np.int32(0))
+            self.generator.batch.warm_up()
 
     @property
     def model_id(self) -> str:

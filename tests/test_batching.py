@@ -56,6 +56,7 @@ class StandInEngine:
         self.max_context = max_context
         self.step_seconds = step_seconds
         self.steps: list[list[int]] = []  # the slots of each step call
+        self.prepared: list[tuple[int, int]] = []  # step shapes compiled ahead
         self.fail_next = False
 
     def cache_capacity(self, needed: int) -> int:
@@ -63,11 +64,6 @@ class StandInEngine:
 
     def new_cache(self, capacity: int, batch: int = 1) -> np.ndarray:
         return np.full((batch, capacity), -1, np.int64)
-
-    def grow_cache(self, cache: np.ndarray, capacity: int) -> np.ndarray:
-        bigger = self.new_cache(capacity, cache.shape[0])
-        bigger[:, : cache.shape[1]] = cache
-        return bigger
 
     def forward(self, inputs, start, cache, *, slot=None):
         row = 0 if slot is None else slot
@@ -88,6 +84,13 @@ class StandInEngine:
             cache[slot, position + 1 :] = -1  # anything past the step is not yet written
             outputs.append(answer(cache[slot, : position + 1]))
         return np.stack(outputs), cache
+
+    def step_shape(self, count, position, capacity):
+        return count, position // 256
+
+    def prepare_step(self, count, position, cache):
+        self.prepared.append(self.step_shape(count, position, cache.shape[1]))
+        return True
 
     def with_rows(self, cache, keys, values, slot=0):
         cache[slot, : keys.shape[1]] = keys[0]
@@ -147,16 +150,33 @@ def test_rows_run_out_and_too_long_sessions_are_turned_away():
         SlotBatch(StandInEngine(), slots=0, max_capacity=512)
 
 
-def test_the_shared_cache_grows_without_losing_what_sessions_hold():
+def test_the_shared_cache_is_allocated_once_when_the_first_session_joins():
     engine = StandInEngine()
-    batch = SlotBatch(engine, slots=2, max_capacity=4096)
+    batch = SlotBatch(engine, slots=3, max_capacity=2048)
+    assert batch.capacity == 0
     slot, logits = prefilled(batch, list(range(1, 200)))
-    assert batch.capacity == 256
-    other = batch.acquire(1500)
     assert batch.capacity == 2048
+    other = batch.acquire(1500)
     batch.prefill(other, np.asarray([4, 4]), 0)
     token = int(np.argmax(logits))
     assert int(np.argmax(batch.run(slot, token, 199))) == expected_tokens(list(range(1, 200)), 2)[1]
+
+
+def test_the_steps_sessions_will_need_next_are_compiled_ahead_in_the_background():
+    engine = StandInEngine()  # its step shapes: (sessions, position // 256)
+    batch = SlotBatch(engine, slots=4, max_capacity=1024)
+    batch.warm_up()
+    assert engine.prepared[0] == (1, 0)  # the lone session's step, before returning
+    slot, logits = prefilled(batch, list(range(1, 180)))
+    token = int(np.argmax(logits))
+    for position in range(179, 200):
+        token = int(np.argmax(batch.run(slot, token, position)))
+    deadline = time.monotonic() + 5
+    wanted = {(1, 0), (2, 0), (4, 0), (1, 1)}  # widths at start; the next bound coming up
+    while not wanted <= set(engine.prepared) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert wanted <= set(engine.prepared)
+    assert len(engine.prepared) == len(set(engine.prepared))  # each shape once
 
 
 def test_a_failing_step_fails_every_session_in_it():

@@ -68,10 +68,19 @@ def run_together(
 ) -> tuple[float, list[list[float]]]:
     """Submits every prompt at once; the submit time and each job's token arrival times."""
     jobs = [Job(events(generator, prompt, tokens, chunk)) for prompt in prompts]
+    times: dict[int, list[float]] = {}
+    readers = [
+        threading.Thread(target=lambda i=i, job=job: times.__setitem__(i, token_times(job)))
+        for i, job in enumerate(jobs)
+    ]
+    for reader in readers:
+        reader.start()  # each job's tokens are timed as they come, not after the others'
     began = time.perf_counter()
     for job in jobs:
         scheduler.submit(job)
-    return began, [token_times(job) for job in jobs]
+    for reader in readers:
+        reader.join()
+    return began, [times[i] for i in range(len(jobs))]
 
 
 def longest_gap_during_long_prompt(
@@ -142,7 +151,7 @@ def main() -> int:
         return [(text[0] + 1 + index) % vocab, *text[1:]]
 
     batch = SlotBatch(engine, args.streams, 4096)
-    batch.warm_up(base[0])
+    batch.warm_up()
     generator = Generator(engine, model.tokenizer, batch=batch)
     scheduler = Scheduler(max_active=args.streams, max_waiting=64)
     report: dict = {"model": args.model, "streams": args.streams, "gen_tokens": args.gen_tokens}
