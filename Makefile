@@ -18,6 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(MAKE) system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e .
+	$(PY) -m kernels.cpu.build || echo "note: CPU qmatmul kernel not built; packed weights use the reference path"
 	$(SWARM) pull smollm2-135m
 	touch $(STAMP)
 

@@ -1,35 +1,70 @@
 """The one entry point model code uses for weight products and attention.
 
 Owns the choice of implementation: `impl="auto"` picks, at trace time from
-`jax.default_backend()`, the Pallas kernels on GPU and the jnp references
-elsewhere (XLA fuses the reference dequantize-then-dot well on CPU, and the
-kernels' gathered loads target Pallas' GPU backend, not TPU's).  "reference",
-"pallas" and "pallas_interpret" force a path.  Layer code passes plain arrays
-and `QuantTensor`s alike and never branches on quantization.
+`jax.default_backend()`, the Pallas kernels on GPU; on CPU, the packed-weight
+custom call of `kernels.cpu` for `QuantTensor`s of the types it supports (when it
+could be built), and the jnp references otherwise (the kernels' gathered loads
+target Pallas' GPU backend, not TPU's).  "reference", "pallas",
+"pallas_interpret" and "cpu" force a path; "cpu" still sends the types it does
+not support to the reference.  Layer code passes plain arrays and `QuantTensor`s
+alike and never branches on quantization.
 
 Imports only jax and numpy: never gguf, never swarm.  Reads no environment.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels import cpu
 from kernels.attention import attention as pallas_attention
 from kernels.attention import attention_reference
 from kernels.matmul import dequant_matmul
 from kernels.qtensor import QuantTensor
 
-IMPLS = ("auto", "reference", "pallas", "pallas_interpret")
+IMPLS = ("auto", "reference", "pallas", "pallas_interpret", "cpu")
+
+
+# What "auto" means while tracing inside `implementation(...)`: None is the default choice.
+_chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("kernels_impl", default=None)
+
+
+@contextlib.contextmanager
+def implementation(impl: str) -> Iterator[None]:
+    """Within this block (while tracing), `impl="auto"` means `impl`: an engine built to
+    compute exactly as the reference does traces its forward inside `implementation("reference")`."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    token = _chosen.set(None if impl == "auto" else impl)
+    try:
+        yield
+    finally:
+        _chosen.reset(token)
 
 
 def _resolve(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     if impl == "auto":
+        impl = _chosen.get() or "auto"
+    if impl == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "reference"
     return impl
+
+
+def _use_cpu_kernel(impl: str, w: QuantTensor) -> bool:
+    """Whether `impl` sends this packed weight to the `kernels.cpu` custom call."""
+    if impl == "cpu":
+        if not cpu.available():
+            raise RuntimeError(cpu.unavailable_reason())
+        return cpu.supports(w.qtype)
+    return impl == "auto" and jax.default_backend() == "cpu" and cpu.supports(w.qtype) and cpu.available()
 
 
 def _dot_last(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -49,6 +84,8 @@ def matmul(x: jax.Array, w: jax.Array | QuantTensor, *, impl: str = "auto") -> j
     `w` is either a plain f32[out, in] array (always an XLA dot) or a
     `QuantTensor` (dequantized by the path `impl` selects).
     """
+    if impl == "auto":
+        impl = _chosen.get() or "auto"
     path = _resolve(impl)
     x = jnp.asarray(x, jnp.float32)
     if isinstance(w, QuantTensor):
@@ -57,7 +94,10 @@ def matmul(x: jax.Array, w: jax.Array | QuantTensor, *, impl: str = "auto") -> j
                 f"x [..., in] {list(x.shape)} does not fit a single weight of shape {w.shape} "
                 f"(data {list(w.data.shape)})"
             )
-        if path == "reference":
+        if _use_cpu_kernel(impl, w):
+            out = cpu.qmatmul(x.reshape(-1, w.in_features), w)
+            return out.reshape(*x.shape[:-1], w.out_features)
+        if path in ("reference", "cpu"):
             return _dot_last(x, w.dequantize())
         flat = x.reshape(-1, w.in_features)
         out = dequant_matmul(flat, w, interpret=path == "pallas_interpret")
@@ -87,7 +127,7 @@ def attention(
     """
     path = _resolve(impl)
     options = dict(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap)
-    if path == "reference":
+    if path in ("reference", "cpu"):
         return attention_reference(q, k, v, q_positions, kv_length, **options)
     return pallas_attention(q, k, v, q_positions, kv_length, interpret=path == "pallas_interpret", **options)
 

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import cpu as cpu_kernels
+from kernels import ops
 from swarm import model
 from swarm.errors import ContextOverflowError, InvalidRequestError
 from swarm.gguf_file import GGUFFile
@@ -33,7 +35,8 @@ MIN_CACHE = 256
 class EngineSettings:
     """How the engine runs.
 
-    weights: "auto" (f32 on CPU, packed elsewhere), "f32" or "packed".
+    weights: "auto" (packed: GGUF blocks in memory, decoded inside the products; on a
+    CPU that cannot build the kernels.cpu custom call, f32), "f32" or "packed".
     layers: "auto", "scan" or "unroll". Under a scan, compile time stays flat in the
     layer count; unrolled, XLA on CPU streams each layer's weights without copying
     them out of a stacked array first (measured: 35 % faster decode, compile
@@ -45,6 +48,10 @@ class EngineSettings:
     layers: str = "auto"
     prefill_buckets: tuple[int, ...] = PREFILL_BUCKETS
     max_context: int | None = None  # cap below the model's context length (memory)
+    # Which products and attention the forward traces: "auto" (the fastest for the
+    # device) or any of kernels.ops.IMPLS ("reference": the jnp twins every kernel is
+    # tested against).
+    kernels: str = "auto"
 
     def unrolled_layers(self) -> bool:
         if self.layers not in ("auto", "scan", "unroll"):
@@ -57,7 +64,9 @@ class EngineSettings:
         if self.weights not in ("auto", "f32", "packed"):
             raise InvalidRequestError(f"unknown weights setting {self.weights!r} (auto, f32 or packed)")
         if self.weights == "auto":
-            return jax.default_backend() != "cpu"
+            # On CPU, packed only with the kernels.cpu custom call: XLA's own
+            # dequantize-then-dot of packed bytes is many times slower than f32.
+            return jax.default_backend() != "cpu" or cpu_kernels.available()
         return self.weights == "packed"
 
 
@@ -144,6 +153,8 @@ class Engine:
         first, last = layer_range or (0, config.n_layers)
         if settings.kv_cache not in ("f16", "f32"):
             raise InvalidRequestError(f"unknown kv_cache setting {settings.kv_cache!r} (f16 or f32)")
+        if settings.kernels not in ops.IMPLS:
+            raise InvalidRequestError(f"unknown kernels setting {settings.kernels!r} ({', '.join(ops.IMPLS)})")
         weights = load_range_weights(
             gguf,
             config,
@@ -201,14 +212,15 @@ class Engine:
         if compiled is None:
             began = time.perf_counter()
             produces_logits = self.is_last and not hidden
-            compiled = (
-                jax.jit(
-                    partial(_forward, self.config, self.is_first, produces_logits, all_logits, kv_bound),
-                    donate_argnames=("cache",),
+            with ops.implementation(self.settings.kernels):
+                compiled = (
+                    jax.jit(
+                        partial(_forward, self.config, self.is_first, produces_logits, all_logits, kv_bound),
+                        donate_argnames=("cache",),
+                    )
+                    .lower(*args)
+                    .compile()
                 )
-                .lower(*args)
-                .compile()
-            )
             self.compile_seconds += time.perf_counter() - began
             self._compiled[key] = compiled
         return compiled

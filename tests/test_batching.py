@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from swarm.batching import SlotBatch
+from swarm.engine import EngineSettings
 from swarm.errors import InvalidRequestError
 from swarm.generate import Generator
 from swarm.node_server import Job, Scheduler
@@ -336,9 +337,12 @@ def test_requests_beyond_the_batch_decode_with_a_cache_of_their_own():
 
 @pytest.mark.realmodel
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
-def test_batched_decoding_gives_the_greedy_tokens_of_decoding_alone(name, opened_models, real_engines):
+def test_batched_decoding_gives_the_greedy_tokens_of_decoding_alone(name, opened_models):
+    """Checked with f32 weights: the CPU kernel quantizes activations to 8 bits (as
+    llama.cpp does), which turns the last-bit differences XLA's attention shows between
+    batch widths into visible ones, so its greedy tokens can part after a near tie."""
     model = opened_models(name)
-    engine = real_engines(name)
+    engine = model.engine(EngineSettings(weights="f32"))
     tokenizer = model.tokenizer
     texts = [
         "The capital of France is",

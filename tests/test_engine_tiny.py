@@ -87,12 +87,14 @@ def test_layer_ranges_compose(tiny_model, spec_name):
 
 @pytest.mark.parametrize("spec_name", ["llama-tiny", "gemma3-tiny"])
 def test_packed_weights_match_f32_weights(tiny_model, spec_name):
-    """Quantized weights kept packed (the GPU layout) give the f32 path's logits."""
+    """Quantized weights kept packed, decoded by the reference products, give the f32 path's
+    logits (the CPU kernel's 8-bit activations are checked in test_kernels_cpu)."""
     gguf, config = _open(tiny_model(spec_name))
     prompt = np.asarray(load_fixture(f"tiny-{spec_name}")["prompt_token_ids"], np.int32)
     results = []
     for weights in ("f32", "packed"):
-        engine = Engine.load(gguf, config, settings=EngineSettings(weights=weights, kv_cache="f32"))
+        settings = EngineSettings(weights=weights, kv_cache="f32", kernels="reference")
+        engine = Engine.load(gguf, config, settings=settings)
         logits, _ = engine.forward(prompt, 0, engine.new_cache(256), all_logits=True)
         results.append(logits)
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-4)
@@ -102,9 +104,12 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
     """A prompt longer than the largest bucket runs in chunks with the same result."""
     gguf, config = _open(tiny_model("gemma3-tiny"))
     prompt = np.asarray(load_fixture("tiny-gemma3-tiny")["prompt_token_ids"], np.int32)
-    whole = Engine.load(gguf, config, settings=EngineSettings(kv_cache="f32"))
+    # The reference products: the CPU kernel's 8-bit activations would turn the last-bit
+    # differences of another summation order into visible ones.
+    whole = Engine.load(gguf, config, settings=EngineSettings(kv_cache="f32", kernels="reference"))
     expected, _ = whole.forward(prompt, 0, whole.new_cache(256), all_logits=True)
-    chunked = Engine.load(gguf, config, settings=EngineSettings(prefill_buckets=(4, 8), kv_cache="f32"))
+    settings = EngineSettings(prefill_buckets=(4, 8), kv_cache="f32", kernels="reference")
+    chunked = Engine.load(gguf, config, settings=settings)
     logits, _ = chunked.forward(prompt, 0, chunked.new_cache(256), all_logits=True)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -120,7 +125,7 @@ def test_scanned_and_unrolled_layers_agree(tiny_model, spec_name):
     prompt = np.asarray(load_fixture(f"tiny-{spec_name}")["prompt_token_ids"], np.int32)
     results = []
     for layers, weights in (("unroll", "f32"), ("scan", "f32"), ("scan", "packed")):
-        settings = EngineSettings(layers=layers, weights=weights, kv_cache="f32")
+        settings = EngineSettings(layers=layers, weights=weights, kv_cache="f32", kernels="reference")
         engine = Engine.load(gguf, config, settings=settings)
         logits, _ = engine.forward(prompt, 0, engine.new_cache(256), all_logits=True)
         results.append(logits)

@@ -59,7 +59,7 @@ def test_stack_feeds_scan_one_layer_per_step() -> None:
 
     def step(carry, w):
         assert isinstance(w, QuantTensor) and w.data.shape == (16, 68)
-        return carry, ops.matmul(carry, w)
+        return carry, ops.matmul(carry, w, impl="reference")
 
     _, outs = jax.jit(lambda xs, ws: jax.lax.scan(step, xs, ws))(x, stacked)
     for index, (_, dense) in enumerate(layers):
@@ -93,7 +93,13 @@ def test_matmul_quant_tensor_matches_gguf_dequantization(impl: str) -> None:
     x = np.random.default_rng(6).standard_normal((2, 3, 96)).astype(np.float32)
     out = jax.jit(lambda x, w: ops.matmul(x, w, impl=impl))(x, w)
     assert out.shape == (2, 3, 40)
-    np.testing.assert_allclose(np.asarray(out), x @ dense.T, rtol=1e-5, atol=1e-4)
+    if impl == "auto" and jax.default_backend() == "cpu":
+        # The CPU kernel multiplies 8-bit activations (as llama.cpp does): each product is
+        # within a small fraction of the sum of the terms' magnitudes.
+        bound = 2e-2 * (np.abs(x) @ np.abs(dense).T)
+        assert (np.abs(np.asarray(out) - x @ dense.T) <= bound).all()
+    else:
+        np.testing.assert_allclose(np.asarray(out), x @ dense.T, rtol=1e-5, atol=1e-4)
 
 
 def test_auto_uses_the_reference_off_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,333 @@
+// Weight panels: 16 packed GGUF rows decoded into the layout the VNNI product reads.
+//
+// A panel is 16 output features (GGUF rows).  Every block of a row splits into
+// groups of G elements (G = 32, or 16 for Q6_K whose scales cover 16 elements),
+// and a group of the panel decodes into
+//
+//   u8  codes[G / 4][16][4]   // register j, lane n: elements 4j..4j+3 of row n
+//   f32 scale[16]             // row n's element = scale * (u - offset), or
+//   f32 minimum[16]           // scale * u + minimum for the affine formats
+//
+// so that `vpdpbusd` with one activation dword broadcast to all lanes yields 16
+// output features at once: lanes are rows, not k, so no horizontal sums.  The
+// codes `u` are the unsigned values the formats store; signed formats carry an
+// offset (Q4_0: 8, Q5_0: 16, Q6_K: 32; Q8_0 is flipped to u = q + 128) that the
+// activation block sums take out (gemm.h).  Bit layouts follow the
+// `dequantize_row_*` functions of ggml-quants.c, as kernels/dequant.py does.
+//
+// Decoders never transpose unpacked values: they transpose the packed bytes (16
+// rows x 16 bytes into 4 registers of row lanes) and unpack in place, with the
+// same per-lane arithmetic as ggml's row-wise decoders.
+
+#ifndef SWARM_KERNELS_CPU_PANEL_H_
+#define SWARM_KERNELS_CPU_PANEL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include <immintrin.h>
+
+namespace swarm_cpu {
+
+constexpr int kPanelRows = 16;
+
+// Byte addresses of the 16 rows of a panel; rows past the matrix repeat its last
+// row (their outputs are masked off), so every load stays inside the buffer.
+struct PanelRows {
+  const uint8_t* row[kPanelRows];
+
+  PanelRows(const uint8_t* weights, int64_t row_bytes, int64_t first, int64_t rows) {
+    for (int n = 0; n < kPanelRows; ++n) row[n] = weights + (first + n < rows ? first + n : rows - 1) * row_bytes;
+  }
+
+  // i32 lane n: the 4 bytes at row n + offset.  Scalar loads through the stack are no
+  // slower than vpgatherdd on Zen 4 and leave the vector pipes to the unpacking.
+  __m512i Gather(int64_t offset) const {
+    alignas(64) uint32_t words[kPanelRows];
+    for (int n = 0; n < kPanelRows; ++n) std::memcpy(words + n, row[n] + offset, 4);
+    return _mm512_load_si512(words);
+  }
+
+  // (low, high) i32 lane n: bytes 0..3 and 4..7 of the 8 bytes at row n + offset.
+  void Gather64(int64_t offset, __m512i* low, __m512i* high) const {
+    alignas(64) uint64_t words[kPanelRows];
+    for (int n = 0; n < kPanelRows; ++n) std::memcpy(words + n, row[n] + offset, 8);
+    const __m512i first = _mm512_load_si512(words), second = _mm512_load_si512(words + 8);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    *low = _mm512_permutex2var_epi32(first, even, second);
+    *high = _mm512_permutex2var_epi32(first, _mm512_add_epi32(even, _mm512_set1_epi32(1)), second);
+  }
+
+  // t[j] lane n: bytes 4j..4j+3 of the 16 bytes at row n + offset.
+  void Transpose16(int64_t offset, __m512i t[4]) const {
+    // quad[q] 128-bit lane L holds row q + 4L: broadcast loads with merge masks, so
+    // placing rows costs no shuffles; then a 4x4 dword transpose inside each lane.
+    __m512i quad[4];
+    for (int q = 0; q < 4; ++q) {
+      __m512i v = _mm512_broadcast_i32x4(Load(q, offset));
+      v = _mm512_mask_broadcast_i32x4(v, 0x00F0, Load(q + 4, offset));
+      v = _mm512_mask_broadcast_i32x4(v, 0x0F00, Load(q + 8, offset));
+      quad[q] = _mm512_mask_broadcast_i32x4(v, 0xF000, Load(q + 12, offset));
+    }
+    const __m512i rows01_low = _mm512_unpacklo_epi32(quad[0], quad[1]);
+    const __m512i rows01_high = _mm512_unpackhi_epi32(quad[0], quad[1]);
+    const __m512i rows23_low = _mm512_unpacklo_epi32(quad[2], quad[3]);
+    const __m512i rows23_high = _mm512_unpackhi_epi32(quad[2], quad[3]);
+    t[0] = _mm512_unpacklo_epi64(rows01_low, rows23_low);
+    t[1] = _mm512_unpackhi_epi64(rows01_low, rows23_low);
+    t[2] = _mm512_unpacklo_epi64(rows01_high, rows23_high);
+    t[3] = _mm512_unpackhi_epi64(rows01_high, rows23_high);
+  }
+
+  // t[j] lane n: bytes 4j..4j+3 of the 32 bytes at row n + offset.
+  void Transpose32(int64_t offset, __m512i t[8]) const {
+    Transpose16(offset, t);
+    Transpose16(offset + 16, t + 4);
+  }
+
+ private:
+  __m128i Load(int n, int64_t offset) const {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[n] + offset));
+  }
+};
+
+// ggml_fp16_t in the low (high) half of every i32 lane, as f32.
+inline __m512 LowHalfF16(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
+inline __m512 HighHalfF16(__m512i v) { return LowHalfF16(_mm512_srli_epi32(v, 16)); }
+
+// The low (high) nibble of every byte.
+inline __m512i Nibbles(__m512i v, int high) {
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  return _mm512_and_si512(high ? _mm512_srli_epi32(v, 4) : v, mask);
+}
+
+// Byte `index` (0..3) of every i32 lane, unsigned, as f32.
+inline __m512 ByteAsFloat(__m512i v, int index) {
+  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * index), _mm512_set1_epi32(0xFF)));
+}
+
+// Fifth bits of Q5_0/Q5_1: lane n of `high` is the little-endian u32 qh of row n, whose
+// bit e belongs to element e.  Adds 16 to the elements 4j..4j+3 whose bit is set.
+inline __m512i AddFifthBits(__m512i codes, __m512i high, int j) {
+  // Every byte of dword p (of each 128-bit lane) picks byte j / 2 of that dword, then
+  // tests its own bit 4 * (j % 2) + (byte index).
+  const __m512i dword_base = _mm512_set4_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0);
+  const __m512i bytes = _mm512_shuffle_epi8(high, _mm512_add_epi8(dword_base, _mm512_set1_epi8(char(j / 2))));
+  const int first = (j % 2) * 4;
+  const __m512i bits = _mm512_set1_epi32((1 << first) | (2 << first) << 8 | (4 << first) << 16 | (8 << first) << 24);
+  return _mm512_mask_add_epi8(codes, _mm512_test_epi8_mask(bytes, bits), codes, _mm512_set1_epi8(16));
+}
+
+// --- The formats -------------------------------------------------------------
+// Each has kBlock elements in kBlockBytes bytes, kGroup elements per scale, and
+// kAffine (element = scale * u + minimum) or not (scale * (u - kOffset)).
+// Decode(rows, block, sink) hands every group of the block, in element order, to
+// sink.Group(group index in the row, codes[kGroup / 4], scale, minimum); the sink
+// stores the panel (gemm.h, PanelStore) or multiplies at once (gemm.h, RowsProduct).
+
+struct Q4_0 {
+  static constexpr int kType = 2, kBlock = 32, kBlockBytes = 18, kGroup = 32, kOffset = 8;
+  static constexpr bool kAffine = false;
+  // block_q4_0 {f16 d; u8 qs[16]}: element j < 16 is qs[j] & 15, element j + 16 is qs[j] >> 4.
+  template <class Sink>
+  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
+    const int64_t at = block * kBlockBytes;
+    __m512i packed[4], codes[8];
+    rows.Transpose16(at + 2, packed);
+    for (int j = 0; j < 4; ++j) {
+      codes[j] = Nibbles(packed[j], 0);
+      codes[j + 4] = Nibbles(packed[j], 1);
+    }
+    sink.Group(block, codes, LowHalfF16(rows.Gather(at)), _mm512_setzero_ps());
+  }
+};
+
+struct Q4_1 {
+  static constexpr int kType = 3, kBlock = 32, kBlockBytes = 20, kGroup = 32, kOffset = 0;
+  static constexpr bool kAffine = true;
+  // block_q4_1 {f16 d, m; u8 qs[16]}: y = d * q + m, nibbles as Q4_0.
+  template <class Sink>
+  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
+    const int64_t at = block * kBlockBytes;
+    __m512i packed[4], codes[8];
+    rows.Transpose16(at + 4, packed);
+    for (int j = 0; j < 4; ++j) {
+      codes[j] = Nibbles(packed[j], 0);
+      codes[j + 4] = Nibbles(packed[j], 1);
+    }
+    const __m512i header = rows.Gather(at);
+    sink.Group(block, codes, LowHalfF16(header), HighHalfF16(header));
+  }
+};
+
+struct Q5_0 {
+  static constexpr int kType = 6, kBlock = 32, kBlockBytes = 22, kGroup = 32, kOffset = 16;
+  static constexpr bool kAffine = false;
+  // block_q5_0 {f16 d; u8 qh[4]; u8 qs[16]}: element e = nibble | (bit e of qh) << 4.
+  template <class Sink>
+  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
+    const int64_t at = block * kBlockBytes;
+    __m512i packed[4], codes[8];
+    rows.Transpose16(at + 6, packed);
+    __m512i low_word, high_word;  // bytes 0..3 = d, qh[0..1]; bytes 4..7 = qh[2..3], qs[0..1]
+    rows.Gather64(at, &low_word, &high_word);
+    const __m512i high = _mm512_or_si512(_mm512_srli_epi32(low_word, 16), _mm512_slli_epi32(high_word, 16));
+    for (int j = 0; j < 4; ++j) {
+      codes[j] = AddFifthBits(Nibbles(packed[j], 0), high, j);
+      codes[j + 4] = AddFifthBits(Nibbles(packed[j], 1), high, j + 4);
+    }
+    sink.Group(block, codes, LowHalfF16(low_word), _mm512_setzero_ps());
+  }
+};
+
+struct Q5_1 {
+  static constexpr int kType = 7, kBlock = 32, kBlockBytes = 24, kGroup = 32, kOffset = 0;
+  static constexpr bool kAffine = true;
+  // block_q5_1 {f16 d, m; u8 qh[4]; u8 qs[16]}: y = d * q5 + m.
+  template <class Sink>
+  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
+    const int64_t at = block * kBlockBytes;
+    __m512i packed[4], codes[8];
+    rows.Transpose16(at + 8, packed);
+    __m512i header, high;  // bytes 0..3 = d, m; bytes 4..7 = qh
+    rows.Gather64(at, &header, &high);
+    for (int j = 0; j < 4; ++j) {
+      codes[j] = AddFifthBits(Nibbles(packed[j], 0), high, j);
+      codes[j + 4] = AddFifthBits(Nibbles(packed[j], 1), high, j + 4);
+    }
+    sink.Group(block, codes, LowHalfF16(header), HighHalfF16(header));
+  }
+};
+
+struct Q8_0 {
+  static constexpr int kType = 8, kBlock = 32, kBlockBytes = 34, kGroup = 32, kOffset = 128;
+  static constexpr bool kAffine = false;
+  // block_q8_0 {f16 d; i8 qs[32]}: u = q + 128 (the sign bit flipped) is what vpdpbusd multiplies.
+  template <class Sink>
+  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
+    const int64_t at = block * kBlockBytes;
+    __m512i codes[8];
+    rows.Transpose32(at + 2, codes);
+    const __m512i sign = _mm512_set1_epi8(char(0x80));
+    for (int j = 0; j < 8; ++j) codes[j] = _mm512_xor_si512(codes[j], sign);
+    sink.Group(block, codes, LowHalfF16(rows.Gather(at)), _mm512_setzero_ps());
+  }
+};
+
+// get_scale_min_k4 of Q4_K/Q5_K, for all 8 sub-blocks of 16 rows at once, from the
+// block's first 16 bytes {f16 d, dmin; u8 scales[12]} transposed into header[4].
+struct KQuantScales {
+  __m512 d, negative_dmin;
+  __m512i scale_low, min_low, scale_high, min_high;  // byte s: sub-block s (low) or s + 4 (high)
+
+  explicit KQuantScales(const __m512i header[4]) {
+    d = LowHalfF16(header[0]);
+    negative_dmin = _mm512_sub_ps(_mm512_setzero_ps(), HighHalfF16(header[0]));
+    const __m512i low6 = _mm512_set1_epi8(0x3F), low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
+    // Sub-blocks 0..3: low 6 bits of scales[0..3] and scales[4..7].
+    scale_low = _mm512_and_si512(header[1], low6);
+    min_low = _mm512_and_si512(header[2], low6);
+    // Sub-blocks 4..7: nibbles of scales[8..11], top bits from the high 2 bits of scales[0..7].
+    scale_high = _mm512_or_si512(_mm512_and_si512(header[3], low4),
+                                 _mm512_and_si512(_mm512_srli_epi32(header[1], 2), top2));
+    min_high = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(header[3], 4), low4),
+                               _mm512_and_si512(_mm512_srli_epi32(header[2], 2), top2));
+  }
+  __m512 Scale(int s) const { return _mm512_mul_ps(d, ByteAsFloat(s < 4 ? scale_low : scale_high, s % 4)); }
+  __m512 Minimum(int s) const {
+    return _mm512_mul_ps(negative_dmin, ByteAsFloat(s < 4 ? min_low : min_high, s % 4));
+  }
+};
+
+struct Q4_K {
+  static constexpr int kType = 12, kBlock = 256, kBlockBytes = 144, kGroup = 32, kOffset = 0;
+  static constexpr bool kAffine = true;
+  // block_q4_K {f16 d, dmin; u8 scales[12]; u8 qs[128]}: sub-block 2c + h holds nibble h
+  // of qs[32c + l], y = d * scale * q - dmin * min.
+  template <class Sink>
+  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
+    const int64_t at = block * kBlockBytes;
+    __m512i header[4];
+    rows.Transpose16(at, header);
+    const KQuantScales scales(header);
+    for (int chunk = 0; chunk < 4; ++chunk) {
+      __m512i packed[8], codes[8];
+      rows.Transpose32(at + 16 + 32 * chunk, packed);
+      for (int h = 0; h < 2; ++h) {
+        const int s = 2 * chunk + h;
+        for (int j = 0; j < 8; ++j) codes[j] = Nibbles(packed[j], h);
+        sink.Group(8 * block + s, codes, scales.Scale(s), scales.Minimum(s));
+      }
+    }
+  }
+};
+
+struct Q5_K {
+  static constexpr int kType = 13, kBlock = 256, kBlockBytes = 176, kGroup = 32, kOffset = 0;
+  static constexpr bool kAffine = true;
+  // block_q5_K {f16 d, dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}: as Q4_K, plus bit s
+  // of qh[l] as the fifth bit of element l of sub-block s.
+  template <class Sink>
+  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
+    const int64_t at = block * kBlockBytes;
+    __m512i header[4], high[8];
+    rows.Transpose16(at, header);
+    const KQuantScales scales(header);
+    rows.Transpose32(at + 16, high);
+    const __m512i one = _mm512_set1_epi8(1);
+    for (int chunk = 0; chunk < 4; ++chunk) {
+      __m512i packed[8], codes[8];
+      rows.Transpose32(at + 48 + 32 * chunk, packed);
+      for (int h = 0; h < 2; ++h) {
+        const int s = 2 * chunk + h;
+        for (int j = 0; j < 8; ++j) {
+          const __m512i bit = _mm512_and_si512(_mm512_srli_epi32(high[j], s), one);
+          codes[j] = _mm512_or_si512(Nibbles(packed[j], h), _mm512_slli_epi32(bit, 4));
+        }
+        sink.Group(8 * block + s, codes, scales.Scale(s), scales.Minimum(s));
+      }
+    }
+  }
+};
+
+struct Q6_K {
+  static constexpr int kType = 14, kBlock = 256, kBlockBytes = 210, kGroup = 16, kOffset = 32;
+  static constexpr bool kAffine = false;
+  // block_q6_K {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}: element 128h + 32p + l is
+  // nibble p / 2 of ql[64h + 32(p % 2) + l] | bit pair p of qh[32h + l] << 4, minus 32,
+  // times d * scales[8h + 2p + l / 16].
+  template <class Sink>
+  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
+    const int64_t at = block * kBlockBytes;
+    // d is the block's last two bytes: gather the dword that ends there.
+    const __m512 d = HighHalfF16(rows.Gather(at + 206));
+    __m512i scales[4];
+    rows.Transpose16(at + 192, scales);
+    const __m512i two_bits = _mm512_set1_epi8(0x03);
+    for (int h = 0; h < 2; ++h) {
+      __m512i low[2][8], high[8];
+      rows.Transpose32(at + 64 * h, low[0]);
+      rows.Transpose32(at + 64 * h + 32, low[1]);
+      rows.Transpose32(at + 128 + 32 * h, high);
+      for (int p = 0; p < 4; ++p) {
+        __m512i codes[8];
+        for (int j = 0; j < 8; ++j) {
+          const __m512i top = _mm512_and_si512(_mm512_srli_epi32(high[j], 2 * p), two_bits);
+          codes[j] = _mm512_or_si512(Nibbles(low[p % 2][j], p / 2), _mm512_slli_epi32(top, 4));
+        }
+        for (int half = 0; half < 2; ++half) {
+          const int g = 8 * h + 2 * p + half;
+          // Sign-extend byte g % 4 of the lane: scales are i8.
+          const __m512i scale = _mm512_srai_epi32(_mm512_slli_epi32(scales[g / 4], 24 - 8 * (g % 4)), 24);
+          sink.Group(16 * block + g, codes + 4 * half, _mm512_mul_ps(d, _mm512_cvtepi32_ps(scale)),
+                     _mm512_setzero_ps());
+        }
+      }
+    }
+  }
+};
+
+}  // namespace swarm_cpu
+
+#endif  // SWARM_KERNELS_CPU_PANEL_H_

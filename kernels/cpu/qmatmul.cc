@@ -1,0 +1,254 @@
+// XLA FFI handler: x f32[m, k] times packed GGUF rows u8[n, row_bytes] -> f32[m, n].
+//
+// The CPU scheme of llama.cpp's ggml-cpu (quantize_row_q8_*, ggml_vec_dot_*_q8_*):
+// activation rows are quantized to 8-bit blocks of 32 once per call, and the
+// products are integer dot products (AVX-512 VNNI `vpdpbusd`) scaled per block.
+// Unlike ggml's row-by-row dot, weights are decoded 16 rows at a time into a
+// panel whose lanes are output features (panel.h), and every activation row is
+// multiplied against the decoded panel (gemm.h): decoding is paid once per call
+// whatever m is, and no horizontal sums are needed.
+//
+// Two paths per panel: up to 8 activation rows (decode) multiply each decoded group
+// straight from the registers; more rows (prefill, big batches) decode 512 columns
+// of the panel at a time into an L1-sized buffer and run every 8-row tile over it.
+// Panels are spread over a persistent thread pool (thread_pool.h) in runs of
+// consecutive panels, each prefetching the next one's bytes while it decodes.
+//
+// Built by kernels/cpu/build.py for the machine it runs on (-march=native).  On a
+// CPU without AVX-512 BW/VL/VNNI the library still builds, reports
+// swarm_qmatmul_simd() == 0, and Python uses the reference path.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define SWARM_QMATMUL_SIMD 1
+#else
+#define SWARM_QMATMUL_SIMD 0
+#endif
+
+#if SWARM_QMATMUL_SIMD
+
+#include "gemm.h"
+#include "panel.h"
+#include "thread_pool.h"
+
+namespace swarm_cpu {
+namespace {
+
+// Quantizing activations is spread over the pool only when there are this many.
+constexpr int64_t kParallelQuantizeElements = 1 << 16;
+
+// A grow-only, 64-byte aligned scratch buffer (one per thread, reused across calls).
+class Scratch {
+ public:
+  ~Scratch() { std::free(data_); }
+  // At least `bytes` bytes, or nullptr if they cannot be allocated.
+  uint8_t* Get(size_t bytes) {
+    if (bytes > size_) {
+      std::free(data_);
+      const size_t size = (bytes + 4095) / 4096 * 4096;
+      data_ = static_cast<uint8_t*>(std::aligned_alloc(64, size));
+      size_ = data_ != nullptr ? size : 0;
+    }
+    return data_;
+  }
+
+ private:
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+ThreadPool& Pool() {
+  // Never destroyed: workers sleep on a futex, and process exit ends them.
+  static ThreadPool* pool = new ThreadPool(UsableCpuCount());
+  return *pool;
+}
+
+// Up to one tile of activation rows multiplies each decoded group straight from the
+// registers; more rows decode the panel into a buffer once and reuse it per tile.
+constexpr int64_t kFusedMaxRows = kTileRows;
+// The buffered path decodes this many elements of the panel's rows at a time: 16 rows
+// x 512 elements take at most 10 KiB decoded (640 bytes per 32 elements, GroupBytes),
+// well inside L1 beside a tile's activations.
+constexpr int64_t kChunkElements = 512;
+constexpr int64_t kPanelBufferBytes = kChunkElements / 32 * 640;
+
+// Calls fn(std::integral_constant<int, C>{}) with C = rows, for rows in 1..kTileRows.
+template <typename Fn>
+void WithRows(int64_t rows, Fn&& fn) {
+  static_assert(kTileRows == 8, "one case per tile height");
+  switch (rows) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 6: return fn(std::integral_constant<int, 6>{});
+    case 7: return fn(std::integral_constant<int, 7>{});
+    default: return fn(std::integral_constant<int, 8>{});
+  }
+}
+
+// One panel's share of the next panel's bytes, fetched while this one decodes: the
+// hardware prefetchers do not follow 16 interleaved row streams far enough ahead.
+struct NextPanel {
+  const uint8_t* bytes = nullptr;
+  int64_t size = 0, per_block = 0;
+
+  NextPanel(const uint8_t* weights, int64_t row_bytes, int64_t first, int64_t rows, int64_t blocks) {
+    if (first >= rows) return;
+    bytes = weights + first * row_bytes;
+    size = (rows - first < kPanelRows ? rows - first : kPanelRows) * row_bytes;
+    per_block = (size / blocks + 63) / 64 * 64;
+  }
+  void Prefetch(int64_t block) const {
+    const int64_t end = (block + 1) * per_block < size ? (block + 1) * per_block : size;
+    for (int64_t at = block * per_block; at < end; at += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(bytes + at), _MM_HINT_T0);
+    }
+  }
+};
+
+template <class F>
+ffi::Error Product(const float* x, int64_t m, int64_t k, const uint8_t* weights, int64_t n, float* out) {
+  constexpr int64_t kGroupsPerBlock = F::kBlock / F::kGroup;
+  constexpr int64_t kChunkBlocks = kChunkElements / F::kBlock > 0 ? kChunkElements / F::kBlock : 1;
+  const int64_t row_bytes = k / F::kBlock * F::kBlockBytes;
+  const int64_t blocks = k / F::kBlock;
+
+  Activations act;
+  act.rows = m;
+  act.cols = k;
+  act.tile_rows = m < kTileRows ? m : kTileRows;
+  act.tiles = (m + act.tile_rows - 1) / act.tile_rows;
+  const int64_t slots = act.tiles * act.tile_rows;
+  const size_t code_bytes = slots * k, scale_bytes = slots * (k / 32) * 4, aux_bytes = slots * (k / F::kGroup) * 4;
+  static thread_local Scratch act_scratch;
+  uint8_t* base = act_scratch.Get(code_bytes + scale_bytes + aux_bytes);
+  if (base == nullptr) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "qmatmul: out of memory");
+  act.codes = reinterpret_cast<int32_t*>(base);
+  act.scale = reinterpret_cast<float*>(base + code_bytes);
+  act.aux = reinterpret_cast<int32_t*>(base + code_bytes + scale_bytes);
+
+  auto quantize = [&](int row) { QuantizeRow(x + row * k, row, act, F::kGroup, F::kOffset, F::kAffine); };
+  if (m * k >= kParallelQuantizeElements) {
+    Pool().Run(static_cast<int>(m), quantize);
+  } else {
+    for (int64_t row = 0; row < m; ++row) quantize(static_cast<int>(row));
+  }
+
+  auto panel = [&](int64_t first) {
+    const PanelRows rows(weights, row_bytes, first, n);
+    const NextPanel next(weights, row_bytes, first + kPanelRows, n, blocks);
+    const int64_t valid = n - first < kPanelRows ? n - first : kPanelRows;
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+    if (m <= kFusedMaxRows) {
+      WithRows(m, [&](auto rows_constant) {
+        RowsProduct<F, decltype(rows_constant)::value> sink(act);
+        for (int64_t block = 0; block < blocks; ++block) {
+          next.Prefetch(block);
+          F::Decode(rows, block, sink);
+        }
+        sink.Store(out + first, n, mask);
+      });
+      return;
+    }
+    // k in chunks whose decoded panel stays in L1 while every tile runs over it.
+    static_assert(kChunkBlocks * kGroupsPerBlock * GroupBytes<F>() <= kPanelBufferBytes);
+    alignas(64) static thread_local uint8_t buffer[kPanelBufferBytes];
+    for (int64_t chunk = 0; chunk < blocks; chunk += kChunkBlocks) {
+      const int64_t end = std::min(blocks, chunk + kChunkBlocks);
+      const PanelStore<F> sink{buffer, chunk * kGroupsPerBlock};
+      for (int64_t block = chunk; block < end; ++block) {
+        next.Prefetch(block);
+        F::Decode(rows, block, sink);
+      }
+      for (int64_t tile = 0; tile < act.tiles; ++tile) {
+        const int64_t first_row = tile * act.tile_rows;
+        WithRows(m - first_row, [&](auto rows_constant) {
+          TileProduct<F, decltype(rows_constant)::value>(sink, end * kGroupsPerBlock, act, tile,
+                                                         out + first_row * n + first, n, mask);
+        });
+      }
+    }
+  };
+  // A task is a run of consecutive panels (each prefetches the next); a few tasks per
+  // thread balance the load when another process takes a core.
+  const int64_t panels = (n + kPanelRows - 1) / kPanelRows;
+  const int64_t per_task = std::max<int64_t>(1, panels / (4 * Pool().threads()));
+  auto task = [&](int index) {
+    const int64_t end = std::min(panels, (index + 1) * per_task);
+    for (int64_t p = index * per_task; p < end; ++p) panel(p * kPanelRows);
+  };
+  Pool().Run(static_cast<int>((panels + per_task - 1) / per_task), task);
+  return ffi::Error::Success();
+}
+
+template <class F>
+ffi::Error Checked(const float* x, int64_t m, int64_t k, const uint8_t* weights, int64_t n, int64_t row_bytes,
+                   float* out) {
+  if (k % F::kBlock != 0 || row_bytes != k / F::kBlock * F::kBlockBytes) {
+    return ffi::Error::InvalidArgument("qmatmul: x has " + std::to_string(k) + " columns but weight rows hold " +
+                                       std::to_string(row_bytes) + " bytes of GGML type " +
+                                       std::to_string(F::kType));
+  }
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  return Product<F>(x, m, k, weights, n, out);
+}
+
+}  // namespace
+}  // namespace swarm_cpu
+
+static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> out,
+                              int32_t qtype) {
+  using namespace swarm_cpu;
+  const auto x_dims = x.dimensions(), w_dims = w.dimensions(), out_dims = out->dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 2 || out_dims.size() != 2) {
+    return ffi::Error::InvalidArgument("qmatmul: x, weights and output must be 2-D");
+  }
+  const int64_t m = x_dims[0], k = x_dims[1], n = w_dims[0], row_bytes = w_dims[1];
+  if (out_dims[0] != m || out_dims[1] != n) return ffi::Error::InvalidArgument("qmatmul: output must be f32[m, n]");
+  const float* xs = x.typed_data();
+  const uint8_t* ws = w.typed_data();
+  float* os = out->typed_data();
+  switch (qtype) {
+    case Q4_0::kType: return Checked<Q4_0>(xs, m, k, ws, n, row_bytes, os);
+    case Q4_1::kType: return Checked<Q4_1>(xs, m, k, ws, n, row_bytes, os);
+    case Q5_0::kType: return Checked<Q5_0>(xs, m, k, ws, n, row_bytes, os);
+    case Q5_1::kType: return Checked<Q5_1>(xs, m, k, ws, n, row_bytes, os);
+    case Q8_0::kType: return Checked<Q8_0>(xs, m, k, ws, n, row_bytes, os);
+    case Q4_K::kType: return Checked<Q4_K>(xs, m, k, ws, n, row_bytes, os);
+    case Q5_K::kType: return Checked<Q5_K>(xs, m, k, ws, n, row_bytes, os);
+    case Q6_K::kType: return Checked<Q6_K>(xs, m, k, ws, n, row_bytes, os);
+    default: return ffi::Error::InvalidArgument("qmatmul: unsupported GGML type " + std::to_string(qtype));
+  }
+}
+
+extern "C" int swarm_qmatmul_threads() { return swarm_cpu::Pool().threads(); }
+
+#else  // no AVX-512 VNNI: a handler that only reports why
+
+static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>, int32_t) {
+  return ffi::Error::Internal("qmatmul was built for a CPU without AVX-512 BW/VL/VNNI");
+}
+
+extern "C" int swarm_qmatmul_threads() { return 0; }
+
+#endif  // SWARM_QMATMUL_SIMD
+
+extern "C" int swarm_qmatmul_simd() { return SWARM_QMATMUL_SIMD; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmQMatmul, QMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x f32[m, k]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // weights u8[n, row_bytes]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out f32[m, n]
+                                  .Attr<int32_t>("qtype"));

@@ -1,0 +1,303 @@
+"""kernels.cpu: the packed-weight CPU matmul (XLA FFI custom call) against the jnp reference.
+
+The kernel quantizes activation rows to 8 bits per block of 32 (as llama.cpp's
+quantize_row_q8_0 does) and multiplies integers, so it is checked two ways:
+
+* against `dequant_matmul_reference` with a bound derived from that rounding:
+  |x - x_hat| <= d / 2 = max|x_block| / 254 per element, so the error of output
+  (c, n) is at most sum over blocks b of max|x[c, b]| / 254 * sum_{i in b} |w[n, i]|;
+* against a numpy emulation of the same integer scheme (activation codes computed
+  bit for bit), where only f32 accumulation differs (about 1e-7 measured): a
+  tolerance of 1e-6 relative to |x_hat| @ |w|.T, which one activation or weight
+  code off by one already breaks.
+
+Both checks are shown to reject corrupted weight decodings (nibble order, an
+off-by-one block, a scale taken from the wrong block).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import cpu, ops
+from kernels.cpu import build
+from kernels.matmul import dequant_matmul_reference
+from kernels.qtensor import QuantTensor, stack
+from kernels.quant_types import FORMATS, GGMLType, quant_format
+from tests.quant_blocks import F16_FIELDS, random_blocks
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SUPPORTED = sorted(cpu.SUPPORTED)
+needs_kernel = pytest.mark.skipif(not cpu.available(), reason=f"{cpu.unavailable_reason()}")
+
+# (m, n, k) per test case: every m in (1, 3, 8, 64, 300), n off the 16-row panel size,
+# k = 256 .. 2048 (the K-quants only take multiples of 256).
+_SHAPES_32 = [(1, 45, 576), (3, 16, 640), (8, 33, 1536), (64, 100, 2048), (300, 21, 256)]
+_SHAPES_256 = [(1, 45, 256), (3, 16, 1536), (8, 33, 2048), (64, 100, 256), (300, 21, 1536)]
+
+
+def _shapes(qtype: int) -> list[tuple[int, int, int]]:
+    return _SHAPES_256 if FORMATS[qtype].block_size == 256 else _SHAPES_32
+
+
+def _weight(qtype: int, n: int, k: int, seed: int) -> QuantTensor:
+    blocks = random_blocks(qtype, rows=n, blocks=k // FORMATS[qtype].block_size, seed=seed, scale=0.05)
+    return QuantTensor.from_packed(blocks, qtype, (n, k))
+
+
+def _activations(m: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32) * rng.uniform(0.1, 3.0, (m, 1)).astype(np.float32)
+    if m > 1:
+        x[1] = 0.0  # an all-zero row: its blocks have scale 0
+    return x
+
+
+def _quantize_like_kernel(x: np.ndarray) -> np.ndarray:
+    """x_hat: the activations as the kernel's 8-bit codes times their scales (f64)."""
+    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    d = amax / np.float32(127)
+    inverse = np.where(amax != 0, np.float32(127) / np.where(amax != 0, amax, 1), 0).astype(np.float32)
+    codes = np.rint(blocks * inverse)  # f32 product rounded half to even, as vcvtps2dq
+    assert np.abs(codes).max() <= 127
+    return (codes.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
+
+
+def _rounding_bound(x: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """Largest |kernel - reference| that 8-bit activation rounding allows, plus f32 slack."""
+    m, k = x.shape
+    half_step = np.abs(x.astype(np.float64)).reshape(m, k // 32, 32).max(axis=-1) / 254
+    row_mass = np.abs(dense.astype(np.float64)).reshape(dense.shape[0], k // 32, 32).sum(axis=-1)
+    f32_slack = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(dense).T.astype(np.float64))
+    return 1.01 * half_step @ row_mass.T + f32_slack + 1e-30
+
+
+def _within_rounding_bound(got: np.ndarray, x: np.ndarray, dense: np.ndarray) -> bool:
+    reference = x.astype(np.float64) @ dense.T.astype(np.float64)
+    return bool(np.all(np.abs(got - reference) <= _rounding_bound(x, dense)))
+
+
+def _matches_integer_scheme(got: np.ndarray, x: np.ndarray, dense: np.ndarray) -> bool:
+    x_hat = _quantize_like_kernel(x)
+    emulated = x_hat @ dense.T.astype(np.float64)
+    tolerance = 1e-6 * (np.abs(x_hat) @ np.abs(dense).T.astype(np.float64)) + 1e-30
+    return bool(np.all(np.abs(got - emulated) <= tolerance))
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda q: FORMATS[q].name)
+def test_matches_reference_within_activation_rounding(qtype: int) -> None:
+    for index, (m, n, k) in enumerate(_shapes(qtype)):
+        w = _weight(qtype, n, k, seed=index)
+        x = _activations(m, k, seed=100 + index)
+        got = np.asarray(cpu.qmatmul(x, w))
+        reference = np.asarray(dequant_matmul_reference(x, w))
+        dense = np.asarray(w.dequantize())
+        assert got.shape == (m, n)
+        assert _within_rounding_bound(got, x, dense), f"{FORMATS[qtype].name} m={m} n={n} k={k}"
+        # The bound is no looser than the rounding it allows for.
+        np.testing.assert_allclose(got, reference, rtol=0, atol=float(_rounding_bound(x, dense).max()))
+        if m > 1:
+            np.testing.assert_array_equal(got[1], 0.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda q: FORMATS[q].name)
+def test_matches_the_integer_scheme(qtype: int) -> None:
+    for index, (m, n, k) in enumerate(_shapes(qtype)):
+        w = _weight(qtype, n, k, seed=200 + index)
+        x = _activations(m, k, seed=300 + index)
+        got = np.asarray(cpu.qmatmul(x, w))
+        assert _matches_integer_scheme(got, x, np.asarray(w.dequantize())), (
+            f"{FORMATS[qtype].name} m={m} k={k}"
+        )
+
+
+def _swap_nibbles(data: np.ndarray, qtype: int) -> np.ndarray:
+    """Every byte's nibbles exchanged outside the f16 fields: a wrong nibble order."""
+    fmt = quant_format(qtype)
+    blocks = data.reshape(data.shape[0], -1, fmt.block_bytes).copy()
+    keep = blocks.copy()
+    blocks[:] = (blocks << 4) | (blocks >> 4)
+    for offset in F16_FIELDS[qtype]:
+        blocks[..., offset : offset + 2] = keep[..., offset : offset + 2]
+    return blocks.reshape(data.shape)
+
+
+def _shift_blocks(data: np.ndarray, qtype: int) -> np.ndarray:
+    """Each row's blocks rotated by one: an off-by-one block index."""
+    fmt = quant_format(qtype)
+    return np.roll(data.reshape(data.shape[0], -1, fmt.block_bytes), 1, axis=1).reshape(data.shape)
+
+
+def _scale_of_next_block(data: np.ndarray, qtype: int) -> np.ndarray:
+    """The first f16 scale of every block taken from the next block."""
+    fmt = quant_format(qtype)
+    blocks = data.reshape(data.shape[0], -1, fmt.block_bytes).copy()
+    offset = F16_FIELDS[qtype][0]
+    blocks[..., offset : offset + 2] = np.roll(blocks[..., offset : offset + 2], -1, axis=1)
+    return blocks.reshape(data.shape)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "qtype", [GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda q: q.name
+)
+@pytest.mark.parametrize("corrupt", [_swap_nibbles, _shift_blocks, _scale_of_next_block])
+def test_checks_reject_a_corrupted_decode(qtype: int, corrupt) -> None:
+    """A kernel that decoded the weights like `corrupt` would fail both checks above."""
+    m, n, k = 3, 40, 512
+    w = _weight(qtype, n, k, seed=7)
+    x = _activations(m, k, seed=8)
+    got = np.asarray(cpu.qmatmul(x, w))
+    dense = np.asarray(w.dequantize())
+    assert _within_rounding_bound(got, x, dense) and _matches_integer_scheme(got, x, dense)
+    wrong = QuantTensor.from_packed(corrupt(np.asarray(w.data), qtype), qtype, (n, k))
+    wrong_dense = np.asarray(wrong.dequantize())
+    assert not np.array_equal(wrong_dense, dense)
+    assert not _within_rounding_bound(got, x, wrong_dense)
+    assert not _matches_integer_scheme(got, x, wrong_dense)
+
+
+@needs_kernel
+def test_runs_under_jit_with_traced_weights() -> None:
+    w = _weight(GGMLType.Q4_K, 48, 512, seed=11)
+    x = _activations(5, 512, seed=12)
+    traced = jax.jit(lambda x, w: cpu.qmatmul(x * 2.0, w))(x, w)
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(cpu.qmatmul(x * 2.0, w)))
+
+
+@needs_kernel
+def test_runs_in_a_scan_over_stacked_layers() -> None:
+    layers = [_weight(GGMLType.Q5_0, 32, 640, seed=seed) for seed in range(3)]
+    x = _activations(2, 640, seed=13)
+
+    def step(carry, w):
+        assert isinstance(w, QuantTensor) and w.data.shape == (32, layers[0].data.shape[1])
+        return carry, ops.matmul(carry, w, impl="cpu")
+
+    _, outs = jax.jit(lambda x, ws: jax.lax.scan(step, x, ws))(x, stack(layers))
+    for index, w in enumerate(layers):
+        np.testing.assert_array_equal(np.asarray(outs[index]), np.asarray(cpu.qmatmul(x, w)))
+
+
+@needs_kernel
+def test_concurrent_callers_get_their_own_results() -> None:
+    """Calls from several threads at once (the pool runs one, the rest run inline)."""
+    w = _weight(GGMLType.Q8_0, 200, 1024, seed=14)
+    inputs = [_activations(1 + i % 3, 1024, seed=20 + i) for i in range(6)]
+    expected = [np.asarray(cpu.qmatmul(x, w)) for x in inputs]
+    product = jax.jit(cpu.qmatmul)
+    failures: list[str] = []
+
+    def worker(index: int) -> None:
+        for _ in range(20):
+            if not np.array_equal(np.asarray(product(inputs[index], w)), expected[index]):
+                failures.append(f"thread {index}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+@needs_kernel
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="auto picks the CPU kernel only on the CPU backend"
+)
+def test_auto_picks_the_kernel_on_cpu() -> None:
+    w = _weight(GGMLType.Q6_K, 24, 256, seed=15)
+    x = _activations(6, 256, seed=16).reshape(2, 3, 256)
+    lowered = jax.jit(lambda x, w: ops.matmul(x, w)).lower(x, w).as_text()
+    assert cpu.FFI_TARGET in lowered
+    out = ops.matmul(x, w)
+    assert out.shape == (2, 3, 24)
+    np.testing.assert_array_equal(
+        np.asarray(out).reshape(6, 24), np.asarray(cpu.qmatmul(x.reshape(6, 256), w))
+    )
+    dense = np.ones((24, 256), np.float32)
+    assert cpu.FFI_TARGET not in jax.jit(lambda x: ops.matmul(x, dense)).lower(x).as_text()
+
+
+@pytest.mark.parametrize("impl", ["auto", "cpu"])
+@pytest.mark.parametrize("qtype", [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.F16], ids=lambda q: q.name)
+def test_unsupported_types_fall_back_to_the_reference(qtype: int, impl: str) -> None:
+    if impl == "cpu" and not cpu.available():
+        pytest.skip(f"impl='cpu' needs the kernel: {cpu.unavailable_reason()}")
+    assert not cpu.supports(qtype)
+    if qtype == GGMLType.F16:
+        values = np.random.default_rng(17).standard_normal((8, 64)).astype(np.float16)
+        w = QuantTensor.from_packed(values.view(np.uint8), qtype, (8, 64))
+    else:
+        w = QuantTensor.from_packed(random_blocks(qtype, rows=8, blocks=1, seed=17), qtype, (8, 256))
+    x = np.random.default_rng(18).standard_normal((3, w.in_features)).astype(np.float32)
+    call = jax.jit(lambda x, w: ops.matmul(x, w, impl=impl))
+    assert cpu.FFI_TARGET not in call.lower(x, w).as_text()
+    np.testing.assert_allclose(np.asarray(call(x, w)), np.asarray(dequant_matmul_reference(x, w)), rtol=1e-6)
+
+
+@needs_kernel
+def test_qmatmul_checks_its_inputs() -> None:
+    w = _weight(GGMLType.Q8_0, 8, 64, seed=19)
+    with pytest.raises(ValueError, match=r"x must be f32\[m, 64\]"):
+        cpu.qmatmul(np.ones((2, 32), np.float32), w)
+    with pytest.raises(ValueError, match="index stacked layers first"):
+        cpu.qmatmul(np.ones((2, 64), np.float32), stack([w, w]))
+    q2 = QuantTensor.from_packed(
+        random_blocks(GGMLType.Q2_K, rows=2, blocks=1, seed=0), GGMLType.Q2_K, (2, 256)
+    )
+    with pytest.raises(ValueError, match="does not support Q2_K"):
+        cpu.qmatmul(np.ones((1, 256), np.float32), q2)
+    assert ops.matmul(np.ones((0, 64), np.float32), w).shape == (0, 8)
+
+
+def test_build_reports_a_missing_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "find_compiler", lambda: None)
+    assert build.build() is None
+    with pytest.raises(build.BuildError, match="no C\\+\\+ compiler"):
+        build.build_or_raise()
+
+
+@needs_kernel
+def test_build_entry_point_prints_the_cached_library() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kernels.cpu.build"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    path = Path(result.stdout.strip())
+    assert (
+        path.is_file()
+        and path.parent == build.BUILD_DIR
+        and path == build.library_path(build.find_compiler())
+    )
+
+
+def test_kernel_inputs_stay_f32() -> None:
+    """ops.matmul hands the kernel f32 activations whatever the caller's dtype."""
+    if not cpu.available():
+        pytest.skip(f"needs the kernel: {cpu.unavailable_reason()}")
+    w = _weight(GGMLType.Q4_0, 16, 64, seed=21)
+    x = jnp.ones((2, 64), jnp.bfloat16)
+    out = ops.matmul(x, w, impl="cpu")
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(cpu.qmatmul(np.ones((2, 64), np.float32), w)))
+
+
+@needs_kernel
+def test_nan_activations_give_nan_rows() -> None:
+    """A NaN in a row's activations makes that row's outputs NaN, as the reference's are."""
+    w = _weight(GGMLType.Q4_1, 20, 256, seed=22)
+    x = _activations(3, 256, seed=23)
+    x[2, 100] = np.nan
+    got = np.asarray(cpu.qmatmul(x, w))
+    assert np.isnan(got[2]).all() and np.isfinite(got[[0, 1]]).all()
