@@ -20,9 +20,11 @@ Depends only on the engine interface below; tests drive it with a stand-in engin
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,7 +47,7 @@ class BatchEngine(Protocol):
 
     def step(self, inputs: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache: Any) -> Any: ...
 
-    def step_shape(self, count: int, position: int, capacity: int) -> tuple[int, int]: ...
+    def step_shape(self, count: int, position: int, capacity: int, total: int) -> tuple[int, int]: ...
 
     def prepare_step(self, count: int, position: int, cache: Any) -> bool: ...
 
@@ -88,6 +90,15 @@ class BatchStats:
     def as_dict(self) -> dict[str, Any]:
         mean = self.rows / self.steps if self.steps else 0.0
         return {"steps": self.steps, "rows": self.rows, "mean_rows": round(mean, 2), "widest": self.widest}
+
+
+_live: weakref.WeakSet[SlotBatch] = weakref.WeakSet()  # batches compiling in the background
+
+
+@atexit.register
+def _stop_all_preparing() -> None:
+    for batch in list(_live):
+        batch.stop_preparing()
 
 
 class SlotBatch:
@@ -176,7 +187,7 @@ class SlotBatch:
         every wider batch (2, 4, ... slots), before any session joins."""
         self._reserve()
         self.engine.prepare_step(1, 0, self._cache)
-        self._prepared.add(self.engine.step_shape(1, 0, self._capacity))
+        self._prepared.add(self.engine.step_shape(1, 0, self._capacity, self.slots))
         width = 2
         while width < 2 * self.slots:
             self._prepare(min(width, self.slots), 0)
@@ -186,7 +197,7 @@ class SlotBatch:
         """Has the step of `count` sessions reaching `position` compiled in the background,
         once, so that sessions reaching a new attention bound or a wider batch never wait
         for a compile."""
-        shape = self.engine.step_shape(count, position, self._capacity)
+        shape = self.engine.step_shape(count, position, self._capacity, self.slots)
         if shape in self._prepared:
             return
         self._prepared.add(shape)
@@ -194,14 +205,32 @@ class SlotBatch:
         if self._preparer is None:
             self._preparer = threading.Thread(target=self._prepare_loop, name="batch-compile", daemon=True)
             self._preparer.start()
+            _live.add(self)
 
     def _prepare_loop(self) -> None:
         while True:
-            count, position = self._to_prepare.get()
+            item = self._to_prepare.get()
+            if item is None:
+                return
+            count, position = item
             try:
                 self.engine.prepare_step(count, position, self._cache)
             except Exception:  # the step compiles when first run instead
                 log.exception("compiling a batch step ahead of time failed")
+
+    def stop_preparing(self) -> None:
+        """Ends the background compiles after the one under way (XLA must not be
+        compiling while the interpreter shuts down)."""
+        thread = self._preparer
+        if thread is not None:
+            while not self._to_prepare.empty():
+                try:
+                    self._to_prepare.get_nowait()
+                except queue.Empty:
+                    break
+            self._to_prepare.put(None)
+            thread.join(timeout=120)
+            self._preparer = None
 
     def submit(self, slot: int, inputs: np.ndarray, position: int) -> Ticket:
         """Queues one decode step of `slot` at `position`; returns at once."""
@@ -243,9 +272,10 @@ class SlotBatch:
             self.stats.rows += len(tickets)
             self.stats.widest = max(self.stats.widest, len(tickets))
             furthest = max(ticket.position for ticket in tickets)
+            span = max(t.slot for t in tickets) - min(t.slot for t in tickets) + 1
         # What the next steps will need: a bound further on, and room for one more session.
-        self._prepare(len(tickets), furthest + LOOKAHEAD)
-        if len(tickets) < self.slots:
-            self._prepare(len(tickets) + 1, furthest)
+        self._prepare(span, furthest + LOOKAHEAD)
+        if span < self.slots:
+            self._prepare(span + 1, furthest)
         for ticket, output in zip(tickets, outputs, strict=True):
             ticket._finish(output)

@@ -67,23 +67,34 @@ def _peak_rss_mb() -> float:
 
 
 def _measure_swarm(engine, prompt: list[int], options: BenchOptions) -> dict[str, Any]:
-    capacity = engine.cache_capacity(len(prompt) + options.gen_tokens + 1)
+    """Prefill and decode as a node runs a request: in a row of the shared batch cache
+    (swarm.batching), alone."""
+    from swarm.batching import SlotBatch
+
+    needed = len(prompt) + options.gen_tokens + 1
+    batch = SlotBatch(engine, 1, engine.cache_capacity(needed))
+    batch.warm_up()
+    batch.stop_preparing()  # no compile in the background while timing
     prompt_array = np.asarray(prompt, np.int32)
 
     def one_run() -> tuple[float, float]:
-        cache = engine.new_cache(capacity)
-        began = time.perf_counter()
-        logits, cache = engine.forward(prompt_array, 0, cache)
-        prefill = time.perf_counter() - began
-        position = len(prompt)
-        began = time.perf_counter()
-        for _ in range(options.gen_tokens):
-            token = int(np.argmax(logits))
-            logits, cache = engine.forward(np.asarray([token], np.int32), position, cache)
-            position += 1
-        return prefill, time.perf_counter() - began
+        slot = batch.acquire(needed)
+        try:
+            began = time.perf_counter()
+            logits = batch.prefill(slot, prompt_array, 0)
+            prefill = time.perf_counter() - began
+            position = len(prompt)
+            began = time.perf_counter()
+            for _ in range(options.gen_tokens):
+                token = np.int32(np.argmax(logits))
+                logits = batch.run(slot, token, position)
+                position += 1
+            return prefill, time.perf_counter() - began
+        finally:
+            batch.release(slot)
 
     one_run()  # compiles prefill and decode
+    batch.stop_preparing()
     runs = [one_run() for _ in range(options.runs)]
     return {
         "prefill_tok_s": len(prompt) / statistics.median(r[0] for r in runs),
@@ -131,10 +142,12 @@ def _measure_llama_cpp(
 
 
 def weight_bytes(weights: Any) -> int:
-    """Bytes the engine's weights hold in memory (every array leaf, packed or not)."""
+    """Bytes the engine's weights hold in memory (every array once: a tied head is the
+    embedding's own array)."""
     import jax
 
-    return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(weights) if hasattr(leaf, "nbytes"))
+    unique = {id(leaf): leaf for leaf in jax.tree.leaves(weights) if hasattr(leaf, "nbytes")}
+    return sum(int(leaf.nbytes) for leaf in unique.values())
 
 
 def run_bench(model_name: str, data_dir: Path, settings, options: BenchOptions) -> dict[str, Any]:

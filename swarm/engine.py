@@ -81,12 +81,12 @@ def _forward(
     start: jax.Array,
     length: jax.Array,
     cache: KVCache,
-    slots: jax.Array | None = None,
+    first_row: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """inputs: i32[B, T] token ids (first range) or f32[B, T, d] hidden states.
 
     start: i32[B] position of inputs[:, 0]; length: i32[B] real (unpadded) steps;
-    slots: i32[B] the cache row of each sequence (None: row b).
+    first_row: i32[], sequence b is cache row first_row + b (None: row b).
     Returns logits f32[B, vocab] at the last real step (f32[B, T, vocab] with
     all_logits) for the last range, else hidden states f32[B, T, d].
     """
@@ -94,7 +94,9 @@ def _forward(
     positions = start[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
     kv_length = start + length
     hidden = model.embed(config, weights, inputs) if is_first else inputs
-    hidden, cache = model.run_layers(config, weights, hidden, positions, kv_length, cache, kv_bound, slots)
+    hidden, cache = model.run_layers(
+        config, weights, hidden, positions, kv_length, cache, kv_bound, first_row
+    )
     if not is_last:
         return hidden, cache
     if not all_logits:
@@ -154,7 +156,9 @@ class Engine:
         if settings.kv_cache not in ("f16", "f32"):
             raise InvalidRequestError(f"unknown kv_cache setting {settings.kv_cache!r} (f16 or f32)")
         if settings.kernels not in ops.IMPLS:
-            raise InvalidRequestError(f"unknown kernels setting {settings.kernels!r} ({', '.join(ops.IMPLS)})")
+            raise InvalidRequestError(
+                f"unknown kernels setting {settings.kernels!r} ({', '.join(ops.IMPLS)})"
+            )
         weights = load_range_weights(
             gguf,
             config,
@@ -197,7 +201,7 @@ class Engine:
     def _run(self, all_logits: bool, kv_bound: int, *args, hidden: bool = False):
         """Run the compiled forward for these argument shapes, compiling it on first use.
 
-        args: weights, inputs, start, length, cache and optionally slots.
+        args: weights, inputs, start, length, cache and optionally the first cache row.
         hidden: stop before the output norm and head even on the last range
         (embeddings read the final hidden states).
         """
@@ -206,8 +210,8 @@ class Engine:
     def _compiled_for(self, all_logits: bool, kv_bound: int, args: tuple, hidden: bool = False):
         """The compiled forward for these arguments (arrays or ShapeDtypeStructs alike)."""
         inputs, cache = args[1], args[4]
-        slots = args[5].shape if len(args) > 5 else None
-        key = (inputs.shape, inputs.dtype, cache.keys.shape, all_logits, kv_bound, hidden, slots)
+        windowed = len(args) > 5
+        key = (inputs.shape, inputs.dtype, cache.keys.shape, all_logits, kv_bound, hidden, windowed)
         compiled = self._compiled.get(key)
         if compiled is None:
             began = time.perf_counter()
@@ -266,7 +270,7 @@ class Engine:
             raise ContextOverflowError(f"{start + total} positions exceed the cache of {cache.capacity}")
         outputs = []
         done = 0
-        slots = () if slot is None else (jnp.asarray([slot], jnp.int32),)
+        window = () if slot is None else (jnp.int32(slot),)
         while done < total:
             chunk = inputs[done : done + self.settings.prefill_buckets[-1]]
             steps = 1 if len(chunk) == 1 else self._bucket(len(chunk))
@@ -282,7 +286,7 @@ class Engine:
                 jnp.asarray([start + done], jnp.int32),
                 jnp.asarray([len(chunk)], jnp.int32),
                 cache,
-                *slots,
+                *window,
                 hidden=hidden,
             )
             if want_all:
@@ -299,23 +303,26 @@ class Engine:
 
         inputs: i32[B] token ids or f32[B, d] hidden states; positions: i32[B] where
         each goes; slots: i32[B] distinct cache rows. Returns logits f32[B, vocab]
-        (last range) or hidden f32[B, d]. The batch pads to a power of two with rows
-        whose writes fall past the cache (dropped), so few shapes are ever compiled;
-        attention reads the positions up to the next power of two past the furthest.
+        (last range) or hidden f32[B, d], in the order given. The step runs a window of
+        consecutive cache rows holding every slot, its width a power of two (few shapes
+        are ever compiled); rows of the window not stepping write past the cache
+        (dropped). Attention reads the positions up to the next power of two past the
+        furthest.
         """
         count = len(slots)
-        if count == 0 or len(inputs) != count or len(positions) != count:
-            raise InvalidRequestError("a step needs one input and one position per slot")
-        capacity = cache.capacity
+        if count == 0 or len(inputs) != count or len(positions) != count or len(set(slots.tolist())) < count:
+            raise InvalidRequestError("a step needs one input and one position for each of distinct slots")
+        capacity, total = cache.capacity, cache.keys.shape[1]
         if int(np.max(positions)) >= capacity:
             raise ContextOverflowError(f"position {int(np.max(positions))} is past the cache of {capacity}")
-        rows, bound = self.step_shape(count, int(np.max(positions)), capacity)
+        low = int(np.min(slots))
+        rows, bound = self.step_shape(int(np.max(slots)) - low + 1, int(np.max(positions)), capacity, total)
+        first = min(low, total - rows)
+        offsets = np.asarray(slots) - first
         padded = np.zeros((rows, 1, *np.shape(inputs)[1:]), np.asarray(inputs).dtype)
-        padded[:count, 0] = inputs
+        padded[offsets, 0] = inputs
         start = np.full(rows, capacity, np.int32)
-        start[:count] = positions
-        row_slots = np.zeros(rows, np.int32)
-        row_slots[:count] = slots
+        start[offsets] = positions
         out, cache = self._run(
             False,
             bound,
@@ -324,40 +331,40 @@ class Engine:
             jnp.asarray(start),
             jnp.ones(rows, jnp.int32),
             cache,
-            jnp.asarray(row_slots),
+            jnp.int32(first),
         )
-        out = np.asarray(out)
-        return (out[:count] if self.is_last else out[:count, 0]), cache
+        out = np.asarray(out)[offsets]
+        return (out if self.is_last else out[:, 0]), cache
 
     @staticmethod
-    def step_shape(count: int, position: int, capacity: int) -> tuple[int, int]:
-        """(rows, attention bound) a step of `count` sequences reaching `position` runs at."""
+    def step_shape(count: int, position: int, capacity: int, total: int) -> tuple[int, int]:
+        """(rows, attention bound) of a step over `count` consecutive rows of a `total`-row
+        cache, reaching `position`."""
         rows = 1
         while rows < count:
             rows *= 2
         bound = MIN_CACHE
         while bound <= position:
             bound *= 2
-        return rows, min(bound, capacity)
+        return min(rows, total), min(bound, capacity)
 
     def prepare_step(self, count: int, position: int, cache: KVCache) -> bool:
-        """Compiles (without running) the step `count` sequences reaching `position` in
-        `cache` will need; False if it was compiled already. Safe on another thread while
-        steps run: a batch compiles the next attention bound before its sessions reach it."""
-        rows, bound = self.step_shape(count, position, cache.capacity)
-        d_model = self.config.d_model
+        """Compiles (without running) the step over `count` rows reaching `position` in
+        `cache`; False if it was compiled already. Safe on another thread while steps
+        run: a batch compiles the next attention bound before its sessions reach it."""
+        rows, bound = self.step_shape(count, position, cache.capacity, cache.keys.shape[1])
         inputs = (
             jax.ShapeDtypeStruct((rows, 1), jnp.int32)
             if self.is_first
-            else jax.ShapeDtypeStruct((rows, 1, d_model), jnp.float32)
+            else jax.ShapeDtypeStruct((rows, 1, self.config.d_model), jnp.float32)
         )
         vector = jax.ShapeDtypeStruct((rows,), jnp.int32)
         abstract_cache = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), cache)
-        args = (self.weights, inputs, vector, vector, abstract_cache, vector)
-        key = (inputs.shape, inputs.dtype, cache.keys.shape, False, bound, False, (rows,))
+        key = (inputs.shape, inputs.dtype, cache.keys.shape, False, bound, False, True)
         if key in self._compiled:
             return False
-        self._compiled_for(False, bound, args)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        self._compiled_for(False, bound, (self.weights, inputs, vector, vector, abstract_cache, scalar))
         return True
 
     def cache_rows(

@@ -144,11 +144,11 @@ def _layer(
     cos: jax.Array,
     sin: jax.Array,
     kv_bound: int,
-    slots: jax.Array | None,
+    first_row: jax.Array | None,
 ) -> tuple[jax.Array, KVCache]:
     """One decoder layer. hidden: f32[B, T, d]; positions: i32[B, T]; kv_length: i32[B].
 
-    slots: i32[B], the cache row of each batch row (None: row b is cache row b).
+    first_row: i32[], batch row b is cache row first_row + b (None: cache row b).
     """
     batch, steps, _ = hidden.shape
     normed = rms_norm(hidden, params["attn_norm"], config.rms_eps)
@@ -169,12 +169,15 @@ def _layer(
     # Write this step's keys and values at their positions; padded steps past the
     # capacity are dropped, padded steps inside it are overwritten later and masked
     # by kv_length meanwhile.
-    rows = (jnp.arange(batch) if slots is None else slots)[:, None]
+    base = jnp.int32(0) if first_row is None else first_row
+    rows = (base + jnp.arange(batch, dtype=jnp.int32))[:, None]
     keys = cache.keys.at[layer, rows, positions].set(k.astype(cache.keys.dtype), mode="drop")
     values = cache.values.at[layer, rows, positions].set(v.astype(cache.values.dtype), mode="drop")
-    layer_keys, layer_values = keys[layer, :, :kv_bound], values[layer, :, :kv_bound]
-    if slots is not None:
-        layer_keys, layer_values = jnp.take(layer_keys, slots, axis=0), jnp.take(layer_values, slots, axis=0)
+    # Read only these sequences' rows, up to the bound (a window of a many-session cache).
+    zero = jnp.int32(0)
+    origin = (jnp.asarray(layer, jnp.int32), base, zero, zero, zero)
+    layer_keys = jax.lax.dynamic_slice(keys, origin, (1, batch, kv_bound, *keys.shape[3:]))[0]
+    layer_values = jax.lax.dynamic_slice(values, origin, (1, batch, kv_bound, *values.shape[3:]))[0]
     attended = ops.attention(
         q,
         layer_keys,
@@ -212,14 +215,14 @@ def run_layers(
     kv_length: jax.Array,
     cache: KVCache,
     kv_bound: int | None = None,
-    slots: jax.Array | None = None,
+    first_row: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Every layer of the range over hidden: f32[B, T, d].
 
     Attention reads cache positions [0, kv_bound) only (default: all): a static bound
     that covers every visible key saves the work of scoring empty positions. With
-    `slots` (i32[B]), batch row b reads and writes cache row slots[b]: sequences of a
-    shared many-session cache step together, or one of them alone.
+    `first_row` (i32[]), batch row b reads and writes cache row first_row + b: a window
+    of a shared many-session cache's sequences steps together, or one of them alone.
     """
     kv_bound = cache.capacity if kv_bound is None else min(kv_bound, cache.capacity)
     cos_tables, sin_tables = rope_tables(positions, weights.rope_theta_scale, weights.rope_freq_scale, config)
@@ -240,7 +243,7 @@ def run_layers(
                 cos_tables[table],
                 sin_tables[table],
                 kv_bound,
-                slots,
+                first_row,
             )
             return (hidden, cache), None
 

@@ -86,11 +86,11 @@ class StandInEngine:
             outputs.append(answer(cache[slot, : position + 1]))
         return np.stack(outputs), cache
 
-    def step_shape(self, count, position, capacity):
+    def step_shape(self, count, position, capacity, total):
         return count, position // 256
 
     def prepare_step(self, count, position, cache):
-        self.prepared.append(self.step_shape(count, position, cache.shape[1]))
+        self.prepared.append(self.step_shape(count, position, cache.shape[1], cache.shape[0]))
         return True
 
     def with_rows(self, cache, keys, values, slot=0):
