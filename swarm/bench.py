@@ -150,6 +150,30 @@ def weight_bytes(weights: Any) -> int:
     return sum(int(leaf.nbytes) for leaf in unique.values())
 
 
+def llama_cpp_baseline(
+    path: str, prompt: list[int], gen_tokens: int, runs: int, threads: int | None = None
+) -> dict[str, Any]:
+    """llama.cpp's prefill and decode speed on the same model and prompt, measured in a
+    child process (its peak RSS its own); SwarmError if it cannot run."""
+    job = {
+        "path": path,
+        "prompt": prompt,
+        "gen_tokens": gen_tokens,
+        "runs": runs,
+        "threads": threads or os.cpu_count() or 1,
+    }
+    child = subprocess.run(
+        [sys.executable, "-m", "swarm.bench", "--llama-cpp-child", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if child.returncode != 0:
+        last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SwarmError(f"llama.cpp baseline failed (install the bench extra): {last}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def run_bench(model_name: str, data_dir: Path, settings, options: BenchOptions) -> dict[str, Any]:
     from swarm.loader import open_model
 
@@ -168,23 +192,9 @@ def run_bench(model_name: str, data_dir: Path, settings, options: BenchOptions) 
     report["runs"] = options.runs
     if options.baseline == "llama-cpp":
         del engine
-        job = {
-            "path": str(model.path),
-            "prompt": prompt,
-            "gen_tokens": options.gen_tokens,
-            "runs": options.runs,
-            "threads": options.threads or os.cpu_count() or 1,
-        }
-        child = subprocess.run(
-            [sys.executable, "-m", "swarm.bench", "--llama-cpp-child", json.dumps(job)],
-            capture_output=True,
-            text=True,
-            check=False,
+        baseline = llama_cpp_baseline(
+            str(model.path), prompt, options.gen_tokens, options.runs, options.threads
         )
-        if child.returncode != 0:
-            last = (child.stderr.strip().splitlines() or ["no output"])[-1]
-            raise SwarmError(f"llama.cpp baseline failed (install the bench extra): {last}")
-        baseline = json.loads(child.stdout.strip().splitlines()[-1])
         report["baseline"] = baseline
         report["ratio"] = {
             "prefill": report["prefill_tok_s"] / baseline["prefill_tok_s"],

@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from swarm.batching import SlotBatch
-from swarm.bench import bench_prompt
+from swarm.bench import bench_prompt, llama_cpp_baseline
 from swarm.generate import PREFILLING, Generator
 from swarm.loader import open_model
 from swarm.node_server import Job, Scheduler
@@ -120,17 +119,6 @@ def longest_gap_during_long_prompt(
     }
 
 
-def llama_cpp_decode(path: str, prompt: list[int], tokens: int) -> float:
-    job = {"path": path, "prompt": prompt, "gen_tokens": tokens, "runs": 3, "threads": os.cpu_count() or 1}
-    child = subprocess.run(
-        [sys.executable, "-m", "swarm.bench", "--llama-cpp-child", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(child.stdout.strip().splitlines()[-1])["decode_tok_s"]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -192,7 +180,8 @@ def main() -> int:
     finally:
         scheduler.stop()
     if args.baseline == "llama-cpp":
-        report["llama_cpp_single_tok_s"] = llama_cpp_decode(str(model.path), base, args.gen_tokens)
+        baseline = llama_cpp_baseline(str(model.path), base, args.gen_tokens, 3)
+        report["llama_cpp_single_tok_s"] = baseline["decode_tok_s"]
         report["single_over_llama_cpp"] = report["single_tok_s"] / report["llama_cpp_single_tok_s"]
         report["aggregate_over_llama_cpp"] = report["aggregate_tok_s"] / report["llama_cpp_single_tok_s"]
     print(json.dumps(report, indent=2))

@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ import itertools
 
 import httpx2
 
+from swarm.bench import llama_cpp_baseline
+from swarm.errors import SwarmError
 from swarm.local_swarm import LocalNode, LocalSwarm
 from swarm.models import resolve_model
 from swarm.paths import data_dir as default_data_dir
@@ -95,20 +96,10 @@ def llama_cpp_rate(model_path: Path, data_dir: Path, tokens: int, runs: int) -> 
         return None
     tokenizer = open_model(str(model_path), data_dir).tokenizer
     prompt = tokenizer.encode(PROMPT, add_bos=None, parse_special=False)
-    job = {
-        "path": str(model_path),
-        "prompt": prompt,
-        "gen_tokens": tokens,
-        "runs": runs,
-        "threads": os.cpu_count() or 1,
-    }
-    child = subprocess.run(
-        [sys.executable, "-m", "swarm.bench", "--llama-cpp-child", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0 else None
+    try:
+        return llama_cpp_baseline(str(model_path), prompt, tokens, runs)
+    except SwarmError:
+        return None
 
 
 def main() -> int:
