@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import cpu
+from kernels.attention import NO_WINDOW, attention_reference
 from kernels.attention import attention as pallas_attention
-from kernels.attention import attention_reference
 from kernels.matmul import dequant_matmul
 from kernels.qtensor import QuantTensor
 
@@ -130,6 +130,77 @@ def attention(
     if path in ("reference", "cpu"):
         return attention_reference(q, k, v, q_positions, kv_length, **options)
     return pallas_attention(q, k, v, q_positions, kv_length, interpret=path == "pallas_interpret", **options)
+
+
+def cache_attention(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    layer: jax.Array,
+    first_row: jax.Array,
+    q_positions: jax.Array,
+    kv_length: jax.Array,
+    *,
+    kv_bound: int,
+    scale: float,
+    sliding_window: int | jax.Array | None = None,
+    logit_softcap: float | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """Attention of q f32[B, T, Hq, D] over rows [first_row, first_row + B) of layer
+    `layer` of a whole cache keys/values [L, R, C, Hkv, D], positions [0, kv_bound).
+
+    Decode steps (T == 1) on the CPU kernel path read the visible keys in place
+    (`kernels.cpu.decode_attention`); every other path slices the window out and
+    calls `attention`. Rows whose position is past the cache (padding whose write
+    was dropped) get unspecified values.
+    """
+    if impl == "auto":
+        impl = _chosen.get() or "auto"
+    batch, steps = q.shape[:2]
+    if steps == 1 and _use_cpu_attention(impl):
+        out = cpu.decode_attention(
+            q[:, 0],
+            keys,
+            values,
+            layer,
+            first_row,
+            _window(sliding_window),
+            q_positions[:, 0],
+            kv_length,
+            scale=scale,
+            logit_softcap=logit_softcap,
+            bound=kv_bound,
+        )
+        return out[:, None]
+    zero = jnp.int32(0)
+    origin = (jnp.asarray(layer, jnp.int32), jnp.asarray(first_row, jnp.int32), zero, zero, zero)
+    window_keys = lax.dynamic_slice(keys, origin, (1, batch, kv_bound, *keys.shape[3:]))[0]
+    window_values = lax.dynamic_slice(values, origin, (1, batch, kv_bound, *values.shape[3:]))[0]
+    return attention(
+        q,
+        window_keys,
+        window_values,
+        q_positions,
+        kv_length,
+        scale=scale,
+        sliding_window=sliding_window,
+        logit_softcap=logit_softcap,
+        impl=impl,
+    )
+
+
+def _use_cpu_attention(impl: str) -> bool:
+    """Whether `impl` sends a decode step's attention to the `kernels.cpu` custom call."""
+    if impl == "cpu":
+        if not cpu.available():
+            raise RuntimeError(cpu.unavailable_reason())
+        return True
+    return impl == "auto" and jax.default_backend() == "cpu" and cpu.available()
+
+
+def _window(sliding_window: int | jax.Array | None) -> jax.Array:
+    return jnp.asarray(NO_WINDOW if sliding_window is None else sliding_window, jnp.int32)
 
 
 def take_rows(table: jax.Array | QuantTensor, ids: jax.Array) -> jax.Array:

@@ -174,16 +174,15 @@ def _layer(
     keys = cache.keys.at[layer, rows, positions].set(k.astype(cache.keys.dtype), mode="drop")
     values = cache.values.at[layer, rows, positions].set(v.astype(cache.values.dtype), mode="drop")
     # Read only these sequences' rows, up to the bound (a window of a many-session cache).
-    zero = jnp.int32(0)
-    origin = (jnp.asarray(layer, jnp.int32), base, zero, zero, zero)
-    layer_keys = jax.lax.dynamic_slice(keys, origin, (1, batch, kv_bound, *keys.shape[3:]))[0]
-    layer_values = jax.lax.dynamic_slice(values, origin, (1, batch, kv_bound, *values.shape[3:]))[0]
-    attended = ops.attention(
+    attended = ops.cache_attention(
         q,
-        layer_keys,
-        layer_values,
+        keys,
+        values,
+        layer,
+        base,
         positions,
         kv_length,
+        kv_bound=kv_bound,
         scale=config.attention_scale,
         sliding_window=window,
     )

@@ -27,6 +27,7 @@ from kernels.qtensor import QuantTensor
 from kernels.quant_types import GGMLType, quant_format
 
 FFI_TARGET = "swarm_qmatmul_cpu"
+ATTENTION_TARGET = "swarm_decode_attention_cpu"
 
 SUPPORTED = frozenset(
     int(t)
@@ -66,6 +67,9 @@ def _load_locked() -> str | None:
     if not library.swarm_qmatmul_simd():
         return "CPU qmatmul kernel needs AVX-512 BW/VL/VNNI, which this CPU lacks"
     jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(library.SwarmQMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(
+        ATTENTION_TARGET, jax.ffi.pycapsule(library.SwarmDecodeAttention), platform="cpu"
+    )
     _state["library"] = library
     return None
 
@@ -117,3 +121,58 @@ def qmatmul(x: jax.Array, w: QuantTensor) -> jax.Array:
         vmap_method="sequential",
     )
     return call(x, w.data, qtype=np.int32(w.qtype))
+
+
+def decode_attention(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    layer: jax.Array,
+    first_row: jax.Array,
+    window: jax.Array,
+    positions: jax.Array,
+    kv_length: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: float | None,
+    bound: int,
+) -> jax.Array:
+    """One decode step's attention read in place from a whole KV cache -> f32[B, Hq, Dv].
+
+    q f32[B, Hq, D]; keys/values f16 or f32[L, R, C, Hkv, D]; layer, first_row and
+    window i32[]; positions, kv_length i32[B]. Sequence b is cache row first_row + b
+    of layer `layer`; it sees key j iff j < kv_length[b], j <= positions[b],
+    positions[b] - j < window and j < bound. A query seeing no key, or at a position
+    past the cache (a padding row whose write was dropped), gets zeros. Only the
+    visible keys and values are read, so nothing of the cache is sliced or copied.
+    """
+    if q.ndim != 3 or keys.ndim != 5 or values.ndim != 5 or keys.dtype != values.dtype:
+        raise ValueError(
+            f"need q f32[B, Hq, D] and caches [L, R, C, Hkv, D] of one dtype; got q {list(q.shape)}, "
+            f"keys {keys.dtype}{list(keys.shape)}, values {values.dtype}{list(values.shape)}"
+        )
+    if keys.dtype not in (jnp.float16, jnp.float32):
+        raise ValueError(f"the caches must be f16 or f32; got {keys.dtype}")
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(reason)
+    batch, q_heads = q.shape[:2]
+    call = jax.ffi.ffi_call(
+        ATTENTION_TARGET,
+        jax.ShapeDtypeStruct((batch, q_heads, values.shape[4]), jnp.float32),
+        vmap_method="sequential",
+    )
+    scalar = lambda value: jnp.asarray(value, jnp.int32).reshape(())  # noqa: E731
+    return call(
+        jnp.asarray(q, jnp.float32),
+        keys,
+        values,
+        scalar(layer),
+        scalar(first_row),
+        scalar(window),
+        jnp.asarray(positions, jnp.int32),
+        jnp.asarray(kv_length, jnp.int32),
+        scale=np.float32(scale),
+        softcap=np.float32(logit_softcap or 0.0),
+        bound=np.int64(bound),
+    )

@@ -1,4 +1,4 @@
-"""Compile the CPU quantized-matmul kernel (qmatmul.cc) into a shared library.
+"""Compile the CPU kernels (qmatmul.cc, attention.cc) into one shared library.
 
 Owns the compiler command and the build cache: the library lands in
 `kernels/cpu/_build/` under a name keyed by a hash of the sources, the flags, the
@@ -30,7 +30,8 @@ import jaxlib
 
 SOURCE_DIR = Path(__file__).resolve().parent
 BUILD_DIR = SOURCE_DIR / "_build"
-SOURCES = ("qmatmul.cc", "gemm.h", "panel.h", "thread_pool.h")
+SOURCES = ("qmatmul.cc", "attention.cc", "gemm.h", "panel.h", "thread_pool.h")
+UNITS = ("qmatmul.cc", "attention.cc")  # compiled; the headers come in through them
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-fPIC", "-shared", "-fno-math-errno")
 COMPILERS = ("c++", "g++", "clang++")
 # Compiling takes a few seconds; a stuck compiler must not hang the caller forever.
@@ -82,7 +83,7 @@ def _compile(compiler: str, target: Path) -> None:
         *FLAGS,
         "-isystem",
         jax.ffi.include_dir(),
-        str(SOURCE_DIR / "qmatmul.cc"),
+        *(str(SOURCE_DIR / unit) for unit in UNITS),
         "-o",
         temporary,
     ]
@@ -109,7 +110,7 @@ def build_or_raise() -> Path:
         raise BuildError(f"no C++ compiler found (tried {', '.join(COMPILERS)}); install g++ to build it")
     target = library_path(compiler)
     if not target.exists():
-        logger.info("compiling the CPU qmatmul kernel into %s", target)
+        logger.info("compiling the CPU kernels into %s", target)
         _compile(compiler, target)
     return target
 
@@ -119,7 +120,7 @@ def build() -> Path | None:
     try:
         return build_or_raise()
     except (BuildError, OSError) as error:
-        logger.warning("CPU qmatmul kernel unavailable: %s", error)
+        logger.warning("CPU kernels unavailable: %s", error)
         return None
 
 

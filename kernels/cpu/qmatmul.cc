@@ -66,12 +66,6 @@ class Scratch {
   size_t size_ = 0;
 };
 
-ThreadPool& Pool() {
-  // Never destroyed: workers sleep on a futex, and process exit ends them.
-  static ThreadPool* pool = new ThreadPool(UsableCpuCount());
-  return *pool;
-}
-
 // Up to one tile of activation rows multiplies each decoded group straight from the
 // registers; more rows decode the panel into a buffer once and reuse it per tile.
 constexpr int64_t kFusedMaxRows = kTileRows;

@@ -153,6 +153,14 @@ class ThreadPool {
   std::atomic<bool> stop_{false};
 };
 
+// The process's one pool, shared by every kernel of the library (one translation unit
+// each): inline, so all of them get the same instance. Never destroyed: workers sleep
+// on a futex, and process exit ends them.
+inline ThreadPool& Pool() {
+  static ThreadPool* pool = new ThreadPool(UsableCpuCount());
+  return *pool;
+}
+
 }  // namespace swarm_cpu
 
 #endif  // SWARM_KERNELS_CPU_THREAD_POOL_H_

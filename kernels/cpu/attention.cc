@@ -1,0 +1,345 @@
+// XLA FFI handler: one decode step's attention, read straight from a many-layer,
+// many-session KV cache.
+//
+//   q        f32[B, Hq, D]               one query per sequence
+//   keys     f16|f32[L, R, C, Hkv, D]    the whole cache (every layer and row)
+//   values   f16|f32[L, R, C, Hkv, Dv]
+//   layer, first_row, window  i32[]      sequence b is cache row first_row + b
+//   positions, kv_length      i32[B]
+//   out      f32[B, Hq, Dv]
+//
+// Query b at position p sees key j iff j < kv_length[b], j <= p, p - j < window and
+// j < bound (the rule of kernels/attention.py, whose jnp reference this equals up to
+// float rounding).  A query that sees no key, or whose position is past the cache (a
+// padding row of a batch window, whose write was dropped), gets zeros.
+//
+// Unlike the XLA reference, which slices a power-of-two window of the cache, converts
+// it to f32 and scores every slot under a mask, this reads only the visible keys and
+// values, converting f16 as it loads them.  Work is split over (sequence, kv head)
+// pairs on the persistent pool of thread_pool.h: each pair scores its group of query
+// heads against every visible key (one pass over the keys), takes the softmax with a
+// vectorized exp, and accumulates the values (one pass per 64 output features).
+//
+// Built with qmatmul.cc by kernels/cpu/build.py; without AVX-512 the handler only
+// reports why, and Python keeps the reference path.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "thread_pool.h"
+
+namespace swarm_cpu {
+namespace {
+
+// Query heads scored together against each loaded key (their accumulators stay in
+// registers), and output features accumulated together per pass over the values.
+constexpr int kHeadBlock = 4;
+constexpr int kFeatureVectors = 4;
+// Keys and values are read at a stride of Hkv heads per position: the hardware
+// prefetchers follow such a stream only so far ahead, so loads ask for the key or
+// value this many positions on.
+constexpr int64_t kPrefetchAhead = 8;
+constexpr int64_t kFourKeyMaxDim = 128;
+
+template <typename T>
+inline void PrefetchRow(const T* at, int64_t elements) {
+  const char* bytes = reinterpret_cast<const char*>(at);
+  for (int64_t offset = 0; offset < elements * static_cast<int64_t>(sizeof(T)); offset += 64) {
+    _mm_prefetch(bytes + offset, _MM_HINT_T0);
+  }
+}
+
+// exp(x) for x <= 0 (scores minus their maximum): Cephes' expf polynomial on
+// x - n ln2, scaled by 2^n; relative error about 1e-7, zero below about -87.
+inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// 16 lanes (fewer under `mask`, the rest zero) of f16 or f32 values, as f32.
+inline __m512 Load(const uint16_t* at, __mmask16 mask) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, at));
+}
+inline __m512 Load(const float* at, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, at); }
+
+inline __mmask16 LaneMask(int64_t lanes) {
+  return lanes >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << lanes) - 1u);
+}
+
+struct Problem {
+  const float* q;
+  const void* keys;
+  const void* values;
+  const int32_t* positions;
+  const int32_t* kv_length;
+  float* out;
+  int64_t batch, q_heads, kv_heads, head_dim, value_dim, rows, capacity;
+  int64_t layer, first_row, window, bound;
+  float scale, softcap;
+};
+
+// The sums of four vectors' lanes, in lanes 0, 4, 8 and 12 (the others hold copies):
+// 13 instructions where four separate reductions take about 32.
+inline __m512 Sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // [a.lo256 + a.hi256 | b.lo256 + b.hi256], and the same for c, d.
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  // One 128-bit lane per vector: a in lane 0, b in 1, c in 2, d in 3.
+  __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  sums = _mm512_add_ps(sums, _mm512_permute_ps(sums, 0x4E));
+  return _mm512_add_ps(sums, _mm512_permute_ps(sums, 0xB1));
+}
+
+// q_g . key for `kHeads` query heads (16 lanes each, to be summed).
+template <typename T, int kHeads>
+inline void Dot(const float* q, const T* key, int64_t dim, __m512* acc) {
+  for (int g = 0; g < kHeads; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 mask = LaneMask(dim - d);
+    const __m512 k = Load(key + d, mask);
+    for (int g = 0; g < kHeads; ++g) {
+      acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + g * dim + d), k, acc[g]);
+    }
+  }
+}
+
+// scores[g * score_stride + i] = scale * q_g . key(first + i) for `kHeads` query heads.
+// Narrow heads (64, 128) score four keys at a time and reduce them together, as the
+// reductions would cost as much as the products; wide ones (Gemma's 256) do not gain
+// from it (measured: 25 % slower) and go one key at a time.
+template <typename T, int kHeads>
+void Score(const Problem& p, const float* q, const T* key, int64_t stride, int64_t count, float* scores,
+           int64_t score_stride) {
+  const int64_t dim = p.head_dim;
+  const __m512i spread = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+  const __m128 scale = _mm_set1_ps(p.scale);
+  int64_t i = 0;
+  for (; dim <= kFourKeyMaxDim && i + 4 <= count; i += 4, key += 4 * stride) {
+    if (i + kPrefetchAhead + 4 <= count) {
+      for (int j = 0; j < 4; ++j) PrefetchRow(key + (kPrefetchAhead + j) * stride, dim);
+    }
+    __m512 acc[4][kHeads];
+    for (int j = 0; j < 4; ++j) Dot<T, kHeads>(q, key + j * stride, dim, acc[j]);
+    for (int g = 0; g < kHeads; ++g) {
+      const __m512 sums = Sum4(acc[0][g], acc[1][g], acc[2][g], acc[3][g]);
+      const __m128 four = _mm512_castps512_ps128(_mm512_permutexvar_ps(spread, sums));
+      _mm_storeu_ps(scores + g * score_stride + i, _mm_mul_ps(four, scale));
+    }
+  }
+  for (; i < count; ++i, key += stride) {
+    if (i + kPrefetchAhead < count) PrefetchRow(key + kPrefetchAhead * stride, dim);
+    __m512 acc[kHeads];
+    Dot<T, kHeads>(q, key, dim, acc);
+    for (int g = 0; g < kHeads; ++g) scores[g * score_stride + i] = _mm512_reduce_add_ps(acc[g]) * p.scale;
+  }
+}
+
+// out[g] += sum_i weights[g * count + i] * value(first + i), features [d, d + 64).
+template <typename T, int kHeads>
+void Accumulate(const Problem& p, const float* weights, int64_t weight_stride, const T* value, int64_t stride,
+                int64_t count, float* out) {
+  const int64_t dim = p.value_dim;
+  for (int64_t d = 0; d < dim; d += 16 * kFeatureVectors) {
+    __m512 acc[kHeads][kFeatureVectors];
+    for (int g = 0; g < kHeads; ++g) {
+      for (int v = 0; v < kFeatureVectors; ++v) acc[g][v] = _mm512_setzero_ps();
+    }
+    const T* row = value + d;
+    for (int64_t i = 0; i < count; ++i, row += stride) {
+      if (i + kPrefetchAhead < count) PrefetchRow(row + kPrefetchAhead * stride, std::min<int64_t>(dim - d, 16 * kFeatureVectors));
+      __m512 lanes[kFeatureVectors];
+      for (int v = 0; v < kFeatureVectors; ++v) {
+        const int64_t at = d + 16 * v;
+        lanes[v] = at < dim ? Load(row + 16 * v, LaneMask(dim - at)) : _mm512_setzero_ps();
+      }
+      for (int g = 0; g < kHeads; ++g) {
+        const __m512 w = _mm512_set1_ps(weights[g * weight_stride + i]);
+        for (int v = 0; v < kFeatureVectors; ++v) acc[g][v] = _mm512_fmadd_ps(w, lanes[v], acc[g][v]);
+      }
+    }
+    for (int g = 0; g < kHeads; ++g) {
+      for (int v = 0; v < kFeatureVectors; ++v) {
+        const int64_t at = d + 16 * v;
+        if (at < dim) _mm512_mask_storeu_ps(out + g * dim + at, LaneMask(dim - at), acc[g][v]);
+      }
+    }
+  }
+}
+
+// Softmax of scores[0, count) in place (after the soft cap, if any); returns 1 / sum.
+float Softmax(float* scores, int64_t count, float softcap) {
+  if (softcap > 0.0f) {
+    for (int64_t i = 0; i < count; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
+  }
+  __m512 high = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < count; i += 16) {
+    high = _mm512_max_ps(high, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), LaneMask(count - i), scores + i));
+  }
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(high));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 mask = LaneMask(count - i);
+    const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + i), top));
+    _mm512_mask_storeu_ps(scores + i, mask, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, e));
+  }
+  return 1.0f / _mm512_reduce_add_ps(total);
+}
+
+template <typename T, int kHeads>
+void HeadBlock(const Problem& p, const float* q, const T* key, const T* value, int64_t count, float* scores,
+               float* out) {
+  const int64_t key_stride = p.kv_heads * p.head_dim, value_stride = p.kv_heads * p.value_dim;
+  Score<T, kHeads>(p, q, key, key_stride, count, scores, count);
+  for (int g = 0; g < kHeads; ++g) {
+    const float inverse = Softmax(scores + g * count, count, p.softcap);
+    float* weights = scores + g * count;
+    for (int64_t i = 0; i < count; ++i) weights[i] *= inverse;
+  }
+  Accumulate<T, kHeads>(p, scores, count, value, value_stride, count, out);
+}
+
+template <typename T>
+void Pair(const Problem& p, int64_t b, int64_t h) {
+  const int64_t group = p.q_heads / p.kv_heads;
+  float* out = p.out + (b * p.q_heads + h * group) * p.value_dim;
+  const int64_t row = p.first_row + b;
+  const int64_t position = p.positions[b];
+  const int64_t end = std::min({static_cast<int64_t>(p.kv_length[b]), position + 1, p.bound, p.capacity});
+  const int64_t begin = std::max<int64_t>(0, position - p.window + 1);
+  if (row < 0 || row >= p.rows || position >= p.capacity || begin >= end) {
+    std::memset(out, 0, sizeof(float) * group * p.value_dim);
+    return;
+  }
+  const int64_t count = end - begin;
+  const int64_t slot = (p.layer * p.rows + row) * p.capacity + begin;
+  const T* key = static_cast<const T*>(p.keys) + (slot * p.kv_heads + h) * p.head_dim;
+  const T* value = static_cast<const T*>(p.values) + (slot * p.kv_heads + h) * p.value_dim;
+  const float* q = p.q + (b * p.q_heads + h * group) * p.head_dim;
+  thread_local std::vector<float> scores;
+  if (scores.size() < static_cast<size_t>(kHeadBlock * count)) scores.resize(kHeadBlock * count);
+  for (int64_t g = 0; g < group; g += kHeadBlock) {
+    const float* qg = q + g * p.head_dim;
+    float* og = out + g * p.value_dim;
+    switch (std::min<int64_t>(kHeadBlock, group - g)) {
+      case 1: HeadBlock<T, 1>(p, qg, key, value, count, scores.data(), og); break;
+      case 2: HeadBlock<T, 2>(p, qg, key, value, count, scores.data(), og); break;
+      case 3: HeadBlock<T, 3>(p, qg, key, value, count, scores.data(), og); break;
+      default: HeadBlock<T, 4>(p, qg, key, value, count, scores.data(), og); break;
+    }
+  }
+}
+
+template <typename T>
+void Run(const Problem& p) {
+  const int tasks = static_cast<int>(p.batch * p.kv_heads);
+  auto task = [&](int index) { Pair<T>(p, index / p.kv_heads, index % p.kv_heads); };
+  Pool().Run(tasks, task);
+}
+
+int64_t Scalar(ffi::Buffer<ffi::S32> buffer) { return buffer.typed_data()[0]; }
+
+}  // namespace
+}  // namespace swarm_cpu
+
+static ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
+                                      ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> first_row,
+                                      ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> positions,
+                                      ffi::Buffer<ffi::S32> kv_length, ffi::ResultBuffer<ffi::F32> out, float scale,
+                                      float softcap, int64_t bound) {
+  using namespace swarm_cpu;
+  const auto q_dims = q.dimensions(), k_dims = keys.dimensions(), v_dims = values.dimensions();
+  const auto out_dims = out->dimensions();
+  if (q_dims.size() != 3 || k_dims.size() != 5 || v_dims.size() != 5 || out_dims.size() != 3) {
+    return ffi::Error::InvalidArgument("decode_attention: need q f32[B, Hq, D] and caches [L, R, C, Hkv, D]");
+  }
+  if (keys.element_type() != values.element_type() ||
+      (keys.element_type() != ffi::DataType::F16 && keys.element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("decode_attention: the caches must both be f16 or both f32");
+  }
+  Problem p{};
+  p.batch = q_dims[0];
+  p.q_heads = q_dims[1];
+  p.head_dim = q_dims[2];
+  p.rows = k_dims[1];
+  p.capacity = k_dims[2];
+  p.kv_heads = k_dims[3];
+  p.value_dim = v_dims[4];
+  if (k_dims[4] != p.head_dim || v_dims[0] != k_dims[0] || v_dims[1] != p.rows || v_dims[2] != p.capacity ||
+      v_dims[3] != p.kv_heads || p.kv_heads == 0 || p.q_heads % p.kv_heads != 0 || out_dims[0] != p.batch ||
+      out_dims[1] != p.q_heads || out_dims[2] != p.value_dim || positions.element_count() != p.batch ||
+      kv_length.element_count() != p.batch) {
+    return ffi::Error::InvalidArgument("decode_attention: q, caches, positions and output do not fit together");
+  }
+  p.layer = Scalar(layer);
+  if (p.layer < 0 || p.layer >= k_dims[0]) {
+    return ffi::Error::InvalidArgument("decode_attention: layer " + std::to_string(p.layer) + " is not in the cache");
+  }
+  p.first_row = Scalar(first_row);
+  p.window = Scalar(window);
+  p.bound = bound;
+  p.scale = scale;
+  p.softcap = softcap;
+  p.q = q.typed_data();
+  p.keys = keys.untyped_data();
+  p.values = values.untyped_data();
+  p.positions = positions.typed_data();
+  p.kv_length = kv_length.typed_data();
+  p.out = out->typed_data();
+  if (p.batch == 0 || p.q_heads == 0) return ffi::Error::Success();
+  if (keys.element_type() == ffi::DataType::F16) {
+    Run<uint16_t>(p);
+  } else {
+    Run<float>(p);
+  }
+  return ffi::Error::Success();
+}
+
+#else  // no AVX-512: a handler that only reports why
+
+static ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32>, ffi::AnyBuffer, ffi::AnyBuffer, ffi::Buffer<ffi::S32>,
+                                      ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>,
+                                      ffi::Buffer<ffi::S32>, ffi::ResultBuffer<ffi::F32>, float, float, int64_t) {
+  return ffi::Error::Internal("decode_attention was built for a CPU without AVX-512");
+}
+
+#endif
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q f32[B, Hq, D]
+                                  .Arg<ffi::AnyBuffer>()         // keys f16|f32[L, R, C, Hkv, D]
+                                  .Arg<ffi::AnyBuffer>()         // values f16|f32[L, R, C, Hkv, Dv]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer i32[]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // first_row i32[]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // window i32[]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions i32[B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_length i32[B]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out f32[B, Hq, Dv]
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("bound"));

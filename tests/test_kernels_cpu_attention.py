@@ -1,0 +1,194 @@
+"""kernels.cpu.decode_attention: one decode step's attention read in place from a whole
+KV cache, against the jnp reference (`ops.cache_attention` with impl="reference").
+
+The kernel reads only the visible keys of each (sequence, kv head) pair, converting
+f16 as it loads, so it differs from the reference by f32 summation order only: a
+tolerance of 1e-5 relative to the largest |value| (the outputs are convex mixtures of
+values), which a key off by one position, a wrong head or a wrong row breaks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import cpu, ops
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"{cpu.unavailable_reason()}")
+
+
+def _case(seed, *, layers=2, rows=4, capacity=96, kv_heads=2, group=3, dim=64, batch=3, dtype=np.float16):
+    rng = np.random.default_rng(seed)
+    shape = (layers, rows, capacity, kv_heads, dim)
+    keys = rng.standard_normal(shape).astype(dtype)
+    values = rng.standard_normal(shape).astype(dtype)
+    q = rng.standard_normal((batch, 1, kv_heads * group, dim)).astype(np.float32)
+    return jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values)
+
+
+def _both(q, keys, values, layer, first_row, positions, kv_length, **options):
+    args = (
+        q,
+        keys,
+        values,
+        jnp.int32(layer),
+        jnp.int32(first_row),
+        jnp.asarray(positions, jnp.int32)[:, None],
+        jnp.asarray(kv_length, jnp.int32),
+    )
+    got = np.asarray(ops.cache_attention(*args, impl="cpu", **options))
+    want = np.asarray(ops.cache_attention(*args, impl="reference", **options))
+    return got, want
+
+
+def _close(got, want, values) -> bool:
+    return bool(np.max(np.abs(got - want)) <= 1e-5 * float(np.max(np.abs(values))))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["f16", "f32"])
+@pytest.mark.parametrize(
+    ("dim", "group", "kv_heads"),
+    [(64, 3, 3), (256, 4, 1), (20, 1, 2), (40, 5, 2), (128, 8, 1)],
+    ids=["smollm2", "gemma3", "narrow-mha", "group5", "group8"],
+)
+def test_matches_the_reference(dtype, dim, group, kv_heads) -> None:
+    q, keys, values = _case(1, kv_heads=kv_heads, group=group, dim=dim, dtype=dtype)
+    positions, kv_length = [0, 37, 95], [1, 38, 90]  # the last sees fewer keys than its position
+    for layer in range(2):
+        for first_row in (0, 1):
+            got, want = _both(
+                q, keys, values, layer, first_row, positions, kv_length, kv_bound=96, scale=dim**-0.5
+            )
+            assert _close(got, want, values), (layer, first_row, np.max(np.abs(got - want)))
+
+
+def test_sliding_window_and_bound() -> None:
+    q, keys, values = _case(2)
+    positions, kv_length = [10, 60, 80], [11, 61, 81]
+    for window in (1, 7, 64):
+        got, want = _both(
+            q, keys, values, 1, 1, positions, kv_length, kv_bound=64, scale=0.125, sliding_window=window
+        )
+        assert _close(got, want, values), window  # position 80 sees keys [17, 64) only
+    traced = jax.jit(
+        lambda w: ops.cache_attention(
+            q,
+            keys,
+            values,
+            jnp.int32(0),
+            jnp.int32(0),
+            jnp.asarray(positions)[:, None],
+            jnp.asarray(kv_length),
+            kv_bound=96,
+            scale=0.125,
+            sliding_window=w,
+            impl="cpu",
+        )
+    )
+    got = np.asarray(traced(jnp.int32(5)))
+    _, want = _both(q, keys, values, 0, 0, positions, kv_length, kv_bound=96, scale=0.125, sliding_window=5)
+    assert _close(got, want, values)
+
+
+def test_soft_cap() -> None:
+    q, keys, values = _case(3)
+    got, want = _both(
+        q, keys, values, 0, 0, [5, 50, 90], [6, 51, 91], kv_bound=96, scale=1.0, logit_softcap=2.0
+    )
+    assert _close(got, want, values)
+
+
+def test_a_row_that_sees_nothing_gets_zeros() -> None:
+    """kv_length 0 (nothing written yet) and a padding row past the cache both give zeros."""
+    q, keys, values = _case(4)
+    got, want = _both(q, keys, values, 0, 0, [7, 96, 3], [0, 97, 4], kv_bound=96, scale=0.125)
+    assert not got[0].any() and not want[0].any()
+    assert not got[1].any()  # padding: the reference's value there is unspecified
+    assert _close(got[2], want[2], values)
+
+
+def test_long_contexts() -> None:
+    """Thousands of visible keys (the per-thread score buffer grows to fit)."""
+    q, keys, values = _case(5, layers=1, rows=2, capacity=5000, batch=2, kv_heads=1, group=4, dim=64)
+    got, want = _both(q, keys, values, 0, 0, [4999, 3000], [5000, 3001], kv_bound=5000, scale=0.125)
+    assert _close(got, want, values)
+
+
+def test_scan_over_layers_reads_each_layer() -> None:
+    """As the model calls it: inside a scan, with the layer index and cache traced."""
+    q, keys, values = _case(6, layers=3)
+    positions, kv_length = jnp.asarray([[20], [40], [60]]), jnp.asarray([21, 41, 61])
+
+    def run(impl):
+        def body(carry, layer):
+            out = ops.cache_attention(
+                q,
+                keys,
+                values,
+                layer,
+                jnp.int32(1),
+                positions,
+                kv_length,
+                kv_bound=64,
+                scale=0.125,
+                impl=impl,
+            )
+            return carry, out
+
+        return np.asarray(jax.jit(lambda: jax.lax.scan(body, 0, jnp.arange(3))[1])())
+
+    got, want = run("cpu"), run("reference")
+    assert _close(got, want, values)
+    assert not np.allclose(got[0], got[1])  # each layer's own keys
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="auto picks the CPU kernel only on the CPU backend"
+)
+def test_auto_uses_the_kernel_for_decode_steps_only() -> None:
+    _, keys, values = _case(7)
+
+    def lowered(steps):
+        query = jnp.zeros((3, steps, 6, 64), jnp.float32)
+        positions = jnp.zeros((3, steps), jnp.int32)
+        call = lambda: ops.cache_attention(  # noqa: E731
+            query,
+            keys,
+            values,
+            jnp.int32(0),
+            jnp.int32(0),
+            positions,
+            jnp.ones(3, jnp.int32),
+            kv_bound=64,
+            scale=0.1,
+        )
+        return jax.jit(call).lower().as_text()
+
+    assert cpu.ATTENTION_TARGET in lowered(1)
+    assert cpu.ATTENTION_TARGET not in lowered(4)
+    with ops.implementation("reference"):
+        assert cpu.ATTENTION_TARGET not in lowered(1)
+
+
+def test_checks_its_inputs() -> None:
+    q, keys, values = _case(8)
+    positions, kv_length = jnp.zeros(3, jnp.int32), jnp.ones(3, jnp.int32)
+    common = dict(scale=0.1, logit_softcap=None, bound=64)
+    zero = jnp.int32(0)
+    with pytest.raises(ValueError, match="one dtype"):
+        cpu.decode_attention(
+            q[:, 0], keys, values.astype(jnp.float32), zero, zero, zero, positions, kv_length, **common
+        )
+    with pytest.raises(ValueError, match="f16 or f32"):
+        bf16 = keys.astype(jnp.bfloat16)
+        cpu.decode_attention(q[:, 0], bf16, bf16, zero, zero, zero, positions, kv_length, **common)
+    with pytest.raises(ValueError, match="need q"):
+        cpu.decode_attention(q, keys, values, zero, zero, zero, positions, kv_length, **common)
+    with pytest.raises(Exception, match="layer 5 is not in the cache"):
+        np.asarray(
+            cpu.decode_attention(
+                q[:, 0], keys, values, jnp.int32(5), zero, zero, positions, kv_length, **common
+            )
+        )
