@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 MODEL ?= smollm2-135m
 BENCH_MODELS ?= smollm2-135m gemma3-270m
 
-.PHONY: install install-dev system-deps models run chat test lint bench clean
+.PHONY: install install-dev system-deps browser models run chat test lint bench clean
 
 # What a node needs (runtime dependencies and the default model): kept lean so that
 # `make run` on a fresh clone serves its first reply within about a minute.
@@ -33,8 +33,15 @@ $(DEV_STAMP): $(STAMP)
 system-deps:
 	@ldconfig -p | grep -q libsodium || { apt-get update -qq && apt-get install -y -qq libsodium23; }
 
+# Debian's Chromium for the dashboard's browser tests (Playwright drives it; its own
+# browser download is never used). Where it cannot be installed those tests skip.
+browser:
+	@test -x /usr/bin/chromium || { command -v apt-get > /dev/null && \
+		apt-get update -qq && apt-get install -y -qq chromium; } || \
+		echo "note: chromium not installed; tests/test_browser.py will skip"
+
 # Both real models: the default one and Gemma 3 270M, used by the real-model tests.
-models: install-dev
+models: install-dev browser
 	$(SWARM) pull smollm2-135m > /dev/null
 	$(SWARM) pull gemma3-270m --data-dir .test-data > /dev/null
 

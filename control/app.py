@@ -1,8 +1,8 @@
 """The control plane's Flask application factory.
 
 Owns `create_app`, which wires the config, the API key, the node client and one
-blueprint per area (health and metrics, admin, OpenAI, Anthropic, MCP), and the
-accessors handlers use to reach them. The app never imports jax: it reaches the
+blueprint per area (health and metrics, admin, dashboard, OpenAI, Anthropic, MCP, the
+pages), and the accessors handlers use to reach them. The app never imports jax: it reaches the
 node only through `control.node_client`. Served by gunicorn with gevent workers
 (`control.wsgi:app`); tests build it directly with a config and a data dir.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flask import Flask, current_app
 
-from control import admin, anthropic_api, health, mcp_api, middleware, openai_api
+from control import admin, anthropic_api, dashboard_api, health, mcp_api, middleware, openai_api
 from control.node_client import NodeClient
 from swarm.config import Config, ensure_api_key
 from swarm.node_protocol import SOCKET_NAME
@@ -30,7 +30,15 @@ def create_app(config: Config, data_dir: Path, *, node: NodeClient | None = None
         Path(data_dir) / SOCKET_NAME, request_timeout_s=config.api.request_timeout_s
     )
     middleware.init_app(app)
-    for blueprint in (health.bp, admin.bp, openai_api.bp, anthropic_api.bp, mcp_api.bp, webui_bp):
+    for blueprint in (
+        health.bp,
+        admin.bp,
+        dashboard_api.bp,
+        openai_api.bp,
+        anthropic_api.bp,
+        mcp_api.bp,
+        webui_bp,
+    ):
         app.register_blueprint(blueprint)
     return app
 

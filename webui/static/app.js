@@ -1,139 +1,103 @@
-// The dashboard's only script: polls the JSON APIs and streams chat replies over SSE.
-"use strict";
+// The dashboard's entry point: the page shell (navigation, node state, theme, API key)
+// and the hash router that mounts one page at a time. Each page module exports
+// `render(view)` and may return a function that stops its timers and streams.
+import { ensureKey, setKey, hasKey } from "./api.js";
+import { t, translate } from "./i18n.js";
+import * as chat from "./page-chat.js";
+import * as compare from "./page-compare.js";
+import * as credits from "./page-credits.js";
+import * as models from "./page-models.js";
+import * as network from "./page-network.js";
+import * as settings from "./page-settings.js";
+import * as setup from "./page-setup.js";
+import { SETUP_DONE } from "./page-setup.js";
+
+const PAGES = { chat, compare, credits, models, network, settings, setup };
+const THEMES = ["system", "light", "dark"];
+const STATE_POLL_MS = 5000;
 
 const $ = (id) => document.getElementById(id);
-const state = { key: sessionStorage.getItem("swarm-key") || "", model: "default", history: [] };
+let leave = null;
 
-function authHeaders() {
-  return state.key ? { Authorization: `Bearer ${state.key}` } : {};
+// -- theme -------------------------------------------------------------------------
+
+function applyTheme(theme) {
+  if (theme === "system") delete document.documentElement.dataset.theme;
+  else document.documentElement.dataset.theme = theme;
+  const button = $("theme");
+  button.textContent = t(`theme.${theme}`);
+  button.setAttribute("aria-label", t("theme.label", { theme: t(`theme.${theme}`) }));
 }
 
-function formatSeconds(seconds) {
-  const s = Math.floor(seconds);
-  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
-  return h ? `${h} h ${m} min` : m ? `${m} min ${s % 60} s` : `${s} s`;
+function cycleTheme() {
+  const current = localStorage.getItem("swarm-theme") || "system";
+  const next = THEMES[(THEMES.indexOf(current) + 1) % THEMES.length];
+  localStorage.setItem("swarm-theme", next);
+  applyTheme(next);
 }
 
-async function findKey() {
-  if (!state.key) {
-    try {
-      const reply = await fetch("/api/admin/api-key");
-      if (reply.ok) state.key = (await reply.json()).api_key;
-    } catch (error) { /* the node may be restarting; the form below still works */ }
-  }
-  if (state.key) {
-    sessionStorage.setItem("swarm-key", state.key);
-    $("key-status").textContent = "Using this node's API key (read from this machine).";
-    $("key-form").hidden = true;
-  } else {
-    $("key-status").textContent = "This page is not on the node's machine: paste the API key from <data dir>/api_key.";
-    $("key-form").hidden = false;
-  }
-}
+// -- node state badge ------------------------------------------------------------------
 
-async function refresh() {
-  const badge = $("state");
+async function refreshState() {
+  const badge = $("node-state");
+  let label = "down";
   try {
     const reply = await fetch("/health/ready");
     const body = await reply.json();
-    const node = body.node || {};
-    const label = reply.ok ? "ready" : body.subsystems && body.subsystems.node ? "loading" : "down";
-    badge.textContent = label;
-    badge.className = `badge ${label}`;
-    if (node.queue) $("queue").textContent = `${node.queue.active} / ${node.queue.waiting}`;
-    if (node.totals) $("tokens").textContent = node.totals.generated_tokens.toLocaleString();
-    if (node.uptime_s !== undefined) $("uptime").textContent = formatSeconds(node.uptime_s);
+    label = reply.ok ? "ready" : body.subsystems && body.subsystems.node ? (body.node && body.node.state) || "loading" : "down";
   } catch (error) {
-    badge.textContent = "down";
-    badge.className = "badge down";
+    label = "down";
   }
-  if (state.key && $("model").textContent === "–") {
-    const reply = await fetch("/v1/models", { headers: authHeaders() }).catch(() => null);
-    if (reply && reply.ok) {
-      const model = (await reply.json()).data[0];
-      if (model) {
-        state.model = model.id;
-        $("model").textContent = model.id;
-        $("context").textContent = model.context_length ? `${model.context_length.toLocaleString()} tokens` : "–";
-      }
-    }
-  }
+  badge.textContent = t(`state.${label}`);
+  badge.className = `badge ${label}`;
 }
 
-function addTurn(role, text) {
-  const turn = document.createElement("div");
-  turn.className = `turn ${role}`;
-  turn.textContent = text;
-  $("transcript").appendChild(turn);
-  turn.scrollIntoView({ block: "end" });
-  return turn;
-}
+// -- router ---------------------------------------------------------------------------
 
-async function send(event) {
-  event.preventDefault();
-  const prompt = $("prompt").value.trim();
-  if (!prompt) return;
-  $("prompt").value = "";
-  $("send").disabled = true;
-  addTurn("user", prompt);
-  state.history.push({ role: "user", content: prompt });
-  const turn = addTurn("assistant", "");
-  const started = performance.now();
-  let first = 0, tokens = 0, text = "";
-  try {
-    const reply = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", ...authHeaders() },
-      body: JSON.stringify({ model: state.model, messages: state.history, stream: true, max_tokens: 512 }),
-    });
-    if (!reply.ok) throw new Error((await reply.json()).error.message);
-    const reader = reply.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      const events = buffer.split("\n\n");
-      buffer = events.pop();
-      for (const raw of events) {
-        if (!raw.startsWith("data: ") || raw === "data: [DONE]") continue;
-        const chunk = JSON.parse(raw.slice(6));
-        if (chunk.error) throw new Error(chunk.error.message);
-        const delta = chunk.choices[0] && chunk.choices[0].delta.content;
-        if (delta) {
-          if (!first) first = performance.now();
-          tokens += 1;
-          text += delta;
-          turn.textContent = text;
-        }
-      }
-    }
-    state.history.push({ role: "assistant", content: text });
-    const seconds = (performance.now() - (first || started)) / 1000;
-    $("chat-stats").textContent =
-      `first token after ${((first || performance.now()) - started).toFixed(0)} ms · ` +
-      `${tokens} chunks · ${(tokens / Math.max(seconds, 1e-3)).toFixed(1)} chunks/s`;
-  } catch (error) {
-    turn.className = "turn error";
-    turn.textContent = `Error: ${error.message}`;
-    state.history.pop();
-  } finally {
-    $("send").disabled = false;
+function route() {
+  const hash = location.hash;
+  if (hash && !hash.startsWith("#/")) return; // an in-page anchor, not a page
+  let name = hash.slice(2).split("/")[0];
+  if (!PAGES[name]) {
+    name = localStorage.getItem(SETUP_DONE) ? "chat" : "setup";
+    history.replaceState(null, "", `#/${name}`);
   }
+  if (typeof leave === "function") leave();
+  const view = $("view");
+  view.replaceChildren();
+  view.dataset.page = name;
+  for (const link of document.querySelectorAll("nav a[data-route]")) {
+    if (link.dataset.route === name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  document.title = `${t(`nav.${name}`)} · swarm`;
+  leave = PAGES[name].render(view);
+  view.focus({ preventScroll: true });
 }
 
-document.addEventListener("DOMContentLoaded", () => {
-  $("base").textContent = `${location.origin}/v1`;
+async function askForKey() {
+  const known = await ensureKey();
+  $("key-banner").hidden = known;
+  return known;
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  translate(document);
+  applyTheme(localStorage.getItem("swarm-theme") || "system");
+  $("theme").addEventListener("click", cycleTheme);
+  document.querySelector(".skip").addEventListener("click", (event) => {
+    event.preventDefault();
+    $("view").focus();
+  });
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    state.key = $("key-input").value.trim();
-    findKey();
+    setKey($("key-input").value);
+    $("key-banner").hidden = hasKey();
+    route();
   });
-  $("chat-form").addEventListener("submit", send);
-  $("prompt").addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey) send(event);
-  });
-  findKey().then(refresh);
-  setInterval(refresh, 2000);
+  refreshState();
+  setInterval(refreshState, STATE_POLL_MS);
+  await askForKey();
+  window.addEventListener("hashchange", route);
+  route();
 });

@@ -1,0 +1,375 @@
+"""The dashboard in a real browser against a live swarm on loopback.
+
+Two `swarm run` supervisors with SmolLM2 (node0 holds every layer, node1 holds layers
+15-30 and bootstraps from node0's DHT) serve every test in this module; Playwright
+drives Debian's Chromium (`/usr/bin/chromium`, never a downloaded one) against node0's
+dashboard. Checked: the setup wizard completes, a chat reply streams and the stop
+button stops it (the node counts the generation as cancelled), the network map shows
+node1 with its layers, the models page shows who holds which layers, the settings page
+refuses an invalid value with a message, compare streams both sides, the page carries a
+CSP, and no page logs a console error (a CSP violation is one). Screenshots of every
+page at desktop (1280x800) and phone (390x844, dark theme) width are saved under
+`test-artifacts/screenshots/`. Left behind: no process (checked at the end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+import psutil
+import pytest
+
+from swarm.local_swarm import free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(
+        "browser tests need Debian's Chromium at /usr/bin/chromium (apt-get install chromium)",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="browser tests need playwright (pip install -e '.[dev]')"
+)
+expect = sync_api.expect
+
+pytestmark = [pytest.mark.integration, pytest.mark.realmodel]
+
+MODEL = "smollm2-135m"
+NETWORK_ID = "swarm-browser-test"
+SECOND_NODE_LAYERS = (15, 30)
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+PAGES = ("setup", "chat", "models", "network", "compare", "credits", "settings")
+# What shows that a page has rendered from the API (not just its loading line).
+PAGE_READY = {
+    "setup": "dl.facts",
+    "chat": "#chat-model option",
+    "models": "[data-model] .coverage",
+    "network": ".live.on",
+    "compare": "#compare-model-1 option",
+    "credits": "[data-field=credits-status]",
+    "settings": "fieldset",
+}
+CAPITAL_QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+class Supervisor:
+    """One `swarm run` on loopback ports of its own."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str]):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.dht_port = free_port(socket.SOCK_DGRAM)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir / "supervisor.log"
+        self.key = ""
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SWARM_")},
+            "SWARM_INFERENCE_MAX_CONCURRENT_REQUESTS": "4",
+            "SWARM_NETWORK_ENABLE_MDNS": "false",
+            "SWARM_NETWORK_LISTEN_ADDRESS": "127.0.0.1",
+            "SWARM_NETWORK_DHT_PORT": str(self.dht_port),
+            "SWARM_NETWORK_PEER_PORT": str(free_port()),
+            "SWARM_NETWORK_GOSSIP_NETWORK_ID": NETWORK_ID,
+            **env,
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in ("config.yaml", "pins.json"):
+            (self.data_dir / leftover).unlink(missing_ok=True)
+        command = [sys.executable, "-m", "swarm", "run", MODEL, "--data-dir", str(self.data_dir)]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [*command, "--port", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=self.env,
+            )
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            with contextlib.suppress(httpx2.HTTPError):
+                if httpx2.get(f"{self.base}/health/ready", timeout=2).status_code == 200:
+                    self.key = (self.data_dir / "api_key").read_text().strip()
+                    return
+            time.sleep(0.5)
+        pytest.fail(f"{self.data_dir.name} not ready in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
+
+    def get(self, path: str) -> dict:
+        reply = httpx2.get(self.base + path, headers={"Authorization": f"Bearer {self.key}"}, timeout=10)
+        reply.raise_for_status()
+        return reply.json()
+
+    @property
+    def peer_id(self) -> str:
+        return json.loads((self.data_dir / "dht.json").read_text())["peer_id"]
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def nodes(data_dir, smollm2_path):
+    # Persistent data dirs keep the XLA compile cache between runs, as for users.
+    first = Supervisor(data_dir / "browser" / "node0", {})
+    first.start()
+    second = Supervisor(
+        data_dir / "browser" / "node1",
+        {
+            "SWARM_NODE_LAYERS": "{}-{}".format(*SECOND_NODE_LAYERS),
+            "SWARM_NETWORK_BOOTSTRAP_PEERS": f"127.0.0.1:{first.dht_port}",
+        },
+    )
+    second.start()
+    try:
+        first.wait_ready(300)
+        second.wait_ready(300)
+        yield first, second
+    finally:
+        supervisors = [node for node in (first, second) if node.process is not None]
+        children = []
+        for node in supervisors:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                children += psutil.Process(node.process.pid).children(recursive=True)
+        codes = [node.stop() for node in supervisors]
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"processes left behind: {alive}"
+        assert codes == [0] * len(supervisors), first.log.read_text()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def node(nodes):
+    return nodes[0]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM))
+        yield launched
+        launched.close()
+
+
+class Console:
+    """Console errors, uncaught exceptions and failed requests of one browser context."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def watch(self, page) -> None:
+        page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
+
+    def check(self) -> None:
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def console():
+    watcher = Console()
+    yield watcher
+    watcher.check()
+
+
+def _open(browser, console: Console, viewport=DESKTOP, **options):
+    context = browser.new_context(viewport=viewport, **options)
+    context.set_default_timeout(15_000)
+    page = context.new_page()
+    console.watch(page)
+    return context, page
+
+
+def _screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_page_has_a_csp_and_runs_under_it(browser, node, console):
+    context, page = _open(browser, console)
+    reply = page.goto(node.base + "/#/credits")
+    assert "default-src 'self'" in reply.headers["content-security-policy"]
+    # The modules ran (the page rendered from the API), and nothing was refused: a CSP
+    # violation is a console error, which the console fixture fails on.
+    expect(page.locator("[data-field=credits-status]")).to_have_text("Not yet active")
+    context.close()
+
+
+def test_setup_wizard_completes(browser, node, console):
+    context, page = _open(browser, console)
+    page.goto(node.base + "/")
+    expect(page).to_have_url(re.compile(r"#/setup$"))  # first visit: the wizard
+    hardware = node.get("/api/dashboard/hardware")
+    threads = page.locator("[data-field=threads]")
+    expect(threads).to_contain_text(f"{hardware['cpu']['threads']} threads")
+    expect(page.locator("[data-field=cpu]")).to_have_text(hardware["cpu"]["model"])
+    page.get_by_role("button", name="Next").click()
+    choice = page.get_by_role("radio", name=re.compile(MODEL))
+    expect(choice).to_be_checked()  # the model the node serves is picked already
+    page.get_by_role("button", name="Use this model").click()
+    page.get_by_role("button", name="Start chatting").click(timeout=60_000)
+    expect(page).to_have_url(re.compile(r"#/chat$"))
+    page.goto(node.base + "/")
+    expect(page).to_have_url(re.compile(r"#/chat$"))  # set up: the next visit opens chat
+    context.close()
+
+
+def test_chat_streams_a_reply_and_stop_stops_it(browser, node, console):
+    context, page = _open(browser, console)
+    page.goto(node.base + "/#/chat")
+    expect(page.locator("#chat-model")).to_have_value(MODEL)
+    prompt = page.get_by_label("Message", exact=True)
+    prompt.fill(CAPITAL_QUESTION)
+    page.get_by_role("button", name="Send", exact=True).click()
+    reply = page.locator(".turn.assistant").last
+    expect(reply).to_contain_text("Paris", timeout=60_000)
+    expect(page.locator("#chat-stats")).to_contain_text("tokens/s", timeout=60_000)
+
+    cancelled = node.get("/api/admin/stats")["node"]["totals"]["cancelled"]
+    prompt.fill("Write a very long story about a dragon who learns to bake bread.")
+    prompt.press("Enter")
+    stop = page.get_by_role("button", name="Stop", exact=True)
+    expect(stop).to_be_visible()
+    # Streaming: words are on screen while the reply is still being generated.
+    streaming = page.locator(".turn.assistant.streaming .content")
+    expect(streaming).to_have_text(re.compile(r"\w+\W+\w+\W+\w+"), timeout=60_000)
+    expect(stop).to_be_visible()
+    stop.click()
+    expect(stop).to_be_hidden()
+    expect(page.locator(".turn.assistant .stopped")).to_be_visible()
+    stopped_text = page.locator(".turn.assistant").last.inner_text()
+    page.wait_for_timeout(1500)
+    assert page.locator(".turn.assistant").last.inner_text() == stopped_text
+    deadline = time.monotonic() + 10
+    while node.get("/api/admin/stats")["node"]["totals"]["cancelled"] <= cancelled:
+        assert time.monotonic() < deadline, "the node did not cancel the stopped generation"
+        time.sleep(0.2)
+    _screenshot(page, "desktop-chat-conversation")
+
+    page.reload()  # conversations are kept in the browser
+    expect(page.locator(".turn.user .content").first).to_have_text(CAPITAL_QUESTION)
+    context.close()
+
+
+def test_network_map_shows_the_second_node(browser, nodes, console):
+    node, second = nodes
+    context, page = _open(browser, console)
+    page.goto(node.base + "/#/network")
+    row = page.locator(f'tr[data-peer="{second.peer_id}"]')
+    expect(row).to_contain_text("layers {}–{}".format(*SECOND_NODE_LAYERS), timeout=60_000)
+    expect(page.locator("svg.map circle.peer")).to_have_count(1)
+    expect(page.locator("[data-field=peer-id]")).to_have_text(node.peer_id)
+    context.close()
+
+
+def test_models_page_shows_layers_here_and_at_peers(browser, nodes, console):
+    node, _ = nodes
+    context, page = _open(browser, console)
+    page.goto(node.base + "/#/models")
+    card = page.locator(f'[data-model="{MODEL}"]')
+    expect(card.locator(".badges")).to_contain_text("serving")
+    expect(card.locator("tr.self")).to_contain_text("layers 0–30")
+    expect(card.locator("tbody")).to_contain_text("layers 15–30", timeout=30_000)
+    expect(card.get_by_role("img")).to_have_attribute("aria-label", re.compile("30 of 30 layers here"))
+    card.get_by_role("button", name="Pin", exact=True).click()
+    expect(card.get_by_role("button", name="Unpin")).to_have_attribute("aria-pressed", "true")
+    assert json.loads((node.data_dir / "pins.json").read_text())["models"] == [MODEL]
+    context.close()
+
+
+def test_settings_rejects_an_invalid_value_with_a_message(browser, node, console):
+    context, page = _open(browser, console)
+    page.goto(node.base + "/#/settings")
+    expect(page.locator("#api-key")).to_have_value(node.key)  # loopback: the key is shown
+    field = page.get_by_label("max_concurrent_requests")
+    field.fill("0")
+    page.get_by_role("button", name="Save").click()
+    message = page.locator("#setting-inference-max_concurrent_requests-error")
+    expect(message).to_have_text("Must be at least 1.")
+    expect(field).to_have_attribute("aria-invalid", "true")
+    expect(page.get_by_role("alert")).to_contain_text("Not saved")
+    assert node.get("/api/admin/config")["config"]["inference"]["max_concurrent_requests"] == 4
+    _screenshot(page, "desktop-settings-invalid")
+    field.fill("3")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator(".result")).to_contain_text("Saved")
+    assert node.get("/api/admin/config")["config"]["inference"]["max_concurrent_requests"] == 3
+    context.close()
+
+
+def test_compare_streams_both_sides(browser, node, console):
+    context, page = _open(browser, console)
+    page.goto(node.base + "/#/compare")
+    expect(page.locator("#compare-model-1")).to_have_value(MODEL)
+    page.get_by_label("Prompt").fill(CAPITAL_QUESTION)
+    page.get_by_role("button", name="Compare", exact=True).click()
+    for side in page.locator(".compare section").all():
+        expect(side.locator(".hint").last).to_contain_text("tokens/s", timeout=60_000)
+    expect(page.locator(".compare-output").first).to_contain_text("Paris")
+    _screenshot(page, "desktop-compare-run")
+    context.close()
+
+
+def test_markdown_keeps_model_output_as_text(browser, node, console):
+    context, page = _open(browser, console)
+    page.goto(node.base + "/#/credits")
+    source = (
+        "**bold** and `code` <img src=x onerror=alert(1)> [bad](javascript:alert(1)) "
+        "[good](https://example.org)\n\n```js\nlet tag = '<b>';\n```\n- one\n- two"
+    )
+    rendered = page.evaluate(
+        """async (source) => {
+            const { render } = await import("/static/markdown.js");
+            const box = document.createElement("div");
+            box.append(render(source));
+            return {
+                elements: [...box.querySelectorAll("*")].map((element) => element.localName),
+                links: [...box.querySelectorAll("a")].map((a) => [a.getAttribute("href"), a.rel]),
+                code: box.querySelector("pre code").textContent,
+                text: box.querySelector("p").textContent,
+            };
+        }""",
+        source,
+    )
+    assert set(rendered["elements"]) == {"p", "strong", "code", "a", "pre", "ul", "li"}
+    assert rendered["links"] == [["https://example.org", "noopener noreferrer"]]
+    assert rendered["code"] == "let tag = '<b>';"
+    assert "<img src=x onerror=alert(1)>" in rendered["text"]
+    context.close()
+
+
+@pytest.mark.parametrize(
+    ("label", "viewport", "scheme"), [("desktop", DESKTOP, "light"), ("phone", PHONE, "dark")]
+)
+def test_every_page_renders_without_console_errors(browser, nodes, console, label, viewport, scheme):
+    node, _ = nodes
+    context, page = _open(browser, console, viewport=viewport, color_scheme=scheme)
+    for name in PAGES:
+        page.goto(f"{node.base}/#/{name}")
+        expect(page.locator(PAGE_READY[name]).first).to_be_attached(timeout=30_000)
+        page.wait_for_timeout(300)  # let the last API answers paint
+        _screenshot(page, f"{label}-{name}")
+        if label == "phone":
+            overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, f"{name} is wider than a phone by {overflow} px"
+    context.close()

@@ -1,0 +1,135 @@
+"""The dashboard's JSON routes (`/api/dashboard/*`) over the mock node, and their pure parts."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx2
+import psutil
+import pytest
+
+from control import dashboard_api, hardware, model_catalog, model_pulls
+
+
+def test_hardware_reports_this_machine(http):
+    answer = http.get("/api/dashboard/hardware").json()
+    assert answer["cpu"]["threads"] == os.cpu_count()
+    assert answer["memory"]["total_bytes"] == psutil.virtual_memory().total
+    assert answer["disk"]["free_bytes"] > 0
+    assert isinstance(answer["gpus"], list)
+
+
+def test_cpu_name_and_nvidia_smi_parsing():
+    assert hardware.cpu_model("processor\t: 0\nmodel name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
+    assert hardware.cpu_model("processor : 0\n") == ""
+    gpus = hardware.parse_nvidia_smi("NVIDIA H100 80GB HBM3, 81559, 1, 550.54\ngarbage\n")
+    assert gpus == [
+        {
+            "vendor": "nvidia",
+            "name": "NVIDIA H100 80GB HBM3",
+            "memory_bytes": 81559 * 2**20,
+            "used_bytes": 2**20,
+            "driver": "550.54",
+        }
+    ]
+
+
+def test_models_lists_the_served_model_first_with_its_layers(http):
+    models = http.get("/api/dashboard/models").json()["models"]
+    served = models[0]
+    assert served["id"] == "mock-1" and served["served"] and served["state"] == "ready"
+    assert served["layers_here"] == [[0, 2]] and served["n_layers"] == 2
+    assert served["coverage"] == [{"here": True, "peers": 0}, {"here": True, "peers": 0}]
+    assert served["download_bytes"] == 0
+    assert {"smollm2-135m", "gemma3-270m"} <= {model["id"] for model in models}
+
+
+def test_pin_and_unpin_persist(http, control_app):
+    assert http.put("/api/dashboard/models/mock-1/pin").json() == {"pinned": ["mock-1"]}
+    models = http.get("/api/dashboard/models").json()["models"]
+    assert next(model for model in models if model["id"] == "mock-1")["pinned"]
+    saved = json.loads((control_app.config["DATA_DIR"] / model_pulls.PINS_FILE).read_text())
+    assert saved == {"models": ["mock-1"]}
+    assert http.delete("/api/dashboard/models/mock-1/pin").json() == {"pinned": []}
+
+
+def test_pull_refuses_unknown_names(http):
+    reply = http.post("/api/dashboard/models/not-a-model/pull")
+    assert reply.status_code == 400 and "registered model" in reply.json()["error"]["message"]
+    assert http.get("/api/dashboard/models/smollm2-135m/pull").status_code == 404
+    assert not model_pulls.pullable("hf:a/b/../../etc.gguf")
+    assert model_pulls.pullable("hf:bartowski/Qwen2-0.5B-GGUF/qwen2-0_5b-q4_0.gguf")
+
+
+def test_pull_status_of_a_dead_job_reads_interrupted(tmp_path):
+    path = tmp_path / model_pulls.PULLS_DIR / "smollm2-135m.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"model": "smollm2-135m", "state": "running", "pid": 2**22 + 12345}))
+    assert model_pulls.status(tmp_path, "smollm2-135m")["state"] == "interrupted"
+    assert model_pulls.all_statuses(tmp_path)["smollm2-135m"]["state"] == "interrupted"
+
+
+def test_catalog_counts_peer_layers_and_missing_shards(tmp_path):
+    shard_dir = tmp_path / "models" / "split-model"
+    shard_dir.mkdir(parents=True)
+    manifest = {
+        "model": {"block_count": 4},
+        "shards": [
+            {"index": 0, "file": "shard_000.bin", "size": 10, "layers": [0, 2]},
+            {"index": 1, "file": "shard_001.bin", "size": 7, "layers": [2, 4]},
+        ],
+    }
+    (shard_dir / "manifest.json").write_text(json.dumps(manifest))
+    (shard_dir / "shard_000.bin").write_bytes(b"x" * 10)
+    disk = {"split-model": model_catalog.local_model("split-model", tmp_path)}
+    assert disk["split-model"]["size_bytes"] == 10
+    info = {"state": "ready", "models": [{"id": "split-model", "n_layers": 4, "layers": [0, 2]}]}
+    peers = [
+        {"peer_id": "p1", "latency_ms": 1.5, "records": [{"model_id": "split-model", "layers": [1, 4]}]},
+        {
+            "peer_id": "p2",
+            "latency_ms": None,
+            "records": [{"model_id": "other", "layers": [0, 8], "n_layers": 8}],
+        },
+    ]
+    entries = {e["id"]: e for e in model_catalog.catalog(info, peers, disk, ["other"], {})}
+    split = entries["split-model"]
+    assert [layer["here"] for layer in split["coverage"]] == [True, True, False, False]
+    assert [layer["peers"] for layer in split["coverage"]] == [0, 1, 1, 1]
+    assert split["download_bytes"] == 7 and split["peers"][0]["latency_ms"] == 1.5
+    other = entries["other"]
+    assert not other["installed"] and other["pinned"] and other["n_layers"] == 8
+    assert other["download_bytes"] is None
+
+
+def test_network_snapshot_says_when_the_dht_is_down(http):
+    answer = http.get("/api/dashboard/network").json()
+    assert answer["self"]["model_id"] == "mock-1" and answer["self"]["layers"] == [0, 2]
+    assert answer["dht"]["state"] == "down" and answer["peers"] == []
+
+
+def test_network_stream_sends_a_snapshot_at_once(http, monkeypatch):
+    monkeypatch.setattr(dashboard_api, "STREAM_S", 0.0)
+    reply = http.get("/api/dashboard/network/stream")
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    frames = reply.text.split("\n\n")
+    assert frames[0].startswith("event: network\ndata: ")
+    assert json.loads(frames[0].split("data: ", 1)[1])["self"]["model_id"] == "mock-1"
+    assert frames[1].startswith("event: end")
+
+
+def test_credits_are_not_active_yet(http):
+    answer = http.get("/api/dashboard/credits").json()
+    assert answer["active"] is False and answer["status"] == "not_yet_active"
+    assert answer["balance"] is None and answer["tier"] is None
+    assert [tier["id"] for tier in answer["tiers"]] == ["platinum", "gold", "silver", "bronze"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/dashboard/models", "/api/dashboard/network/stream", "/api/dashboard/hardware"]
+)
+def test_dashboard_routes_need_the_key(control_app, path):
+    transport = httpx2.WSGITransport(app=control_app, remote_addr="127.0.0.1")
+    with httpx2.Client(transport=transport, base_url="http://127.0.0.1") as client:
+        assert client.get(path).status_code == 401
