@@ -14,11 +14,11 @@ import threading
 import time
 from types import SimpleNamespace
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from swarm.batching import SlotBatch
-from swarm.engine import EngineSettings
 from swarm.errors import InvalidRequestError
 from swarm.generate import Generator
 from swarm.node_server import Job, Scheduler
@@ -338,11 +338,12 @@ def test_requests_beyond_the_batch_decode_with_a_cache_of_their_own():
 @pytest.mark.realmodel
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_batched_decoding_gives_the_greedy_tokens_of_decoding_alone(name, opened_models):
-    """Checked with f32 weights: the CPU kernel quantizes activations to 8 bits (as
-    llama.cpp does), which turns the last-bit differences XLA's attention shows between
-    batch widths into visible ones, so its greedy tokens can part after a near tie."""
+    """With the default engine (packed weights and the CPU kernels where they build):
+    every row of a step is computed by the same arithmetic whatever shares the step
+    (the kernels work row by row, norms sum rows by fixed halving), so the tokens are
+    equal exactly, not just until a near tie."""
     model = opened_models(name)
-    engine = model.engine(EngineSettings(weights="f32"))
+    engine = model.engine()
     tokenizer = model.tokenizer
     texts = [
         "The capital of France is",
@@ -375,3 +376,24 @@ def test_batched_decoding_gives_the_greedy_tokens_of_decoding_alone(name, opened
                 got[index].append(event.token_id)
     assert got == expected
     assert batch.stats.widest == 5 and batch.in_use() == 0
+
+
+@pytest.mark.realmodel
+def test_a_rows_logits_do_not_depend_on_what_shares_its_step(opened_models):
+    """Bit for bit: five rows stepped together give each row's logits stepped alone."""
+    engine = opened_models("smollm2-135m").engine()
+    rng = np.random.default_rng(0)
+    cache = engine.new_cache(256, 8)
+    lengths = [7, 20, 33, 12, 50]
+    for slot, length in enumerate(lengths):
+        _, cache = engine.forward(rng.integers(0, 1000, length).astype(np.int32), 0, cache, slot=slot)
+    tokens = rng.integers(0, 1000, 5).astype(np.int32)
+    positions = np.asarray(lengths, np.int32)
+    keys, values = np.asarray(cache.keys), np.asarray(cache.values)
+    together, _ = engine.step(tokens, positions, np.arange(5, dtype=np.int32), cache)
+    for row in range(5):
+        fresh = type(cache)(jnp.asarray(keys), jnp.asarray(values))
+        alone, _ = engine.step(
+            tokens[row : row + 1], positions[row : row + 1], np.asarray([row], np.int32), fresh
+        )
+        np.testing.assert_array_equal(alone[0], together[row])
