@@ -34,6 +34,7 @@ from swarm.config import (
     restart_keys,
     save_config,
 )
+from swarm.supervisor import active_overrides
 
 bp = Blueprint("admin", __name__, url_prefix="/api/admin")
 log = logging.getLogger("control.admin")
@@ -136,7 +137,12 @@ def put_config() -> Response:
 @bp.post("/config/reload")
 def reload_config() -> Response:
     try:
-        config = load_config(current_app.config["DATA_DIR"], os.environ)
+        overrides = (
+            active_overrides(current_app.config["DATA_DIR"])
+            if current_app.config.get("SUPERVISOR_PID")
+            else {}
+        )
+        config = load_config(current_app.config["DATA_DIR"], os.environ, overrides)
     except ConfigError as error:
         raise ApiError(
             400, f"config not reloaded, the running one is kept: {error}", code="invalid_config"

@@ -3,7 +3,8 @@
 Owns the routes behind the setup wizard (this machine's hardware), the models page
 (catalog with layers here and at peers, shards and what is missing, pins, pulls), the
 network map (a snapshot, and the same as a server-sent event stream) and the credits
-page (not active yet: issue 8). Everything comes from the node (through the app's node
+page (not active yet: issue 8), and switching the served model (the supervisor
+restarts the node with it). Everything comes from the node (through the app's node
 client), the DHT process (through `swarm.dht_client`) or the data dir; nothing is
 made up. The API key is required as on every /api route (control.middleware). Must
 not import jax.
@@ -11,6 +12,8 @@ not import jax.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,10 +24,13 @@ from flask import Blueprint, Response, current_app, jsonify
 from control import app as application
 from control import hardware, model_catalog, model_pulls
 from control.errors import ApiError
+from control.middleware import json_body
 from control.node_client import NodeError, NodeUnavailable
 from control.sse import KEEPALIVE_FRAME, event_frame, event_stream
+from swarm.config import ConfigError, apply_updates, save_config
 from swarm.dht_client import DhtClient, DhtError, DhtUnavailable
 from swarm.models import REGISTRY
+from swarm.supervisor import SERVE_REQUEST
 
 bp = Blueprint("dashboard_api", __name__, url_prefix="/api/dashboard")
 
@@ -147,6 +153,47 @@ def pull_status(model_id: str) -> Response:
     if current is None:
         raise ApiError(404, f"no pull of {model_id!r} was started", code="not_found")
     return jsonify(current)
+
+
+@bp.put("/serve")
+def serve() -> tuple[Response, int]:
+    """Serve another model: `{"model": ID}`, a registered or installed one. Saved as
+    node.model (so later starts keep it) and handed to the supervisor, which restarts
+    the node with it; the answer comes before the restart, and /health/ready names the
+    model once it is loaded."""
+    body = json_body()
+    model_id = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model_id, str) or not model_id:
+        raise ApiError(400, 'give the model to serve as {"model": ID}', code="invalid_request")
+    data_dir = current_app.config["DATA_DIR"]
+    if model_id not in REGISTRY and not model_catalog.local_model(model_id, data_dir)["installed"]:
+        known = ", ".join(sorted(REGISTRY))
+        raise ApiError(
+            400,
+            f"unknown model {model_id!r}: pick a registered ({known}) or installed one",
+            code="unknown_model",
+        )
+    supervisor = current_app.config.get("SUPERVISOR_PID")
+    if not supervisor:
+        raise ApiError(
+            409,
+            "this control plane was not started by `swarm run`: restart the node with the model",
+            code="no_supervisor",
+        )
+    try:
+        config = apply_updates(application.settings(), {"node": {"model": model_id}})
+    except ConfigError as error:
+        raise ApiError(400, str(error), code="invalid_config") from None
+    save_config(data_dir, config)
+    request_file = data_dir / SERVE_REQUEST
+    request_file.parent.mkdir(parents=True, exist_ok=True)
+    request_file.write_text(model_id + "\n", encoding="utf-8")
+    try:
+        os.kill(int(supervisor), signal.SIGUSR1)
+    except (OSError, ValueError) as error:
+        request_file.unlink(missing_ok=True)
+        raise ApiError(503, f"could not reach the supervisor: {error}", code="no_supervisor") from None
+    return jsonify({"model": model_id, "switching": True}), 202
 
 
 def network_snapshot() -> dict[str, Any]:

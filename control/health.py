@@ -1,4 +1,5 @@
-"""Health probes and the Prometheus scrape: `/health`, `/health/ready`, `/metrics`.
+"""Health probes and the Prometheus scrape: `/health`, `/health/ready`, `/health/state`,
+`/metrics`.
 
 `/health` says only that this worker answers: it never touches the node, so it stays
 instant while generations stream. `/health/ready` asks the node, with a short timeout
@@ -41,8 +42,7 @@ def health() -> Response:
     return jsonify({"status": "ok"})
 
 
-@bp.get("/health/ready")
-def ready() -> Response | tuple[Response, int, dict[str, str]]:
+def _readiness() -> tuple[dict[str, Any], bool]:
     try:
         answer: dict[str, Any] | None = _probe(READY_TIMEOUT_S)
     except (NodeUnavailable, NodeError):
@@ -53,9 +53,23 @@ def ready() -> Response | tuple[Response, int, dict[str, str]]:
         "subsystems": {"control": True, "node": answer is not None, "model": model_ready},
         "node": answer,
     }
+    return body, model_ready
+
+
+@bp.get("/health/ready")
+def ready() -> Response | tuple[Response, int, dict[str, str]]:
+    body, model_ready = _readiness()
     if model_ready:
         return jsonify(body)
     return jsonify(body), 503, {"Retry-After": str(RETRY_AFTER_S)}
+
+
+@bp.get("/health/state")
+def state() -> Response:
+    """What /health/ready says, always with 200: for pages that poll while a model
+    loads (a browser logs every 503 as an error)."""
+    body, _ = _readiness()
+    return jsonify(body)
 
 
 @bp.get("/metrics")

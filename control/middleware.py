@@ -44,7 +44,9 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 _CLIENT_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 # Routes anyone may call: health probes, Claude Code's warm-up probe, the dashboard's pages.
-_PUBLIC_PATHS = frozenset({"/health", "/health/ready", "/api/hello", "/", "/admin", "/chat", "/setup"})
+_PUBLIC_PATHS = frozenset(
+    {"/health", "/health/ready", "/health/state", "/api/hello", "/", "/admin", "/chat", "/setup"}
+)
 _PUBLIC_PREFIXES = ("/admin/", "/chat/", "/static/")
 _API_KEY_PATH = "/api/admin/api-key"
 # Paths whose responses are JSON or SSE; everything else may be an HTML page and gets a CSP.

@@ -332,6 +332,7 @@ class NodeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         stats = self.scheduler.stats
         return {
             "state": self.backend.state,
+            "model": getattr(self.backend, "model_id", None),
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
             "queue": {"active": stats.active, "waiting": stats.waiting},

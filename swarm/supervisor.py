@@ -8,7 +8,10 @@ Each child's output goes to `<data dir>/logs/<name>.log` and, prefixed, to the
 console. A child that dies is restarted with exponential backoff (reset after a
 minute of good health); SIGINT/SIGTERM stop everything cleanly; SIGHUP re-reads
 the config and passes the signal on (the node updates its limits, gunicorn
-restarts its workers, which re-read the config).
+restarts its workers, which re-read the config); SIGUSR1 switches the served model
+to the one named in `<data dir>/run/serve-model` (the dashboard's wizard writes it):
+the node restarts with it at once, and the control plane's workers reload and read it
+from `<data dir>/run/active-model`.
 
 Imports no jax.
 """
@@ -33,12 +36,17 @@ from pathlib import Path
 from typing import IO
 
 from swarm.config import Config, ConfigError, ensure_api_key, load_config
+from swarm.files import atomic_write_text
 from swarm.node_protocol import SOCKET_NAME
 
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 HEALTHY_AFTER_S = 60.0
 STOP_TIMEOUT_S = 10.0
+SERVE_REQUEST = Path("run") / "serve-model"
+# The model the node serves now, for the control plane's workers: their environment
+# is fixed when gunicorn starts, a switch is not.
+ACTIVE_MODEL = Path("run") / "active-model"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # The node's compute yields the CPU to the control plane: /health and the first bytes of
 # every response stay prompt while all cores decode.
@@ -56,6 +64,7 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
     backoff_s: float = BACKOFF_FIRST_S
+    restart_now: bool = False  # stopped on purpose: start again without backoff
     pumps: list[threading.Thread] = field(default_factory=list)
 
 
@@ -110,6 +119,7 @@ class Supervisor:
         self.say = say
         self.stopping = threading.Event()
         self.reload_requested = threading.Event()
+        self.serve_requested = threading.Event()
         logs = data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         python = sys.executable
@@ -186,6 +196,11 @@ class Supervisor:
             if now - child.started > HEALTHY_AFTER_S:
                 child.backoff_s = BACKOFF_FIRST_S
             return
+        if process is not None and child.restart_now:
+            child.process, child.restart_now = None, False
+            child.restarts += 1
+            self._start(child)
+            return
         if process is not None:
             code = process.returncode
             child.process = None
@@ -207,6 +222,42 @@ class Supervisor:
         for child in self.children:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGHUP)
+
+    def serve(self) -> None:
+        """Restart the node serving the model named in SERVE_REQUEST (a command-line
+        model included: the request is the user's newer choice)."""
+        request = self.data_dir / SERVE_REQUEST
+        try:
+            model = request.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            self.say(f"swarm: no model to switch to: {error}")
+            return
+        if not model:
+            return
+        overrides = {**self.overrides, "node.model": model}
+        try:
+            config = load_config(self.data_dir, os.environ, overrides)
+        except ConfigError as error:
+            self.say(f"swarm: not switching to {model}: {error}")
+            return
+        self.overrides, self.config = overrides, config
+        request.unlink(missing_ok=True)
+        self.say(f"swarm: switching the node to {model}")
+        self._write_active_model()
+        for child in self.children:
+            if child.process is None or child.process.poll() is not None:
+                continue
+            if child.name == "node":
+                child.restart_now = True
+                child.process.terminate()
+            elif child.name == "control":
+                # New workers read ACTIVE_MODEL; the old ones finish their requests first.
+                child.process.send_signal(signal.SIGHUP)
+
+    def _write_active_model(self) -> None:
+        path = self.data_dir / ACTIVE_MODEL
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, self.config.node.model + "\n")
 
     def stop(self) -> None:
         # Control first (stop taking requests), then the node, then the DHT.
@@ -243,10 +294,11 @@ class Supervisor:
         self.say(f"swarm: logs in {self.data_dir / 'logs'}; Ctrl-C stops")
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         self.metrics_dir.mkdir(parents=True)
+        self._write_active_model()
         (self.data_dir / SOCKET_NAME).unlink(missing_ok=True)
         previous = {
             signum: signal.signal(signum, self._on_signal)
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
         }
         try:
             for child in self.children:
@@ -255,6 +307,9 @@ class Supervisor:
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
                     self.reload()
+                if self.serve_requested.is_set():
+                    self.serve_requested.clear()
+                    self.serve()
                 for child in self.children:
                     self._check(child)
         finally:
@@ -267,6 +322,8 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
             self.reload_requested.set()
+        elif signum == signal.SIGUSR1:
+            self.serve_requested.set()
         else:
             self.stopping.set()
 
@@ -297,3 +354,13 @@ def run(
         return 2
     data_dir.mkdir(parents=True, exist_ok=True)
     return Supervisor(data_dir, config, joins=joins, overrides=overrides).run()
+
+
+def active_overrides(data_dir: Path) -> dict[str, object]:
+    """The settings a switch made after the processes started: {"node.model": ...} while
+    a supervisor runs with ACTIVE_MODEL written, else nothing."""
+    try:
+        model = (data_dir / ACTIVE_MODEL).read_text(encoding="utf-8").strip()
+    except OSError:
+        return {}
+    return {"node.model": model} if model else {}

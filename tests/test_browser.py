@@ -373,3 +373,20 @@ def test_every_page_renders_without_console_errors(browser, nodes, console, labe
             overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, f"{name} is wider than a phone by {overflow} px"
     context.close()
+
+
+# Last in the module: it leaves node0 serving another model.
+def test_wizard_switches_the_served_model(browser, node, console):
+    context, page = _open(browser, console)
+    page.goto(node.base + "/#/setup")
+    page.get_by_role("button", name="Next").click()
+    page.get_by_role("radio", name=re.compile("gemma3-270m")).check()
+    page.get_by_role("button", name="Serve this model").click()
+    expect(page.locator("[data-field=loading]")).to_be_visible()
+    page.get_by_role("button", name="Start chatting").click(timeout=180_000)
+    assert node.get("/health/ready")["node"]["model"] == "gemma3-270m"
+    # The control plane's workers reloaded with it: settings and the model picker agree.
+    assert node.get("/api/admin/config")["config"]["node"]["model"] == "gemma3-270m"
+    expect(page.locator("#chat-model")).to_have_value("gemma3-270m")
+    _screenshot(page, "desktop-chat-after-switch")
+    context.close()

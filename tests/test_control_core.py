@@ -85,6 +85,11 @@ def test_not_ready_while_the_model_loads(control_app):
     assert response.status_code == 503
     assert response.json()["subsystems"] == {"control": True, "node": True, "model": False}
     assert int(response.headers["retry-after"]) >= 1
+    with client_for(control_app) as anonymous:
+        polled = anonymous.get("/health/state")  # the same answer, with 200, for pages
+    assert polled.status_code == 200
+    assert polled.json()["subsystems"] == response.json()["subsystems"]
+    assert polled.json()["node"]["state"] == "loading"
 
 
 def test_not_ready_when_the_node_is_down(control_app, node_server):

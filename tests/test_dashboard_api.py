@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import httpx2
 import psutil
 import pytest
+import yaml
 
 from control import dashboard_api, hardware, model_catalog, model_pulls
+from swarm.supervisor import SERVE_REQUEST
 
 
 def test_hardware_reports_this_machine(http):
@@ -133,3 +136,30 @@ def test_dashboard_routes_need_the_key(control_app, path):
     transport = httpx2.WSGITransport(app=control_app, remote_addr="127.0.0.1")
     with httpx2.Client(transport=transport, base_url="http://127.0.0.1") as client:
         assert client.get(path).status_code == 401
+
+
+def test_serve_saves_the_model_and_asks_the_supervisor(http, control_app, tmp_path):
+    signalled = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: signalled.append(True))
+    control_app.config["SUPERVISOR_PID"] = str(os.getpid())
+    try:
+        answer = http.put("/api/dashboard/serve", json={"model": "gemma3-270m"})
+        assert answer.status_code == 202, answer.text
+        assert answer.json() == {"model": "gemma3-270m", "switching": True}
+        assert signalled == [True]
+        assert (tmp_path / SERVE_REQUEST).read_text().strip() == "gemma3-270m"
+        assert yaml.safe_load((tmp_path / "config.yaml").read_text())["node"]["model"] == "gemma3-270m"
+
+        unknown = http.put("/api/dashboard/serve", json={"model": "no-such-model"})
+        assert unknown.status_code == 400 and "no-such-model" in unknown.json()["error"]["message"]
+        assert http.put("/api/dashboard/serve", json={}).status_code == 400
+        assert signalled == [True]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_serve_without_a_supervisor_says_so(http, control_app, tmp_path):
+    control_app.config["SUPERVISOR_PID"] = ""
+    answer = http.put("/api/dashboard/serve", json={"model": "smollm2-135m"})
+    assert answer.status_code == 409 and "swarm run" in answer.json()["error"]["message"]
+    assert not (tmp_path / SERVE_REQUEST).exists()

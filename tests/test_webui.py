@@ -60,7 +60,7 @@ def test_every_api_path_the_pages_call_exists(control_app):
     source = "\n".join(script.read_text() for script in SCRIPTS)
     literal = set(re.findall(r'(?:api|events|fetch)\("(/[^"?]+)"', source))
     templated = set(re.findall(r"(?:api|events)\(`(/[^`]+)`", source))
-    assert {"/health/ready", "/api/admin/api-key", "/v1/models", "/v1/chat/completions"} <= literal
+    assert {"/health/state", "/api/admin/api-key", "/v1/models", "/v1/chat/completions"} <= literal
     assert {"/api/dashboard/models", "/api/dashboard/network/stream", "/api/admin/config"} <= literal
     routes = [rule.rule for rule in control_app.url_map.iter_rules()]
     for path in literal:

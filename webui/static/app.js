@@ -42,9 +42,9 @@ async function refreshState() {
   const badge = $("node-state");
   let label = "down";
   try {
-    const reply = await fetch("/health/ready");
+    const reply = await fetch("/health/state");
     const body = await reply.json();
-    label = reply.ok ? "ready" : body.subsystems && body.subsystems.node ? (body.node && body.node.state) || "loading" : "down";
+    label = body.status === "ready" ? "ready" : body.subsystems && body.subsystems.node ? (body.node && body.node.state) || "loading" : "down";
   } catch (error) {
     label = "down";
   }

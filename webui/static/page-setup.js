@@ -1,6 +1,6 @@
 // The first-run wizard: this machine's hardware, a model (downloaded if need be), the
 // node loading it, then chat. Every figure comes from /api/dashboard/hardware,
-// /api/dashboard/models and /health/ready.
+// /api/dashboard/models and /health/state.
 import { api, ApiError } from "./api.js";
 import { clear, formatBytes, formatNumber, formatSeconds, h, notice } from "./dom.js";
 import { t } from "./i18n.js";
@@ -119,7 +119,7 @@ export function render(view) {
     } else if (!model.installed && model.registered) {
       actions.append(h("button", { type: "button", class: "primary", onclick: () => pull(model) }, t("setup.model.download")));
     } else if (model.installed) {
-      actions.append(h("button", { type: "button", class: "primary", onclick: () => serveNext(model) }, t("setup.model.serve_next")));
+      actions.append(h("button", { type: "button", class: "primary", onclick: () => serve(model) }, t("setup.model.serve")));
     }
     if (model.pull && model.pull.state === "running") watchPull(model.id);
   }
@@ -155,14 +155,16 @@ export function render(view) {
     else if (current.state === "done") loadModels();
   }
 
-  async function serveNext(model) {
+  async function serve(model) {
     try {
-      const answer = await api("/api/admin/config", { method: "PUT", body: { node: { model: model.id } } });
-      const restart = answer.restart_needed.includes("node.model");
-      clear(status).append(notice(restart ? t("setup.model.saved_restart", { model: model.id }) : t("setup.model.saved", { model: model.id }), "info"));
+      await api("/api/dashboard/serve", { method: "PUT", body: { model: model.id } });
     } catch (error) {
       clear(status).append(notice(error.message));
+      return;
     }
+    state.switchingTo = model.id;
+    state.began = Date.now();
+    show(2);
   }
 
   async function loadModels() {
@@ -201,12 +203,18 @@ export function render(view) {
     const line = body.querySelector("[data-field=loading]");
     let ready = false;
     try {
-      const reply = await fetch("/health/ready");
+      const reply = await fetch("/health/state");
       const answer = await reply.json();
       const node = answer.node || {};
-      ready = reply.ok;
+      // After a switch the old model answers until the node restarts: wait for the new one.
+      ready = answer.status === "ready" && (!state.switchingTo || node.model === state.switchingTo);
       const elapsed = formatSeconds((Date.now() - state.began) / 1000);
-      line.textContent = answer.subsystems.node ? t(`setup.loading.${node.state}`, { elapsed }) : t("setup.loading.down", { elapsed });
+      const switching = state.switchingTo && node.model !== state.switchingTo;
+      line.textContent = switching
+        ? t("setup.loading.switching", { model: state.switchingTo, elapsed })
+        : answer.subsystems.node
+          ? t(`setup.loading.${node.state}`, { elapsed })
+          : t("setup.loading.down", { elapsed });
       if (node.state === "failed") {
         body.querySelector("progress")?.remove();
         return;
@@ -221,7 +229,9 @@ export function render(view) {
 
   async function readyStep() {
     body.append(h("h2", {}, t("setup.ready.title")));
-    const served = state.models.find((model) => model.served) || {};
+    const served = state.switchingTo
+      ? state.models.find((model) => model.id === state.switchingTo) || { id: state.switchingTo }
+      : state.models.find((model) => model.served) || {};
     body.append(
       h("p", {}, t("setup.ready.lead", { model: served.id || "–" })),
       served.context_length ? h("p", { class: "hint" }, t("setup.ready.context", { tokens: formatNumber(served.context_length) })) : null,
