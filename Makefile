@@ -17,6 +17,8 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	$(MAKE) system-deps
 	$(PYTHON) -m venv $(VENV)
+	# pip 24.1+ reports download progress as numbers, which the dashboard shows.
+	$(PY) -m pip install --quiet --upgrade 'pip>=24.1'
 	$(PY) -m pip install --quiet -e .
 	$(PY) -m kernels.cpu.build || echo "note: CPU qmatmul kernel not built; packed weights use the reference path"
 	$(SWARM) pull smollm2-135m

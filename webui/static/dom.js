@@ -77,3 +77,20 @@ export function layerRange(layers) {
 export function notice(text, kind = "error") {
   return h("p", { class: `notice ${kind}`, role: kind === "error" ? "alert" : "status" }, text);
 }
+
+// A download's progress bar and its words from a pull status (/api/dashboard/models/ID/pull):
+// determinate once pip has reported byte counts, indeterminate before.
+export function pullProgress(pull, label) {
+  if (!pull || pull.state !== "running") return null;
+  const known = typeof pull.fraction === "number";
+  const bar = h("progress", known ? { value: String(pull.fraction), max: "1", "aria-label": label } : { "aria-label": label });
+  if (!known) return bar;
+  const words = t("pull.progress", {
+    percent: formatNumber(pull.fraction * 100),
+    part: formatNumber(pull.part),
+    parts: formatNumber(pull.parts),
+    bytes: formatBytes(pull.part_bytes),
+    total: formatBytes(pull.part_total),
+  });
+  return h("span", { class: "pull-progress", "data-field": "pull-progress" }, bar, " ", words);
+}

@@ -1,7 +1,7 @@
 // Models: per model, the layers and shards held here and by peers, what is missing here
 // and its size, pin and unpin, download. Everything from /api/dashboard/models.
 import { api } from "./api.js";
-import { clear, formatBytes, formatNumber, h, layerRange, notice, shortId } from "./dom.js";
+import { clear, formatBytes, formatNumber, h, layerRange, notice, pullProgress, shortId } from "./dom.js";
 import { t } from "./i18n.js";
 
 const REFRESH_MS = 5000;
@@ -136,7 +136,17 @@ export function render(view) {
       holders(model),
       shards(model),
       h("p", { class: "missing", "data-field": "download" }, missing),
-      model.pull ? h("p", { class: "hint", "data-field": "pull" }, t(`setup.pull.${model.pull.state}`, { model: model.id }), " ", h("code", {}, model.pull.message || "")) : null,
+      model.pull
+        ? h(
+            "p",
+            { class: "hint", "data-field": "pull" },
+            t(`setup.pull.${model.pull.state}`, { model: model.id }),
+            " ",
+            pullProgress(model.pull, t("setup.pull.running", { model: model.id })),
+            " ",
+            h("code", {}, model.pull.message || ""),
+          )
+        : null,
       h("div", { class: "actions" }, ...buttons),
     );
   }

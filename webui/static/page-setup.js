@@ -2,7 +2,7 @@
 // node loading it, then chat. Every figure comes from /api/dashboard/hardware,
 // /api/dashboard/models and /health/state.
 import { api, ApiError } from "./api.js";
-import { clear, formatBytes, formatNumber, formatSeconds, h, notice } from "./dom.js";
+import { clear, formatBytes, formatNumber, formatSeconds, h, notice, pullProgress } from "./dom.js";
 import { t } from "./i18n.js";
 
 export const SETUP_DONE = "swarm-setup-done";
@@ -148,7 +148,7 @@ export function render(view) {
     if (state.stopped || state.step !== 1) return;
     clear(status).append(
       h("p", { class: "hint" }, t(`setup.pull.${current.state}`, { model: id })),
-      current.state === "running" ? h("progress", { "aria-label": t("setup.pull.running", { model: id }) }) : null,
+      pullProgress(current, t("setup.pull.running", { model: id })),
       h("pre", { class: "log" }, current.message || ""),
     );
     if (current.state === "running") state.timer = setTimeout(() => watchPull(id), POLL_MS);

@@ -66,6 +66,7 @@ export default {
   "setup.model.download": "Download",
   "setup.model.serve": "Serve this model",
   "setup.pull.running": "Downloading {model}…",
+  "pull.progress": "{percent}% (file {part} of {parts}: {bytes} of {total})",
   "setup.pull.done": "{model} is downloaded.",
   "setup.pull.failed": "Downloading {model} failed.",
   "setup.pull.interrupted": "Downloading {model} was interrupted; start it again.",
