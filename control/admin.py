@@ -121,15 +121,22 @@ def get_config() -> Response:
     )
 
 
-@bp.put("/config")
-def put_config() -> Response:
-    updates = json_body()
+def save_updates(updates: Any) -> Config:
+    """The running config with `updates` applied, validated (400 naming the key if not),
+    saved to config.yaml and served by this worker from now on."""
     try:
         config = apply_updates(application.settings(), updates)
     except ConfigError as error:
         raise ApiError(400, str(error), code="invalid_config") from None
     save_config(current_app.config["DATA_DIR"], config)
     _install(config)
+    return config
+
+
+@bp.put("/config")
+def put_config() -> Response:
+    updates = json_body()
+    config = save_updates(updates)
     log.info("config updated: %s", sorted(updates))
     return jsonify({"config": config.to_dict(), "restart_needed": _restart_needed(config)})
 
@@ -148,7 +155,7 @@ def reload_config() -> Response:
             400, f"config not reloaded, the running one is kept: {error}", code="invalid_config"
         ) from None
     _install(config)
-    signalled = _signal_supervisor()
+    signalled = signal_supervisor()
     return jsonify(
         {
             "reloaded": True,
@@ -159,13 +166,14 @@ def reload_config() -> Response:
     )
 
 
-def _signal_supervisor() -> bool:
-    """SIGHUP the supervisor that started us (if any): it reloads the node and the workers."""
+def signal_supervisor(signum: int = signal.SIGHUP) -> bool:
+    """Signal the supervisor that started us, if any (SIGHUP: it reloads the node and the
+    workers; SIGUSR1: it switches the served model); False when there is none to reach."""
     pid = current_app.config.get("SUPERVISOR_PID")
     if not pid:
         return False
     try:
-        os.kill(int(pid), signal.SIGHUP)
+        os.kill(int(pid), signum)
     except (OSError, ValueError) as error:
         log.warning("could not signal the supervisor (pid %s): %s", pid, error)
         return False

@@ -12,7 +12,6 @@ not import jax.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -20,14 +19,14 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 
+from control import admin, hardware, model_catalog, model_pulls
+
 # control.app imports this module: reach its accessors through the module, at call time.
 from control import app as application
-from control import hardware, model_catalog, model_pulls
 from control.errors import ApiError
 from control.middleware import json_body
 from control.node_client import NodeError, NodeUnavailable
 from control.sse import KEEPALIVE_FRAME, event_frame, event_stream
-from swarm.config import ConfigError, apply_updates, save_config
 from swarm.dht_client import DhtClient, DhtError, DhtUnavailable
 from swarm.models import REGISTRY
 from swarm.supervisor import SERVE_REQUEST
@@ -173,26 +172,21 @@ def serve() -> tuple[Response, int]:
             f"unknown model {model_id!r}: pick a registered ({known}) or installed one",
             code="unknown_model",
         )
-    supervisor = current_app.config.get("SUPERVISOR_PID")
-    if not supervisor:
+    if not current_app.config.get("SUPERVISOR_PID"):
         raise ApiError(
             409,
             "this control plane was not started by `swarm run`: restart the node with the model",
             code="no_supervisor",
         )
-    try:
-        config = apply_updates(application.settings(), {"node": {"model": model_id}})
-    except ConfigError as error:
-        raise ApiError(400, str(error), code="invalid_config") from None
-    save_config(data_dir, config)
+    admin.save_updates({"node": {"model": model_id}})
     request_file = data_dir / SERVE_REQUEST
     request_file.parent.mkdir(parents=True, exist_ok=True)
     request_file.write_text(model_id + "\n", encoding="utf-8")
-    try:
-        os.kill(int(supervisor), signal.SIGUSR1)
-    except (OSError, ValueError) as error:
+    if not admin.signal_supervisor(signal.SIGUSR1):
         request_file.unlink(missing_ok=True)
-        raise ApiError(503, f"could not reach the supervisor: {error}", code="no_supervisor") from None
+        raise ApiError(
+            503, "could not reach the supervisor: see the control plane's log", code="no_supervisor"
+        )
     return jsonify({"model": model_id, "switching": True}), 202
 
 

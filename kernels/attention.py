@@ -45,7 +45,7 @@ def _visible(position, key, kv_length, window):
     return (key < kv_length) & (key <= position) & (position - key < window)
 
 
-def _window(sliding_window: int | jax.Array | None) -> jax.Array:
+def window_array(sliding_window: int | jax.Array | None) -> jax.Array:
     """The window as i32[1]: NO_WINDOW when None; a Python int or a traced scalar otherwise."""
     if sliding_window is None:
         return jnp.full((1,), NO_WINDOW, jnp.int32)
@@ -114,7 +114,7 @@ def attention_reference(
     scores = _softcap(scores * scale, logit_softcap)
     positions = jnp.broadcast_to(q_positions[:, :, None], (batch, steps, group)).reshape(batch, 1, -1, 1)
     key = jnp.arange(capacity, dtype=jnp.int32)[None, None, None, :]
-    mask = _visible(positions, key, kv_length[:, None, None, None], _window(sliding_window)[0])
+    mask = _visible(positions, key, kv_length[:, None, None, None], window_array(sliding_window)[0])
     scores = jnp.where(mask, scores, _MASK_VALUE)
     weights = jnp.where(mask, jnp.exp(scores - scores.max(axis=-1, keepdims=True)), 0.0)
     total = weights.sum(axis=-1, keepdims=True)
@@ -271,7 +271,7 @@ def prefill_attention(
         q,
         positions,
         kv_length.astype(jnp.int32),
-        _window(sliding_window),
+        window_array(sliding_window),
         k.astype(jnp.float32),
         v.astype(jnp.float32),
     )
@@ -377,7 +377,7 @@ def decode_attention(
         grouped,
         q_positions[:, 0].astype(jnp.int32),
         kv_length.astype(jnp.int32),
-        _window(sliding_window),
+        window_array(sliding_window),
         k.astype(jnp.float32),
         v.astype(jnp.float32),
     )

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import cpu
-from kernels.attention import NO_WINDOW, attention_reference
 from kernels.attention import attention as pallas_attention
+from kernels.attention import attention_reference, window_array
 from kernels.matmul import dequant_matmul
 from kernels.qtensor import QuantTensor
 
@@ -58,13 +58,19 @@ def _resolve(impl: str) -> str:
     return impl
 
 
-def _use_cpu_kernel(impl: str, w: QuantTensor) -> bool:
-    """Whether `impl` sends this packed weight to the `kernels.cpu` custom call."""
+def _use_cpu_kernels(impl: str) -> bool:
+    """Whether `impl` runs on the `kernels.cpu` custom calls: "cpu" (raising if they
+    could not be built), or "auto" on the CPU backend where they could."""
     if impl == "cpu":
         if not cpu.available():
             raise RuntimeError(cpu.unavailable_reason())
-        return cpu.supports(w.qtype)
-    return impl == "auto" and jax.default_backend() == "cpu" and cpu.supports(w.qtype) and cpu.available()
+        return True
+    return impl == "auto" and jax.default_backend() == "cpu" and cpu.available()
+
+
+def _use_cpu_kernel(impl: str, w: QuantTensor) -> bool:
+    """Whether `impl` sends this packed weight to the `kernels.cpu` custom call."""
+    return _use_cpu_kernels(impl) and cpu.supports(w.qtype)
 
 
 def _dot_last(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -158,14 +164,14 @@ def cache_attention(
     if impl == "auto":
         impl = _chosen.get() or "auto"
     batch, steps = q.shape[:2]
-    if steps == 1 and _use_cpu_attention(impl):
+    if steps == 1 and _use_cpu_kernels(impl):
         out = cpu.decode_attention(
             q[:, 0],
             keys,
             values,
             layer,
             first_row,
-            _window(sliding_window),
+            window_array(sliding_window)[0],
             q_positions[:, 0],
             kv_length,
             scale=scale,
@@ -188,19 +194,6 @@ def cache_attention(
         logit_softcap=logit_softcap,
         impl=impl,
     )
-
-
-def _use_cpu_attention(impl: str) -> bool:
-    """Whether `impl` sends a decode step's attention to the `kernels.cpu` custom call."""
-    if impl == "cpu":
-        if not cpu.available():
-            raise RuntimeError(cpu.unavailable_reason())
-        return True
-    return impl == "auto" and jax.default_backend() == "cpu" and cpu.available()
-
-
-def _window(sliding_window: int | jax.Array | None) -> jax.Array:
-    return jnp.asarray(NO_WINDOW if sliding_window is None else sliding_window, jnp.int32)
 
 
 def take_rows(table: jax.Array | QuantTensor, ids: jax.Array) -> jax.Array:
