@@ -18,18 +18,13 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx2
 import psutil
 import pytest
 
-from swarm.local_swarm import free_port
+from tests.live_node import CAPITAL_QUESTION, MODEL, LiveNode
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -44,8 +39,8 @@ expect = sync_api.expect
 
 pytestmark = [pytest.mark.integration, pytest.mark.realmodel]
 
-MODEL = "smollm2-135m"
 NETWORK_ID = "swarm-browser-test"
+BROWSER_ENV = {"SWARM_INFERENCE_MAX_CONCURRENT_REQUESTS": "4"}
 SECOND_NODE_LAYERS = (15, 30)
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
 DESKTOP = {"width": 1280, "height": 800}
@@ -61,85 +56,21 @@ PAGE_READY = {
     "credits": "[data-field=credits-status]",
     "settings": "fieldset",
 }
-CAPITAL_QUESTION = "What is the capital of France? Answer in one sentence."
-
-
-class Supervisor:
-    """One `swarm run` on loopback ports of its own."""
-
-    def __init__(self, data_dir: Path, env: dict[str, str]):
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.dht_port = free_port(socket.SOCK_DGRAM)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = data_dir / "supervisor.log"
-        self.key = ""
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("SWARM_")},
-            "SWARM_INFERENCE_MAX_CONCURRENT_REQUESTS": "4",
-            "SWARM_NETWORK_ENABLE_MDNS": "false",
-            "SWARM_NETWORK_LISTEN_ADDRESS": "127.0.0.1",
-            "SWARM_NETWORK_DHT_PORT": str(self.dht_port),
-            "SWARM_NETWORK_PEER_PORT": str(free_port()),
-            "SWARM_NETWORK_GOSSIP_NETWORK_ID": NETWORK_ID,
-            **env,
-        }
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in ("config.yaml", "pins.json"):
-            (self.data_dir / leftover).unlink(missing_ok=True)
-        command = [sys.executable, "-m", "swarm", "run", MODEL, "--data-dir", str(self.data_dir)]
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [*command, "--port", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=self.env,
-            )
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            with contextlib.suppress(httpx2.HTTPError):
-                if httpx2.get(f"{self.base}/health/ready", timeout=2).status_code == 200:
-                    self.key = (self.data_dir / "api_key").read_text().strip()
-                    return
-            time.sleep(0.5)
-        pytest.fail(f"{self.data_dir.name} not ready in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
-
-    def get(self, path: str) -> dict:
-        reply = httpx2.get(self.base + path, headers={"Authorization": f"Bearer {self.key}"}, timeout=10)
-        reply.raise_for_status()
-        return reply.json()
-
-    @property
-    def peer_id(self) -> str:
-        return json.loads((self.data_dir / "dht.json").read_text())["peer_id"]
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
 def nodes(data_dir, smollm2_path):
     # Persistent data dirs keep the XLA compile cache between runs, as for users.
-    first = Supervisor(data_dir / "browser" / "node0", {})
+    first = LiveNode(data_dir / "browser" / "node0", BROWSER_ENV, NETWORK_ID)
     first.start()
-    second = Supervisor(
+    second = LiveNode(
         data_dir / "browser" / "node1",
         {
+            **BROWSER_ENV,
             "SWARM_NODE_LAYERS": "{}-{}".format(*SECOND_NODE_LAYERS),
             "SWARM_NETWORK_BOOTSTRAP_PEERS": f"127.0.0.1:{first.dht_port}",
         },
+        NETWORK_ID,
     )
     second.start()
     try:

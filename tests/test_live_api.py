@@ -10,16 +10,13 @@ checked at the end).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import anthropic
 import httpx2
@@ -27,86 +24,23 @@ import openai
 import psutil
 import pytest
 
-from swarm.local_swarm import free_port
+from tests.live_node import CAPITAL_QUESTION, MODEL, LiveNode
 
 pytestmark = [pytest.mark.integration, pytest.mark.realmodel]
 
-MODEL = "smollm2-135m"
 WEATHER = {
     "name": "get_weather",
     "description": "Get the current weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }
 
-# Asked bare, SmolLM2's greedy answer turns on activation rounding: llama.cpp and our CPU
-# kernel (both 8-bit) list places, f32 says Paris. Asked for a sentence, all say Paris.
-CAPITAL_QUESTION = "What is the capital of France? Answer in one sentence."
-
-
-class LiveNode:
-    def __init__(self, data_dir: Path, port: int):
-        self.data_dir = data_dir
-        self.port = port
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = data_dir / "supervisor.log"
-        self.process: subprocess.Popen | None = None
-        self.key = ""
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SWARM_")}
-        env["SWARM_INFERENCE_MAX_CONCURRENT_REQUESTS"] = "8"
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "swarm",
-                    "run",
-                    MODEL,
-                    "--data-dir",
-                    str(self.data_dir),
-                    "--port",
-                    str(self.port),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-            )
-        self.wait_ready(240)
-        self.key = (self.data_dir / "api_key").read_text().strip()
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx2.get(f"{self.base}/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"node not ready in {timeout_s} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
-
 
 @pytest.fixture(scope="module")
 def live(data_dir, smollm2_path):
     # A persistent data dir keeps the XLA compile cache between test runs, as for users.
-    node = LiveNode(data_dir / "live-node", free_port())
-    node.data_dir.mkdir(parents=True, exist_ok=True)
-    (node.data_dir / "config.yaml").unlink(missing_ok=True)
+    node = LiveNode(data_dir / "live-node", {"SWARM_INFERENCE_MAX_CONCURRENT_REQUESTS": "8"})
     node.start()
+    node.wait_ready(240)
     yield node
     children = psutil.Process(node.process.pid).children(recursive=True)
     code = node.stop()
