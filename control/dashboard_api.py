@@ -3,7 +3,7 @@
 Owns the routes behind the setup wizard (this machine's hardware), the models page
 (catalog with layers here and at peers, shards and what is missing, pins, pulls), the
 network map (a snapshot, and the same as a server-sent event stream) and the credits
-page (not active yet: issue 8), and switching the served model (the supervisor
+page (balance, tier, receipts, leaderboard), and switching the served model (the supervisor
 restarts the node with it). Everything comes from the node (through the app's node
 client), the DHT process (through `swarm.dht_client`) or the data dir; nothing is
 made up. The API key is required as on every /api route (control.middleware). Must
@@ -19,7 +19,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from control import admin, hardware, model_catalog, model_pulls
+from control import admin, credits_api, hardware, model_catalog, model_pulls
 
 # control.app imports this module: reach its accessors through the module, at call time.
 from control import app as application
@@ -242,14 +242,11 @@ def network_stream() -> Response:
 
 @bp.get("/credits")
 def credits() -> Response:
-    # Credits, receipts and tiers arrive with issue 8; until then nothing is counted.
-    return jsonify(
-        {
-            "active": False,
-            "status": "not_yet_active",
-            "message": "Credits and priority tiers are not active yet: nothing is counted or charged.",
-            "balance": None,
-            "tier": None,
-            "tiers": list(TIERS),
-        }
-    )
+    """This node's balance, standing, tier and recent receipts, the known peers' standings
+    (the leaderboard) and the tier rules."""
+    from swarm.credit_desk import leaderboard
+
+    state = credits_api.credits_state(recent=20)
+    ledger, identity, network_id = credits_api.ledger_of_node()
+    board = leaderboard(ledger, identity, network_id, 20)
+    return jsonify({"active": True, **state, "leaderboard": board, "tiers": list(TIERS)})

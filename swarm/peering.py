@@ -27,8 +27,10 @@ import numpy as np
 
 from swarm.batching import SlotBatch
 from swarm.config import Config
+from swarm.credit_desk import CreditDesk
 from swarm.dht_client import DhtClient, DhtError, DhtUnavailable
 from swarm.identity import Identity
+from swarm.ledger import Ledger
 from swarm.pipeline import Embedder, Requester, RouteStage, ping_stage
 from swarm.records import PeerRecord
 from swarm.router import DEFAULT_HOP_COST_MS, NoRouteError, estimate_ms, plan_route
@@ -80,6 +82,8 @@ class Peering:
             engine.config, engine.weights, engine.first, engine.last, engine.settings
         )
         network = config.network
+        # Pays the stages this node's requests use, and is paid by those it serves.
+        self.credits = CreditDesk(Ledger(data_dir, identity.peer_id), identity, network.gossip_network_id)
         self.stage = StageServer(
             self.stage_engine,
             identity,
@@ -89,10 +93,12 @@ class Peering:
                 host=network.listen_address,
                 port=network.peer_port,
                 hop_timeout=network.stage_timeout_s,
+                max_sessions=config.inference.max_concurrent_requests,
             ),
             embed=self.embedder if whole else None,
             batch=_stage_batch(self.stage_engine, config),
             prefix_cache=prefix_cache if whole and config.network.prefix_sharing else None,
+            credits=self.credits,
         )
         self.tokenizer = opened.tokenizer
         self.throughput = 0.0
@@ -271,6 +277,7 @@ class Peering:
             timeout=network.stage_timeout_s,
             reroute=self.route,
             failover_timeout=network.failover_timeout_s,
+            credits=self.credits,
         )
 
     def info(self) -> dict[str, Any]:

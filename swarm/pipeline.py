@@ -29,6 +29,7 @@ from kernels import ops
 from kernels.qtensor import QuantTensor
 from kernels.quant_types import GGMLType
 from swarm import wire
+from swarm.credit_desk import CreditDesk
 from swarm.errors import InvalidRequestError, SwarmError
 from swarm.generate import GenerationResult, StopScanner, TokenEvent, collect
 from swarm.gguf_file import GGUFFile
@@ -130,8 +131,11 @@ class Requester:
         compression: str = "f32",
         reroute: Reroute | None = None,
         failover_timeout: float = 120.0,
+        credits: CreditDesk | None = None,
     ) -> None:
         self.identity = identity
+        # Shows the stages our balance before a session and pays them after; None: no credits.
+        self.credits = credits
         self.embedder = embedder
         self.tokenizer = tokenizer
         self.route = self._checked(route)
@@ -297,6 +301,8 @@ class _Link:
         self.channel: SecureChannel | None = None
         self.session_id = ""
         self.first: RouteStage | None = None
+        self.stages: list[RouteStage] = []
+        self.positions = 0  # run by every stage of the route in this session: what it is paid for
 
     @property
     def open(self) -> bool:
@@ -306,7 +312,11 @@ class _Link:
         requester = self.requester
         first = route[0]
         self.first = first
+        self.stages = list(route)
+        self.positions = 0
         self.session_id = uuid.uuid4().hex
+        if requester.credits is not None:
+            requester.credits.introduce(self.stages)
         try:
             self.channel = SecureChannel.connect(
                 _host_port(first.address),
@@ -335,13 +345,16 @@ class _Link:
         requester = self.requester
         hidden = requester.embedder(token_ids)
         self._send(wire.Forward(self.session_id, start, hidden, requester.compression))
-        return self._receive_token(start + len(token_ids))
+        token = self._receive_token(start + len(token_ids))
+        self.positions += len(token_ids)
+        return token
 
     def generate(self, start: int, max_tokens: int, eog: frozenset[int]) -> Iterator[wire.SampledToken]:
         """Has the one whole-model stage decode from position `start` on its own."""
         self._send(wire.Generate(self.session_id, start, max_tokens, tuple(sorted(eog))))
         for position in range(start + 1, start + max_tokens + 1):
             token = self._receive_token(position)
+            self.positions += 1
             yield token
             if token.token_id in eog:
                 return
@@ -378,7 +391,11 @@ class _Link:
             with contextlib.suppress(ChannelError):
                 self.channel.send(wire.encode(wire.Close(self.session_id)), timeout=1.0)
             self.channel.close()
+            credits = self.requester.credits
+            if credits is not None and self.positions:
+                credits.settle(self.session_id, self.stages, self.positions)
         self.channel = None
+        self.positions = 0
 
 
 def ping_stage(

@@ -8,6 +8,11 @@ drew, the requester's key, the channel to the next stage). The protocol, per ses
     upstream -> Forward (hidden states f32[T, d])           one reply: TokenResult or Error
     upstream -> Close                                       no reply
     requester -> Generate (whole-model sessions only)       TokenResult per token, or Error
+    anyone    -> Credits (on a channel of its own)          Credits, or Error
+
+With a credit desk (`swarm.credit_desk`) the stage counts the positions it runs for each
+session, takes the requester's receipts and balance reports, and admits at most
+`max_sessions` sessions at once: the others wait, highest tier first (DESIGN.md §9).
 
 A stage that is not last opens the session on the next hop and forwards its hidden states
 there, then relays the reply upstream byte for byte, so the token sealed to the requester
@@ -28,14 +33,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from swarm import wire
 from swarm.batching import SlotBatch
+from swarm.credit_desk import CreditDesk, TierGate, connection_state
+from swarm.credits import CreditError
 from swarm.engine import Engine
 from swarm.errors import SwarmError
-from swarm.identity import Identity
+from swarm.identity import Identity, peer_id_of
 from swarm.prefix_cache import PrefixCache
 from swarm.prefix_share import answer_query
 from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
@@ -45,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 NEXT_HOP_FAILED = "next_hop_failed"
 LAYER_MISMATCH = "layer_mismatch"
+CREDIT_REFUSED = "credit_refused"
 _POLL_SECONDS = 0.5  # how often idle loops look at the stop flag and expiry clock
 
 
@@ -71,6 +80,7 @@ class StageConfig:
     handshake_timeout: float = 10.0
     hop_timeout: float = 60.0  # waiting for the next stage's reply to one Forward
     session_timeout: float = 300.0  # an idle session is dropped after this long
+    max_sessions: int = 0  # sessions open at once; more wait by tier (0: no limit)
 
 
 @dataclass
@@ -90,6 +100,7 @@ class _Session:
     batch: SlotBatch | None = None  # with `slot`: the shared cache row its keys live in
     slot: int | None = None
     closed: bool = False
+    gate: TierGate | None = None  # the admission this session holds, given back on close
 
     def close(self) -> None:
         if self.downstream is not None:
@@ -101,6 +112,9 @@ class _Session:
         if self.batch is not None and self.slot is not None:
             self.batch.release(self.slot)
             self.slot = None
+        if self.gate is not None:
+            self.gate.leave()
+            self.gate = None
 
 
 class _Refusal(SwarmError):
@@ -123,8 +137,12 @@ class StageServer:
         embed: Callable[[Sequence[int]], np.ndarray] | None = None,
         batch: SlotBatch | None = None,
         prefix_cache: PrefixCache | None = None,
+        credits: CreditDesk | None = None,
     ) -> None:
         self.engine = engine
+        # Counts work per session, takes receipts and reports; None: no credits here.
+        self.credits = credits
+        self.gate = TierGate(config.max_sessions)
         # Answers peers' PrefixQuery from this cache (network.prefix_sharing); None: refuses.
         self.prefix_cache = prefix_cache
         # A shared cache over `engine` whose sessions' single-token steps run together
@@ -205,14 +223,15 @@ class StageServer:
     def serve_forever(self) -> None:
         self._stopping.wait()
 
-    def stats(self) -> dict[str, int]:
-        """Sessions open now, sessions opened and forwards run since start."""
+    def stats(self) -> dict[str, Any]:
+        """Sessions open now, sessions opened and forwards run since start, admissions by tier."""
         with self._sessions_lock:
             return {
                 "sessions": len(self._sessions),
                 "sessions_opened": self._opened_total,
                 "forwards": self._forwards_total,
                 "generations": self._generations_total,
+                "admission": self.gate.stats(),
             }
 
     def observe(self, message: wire.Message) -> None:
@@ -235,6 +254,10 @@ class StageServer:
 
     def _serve_connection(self, sock: socket.socket) -> None:
         try:
+            host = str(sock.getpeername()[0])
+        except OSError:
+            host = ""
+        try:
             channel = SecureChannel.accept(
                 sock, self.identity, self.config.network_id, timeout=self.config.handshake_timeout
             )
@@ -247,6 +270,7 @@ class StageServer:
                 return
             self._channels.add(channel)
         opened: set[str] = set()
+        credit_state = connection_state(host)
         try:
             while not self._stopping.is_set():
                 try:
@@ -257,7 +281,7 @@ class StageServer:
                     continue
                 except ChannelError:
                     return
-                reply = self._answer(data, opened)
+                reply = self._answer(data, opened, credit_state)
                 if isinstance(reply, bytes):
                     channel.send(reply)
                 elif reply is not None:  # a Generate: one message per token
@@ -272,7 +296,9 @@ class StageServer:
             for session_id in opened:
                 self._drop(session_id)
 
-    def _answer(self, data: bytes, opened: set[str]) -> bytes | Iterator[bytes] | None:
+    def _answer(
+        self, data: bytes, opened: set[str], credit_state: dict[str, Any] | None = None
+    ) -> bytes | Iterator[bytes] | None:
         """The bytes to send back for one received payload, or None."""
         session_id = ""
         try:
@@ -299,6 +325,14 @@ class StageServer:
                 if message.model_id != self.config.model_id:
                     raise _Refusal(wire.NOT_FOUND, f"serves model {self.config.model_id!r}")
                 return answer_query(self.prefix_cache, message)
+            if isinstance(message, wire.Credits):
+                if self.credits is None:
+                    raise _Refusal(CREDIT_REFUSED, "this stage keeps no credit ledger")
+                state = credit_state if credit_state is not None else {}
+                try:
+                    return wire.encode(wire.Credits(self.credits.answer(message.body, state)))
+                except CreditError as error:
+                    raise _Refusal(CREDIT_REFUSED, str(error)) from None
             raise _Refusal(wire.BAD_MESSAGE, f"a stage does not accept {type(message).__name__}")
         except wire.WireError as error:
             reply = wire.error_reply(error, session_id)
@@ -338,6 +372,19 @@ class StageServer:
         with self._sessions_lock:
             if message.session_id in self._sessions:
                 raise _Refusal(wire.BAD_MESSAGE, f"session {message.session_id} is already open")
+        tier = self.credits.tier(peer_id_of(message.requester_public_key)) if self.credits else "silver"
+        if not self.gate.enter(tier, self.config.session_timeout):
+            raise _Refusal(wire.OVERLOADED, f"no session free within {self.config.session_timeout:.0f} s")
+        try:
+            self._start_session(message, params)
+        except BaseException:
+            with self._sessions_lock:
+                admitted = message.session_id in self._sessions
+            if not admitted:
+                self.gate.leave()
+            raise
+
+    def _start_session(self, message: wire.OpenSession, params: SamplingParams) -> None:
         capacity = self.engine.cache_capacity(message.max_context)
         slot = self.batch.acquire(message.max_context) if self.batch is not None else None
         cache = None
@@ -384,6 +431,7 @@ class StageServer:
                 session.close()
                 raise _Refusal(NEXT_HOP_FAILED, f"{_hop_name(hop)} failed: {error}") from error
         with self._sessions_lock:
+            session.gate = self.gate
             self._sessions[message.session_id] = session
             self._opened_total += 1
 
@@ -430,6 +478,10 @@ class StageServer:
                 out, session.cache = self.engine.forward(hidden, session.next_position, cache)
         session.next_position += hidden.shape[0]
         self._forwards_total += 1
+        if self.credits is not None:
+            self.credits.served(
+                session.session_id, session.requester_public_key, self.layer_range, hidden.shape[0]
+            )
         return out
 
     def _forward(self, message: wire.Forward) -> bytes:

@@ -26,6 +26,12 @@ u32 length and the bytes. Tensor payloads are little-endian, as in GGUF and ggml
    10 PrefixBlock  u16 remaining | 16-byte key | u8 dtype (0 f16, 1 f32) | u32 layers
                    | u32 tokens | u32 kv_heads | u32 key_dim | u32 value_dim | 32-byte digest
                    | bytes32 keys | bytes32 values
+   11 Credits      u32 n | a JSON object (n bytes, at most 1 MiB)
+
+A Credits message carries the credit exchanges of `swarm.credit_desk`, on a channel of
+their own: a signed receipt for a finished session, a balance report, the challenge a
+stage answers a report with, the proof that answers the challenge, and the stage's
+acknowledgement (with its own report). Their fields are checked by `swarm.credits`.
 
 A PrefixQuery asks a peer that shares its prompt-prefix cache (`network.prefix_sharing`)
 for the KV of the blocks named by their chained keys (`swarm.prefix_cache`). It answers
@@ -83,6 +89,7 @@ MAX_TOP_LOGPROBS = 64
 MAX_ROUTE_HOPS = 64
 MAX_EOG_IDS = 256
 MAX_PREFIX_KEYS = 1024
+MAX_CREDITS_JSON_BYTES = 1024 * 1024
 PREFIX_KEY_BYTES = 16
 PREFIX_DIGEST_BYTES = 32
 KV_DTYPES = ("f16", "f32")
@@ -308,6 +315,17 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class Credits:
+    """A credit exchange (see the module docstring): `body` is a JSON object with a "kind"."""
+
+    body: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.body, dict) or not isinstance(self.body.get("kind"), str):
+            raise WireError("a credits message is a JSON object with a kind")
+
+
+@dataclass(frozen=True)
 class PrefixQuery:
     """Asks a peer for the KV of prefix blocks (see the module docstring)."""
 
@@ -393,7 +411,17 @@ class Pong(_Heartbeat):
 
 
 Message = (
-    OpenSession | Forward | TokenResult | Close | Error | Ping | Pong | Generate | PrefixQuery | PrefixBlock
+    OpenSession
+    | Forward
+    | TokenResult
+    | Close
+    | Error
+    | Ping
+    | Pong
+    | Generate
+    | PrefixQuery
+    | PrefixBlock
+    | Credits
 )
 
 
@@ -499,6 +527,14 @@ def encode(message: Message) -> bytes:
         writer.str8(message.session_id)
         writer.pack("IIH", message.start_position, message.max_tokens, len(message.eog_ids))
         writer.pack(f"{len(message.eog_ids)}I", *message.eog_ids)
+    elif kind is Credits:
+        try:
+            body = json.dumps(message.body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+        except (TypeError, ValueError) as error:
+            raise WireError(f"credits message is not JSON: {error}") from None
+        if len(body) > MAX_CREDITS_JSON_BYTES:
+            raise WireError(f"credits message of {len(body)} bytes exceeds {MAX_CREDITS_JSON_BYTES}")
+        writer.bytes32(body)
     elif kind is PrefixQuery:
         writer.str8(message.model_id)
         writer.pack("H", len(message.keys))
@@ -681,6 +717,15 @@ def _decode_prefix_block(reader: _Reader) -> PrefixBlock:
     return PrefixBlock(remaining, key, tensors[0], tensors[1], digest)
 
 
+def _decode_credits(reader: _Reader) -> Credits:
+    payload = reader.bytes32("credits body", MAX_CREDITS_JSON_BYTES)
+    try:
+        body = json.loads(payload)
+    except ValueError as error:
+        raise WireError(f"credits message is not JSON: {error}") from None
+    return Credits(body)
+
+
 _DECODERS = {
     1: (OpenSession, _decode_open_session),
     2: (Forward, _decode_forward),
@@ -692,6 +737,7 @@ _DECODERS = {
     8: (Generate, _decode_generate),
     9: (PrefixQuery, _decode_prefix_query),
     10: (PrefixBlock, _decode_prefix_block),
+    11: (Credits, _decode_credits),
 }
 _TYPE_IDS = {kind: type_id for type_id, (kind, _) in _DECODERS.items()}
 

@@ -142,7 +142,7 @@ def test_page_has_a_csp_and_runs_under_it(browser, node, console):
     assert "default-src 'self'" in reply.headers["content-security-policy"]
     # The modules ran (the page rendered from the API), and nothing was refused: a CSP
     # violation is a console error, which the console fixture fails on.
-    expect(page.locator("[data-field=credits-status]")).to_have_text("Not yet active")
+    expect(page.locator("[data-field=credits-status]")).to_have_text("Bronze")
     context.close()
 
 

@@ -125,11 +125,45 @@ def test_network_stream_sends_a_snapshot_at_once(http, monkeypatch):
     assert frames[1].startswith("event: end")
 
 
-def test_credits_are_not_active_yet(http):
+def test_credits_show_the_ledger_the_leaderboard_and_the_tiers(http, control_app):
+    from swarm.credits import Receipt
+    from swarm.identity import Identity
+    from swarm.ledger import Ledger
+
+    data_dir = control_app.config["DATA_DIR"]
     answer = http.get("/api/dashboard/credits").json()
-    assert answer["active"] is False and answer["status"] == "not_yet_active"
-    assert answer["balance"] is None and answer["tier"] is None
+    assert answer["active"] is True
+    assert (answer["balance"], answer["earned"], answer["spent"], answer["tier"]) == (0, 0, 0, "bronze")
+    assert answer["recent"] == [] and [row["peer_id"] for row in answer["leaderboard"]] == [answer["peer_id"]]
     assert [tier["id"] for tier in answer["tiers"]] == ["platinum", "gold", "silver", "bronze"]
+
+    me = Identity.load_or_create(data_dir)
+    assert me.peer_id == answer["peer_id"]
+    network = control_app.config["SWARM"].network.gossip_network_id
+    ledger = Ledger(data_dir, me.peer_id)
+    peer = Identity.generate()
+    for signer, stage, request_id, layers, tokens in (
+        (peer, me, "served", (0, 15), 8),
+        (me, peer, "used", (15, 30), 2),
+    ):
+        receipt = Receipt.create(
+            signer,
+            request_id=request_id,
+            network_id=network,
+            stage_key=stage.public_key,
+            layers=layers,
+            tokens=tokens,
+        )
+        ledger.add(receipt)
+    answer = http.get("/api/admin/credits").json()
+    assert (answer["earned"], answer["spent"], answer["balance"]) == (120, 30, 90)
+    assert answer["receipts"] == {"earned": 1, "spent": 1}
+    assert [r["direction"] for r in answer["recent"]] == ["spent", "earned"]
+    # A brand-new payer that never served counts little: 120 x 0.05 x 0.25 < 30 spent.
+    assert answer["standing"] < 0 and answer["tier"] == "bronze"
+    board = http.get("/api/credits/leaderboard").json()["peers"]
+    assert board[0]["self"] is True and board[0]["balance"] == 90
+    assert http.get("/api/credits/leaderboard?limit=0").status_code == 400
 
 
 @pytest.mark.parametrize(

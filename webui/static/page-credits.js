@@ -1,8 +1,71 @@
-// Credits and tier: what /api/dashboard/credits says. Until credits are active (issue 8)
-// it says so, and shows no balance: nothing here is made up.
+// Credits and tier: what /api/dashboard/credits says. The balance is what peers signed
+// receipts for minus what this node signed; the standing weights earnings by how much
+// each signer is trusted and sets the tier. The leaderboard is the peers this node has
+// checked. Every number comes from the API.
 import { api } from "./api.js";
-import { formatNumber, h, notice } from "./dom.js";
+import { formatNumber, h, notice, shortId } from "./dom.js";
 import { t } from "./i18n.js";
+
+function stat(label, value, field) {
+  return h("div", { class: "stat" }, h("span", { class: "label" }, label), h("strong", { "data-field": field }, value));
+}
+
+function receiptsTable(receipts) {
+  if (!receipts.length) return h("p", { class: "hint", "data-field": "credits-no-receipts" }, t("credits.no_receipts"));
+  return h(
+    "div",
+    { class: "table-wrap" },
+    h(
+      "table",
+      { "data-field": "credits-receipts" },
+      h("thead", {}, h("tr", {}, ...["direction", "peer", "layers", "tokens", "credits", "when"].map((key) => h("th", {}, t(`credits.col.${key}`))))),
+      h(
+        "tbody",
+        {},
+        ...receipts.map((receipt) =>
+          h(
+            "tr",
+            {},
+            h("td", {}, t(`credits.direction.${receipt.direction}`)),
+            h("td", { title: receipt.direction === "earned" ? receipt.requester : receipt.stage }, shortId(receipt.direction === "earned" ? receipt.requester : receipt.stage)),
+            h("td", {}, `${receipt.layers[0]}–${receipt.layers[1]}`),
+            h("td", {}, formatNumber(receipt.tokens)),
+            h("td", {}, (receipt.direction === "earned" ? "+" : "−") + formatNumber(receipt.credits)),
+            h("td", {}, new Date(receipt.issued * 1000).toLocaleString()),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
+function leaderboardTable(rows) {
+  return h(
+    "div",
+    { class: "table-wrap" },
+    h(
+      "table",
+      { "data-field": "credits-leaderboard" },
+      h("thead", {}, h("tr", {}, ...["rank", "peer", "tier", "standing", "balance", "checked"].map((key) => h("th", {}, t(`credits.col.${key}`))))),
+      h(
+        "tbody",
+        {},
+        ...rows.map((row, index) =>
+          h(
+            "tr",
+            { class: row.self ? "self" : "" },
+            h("td", {}, String(index + 1)),
+            h("td", { title: row.peer_id }, row.self ? t("credits.you") : shortId(row.peer_id)),
+            h("td", {}, h("span", { class: `tier ${row.tier}` }, t(`credits.tier.${row.tier}`))),
+            h("td", {}, formatNumber(row.standing, 1)),
+            h("td", {}, formatNumber(row.balance)),
+            h("td", {}, row.self ? "" : t(row.verified ? "credits.verified" : "credits.unverified")),
+          ),
+        ),
+      ),
+    ),
+  );
+}
 
 export function render(view) {
   let stopped = false;
@@ -20,10 +83,20 @@ export function render(view) {
       );
       body.replaceChildren(
         h("h2", {}, t("credits.status")),
-        answer.active
-          ? h("p", { class: "balance" }, t("credits.balance", { balance: formatNumber(answer.balance) }), " · ", t(`credits.tier.${answer.tier}`))
-          : h("p", { class: "badge inactive", "data-field": "credits-status" }, t("credits.not_active")),
-        h("p", {}, answer.active ? "" : t("credits.explain")),
+        h(
+          "div",
+          { class: "stats" },
+          stat(t("credits.tier"), h("span", { class: `tier ${answer.tier}`, "data-field": "credits-status" }, t(`credits.tier.${answer.tier}`)), "credits-tier"),
+          stat(t("credits.balance_label"), formatNumber(answer.balance), "credits-balance"),
+          stat(t("credits.earned"), formatNumber(answer.earned), "credits-earned"),
+          stat(t("credits.spent"), formatNumber(answer.spent), "credits-spent"),
+          stat(t("credits.standing"), formatNumber(answer.standing, 1), "credits-standing"),
+        ),
+        h("p", { class: "hint" }, t("credits.explain")),
+        h("h2", {}, t("credits.recent")),
+        receiptsTable(answer.recent),
+        h("h2", {}, t("credits.leaderboard")),
+        leaderboardTable(answer.leaderboard),
         h("h2", {}, t("credits.tiers")),
         tiers,
       );
