@@ -160,10 +160,17 @@ class NetworkConfig(_Section):
 class PoolConfig(_Section):
     section = "pool"
     max_pool_size: int = _key(10, "most members of a private pool", low=1)
-    invitation_ttl_hours: int = _key(24, "how long a pool invitation stays valid", low=1)
-    private_mode: bool = _key(False, "serve only pool members")
-    private_mode_allow_lan: bool = _key(True, "in private mode, also serve the local network")
-    offline_mode: bool = _key(False, "join no network at all")
+    invitation_ttl_hours: int = _key(24, "how long a pool invitation stays valid", low=1, high=720)
+    private_mode: bool = _key(
+        False, "route this node's requests only through pool members (it still serves everyone)"
+    )
+    private_mode_allow_lan: bool = _key(
+        True, "in private mode, also route through peers on the local network"
+    )
+    offline_mode: bool = _key(
+        False,
+        "no DHT bootstrap, invite codes, peer cache or peer exchange: only peers found on the LAN (mDNS)",
+    )
 
 
 @dataclass(frozen=True)

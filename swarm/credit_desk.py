@@ -14,6 +14,8 @@ Owns `CreditDesk`, the one object through which a node's pipeline code touches c
 - As a requester: before a session it shows its balance report to every stage of the
   route that has not checked the current one (`introduce`); when a session ends it signs
   one receipt per stage (`settle`), stores it as spent and delivers it in the background.
+- Pools share credit: a requester that shows its pool's signed member list with its
+  report is ranked by the sum of the checked standings of the members this node knows.
 - `TierGate`: a stage's admission of sessions, at most `limit` at once; waiting ones go
   in tier order, then arrival order, and every one is admitted in the end.
 
@@ -32,7 +34,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,9 +75,16 @@ class CreditDesk:
     """See the module docstring. Thread-safe."""
 
     def __init__(
-        self, ledger: Ledger, identity: Identity, network_id: str, policy: TrustPolicy | None = None
+        self,
+        ledger: Ledger,
+        identity: Identity,
+        network_id: str,
+        policy: TrustPolicy | None = None,
+        pool_state: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.ledger = ledger
+        # The signed member list of this node's pool (shown with its report), or None.
+        self.pool_state = pool_state or (lambda: None)
         self.identity = identity
         self.network_id = network_id
         self.policy = policy or TrustPolicy()
@@ -108,6 +117,8 @@ class CreditDesk:
         if kind == "report":
             report = BalanceReport.from_dict(request.get("report"))
             self._check_report_header(report, connection)
+            if request.get("pool") is not None:
+                self._note_pool(report.peer_id, request["pool"])
             if report.earned == 0:
                 self._record(report, [])
                 return self._ack()
@@ -165,6 +176,19 @@ class CreditDesk:
                 f" {held_credits} worth of its receipts"
             )
         self.ledger.see(report.peer_id, subnet=connection.get("subnet"), served=report.earned > 0)
+
+    def _note_pool(self, peer_id: str, raw: Any) -> None:
+        from swarm.pool import PoolError, PoolState
+
+        try:
+            state = PoolState.from_dict(raw)
+            state.verify()
+        except PoolError as error:
+            raise CreditError(f"the pool shown with the report does not verify: {error}") from None
+        if peer_id not in state.member_ids():
+            raise CreditError("the pool shown with the report does not list its reporter")
+        self.ledger.record_pool(peer_id, state.pool_id, state.version, state.member_ids())
+        self._population_cache = None
 
     def _record(self, report: BalanceReport, sampled: Sequence[Receipt]) -> None:
         weight = 1.0
@@ -232,7 +256,22 @@ class CreditDesk:
         standing = self.ledger.standing_of(peer_id)
         if standing is None or not standing.verified:
             return "bronze"
-        return tier_of(standing.standing, known)
+        return tier_of(self._pooled(peer_id, standing.standing, own), known)
+
+    def _pooled(self, peer_id: str, standing: float, own: float) -> float:
+        """A requester's standing with its pool's: the sum over the members checked here."""
+        pool = self.ledger.pool_of(peer_id)
+        if pool is None:
+            return standing
+        total = 0.0
+        for member in pool[1]:
+            if member == self.identity.peer_id:
+                total += own
+                continue
+            known = self.ledger.standing_of(member)
+            if known is not None and known.verified:
+                total += known.standing
+        return total
 
     # --- the requester's side -----------------------------------------------------------
 
@@ -247,7 +286,12 @@ class CreditDesk:
                 report = self.ledger.report(self.identity, self.network_id)
             with self._lock:
                 known = self._introduced.get(stage.public_key)
-            fingerprint = report.earned_root + report.spent.to_bytes(8, "big")
+            pool = self.pool_state()
+            fingerprint = (
+                report.earned_root
+                + report.spent.to_bytes(8, "big")
+                + str((pool or {}).get("version")).encode()
+            )
             if known and known[0] == fingerprint and time.time() - known[1] < INTRODUCE_AGAIN_S:
                 continue
             try:
@@ -260,7 +304,11 @@ class CreditDesk:
 
     def _show_report(self, stage: Any, report: BalanceReport) -> None:
         with self._channel(stage.address, stage.public_key) as channel:
-            reply = self._exchange(channel, {"kind": "report", "report": report.to_dict()})
+            message: dict[str, Any] = {"kind": "report", "report": report.to_dict()}
+            pool = self.pool_state()
+            if pool is not None:
+                message["pool"] = pool
+            reply = self._exchange(channel, message)
             if reply.get("kind") == "challenge":
                 nonce = bytes.fromhex(str(reply.get("nonce", "")))
                 levels, receipts = self.ledger.earned_tree()

@@ -17,6 +17,9 @@ Layers, lowest first:
 Records of other networks may pass through this node's storage (the DHT is shared), but
 a lookup returns only valid records of this node's `gossip_network_id`.
 
+Offline mode (`pool.offline_mode`): no bootstrap peers, invite codes, peer cache or peer
+exchange; mDNS is on and LAN peers are the only ones this node reaches out to.
+
 Never imports jax or numpy.
 """
 
@@ -183,6 +186,7 @@ class DhtService:
         self.data_dir = data_dir
         self.network: NetworkConfig = config.network
         self.network_id = config.network.gossip_network_id
+        self.offline = config.pool.offline_mode  # LAN peers found by mDNS only
         self.identity = Identity.load_or_create(data_dir)
         self.server = SwarmServer(self.identity, self.network_id)
         self.server.on_contact = lambda node: self.spawn(self._introduce(node))
@@ -238,7 +242,7 @@ class DhtService:
         log.info(
             "DHT %s of network %r listening on %s", self.identity.peer_id, self.network_id, self.dht_address
         )
-        if self.network.enable_mdns:
+        if self.network.enable_mdns or self.offline:
             self.mdns = LanDiscovery(self)
             self.spawn(self.mdns.start())
         for loop in (self._bootstrap_loop(), self._republish_loop(), self._ping_loop()):
@@ -260,6 +264,8 @@ class DhtService:
     # Bootstrap and peer exchange
 
     def _bootstrap_targets(self, cached: list[CachedPeer]) -> list[Target]:
+        if self.offline:
+            return list(self.mdns.found.values()) if self.mdns is not None else []
         targets = []
         for text in self.network.bootstrap_peers:
             try:
@@ -342,7 +348,7 @@ class DhtService:
             peer_id_of_node(node.id), node.ip, node.port, info.network_id, time.time(), info.source
         )
         await asyncio.to_thread(self.cache.remember_many, [peer])
-        if not self.network.peer_exchange or info.network_id != self.network_id:
+        if not self.network.peer_exchange or self.offline or info.network_id != self.network_id:
             return
         for learned in await self.server.exchange(node):
             if len(self.server.contacts()) >= self.network.max_peers:
@@ -559,6 +565,10 @@ class DhtService:
         return {"code": Invite(host, port, self.identity.public_key, self.network_id).encode()}
 
     async def _op_bootstrap(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.offline:
+            raise InvalidRequestError(
+                "offline mode: this node joins only peers it finds on the local network (mDNS)"
+            )
         targets = []
         addresses, code = request.get("addresses"), request.get("code")
         if addresses is not None:

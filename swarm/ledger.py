@@ -10,6 +10,8 @@ loses nothing that was committed):
   seen earning. What `TrustPolicy` needs about a receipt's signer.
 - `credit_standings`: the latest checked balance report of every peer this node knows,
   with the standing it computed: the leaderboard and the population tiers are ranked in.
+- `credit_pools`: the pool each such peer showed it belongs to (a verified, owner-signed
+  member list): members share credit, so a member's tier counts its pool's standings.
 
 Every call opens a short-lived connection and one transaction, so any thread or process
 (the node, the control plane) may use it. Imports only the standard library and
@@ -50,6 +52,9 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS credit_standings ("
     " peer_id TEXT PRIMARY KEY, standing REAL NOT NULL, earned INTEGER NOT NULL, spent INTEGER NOT NULL,"
     " verified INTEGER NOT NULL, checked_at REAL NOT NULL, report TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS credit_pools ("
+    " peer_id TEXT PRIMARY KEY, pool_id TEXT NOT NULL, version INTEGER NOT NULL, members TEXT NOT NULL,"
+    " updated_at REAL NOT NULL)",
 )
 
 
@@ -259,10 +264,26 @@ class Ledger:
                 " ORDER BY standing DESC, peer_id LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [
-            Standing(row[0], float(row[1]), int(row[2]), int(row[3]), bool(row[4]), float(row[5]))
-            for row in rows
-        ]
+        return [_standing(row) for row in rows]
+
+    def record_pool(self, peer_id: str, pool_id: str, version: int, members: frozenset[str]) -> None:
+        """Notes the pool `peer_id` showed it is a member of (the caller verified the state)."""
+        with closing(self._connect()) as connection, connection:
+            connection.execute(
+                "INSERT INTO credit_pools (peer_id, pool_id, version, members, updated_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (peer_id) DO UPDATE SET pool_id = excluded.pool_id, version = excluded.version,"
+                " members = excluded.members, updated_at = excluded.updated_at"
+                " WHERE excluded.pool_id != pool_id OR excluded.version >= version",
+                (peer_id, pool_id, version, json.dumps(sorted(members)), time.time()),
+            )
+
+    def pool_of(self, peer_id: str) -> tuple[str, frozenset[str]] | None:
+        """(pool id, member peer ids) of the pool `peer_id` showed, or None."""
+        with closing(self._connect()) as connection:
+            row = connection.execute(
+                "SELECT pool_id, members FROM credit_pools WHERE peer_id = ?", (peer_id,)
+            ).fetchone()
+        return (row[0], frozenset(json.loads(row[1]))) if row else None
 
     def standing_of(self, peer_id: str) -> Standing | None:
         with closing(self._connect()) as connection:
@@ -271,8 +292,9 @@ class Ledger:
                 " WHERE peer_id = ?",
                 (peer_id,),
             ).fetchone()
-        return (
-            Standing(row[0], float(row[1]), int(row[2]), int(row[3]), bool(row[4]), float(row[5]))
-            if row
-            else None
-        )
+        return _standing(row) if row else None
+
+
+def _standing(row: tuple) -> Standing:
+    """A Standing from a `credit_standings` row (peer_id, standing, earned, spent, verified, checked_at)."""
+    return Standing(row[0], float(row[1]), int(row[2]), int(row[3]), bool(row[4]), float(row[5]))

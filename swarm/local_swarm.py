@@ -175,9 +175,11 @@ class LocalSwarm:
         join: str | None = None,
         network_id: str | None = None,
         bootstrap: bool = True,
+        env: dict[str, str] | None = None,
     ) -> LocalNode:
         """Starts one more node (not waiting for it); it bootstraps from the first node
-        unless `join` (an invite code) or `bootstrap=False` says otherwise."""
+        unless `join` (an invite code) or `bootstrap=False` says otherwise. `env` adds
+        settings (SWARM_* variables) for this node only."""
         name = name or f"node{len(self.nodes)}"
         data_dir = self.root / name
         layers = layers or (0, self.n_layers)
@@ -191,6 +193,7 @@ class LocalSwarm:
             layers,
             network_id or self.network_id,
         )
+        node_env = env
         env = {k: v for k, v in os.environ.items() if not k.startswith("SWARM_")}
         env.update(
             SWARM_NODE_LAYERS="" if layers == (0, self.n_layers) else f"{layers[0]}-{layers[1]}",
@@ -203,6 +206,7 @@ class LocalSwarm:
         if bootstrap and not join and self.nodes:
             env["SWARM_NETWORK_BOOTSTRAP_PEERS"] = self.nodes[0].dht
         env.update(self.env)
+        env.update(node_env or {})
         command = [sys.executable, "-m", "swarm", "run", str(model_dir), "--data-dir", str(data_dir)]
         command += ["--port", str(node.port)]
         if join:

@@ -111,32 +111,28 @@ class ModelBackend:
                     batch = SlotBatch(self.engine, inference.max_concurrent_requests, limit)
                 self.generator = Generator(self.engine, self.opened.tokenizer, prefix, batch)
                 self._warm_up(inference.default_max_tokens)
-            if not self.config.pool.offline_mode:
-                from swarm.identity import Identity
-                from swarm.peering import Peering
+            # Offline mode (pool.offline_mode) still peers, with LAN peers only: the DHT
+            # process then reaches nobody but what mDNS finds.
+            from swarm.identity import Identity
+            from swarm.peering import Peering
 
-                identity = Identity.load_or_create(self.data_dir)
-                prefix_cache = self.generator.prefix_cache if whole else None
-                self.peering = Peering(
-                    self.engine,
-                    self.opened,
-                    self.model_id,
-                    identity,
-                    self.config,
-                    self.data_dir,
-                    prefix_cache,
-                )
-                if prefix_cache is not None and self.config.network.prefix_sharing:
-                    self.generator.prefix_fetcher = self._prefix_fetcher(identity)
-                if whole:  # serves its own requests at once; joins the swarm meanwhile
-                    threading.Thread(target=self._join_swarm, name="peering", daemon=True).start()
-                else:
-                    self.peering.start()
-            elif not whole:
-                raise InvalidRequestError(
-                    f"node.layers={self.config.node.layers} needs peers for the other layers,"
-                    " and pool.offline_mode is on"
-                )
+            identity = Identity.load_or_create(self.data_dir)
+            prefix_cache = self.generator.prefix_cache if whole else None
+            self.peering = Peering(
+                self.engine,
+                self.opened,
+                self.model_id,
+                identity,
+                self.config,
+                self.data_dir,
+                prefix_cache,
+            )
+            if prefix_cache is not None and self.config.network.prefix_sharing:
+                self.generator.prefix_fetcher = self._prefix_fetcher(identity)
+            if whole:  # serves its own requests at once; joins the swarm meanwhile
+                threading.Thread(target=self._join_swarm, name="peering", daemon=True).start()
+            else:
+                self.peering.start()
             self.loaded_at = time.time()
             self.state = "ready"
             log.info("model %s ready in %.1f s", self.model_id, time.perf_counter() - began)
@@ -467,6 +463,8 @@ def _reload(backend: ModelBackend, server: NodeServer, data_dir: Path) -> None:
     server.scheduler.max_active = config.inference.max_concurrent_requests
     server.scheduler.max_waiting = config.inference.max_queue
     backend.config = config
+    if backend.peering is not None:  # private mode and pool settings apply to the next route
+        backend.peering.config = config
     log.info("config reloaded")
 
 

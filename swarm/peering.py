@@ -7,7 +7,11 @@ Owns `Peering`, which a node that joins a network holds:
   throughput, current load) in the DHT through the DHT process's local socket;
 - `route()`, the cheapest chain of stages for the model from the verified records
   (`swarm.router`), excluding peers that just failed unless they published again since;
-- `requester()`, a `Requester` that fails over along new routes (DESIGN.md §5).
+- `requester()`, a `Requester` that fails over along new routes (DESIGN.md §5);
+- the node's credit desk (`swarm.credit_desk`) and pool desk (`swarm.pool_desk`): in
+  private mode (`pool.private_mode`) routes use only pool members (and mDNS LAN peers
+  when `pool.private_mode_allow_lan`), while the stage keeps serving everyone; a
+  member refreshes the pool's member list from its owner every `POOL_REFRESH_S`.
 
 Throughput is measured once at start: the median time of a one-token forward through
 this node's layers. The per-hop cost is measured too: a ping over an encrypted channel to
@@ -16,6 +20,7 @@ this node's own stage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import threading
@@ -32,6 +37,8 @@ from swarm.dht_client import DhtClient, DhtError, DhtUnavailable
 from swarm.identity import Identity
 from swarm.ledger import Ledger
 from swarm.pipeline import Embedder, Requester, RouteStage, ping_stage
+from swarm.pool import PoolError, PoolStore
+from swarm.pool_desk import PoolDesk, fetch_state, owner_address, private_peers
 from swarm.records import PeerRecord
 from swarm.router import DEFAULT_HOP_COST_MS, NoRouteError, estimate_ms, plan_route
 from swarm.stage import StageConfig, StageEngine, StageServer
@@ -44,6 +51,7 @@ PEERS_REFRESH_S = 10.0  # how long measured RTTs are reused
 RETRY_S = 5  # seconds between attempts to reach a DHT process that is down
 MAX_STAGE_PROBES = 16  # peers the DHT has not timed, pinged directly per route
 EXCLUSION_S = 30.0  # how long a peer that failed a request is left out of its new routes
+POOL_REFRESH_S = 30.0  # how often a pool member asks the owner for the current member list
 
 
 def _stage_batch(engine: Any, config: Config) -> SlotBatch | None:
@@ -83,7 +91,14 @@ class Peering:
         )
         network = config.network
         # Pays the stages this node's requests use, and is paid by those it serves.
-        self.credits = CreditDesk(Ledger(data_dir, identity.peer_id), identity, network.gossip_network_id)
+        self.pool_store = PoolStore(data_dir)
+        self.credits = CreditDesk(
+            Ledger(data_dir, identity.peer_id),
+            identity,
+            network.gossip_network_id,
+            pool_state=self._pool_shown,
+        )
+        self._pool_checked = 0.0
         self.stage = StageServer(
             self.stage_engine,
             identity,
@@ -99,6 +114,7 @@ class Peering:
             batch=_stage_batch(self.stage_engine, config),
             prefix_cache=prefix_cache if whole and config.network.prefix_sharing else None,
             credits=self.credits,
+            pool=PoolDesk(self.pool_store, identity, config.pool.max_pool_size),
         )
         self.tokenizer = opened.tokenizer
         self.throughput = 0.0
@@ -181,7 +197,32 @@ class Peering:
                         log.warning("publishing to the DHT failed (retrying every %d s): %s", RETRY_S, error)
                     self._unreachable = True
                     self._stopping.wait(RETRY_S)
+            if time.monotonic() - self._pool_checked >= POOL_REFRESH_S:
+                self._pool_checked = time.monotonic()
+                self._refresh_pool()
             self._stopping.wait(1.0)
+
+    def _pool_shown(self) -> dict[str, Any] | None:
+        """This node's pool's signed member list, shown to stages with its balance report."""
+        state = self.pool_store.state()
+        return state.to_dict() if state is not None and self.identity.peer_id in state.member_ids() else None
+
+    def _refresh_pool(self) -> None:
+        """A member asks the owner for the pool's current member list (it may have been removed)."""
+        state = self.pool_store.state()
+        if state is None or state.pool_id == self.identity.peer_id:
+            return
+        address = owner_address(state, self.identity)
+        with contextlib.suppress(NoRouteError):
+            for record in self.records():
+                if record.peer_id == state.pool_id:
+                    address = record.address
+        try:
+            newer = fetch_state(self.identity, self.config.network.gossip_network_id, address, state)
+            if newer.newer_than(state):
+                self.pool_store.save(newer)
+        except PoolError as error:
+            log.info("refreshing pool %s from its owner failed: %s", state.name, error)
 
     # -- routing -------------------------------------------------------------------
 
@@ -231,19 +272,29 @@ class Peering:
             return since is None or (now - since >= EXCLUSION_S and record.issued > since)
 
         records = [record for record in self.records() if usable(record)]
+        allowed = self.private_peers()
+        if allowed is not None:
+            records = [record for record in records if record.peer_id in allowed]
         rtt = dict(self.rtt_ms())
         for record in records[:MAX_STAGE_PROBES]:
             if record.peer_id not in rtt:
                 measured = self._stage_rtt_ms(record)
                 if measured is not None:
                     rtt[record.peer_id] = measured
-        hops = plan_route(
-            records,
-            self.n_layers,
-            rtt_ms=rtt,
-            hop_cost_ms=self.hop_cost_ms,
-            model_id=self.model_id,
-        )
+        try:
+            hops = plan_route(
+                records,
+                self.n_layers,
+                rtt_ms=rtt,
+                hop_cost_ms=self.hop_cost_ms,
+                model_id=self.model_id,
+            )
+        except NoRouteError as error:
+            if allowed is None:
+                raise
+            raise NoRouteError(
+                f"private mode: only pool members may serve this request, and {error}"
+            ) from None
         log.info(
             "route for %s: %s (estimated %.1f ms per token)",
             self.model_id,
@@ -252,14 +303,34 @@ class Peering:
         )
         return [RouteStage(hop.address, hop.public_key, hop.layers) for hop in hops]
 
+    def private_peers(self) -> frozenset[str] | None:
+        """Who this node's requests may route through in private mode; None when it is off."""
+        pool = self.config.pool
+        if not pool.private_mode:
+            return None
+        lan: list[str] = []
+        if pool.private_mode_allow_lan:
+            with contextlib.suppress(DhtUnavailable, DhtError):
+                lan = [str(peer["peer_id"]) for peer in self.dht.peers() if peer.get("source") == "mdns"]
+        return private_peers(
+            self.pool_store,
+            self.identity,
+            private_mode=True,
+            allow_lan=pool.private_mode_allow_lan,
+            lan_peers=lan,
+        )
+
     def prefix_peers(self) -> list[tuple[str, bytes]]:
         """(address, public key) of other peers holding the whole model, nearest first:
         those a prompt prefix's KV can be fetched from."""
         rtt = self.rtt_ms()
+        allowed = self.private_peers()  # in private mode a prompt's prefix stays in the pool
         whole = [
             record
             for record in self.records()
-            if tuple(record.layers) == (0, self.n_layers) and record.peer_id != self.identity.peer_id
+            if tuple(record.layers) == (0, self.n_layers)
+            and record.peer_id != self.identity.peer_id
+            and (allowed is None or record.peer_id in allowed)
         ]
         whole.sort(key=lambda record: rtt.get(record.peer_id, float("inf")))
         return [(record.address, record.public_key) for record in whole]

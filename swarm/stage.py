@@ -9,6 +9,7 @@ drew, the requester's key, the channel to the next stage). The protocol, per ses
     upstream -> Close                                       no reply
     requester -> Generate (whole-model sessions only)       TokenResult per token, or Error
     anyone    -> Credits (on a channel of its own)          Credits, or Error
+    anyone    -> PoolMessage (on a channel of its own)      PoolMessage, or Error
 
 With a credit desk (`swarm.credit_desk`) the stage counts the positions it runs for each
 session, takes the requester's receipts and balance reports, and admits at most
@@ -44,6 +45,8 @@ from swarm.credits import CreditError
 from swarm.engine import Engine
 from swarm.errors import SwarmError
 from swarm.identity import Identity, peer_id_of
+from swarm.pool import PoolError
+from swarm.pool_desk import PoolDesk
 from swarm.prefix_cache import PrefixCache
 from swarm.prefix_share import answer_query
 from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
@@ -54,6 +57,8 @@ logger = logging.getLogger(__name__)
 NEXT_HOP_FAILED = "next_hop_failed"
 LAYER_MISMATCH = "layer_mismatch"
 CREDIT_REFUSED = "credit_refused"
+POOL_REFUSED = "pool_refused"
+ADMISSION_WAIT_SHARE = 0.8  # of hop_timeout: how long an OpenSession may wait for a free session
 _POLL_SECONDS = 0.5  # how often idle loops look at the stop flag and expiry clock
 
 
@@ -138,8 +143,11 @@ class StageServer:
         batch: SlotBatch | None = None,
         prefix_cache: PrefixCache | None = None,
         credits: CreditDesk | None = None,
+        pool: PoolDesk | None = None,
     ) -> None:
         self.engine = engine
+        # Answers devices joining, and members asking for, this node's pool; None: refuses.
+        self.pool = pool
         # Counts work per session, takes receipts and reports; None: no credits here.
         self.credits = credits
         self.gate = TierGate(config.max_sessions)
@@ -271,6 +279,7 @@ class StageServer:
             self._channels.add(channel)
         opened: set[str] = set()
         credit_state = connection_state(host)
+        credit_state["peer_key"] = channel.peer_public_key
         try:
             while not self._stopping.is_set():
                 try:
@@ -325,6 +334,14 @@ class StageServer:
                 if message.model_id != self.config.model_id:
                     raise _Refusal(wire.NOT_FOUND, f"serves model {self.config.model_id!r}")
                 return answer_query(self.prefix_cache, message)
+            if isinstance(message, wire.PoolMessage):
+                if self.pool is None:
+                    raise _Refusal(POOL_REFUSED, "this node keeps no pool")
+                peer_key = (credit_state or {}).get("peer_key", b"")
+                try:
+                    return wire.encode(wire.PoolMessage(self.pool.answer(message.body, peer_key)))
+                except PoolError as error:
+                    raise _Refusal(POOL_REFUSED, str(error)) from None
             if isinstance(message, wire.Credits):
                 if self.credits is None:
                     raise _Refusal(CREDIT_REFUSED, "this stage keeps no credit ledger")
@@ -373,8 +390,11 @@ class StageServer:
             if message.session_id in self._sessions:
                 raise _Refusal(wire.BAD_MESSAGE, f"session {message.session_id} is already open")
         tier = self.credits.tier(peer_id_of(message.requester_public_key)) if self.credits else "silver"
-        if not self.gate.enter(tier, self.config.session_timeout):
-            raise _Refusal(wire.OVERLOADED, f"no session free within {self.config.session_timeout:.0f} s")
+        # Refused before the hop upstream gives up on us: an explicit refusal makes the
+        # requester try again (or another route) instead of failing over a "stalled" stage.
+        wait = ADMISSION_WAIT_SHARE * self.config.hop_timeout
+        if not self.gate.enter(tier, wait):
+            raise _Refusal(wire.OVERLOADED, f"no session free within {wait:.0f} s ({tier} tier)")
         try:
             self._start_session(message, params)
         except BaseException:

@@ -27,11 +27,15 @@ u32 length and the bytes. Tensor payloads are little-endian, as in GGUF and ggml
                    | u32 tokens | u32 kv_heads | u32 key_dim | u32 value_dim | 32-byte digest
                    | bytes32 keys | bytes32 values
    11 Credits      u32 n | a JSON object (n bytes, at most 1 MiB)
+   12 PoolMessage  u32 n | a JSON object (n bytes, at most 1 MiB)
 
 A Credits message carries the credit exchanges of `swarm.credit_desk`, on a channel of
 their own: a signed receipt for a finished session, a balance report, the challenge a
 stage answers a report with, the proof that answers the challenge, and the stage's
 acknowledgement (with its own report). Their fields are checked by `swarm.credits`.
+A PoolMessage carries a device's request to join a pool (the owner's invitation and its
+signed acceptance) or a member's request for the pool's current state, and the owner's
+answer, the signed state (`swarm.pool_desk`, formats in `swarm.pool`).
 
 A PrefixQuery asks a peer that shares its prompt-prefix cache (`network.prefix_sharing`)
 for the KV of the blocks named by their chained keys (`swarm.prefix_cache`). It answers
@@ -322,7 +326,12 @@ class Credits:
 
     def __post_init__(self) -> None:
         if not isinstance(self.body, dict) or not isinstance(self.body.get("kind"), str):
-            raise WireError("a credits message is a JSON object with a kind")
+            raise WireError(f"a {type(self).__name__} message is a JSON object with a kind")
+
+
+@dataclass(frozen=True)
+class PoolMessage(Credits):
+    """A pool exchange (see the module docstring): `body` is a JSON object with a "kind"."""
 
 
 @dataclass(frozen=True)
@@ -422,6 +431,7 @@ Message = (
     | PrefixQuery
     | PrefixBlock
     | Credits
+    | PoolMessage
 )
 
 
@@ -527,7 +537,7 @@ def encode(message: Message) -> bytes:
         writer.str8(message.session_id)
         writer.pack("IIH", message.start_position, message.max_tokens, len(message.eog_ids))
         writer.pack(f"{len(message.eog_ids)}I", *message.eog_ids)
-    elif kind is Credits:
+    elif kind in (Credits, PoolMessage):
         try:
             body = json.dumps(message.body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
         except (TypeError, ValueError) as error:
@@ -717,13 +727,16 @@ def _decode_prefix_block(reader: _Reader) -> PrefixBlock:
     return PrefixBlock(remaining, key, tensors[0], tensors[1], digest)
 
 
-def _decode_credits(reader: _Reader) -> Credits:
-    payload = reader.bytes32("credits body", MAX_CREDITS_JSON_BYTES)
-    try:
-        body = json.loads(payload)
-    except ValueError as error:
-        raise WireError(f"credits message is not JSON: {error}") from None
-    return Credits(body)
+def _decode_json(kind: type[Credits]) -> Any:
+    def decode_body(reader: _Reader) -> Credits:
+        payload = reader.bytes32("body", MAX_CREDITS_JSON_BYTES)
+        try:
+            body = json.loads(payload)
+        except ValueError as error:
+            raise WireError(f"{kind.__name__} message is not JSON: {error}") from None
+        return kind(body)
+
+    return decode_body
 
 
 _DECODERS = {
@@ -737,7 +750,8 @@ _DECODERS = {
     8: (Generate, _decode_generate),
     9: (PrefixQuery, _decode_prefix_query),
     10: (PrefixBlock, _decode_prefix_block),
-    11: (Credits, _decode_credits),
+    11: (Credits, _decode_json(Credits)),
+    12: (PoolMessage, _decode_json(PoolMessage)),
 }
 _TYPE_IDS = {kind: type_id for type_id, (kind, _) in _DECODERS.items()}
 

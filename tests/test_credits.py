@@ -258,7 +258,10 @@ def _prove_to(verifier: CreditDesk, reporter: CreditDesk) -> None:
     """Runs the report / challenge / proof exchange between two desks, without a network."""
     state: dict = {"subnet": "loopback"}
     report = reporter.ledger.report(reporter.identity, NETWORK)
-    reply = verifier.answer({"kind": "report", "report": report.to_dict()}, state)
+    message = {"kind": "report", "report": report.to_dict()}
+    if reporter.pool_state() is not None:
+        message["pool"] = reporter.pool_state()
+    reply = verifier.answer(message, state)
     if reply["kind"] == "challenge":
         levels, receipts = reporter.ledger.earned_tree()
         samples = make_proof(levels, receipts, bytes.fromhex(reply["nonce"]))
@@ -398,3 +401,29 @@ def test_stages_are_paid_exactly_for_what_they_ran(tiny_model, data_dir, tmp_pat
     finally:
         for stage in stages:
             stage.close()
+
+
+def test_pool_members_share_credit(tmp_path):
+    from swarm.pool import Acceptance, Invitation, PoolState
+
+    server, rich, poor, payer = (_desk(tmp_path, name) for name in ("server", "rich", "poor", "payer"))
+    _pay(payer, rich, "s1", 40)
+    owner = rich.identity
+    state = PoolState.create(owner, "home")
+    invitation = Invitation.create(owner, pool_name="home", owner_address="", network_id=NETWORK, ttl_s=60)
+    state = state.with_member(owner, invitation, Acceptance.create(poor.identity, invitation), max_size=4)
+    rich.pool_state = poor.pool_state = state.to_dict
+    _prove_to(server, poor)
+    assert server.tier(poor.identity.peer_id) == "bronze"  # its pool's rich member is unknown here
+    _prove_to(server, rich)
+    server._population_cache = None
+    assert server.tier(poor.identity.peer_id) == "platinum"
+    # A pool list the reporter is not on, or one not signed by its owner, is refused.
+    stranger = _desk(tmp_path, "stranger")
+    stranger.pool_state = state.to_dict
+    with pytest.raises(CreditError, match="does not list"):
+        _prove_to(server, stranger)
+    forged = {**state.to_dict(), "name": "other"}
+    stranger.pool_state = lambda: forged
+    with pytest.raises(CreditError, match="does not verify"):
+        _prove_to(server, stranger)

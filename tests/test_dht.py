@@ -660,3 +660,16 @@ def test_mdns_finds_a_lan_peer_without_bootstrap(cluster: DhtCluster) -> None:
     assert (found["dht"], seen["dht"]) == (first.address, second.address)
     assert "mdns" in (found["source"], seen["source"])  # whoever heard the other first
     assert second.client.status()["mdns"] is True
+
+
+def test_offline_mode_reaches_lan_peers_only(cluster: DhtCluster) -> None:
+    network = new_network_id()
+    remote = cluster.start(network)  # mDNS off: reachable by address only, as a peer off the LAN
+    lan = cluster.start(network, mdns=True)
+    offline = cluster.start(network, bootstrap=[remote.address], settings={"SWARM_POOL_OFFLINE_MODE": "true"})
+    wait_for(lambda: lan.peer_id in offline.peer_ids(), 20, "the LAN peer found by mDNS")
+    assert offline.client.status()["mdns"] is True  # offline mode turns mDNS on
+    time.sleep(2)
+    assert remote.peer_id not in offline.peer_ids()  # its bootstrap peer was never contacted
+    with pytest.raises(DhtError, match="offline mode"):
+        offline.client.bootstrap([remote.address])
