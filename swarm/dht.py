@@ -601,12 +601,14 @@ def _reply(message: dict[str, Any]) -> bytes:
 
 
 async def serve(data_dir: Path, config: Config, invites: list[Invite]) -> None:
-    """Runs the DHT process until SIGTERM or SIGINT."""
+    """Runs the DHT process until SIGTERM or SIGINT. SIGHUP (the supervisor's config
+    reload) does not stop it: its settings (ports, bootstrap, mDNS) apply at a restart."""
     service = DhtService(data_dir, config, invites)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("config reloaded: DHT settings apply at restart"))
     await service.run(stop)
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import socket
 import stat
 import struct
@@ -673,3 +674,11 @@ def test_offline_mode_reaches_lan_peers_only(cluster: DhtCluster) -> None:
     assert remote.peer_id not in offline.peer_ids()  # its bootstrap peer was never contacted
     with pytest.raises(DhtError, match="offline mode"):
         offline.client.bootstrap([remote.address])
+
+
+def test_a_config_reload_signal_does_not_stop_the_dht(cluster: DhtCluster) -> None:
+    process = cluster.start(new_network_id())
+    process.process.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    assert process.process.poll() is None
+    assert process.client.status()["peer_id"] == process.peer_id
