@@ -229,6 +229,7 @@ def test_a_node_cannot_raise_its_own_standing(swarm: LocalSwarm):
         channel.close()
     assert isinstance(refused, wire.Error), refused
     status, board = server.get("/api/credits/leaderboard")
+    assert status == 200, status
     row = next(r for r in board["peers"] if r["peer_id"] == me.peer_id)
     assert row["tier"] == "bronze" and row["standing"] <= 0
 
