@@ -13,7 +13,17 @@ from pathlib import Path
 
 from flask import Flask, current_app
 
-from control import admin, anthropic_api, credits_api, dashboard_api, health, mcp_api, middleware, openai_api
+from control import (
+    admin,
+    anthropic_api,
+    credits_api,
+    dashboard_api,
+    health,
+    mcp_api,
+    middleware,
+    openai_api,
+    pool_api,
+)
 from control.node_client import NodeClient
 from swarm.config import Config, ensure_api_key
 from swarm.node_protocol import SOCKET_NAME
@@ -35,6 +45,7 @@ def create_app(config: Config, data_dir: Path, *, node: NodeClient | None = None
         admin.bp,
         credits_api.bp,
         dashboard_api.bp,
+        pool_api.bp,
         openai_api.bp,
         anthropic_api.bp,
         mcp_api.bp,

@@ -106,6 +106,12 @@ def request_join(
     stores the owner's new member list (in `store`, when given). PoolError naming the problem."""
     invitation = Invitation.from_code(code)
     invitation.verify()
+    if store is not None:
+        current = store.state()
+        if current is not None and current.pool_id == identity.peer_id and len(current.members) > 1:
+            raise PoolError(
+                f"this node owns pool {current.name!r} with other members: remove them or leave it first"
+            )
     if invitation.network_id != network_id:
         raise PoolError(
             f"the invitation is for network {invitation.network_id!r}, this node is in {network_id!r}"
