@@ -28,6 +28,7 @@ from typing import Any
 from swarm import wire
 from swarm.identity import Identity, peer_id_of
 from swarm.pool import Acceptance, Invitation, PoolError, PoolState, PoolStore, admit
+from swarm.pool_view import join_refusal
 from swarm.secure_channel import ChannelError, SecureChannel
 
 log = logging.getLogger(__name__)
@@ -107,11 +108,9 @@ def request_join(
     invitation = Invitation.from_code(code)
     invitation.verify()
     if store is not None:
-        current = store.state()
-        if current is not None and current.pool_id == identity.peer_id and len(current.members) > 1:
-            raise PoolError(
-                f"this node owns pool {current.name!r} with other members: remove them or leave it first"
-            )
+        refusal = join_refusal(store.state(), identity)
+        if refusal is not None:
+            raise PoolError(refusal)
     if invitation.network_id != network_id:
         raise PoolError(
             f"the invitation is for network {invitation.network_id!r}, this node is in {network_id!r}"
