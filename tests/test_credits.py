@@ -427,3 +427,42 @@ def test_pool_members_share_credit(tmp_path):
     stranger.pool_state = lambda: forged
     with pytest.raises(CreditError, match="does not verify"):
         _prove_to(server, stranger)
+
+
+def test_a_crash_mid_write_loses_no_committed_receipt(tmp_path):
+    """A process storing receipts is killed at an arbitrary moment: every receipt it
+    reported committed is in the ledger afterwards, and the ledger still opens."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    # The writer signs as a fixed identity and reports each commit on stdout.
+    seed = os.urandom(32)
+    writer = Identity(seed)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from swarm.credits import Receipt\n"
+        "from swarm.identity import Identity\n"
+        "from swarm.ledger import Ledger\n"
+        f"me = Identity(bytes.fromhex({seed.hex()!r}))\n"
+        f"ledger = Ledger(Path({str(tmp_path)!r}), me.peer_id)\n"
+        "stage = Identity.generate()\n"
+        "for i in range(100000):\n"
+        "    ledger.add(Receipt.create(me, request_id=f'r{i}', network_id='n', stage_key=stage.public_key,"
+        " layers=(0, 1), tokens=1))\n"
+        "    print(i, flush=True)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    committed = -1
+    assert process.stdout is not None
+    for line in process.stdout:
+        committed = int(line)
+        if committed >= 40:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    totals = Ledger(tmp_path, writer.peer_id).totals()
+    assert totals.spent_count >= committed + 1  # all reported commits survived (maybe one more)
+    assert totals.spent == totals.spent_count
