@@ -182,20 +182,23 @@ class Ledger:
         return out
 
     def earned_tree(self) -> tuple[list, list[Receipt]]:
-        """The Merkle-sum levels over the earned receipts in ledger order, and the receipts."""
+        """The Merkle-sum levels over the earned receipts in ledger order, and the receipts.
+
+        Receipts read once are kept: a call reads only the rows stored since the last one
+        (the table is append-only, so earlier rows never change)."""
         with self._tree_lock:
+            last, levels, receipts = self._tree if self._tree is not None else (0, [[]], [])
             with closing(self._connect()) as connection:
-                last = connection.execute(
-                    "SELECT COALESCE(MAX(seq), 0) FROM credit_receipts WHERE stage = ?", (self.peer_id,)
-                ).fetchone()[0]
-                if self._tree is not None and self._tree[0] == last:
-                    return self._tree[1], self._tree[2]
                 rows = connection.execute(
-                    "SELECT body FROM credit_receipts WHERE stage = ? ORDER BY seq", (self.peer_id,)
+                    "SELECT seq, body FROM credit_receipts WHERE stage = ? AND seq > ? ORDER BY seq",
+                    (self.peer_id, last),
                 ).fetchall()
-            receipts = [Receipt.from_dict(json.loads(body)) for (body,) in rows]
-            levels = merkle_levels([leaf(r.receipt_id, r.credits) for r in receipts])
-            self._tree = (last, levels, receipts)
+            if rows or self._tree is None:
+                receipts = receipts + [Receipt.from_dict(json.loads(body)) for _, body in rows]
+                leaves = levels[0] + [leaf(r.receipt_id, r.credits) for r in receipts[len(levels[0]) :]]
+                levels = merkle_levels(leaves)
+                last = rows[-1][0] if rows else last
+                self._tree = (last, levels, receipts)
             return levels, receipts
 
     def report(self, identity: Any, network_id: str) -> BalanceReport:

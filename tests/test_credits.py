@@ -191,6 +191,12 @@ def test_the_ledger_is_append_only_refuses_replays_and_survives_reopening(tmp_pa
     reopened = Ledger(tmp_path / "earner", node.peer_id)
     assert reopened.totals() == ledger.totals()
     assert reopened.totals().earned == 15 * (1 + 2 + 3)
+    # The tree is extended as receipts arrive, and equals one built from scratch.
+    first_root = root_of(ledger.earned_tree()[0])
+    ledger.add(_receipt(payers[1], node, request_id="later", tokens=4))
+    extended = root_of(ledger.earned_tree()[0])
+    assert extended != first_root and extended[1] == first_root[1] + 60
+    assert extended == root_of(Ledger(tmp_path / "earner", node.peer_id).earned_tree()[0])
 
 
 # --- trust and tiers ----------------------------------------------------------------------
