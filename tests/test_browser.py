@@ -45,7 +45,7 @@ SECOND_NODE_LAYERS = (15, 30)
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
-PAGES = ("setup", "chat", "models", "network", "compare", "credits", "settings")
+PAGES = ("setup", "chat", "models", "network", "compare", "credits", "pool", "settings")
 # What shows that a page has rendered from the API (not just its loading line).
 PAGE_READY = {
     "setup": "dl.facts",
@@ -54,6 +54,7 @@ PAGE_READY = {
     "network": ".live.on",
     "compare": "#compare-model-1 option",
     "credits": "[data-field=credits-status]",
+    "pool": "[data-field=private-mode]",
     "settings": "fieldset",
 }
 
@@ -245,6 +246,27 @@ def test_settings_rejects_an_invalid_value_with_a_message(browser, node, console
     page.get_by_role("button", name="Save").click()
     expect(page.locator(".result")).to_contain_text("Saved")
     assert node.get("/api/admin/config")["config"]["inference"]["max_concurrent_requests"] == 3
+    context.close()
+
+
+def test_pool_page_creates_invites_and_turns_private_mode_on_and_off(browser, node, console):
+    context, page = _open(browser, console)
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.goto(node.base + "/#/pool")
+    page.fill("#pool-name", "Home")
+    page.get_by_role("button", name="Create pool").click()
+    expect(page.locator("[data-field=pool-role]")).to_have_text("You own this pool: 1 devices.")
+    page.click("[data-action=invite]")
+    expect(page.locator("[data-field=pool-code]")).to_contain_text("swarmpool://")
+    page.check("#private-mode")
+    expect(page.locator("[data-field=private-mode]")).to_have_text(
+        "Private mode is on: 1 devices may serve your requests."
+    )
+    _screenshot(page, "desktop-pool")
+    page.uncheck("#private-mode")
+    expect(page.locator("[data-field=private-mode]")).to_contain_text("Private mode is off")
+    page.click("[data-action=leave]")
+    expect(page.locator("[data-field=pool-role]")).to_contain_text("A pool groups your own devices")
     context.close()
 
 

@@ -8,11 +8,12 @@ import * as compare from "./page-compare.js";
 import * as credits from "./page-credits.js";
 import * as models from "./page-models.js";
 import * as network from "./page-network.js";
+import * as pool from "./page-pool.js";
 import * as settings from "./page-settings.js";
 import * as setup from "./page-setup.js";
 import { SETUP_DONE } from "./page-setup.js";
 
-const PAGES = { chat, compare, credits, models, network, settings, setup };
+const PAGES = { chat, compare, credits, models, network, pool, settings, setup };
 const THEMES = ["system", "light", "dark"];
 const STATE_POLL_MS = 5000;
 
