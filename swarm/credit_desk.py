@@ -382,9 +382,8 @@ class CreditDesk:
 
     @contextlib.contextmanager
     def _channel(self, address: str, key: bytes):
-        host, port = address.rsplit(":", 1)
         channel = SecureChannel.connect(
-            (host.strip("[]"), int(port)),
+            address,
             self.identity,
             self.network_id,
             expected_peer=key,

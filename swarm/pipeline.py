@@ -319,7 +319,7 @@ class _Link:
             requester.credits.introduce(self.stages)
         try:
             self.channel = SecureChannel.connect(
-                _host_port(first.address),
+                first.address,
                 requester.identity,
                 requester.network_id,
                 expected_peer=first.public_key,
@@ -409,7 +409,7 @@ def ping_stage(
     handshake not counted), or None if it does not complete one within `timeout`."""
     try:
         channel = SecureChannel.connect(
-            _host_port(address), identity, network_id, expected_peer=public_key, timeout=timeout
+            address, identity, network_id, expected_peer=public_key, timeout=timeout
         )
     except ChannelError:
         return None
@@ -423,11 +423,6 @@ def ping_stage(
         return None
     finally:
         channel.close()
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    host, port = address.rsplit(":", 1)
-    return host.strip("[]"), int(port)
 
 
 # --- a local split check: K stage processes on loopback against one engine --------------

@@ -71,10 +71,9 @@ def _exchange(
 ) -> PoolState:
     if not address:
         raise PoolError("the pool owner's address is not known")
-    host, _, port = address.rpartition(":")
     try:
         channel = SecureChannel.connect(
-            (host.strip("[]"), int(port)),
+            address,
             identity,
             network_id,
             expected_peer=owner_key,

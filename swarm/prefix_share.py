@@ -146,9 +146,8 @@ class PrefixFetcher:
         return _pool.submit(self.fetch, list(wanted))
 
     def _ask(self, address: str, public_key: bytes, wanted: Sequence[tuple[int, int, bytes]]) -> list[Block]:
-        host, _, port = address.rpartition(":")
         channel = SecureChannel.connect(
-            (host.strip("[]"), int(port)),
+            address,
             self.identity,
             self.network_id,
             expected_peer=public_key,

@@ -68,6 +68,12 @@ _READ_CHUNK = 1 << 20  # the body buffer grows with what arrives, not with what 
 _ROLE_NAMES = {CLIENT: "client", SERVER: "server"}
 
 
+def host_port(address: str) -> tuple[str, int]:
+    """("host", port) of a "host:port" or "[v6 host]:port" address; ValueError if the port is not a number."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class ChannelError(SwarmError):
     """The channel failed; unless said otherwise it is closed."""
 
@@ -310,7 +316,7 @@ class SecureChannel:
     @classmethod
     def connect(
         cls,
-        address: tuple[str, int],
+        address: tuple[str, int] | str,
         identity: Identity,
         network_id: str,
         *,
@@ -318,7 +324,7 @@ class SecureChannel:
         timeout: float,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> SecureChannel:
-        """Connects to `address` and runs the client side of the handshake.
+        """Connects to `address` ((host, port) or "host:port") and runs the client side of the handshake.
 
         `timeout` bounds the connect and the whole handshake, and is the default for each
         later `send` and `recv`. With `expected_peer`, any other identity is refused.
@@ -327,7 +333,7 @@ class SecureChannel:
             raise ValueError(f"expected_peer must be a {PUBLIC_KEY_BYTES}-byte public key")
         handshake = Handshake(identity, network_id, CLIENT, expected_peer=expected_peer)
         deadline = time.monotonic() + timeout
-        host, port = address
+        host, port = host_port(address) if isinstance(address, str) else address
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except TimeoutError as error:

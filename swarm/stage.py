@@ -50,7 +50,7 @@ from swarm.pool_desk import PoolDesk
 from swarm.prefix_cache import PrefixCache
 from swarm.prefix_share import answer_query
 from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
-from swarm.secure_channel import ChannelError, ChannelTimeout, SecureChannel
+from swarm.secure_channel import ChannelError, ChannelTimeout, SecureChannel, host_port
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +198,7 @@ class StageServer:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        host, port = self._address.rsplit(":", 1)
-        return host, int(port)
+        return host_port(self._address)
 
     def describe(self) -> str:
         first, last = self.layer_range

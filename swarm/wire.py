@@ -79,6 +79,7 @@ from typing import TYPE_CHECKING, Any
 
 from swarm.errors import SwarmError
 from swarm.identity import PUBLIC_KEY_BYTES, Identity, SealError, peer_id_of, seal_to
+from swarm.secure_channel import host_port
 
 if TYPE_CHECKING:
     import numpy as np
@@ -188,8 +189,7 @@ class RouteHop:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        host, port = self.address.rsplit(":", 1)
-        return host.strip("[]"), int(port)
+        return host_port(self.address)
 
     def describe(self) -> str:
         first, last = self.layer_range
