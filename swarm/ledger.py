@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from swarm.credits import BalanceReport, CreditError, Receipt, leaf, merkle_levels, root_of
+from swarm.db import prepare
 
-DB_FILE = "swarm.db"
 MAX_STANDINGS = 10_000
 
 _SCHEMA = (
@@ -97,15 +97,10 @@ class Ledger:
     """The credit tables of `<data_dir>/swarm.db` for the node `peer_id`."""
 
     def __init__(self, data_dir: Path, peer_id: str) -> None:
-        self.path = Path(data_dir) / DB_FILE
+        self.path = prepare(data_dir, _SCHEMA)
         self.peer_id = peer_id
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tree_lock = threading.Lock()
         self._tree: tuple[int, list, list[Receipt]] | None = None  # (last seq, levels, receipts)
-        with closing(self._connect()) as connection, connection:
-            connection.execute("PRAGMA journal_mode=WAL")
-            for statement in _SCHEMA:
-                connection.execute(statement)
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=10)

@@ -17,7 +17,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-DB_FILE = "swarm.db"
+from swarm.db import prepare
+
 MAX_ROWS = 200
 
 
@@ -35,15 +36,14 @@ class PeerCache:
     """The `peer_cache` table of `<data_dir>/swarm.db`."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.path = Path(data_dir) / DB_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as connection:
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(
+        self.path = prepare(
+            data_dir,
+            [
                 "CREATE TABLE IF NOT EXISTS peer_cache ("
                 "peer_id TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL, "
                 "network_id TEXT NOT NULL, last_seen REAL NOT NULL, source TEXT NOT NULL)"
-            )
+            ],
+        )
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=10)

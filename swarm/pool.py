@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+from swarm.db import prepare
 from swarm.errors import SwarmError
 from swarm.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, verify
 
@@ -50,7 +51,6 @@ MAX_ACTIVE_INVITATIONS = 5
 MAX_MEMBERS = 256  # a hard bound on what is parsed; the configured pool size is smaller
 MAX_REMOVED = 1024  # removed peers (and their invitations) remembered, the oldest forgotten first
 INVITATION_RETENTION_S = 30 * 24 * 3600.0  # expired invitations are deleted this long after
-DB_FILE = "swarm.db"
 _PEER_ID = re.compile(r"[a-z2-7]{32}")
 _INVITATION_ID = re.compile(r"[0-9a-f]{32}")
 _ASCII = re.compile(r"[\x20-\x7e]*")
@@ -375,20 +375,17 @@ class PoolStore:
     """The `pool_state` (one row: this node's pool) and `pool_invitations` tables of `swarm.db`."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.path = Path(data_dir) / DB_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as connection:
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(
+        self.path = prepare(
+            data_dir,
+            [
                 "CREATE TABLE IF NOT EXISTS pool_state (slot INTEGER PRIMARY KEY CHECK (slot = 0), "
                 "pool_id TEXT NOT NULL, version INTEGER NOT NULL, signature TEXT NOT NULL, "
-                "state TEXT NOT NULL, saved_at REAL NOT NULL)"
-            )
-            connection.execute(
+                "state TEXT NOT NULL, saved_at REAL NOT NULL)",
                 "CREATE TABLE IF NOT EXISTS pool_invitations (invitation_id TEXT PRIMARY KEY, "
                 "pool_id TEXT NOT NULL, signature TEXT NOT NULL, invitation TEXT NOT NULL, "
-                "issued REAL NOT NULL, expires REAL NOT NULL, used_by TEXT, used_at REAL)"
-            )
+                "issued REAL NOT NULL, expires REAL NOT NULL, used_by TEXT, used_at REAL)",
+            ],
+        )
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=10, isolation_level=None)
