@@ -38,10 +38,11 @@ def _limit(default: int) -> int:
     return int(raw)
 
 
-def credits_state(recent: int = 20) -> dict[str, Any]:
-    """This node's credits: balance, earned, spent, standing, tier, recent receipts."""
+def credits_state(recent: int = 20, board: int = 0) -> dict[str, Any]:
+    """This node's credits: balance, earned, spent, standing, tier, recent receipts (and
+    the first `board` leaderboard rows)."""
     ledger, identity, network_id = ledger_of_node()
-    return summary(ledger, identity, network_id, recent=recent)
+    return summary(ledger, identity, network_id, recent=recent, board=board)
 
 
 @bp.get("/admin/credits")

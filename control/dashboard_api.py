@@ -244,9 +244,4 @@ def network_stream() -> Response:
 def credits() -> Response:
     """This node's balance, standing, tier and recent receipts, the known peers' standings
     (the leaderboard) and the tier rules."""
-    from swarm.credit_desk import leaderboard
-
-    state = credits_api.credits_state(recent=20)
-    ledger, identity, network_id = credits_api.ledger_of_node()
-    board = leaderboard(ledger, identity, network_id, 20)
-    return jsonify({"active": True, **state, "leaderboard": board, "tiers": list(TIERS)})
+    return jsonify({"active": True, **credits_api.credits_state(recent=20, board=20), "tiers": list(TIERS)})

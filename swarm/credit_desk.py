@@ -409,32 +409,14 @@ def connection_state(host: str) -> dict[str, Any]:
     return {"subnet": subnet_of(host)}
 
 
-def summary(ledger: Ledger, identity: Identity, network_id: str, recent: int = 20) -> dict[str, Any]:
-    """This node's credits as the admin API and `swarm credits` show them."""
-    desk = CreditDesk(ledger, identity, network_id)
+def _ranked(ledger: Ledger, identity: Identity, network_id: str) -> tuple[list[dict[str, Any]], Any]:
+    """Known peers and this node ("self": True), highest standing first, each with its
+    tier; and this node's ledger totals."""
+    own = CreditDesk(ledger, identity, network_id).own_standing()
     totals = ledger.totals()
-    standings = ledger.standings()
-    own = desk.own_standing()
-    known = [s.standing for s in standings if s.peer_id != identity.peer_id] + [own]
-    return {
-        "peer_id": identity.peer_id,
-        "earned": totals.earned,
-        "spent": totals.spent,
-        "balance": totals.balance,
-        "standing": round(own, 3),
-        "tier": tier_of(own, known),
-        "receipts": {"earned": totals.earned_count, "spent": totals.spent_count},
-        "known_peers": len(standings),
-        "recent": ledger.recent(recent),
-    }
-
-
-def leaderboard(ledger: Ledger, identity: Identity, network_id: str, limit: int = 50) -> list[dict[str, Any]]:
-    """Known peers and this node ranked by standing, each with its tier."""
-    desk = CreditDesk(ledger, identity, network_id)
-    own = desk.own_standing()
-    totals = ledger.totals()
-    rows = [s.to_dict() for s in ledger.standings() if s.peer_id != identity.peer_id]
+    others = [s for s in ledger.standings() if s.peer_id != identity.peer_id]
+    known = [s.standing for s in others] + [own]  # ranked unrounded, as CreditDesk.tier does
+    rows = [s.to_dict() | {"tier": tier_of(s.standing, known)} for s in others]
     rows.append(
         {
             "peer_id": identity.peer_id,
@@ -445,13 +427,39 @@ def leaderboard(ledger: Ledger, identity: Identity, network_id: str, limit: int 
             "verified": True,
             "checked_at": time.time(),
             "self": True,
+            "tier": tier_of(own, known),
         }
     )
-    known = [row["standing"] for row in rows]
-    for row in rows:
-        row["tier"] = tier_of(row["standing"], known)
     rows.sort(key=lambda row: (-row["standing"], row["peer_id"]))
-    return rows[:limit]
+    return rows, totals
+
+
+def summary(
+    ledger: Ledger, identity: Identity, network_id: str, recent: int = 20, board: int = 0
+) -> dict[str, Any]:
+    """This node's credits as the admin API and `swarm credits` show them; with `board`,
+    also the first `board` rows of the leaderboard."""
+    rows, totals = _ranked(ledger, identity, network_id)
+    me = next(row for row in rows if row.get("self"))
+    answer = {
+        "peer_id": identity.peer_id,
+        "earned": totals.earned,
+        "spent": totals.spent,
+        "balance": totals.balance,
+        "standing": me["standing"],
+        "tier": me["tier"],
+        "receipts": {"earned": totals.earned_count, "spent": totals.spent_count},
+        "known_peers": len(rows) - 1,
+        "recent": ledger.recent(recent),
+    }
+    if board:
+        answer["leaderboard"] = rows[:board]
+    return answer
+
+
+def leaderboard(ledger: Ledger, identity: Identity, network_id: str, limit: int = 50) -> list[dict[str, Any]]:
+    """Known peers and this node ranked by standing, each with its tier."""
+    return _ranked(ledger, identity, network_id)[0][:limit]
 
 
 # --- admission by tier --------------------------------------------------------------------
@@ -481,21 +489,18 @@ class TierGate:
             entry = [rank, next(self._order), tier]
             heapq.heappush(self._waiting, entry)
             self.waited[tier] += 1
-            while True:
-                if self._waiting[0] is entry and self.active < self.limit:
-                    heapq.heappop(self._waiting)
-                    self._admit(tier)
-                    self._condition.notify_all()
-                    return True
+            while not (self._waiting[0] is entry and self.active < self.limit):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._condition.wait(remaining):
-                    if self._waiting[0] is entry and self.active < self.limit:
-                        continue
-                    if time.monotonic() >= deadline:
-                        self._waiting.remove(entry)
-                        heapq.heapify(self._waiting)
-                        self._condition.notify_all()
-                        return False
+                if remaining <= 0:
+                    self._waiting.remove(entry)
+                    heapq.heapify(self._waiting)
+                    self._condition.notify_all()  # the next waiter may be first now
+                    return False
+                self._condition.wait(remaining)
+            heapq.heappop(self._waiting)
+            self._admit(tier)
+            self._condition.notify_all()
+            return True
 
     def _admit(self, tier: str) -> None:
         self.active += 1
