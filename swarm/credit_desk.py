@@ -404,9 +404,10 @@ class CreditDesk:
         return reply.body
 
 
-def connection_state(host: str) -> dict[str, Any]:
-    """The per-channel state `CreditDesk.answer` keeps, for a peer connecting from `host`."""
-    return {"subnet": subnet_of(host)}
+def connection_state(host: str, peer_key: bytes) -> dict[str, Any]:
+    """The per-channel state `CreditDesk.answer` keeps (and the pool desk reads), for the
+    peer holding `peer_key` connecting from `host`."""
+    return {"subnet": subnet_of(host), "peer_key": peer_key}
 
 
 def _ranked(ledger: Ledger, identity: Identity, network_id: str) -> tuple[list[dict[str, Any]], Any]:

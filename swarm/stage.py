@@ -277,8 +277,7 @@ class StageServer:
                 return
             self._channels.add(channel)
         opened: set[str] = set()
-        credit_state = connection_state(host)
-        credit_state["peer_key"] = channel.peer_public_key
+        connection = connection_state(host, channel.peer_public_key)
         try:
             while not self._stopping.is_set():
                 try:
@@ -289,7 +288,7 @@ class StageServer:
                     continue
                 except ChannelError:
                     return
-                reply = self._answer(data, opened, credit_state)
+                reply = self._answer(data, opened, connection)
                 if isinstance(reply, bytes):
                     channel.send(reply)
                 elif reply is not None:  # a Generate: one message per token
@@ -305,9 +304,10 @@ class StageServer:
                 self._drop(session_id)
 
     def _answer(
-        self, data: bytes, opened: set[str], credit_state: dict[str, Any] | None = None
+        self, data: bytes, opened: set[str], connection: dict[str, Any]
     ) -> bytes | Iterator[bytes] | None:
-        """The bytes to send back for one received payload, or None."""
+        """The bytes to send back for one received payload, or None. `connection`: what
+        this channel's Credits and PoolMessages share (`credit_desk.connection_state`)."""
         session_id = ""
         try:
             message = wire.decode(data)
@@ -336,17 +336,16 @@ class StageServer:
             if isinstance(message, wire.PoolMessage):
                 if self.pool is None:
                     raise _Refusal(POOL_REFUSED, "this node keeps no pool")
-                peer_key = (credit_state or {}).get("peer_key", b"")
                 try:
-                    return wire.encode(wire.PoolMessage(self.pool.answer(message.body, peer_key)))
+                    answer = self.pool.answer(message.body, connection["peer_key"])
+                    return wire.encode(wire.PoolMessage(answer))
                 except PoolError as error:
                     raise _Refusal(POOL_REFUSED, str(error)) from None
             if isinstance(message, wire.Credits):
                 if self.credits is None:
                     raise _Refusal(CREDIT_REFUSED, "this stage keeps no credit ledger")
-                state = credit_state if credit_state is not None else {}
                 try:
-                    return wire.encode(wire.Credits(self.credits.answer(message.body, state)))
+                    return wire.encode(wire.Credits(self.credits.answer(message.body, connection)))
                 except CreditError as error:
                     raise _Refusal(CREDIT_REFUSED, str(error)) from None
             raise _Refusal(wire.BAD_MESSAGE, f"a stage does not accept {type(message).__name__}")
@@ -397,10 +396,7 @@ class StageServer:
         try:
             self._start_session(message, params)
         except BaseException:
-            with self._sessions_lock:
-                admitted = message.session_id in self._sessions
-            if not admitted:
-                self.gate.leave()
+            self.gate.leave()  # a session that failed to start never took the admission over
             raise
 
     def _start_session(self, message: wire.OpenSession, params: SamplingParams) -> None:
