@@ -52,6 +52,7 @@ from swarm.credits import (
 )
 from swarm.identity import Identity, peer_id_of
 from swarm.ledger import Ledger
+from swarm.pool import PoolError, PoolState
 from swarm.secure_channel import ChannelError, SecureChannel
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,6 @@ class CreditDesk:
         self.ledger.see(report.peer_id, subnet=connection.get("subnet"), served=report.earned > 0)
 
     def _note_pool(self, peer_id: str, raw: Any) -> None:
-        from swarm.pool import PoolError, PoolState
-
         try:
             state = PoolState.from_dict(raw)
             state.verify()
@@ -234,7 +233,7 @@ class CreditDesk:
         _, receipts = self.ledger.earned_tree()
         signers: dict[str, tuple] = {}
         earned = sum(r.credits * self._weight(r, self.identity.peer_id, signers) for r in receipts)
-        return earned - self.ledger.totals().spent
+        return earned - self.ledger.spent_by(self.identity.peer_id)[0]
 
     def _population(self) -> tuple[float, list[float]]:
         """(own standing, every known standing), recomputed at most every POPULATION_S."""

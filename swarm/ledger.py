@@ -141,22 +141,19 @@ class Ledger:
             ) from None
 
     def totals(self) -> Totals:
-        with closing(self._connect()) as connection:
-            earned = connection.execute(
-                "SELECT COALESCE(SUM(credits), 0), COUNT(*) FROM credit_receipts WHERE stage = ?",
-                (self.peer_id,),
-            ).fetchone()
-            spent = connection.execute(
-                "SELECT COALESCE(SUM(credits), 0), COUNT(*) FROM credit_receipts WHERE requester = ?",
-                (self.peer_id,),
-            ).fetchone()
-        return Totals(int(earned[0]), int(earned[1]), int(spent[0]), int(spent[1]))
+        earned, earned_count = self._sum("stage", self.peer_id)
+        spent, spent_count = self.spent_by(self.peer_id)
+        return Totals(earned, earned_count, spent, spent_count)
 
     def spent_by(self, peer_id: str) -> tuple[int, int]:
         """(credits, count) of the receipts `peer_id` signed that this node holds."""
+        return self._sum("requester", peer_id)
+
+    def _sum(self, column: str, peer_id: str) -> tuple[int, int]:
+        """(credits, count) of the receipts whose `column` (stage or requester) is `peer_id`."""
         with closing(self._connect()) as connection:
             credits, count = connection.execute(
-                "SELECT COALESCE(SUM(credits), 0), COUNT(*) FROM credit_receipts WHERE requester = ?",
+                f"SELECT COALESCE(SUM(credits), 0), COUNT(*) FROM credit_receipts WHERE {column} = ?",
                 (peer_id,),
             ).fetchone()
         return int(credits), int(count)
@@ -199,14 +196,14 @@ class Ledger:
     def report(self, identity: Any, network_id: str) -> BalanceReport:
         """This node's signed balance report."""
         levels, receipts = self.earned_tree()
-        totals = self.totals()
+        spent, spent_count = self.spent_by(self.peer_id)
         return BalanceReport.create(
             identity,
             network_id,
             root=root_of(levels),
             earned_count=len(receipts),
-            spent=totals.spent,
-            spent_count=totals.spent_count,
+            spent=spent,
+            spent_count=spent_count,
         )
 
     # --- identities -----------------------------------------------------------------------
