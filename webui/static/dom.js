@@ -34,6 +34,22 @@ export function svg(tag, attributes, ...children) {
   return fill(document.createElementNS(SVG_NS, tag), attributes, children);
 }
 
+// A table that scrolls sideways at phone width: a header cell per column title, then
+// `rows` (ready <tr> elements); `caption` (optional) is read by screen readers only.
+export function table(attributes, columns, rows, caption) {
+  return h(
+    "div",
+    { class: "table-wrap" },
+    h(
+      "table",
+      attributes,
+      caption ? h("caption", { class: "visually-hidden" }, caption) : null,
+      h("thead", {}, h("tr", {}, ...columns.map((column) => h("th", { scope: "col" }, column)))),
+      h("tbody", {}, ...rows),
+    ),
+  );
+}
+
 export function clear(element) {
   element.replaceChildren();
   return element;

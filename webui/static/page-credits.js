@@ -3,7 +3,7 @@
 // each signer is trusted and sets the tier. The leaderboard is the peers this node has
 // checked. Every number comes from the API.
 import { api } from "./api.js";
-import { formatNumber, h, notice, shortId } from "./dom.js";
+import { formatNumber, h, notice, shortId, table } from "./dom.js";
 import { t } from "./i18n.js";
 
 function stat(label, value, field) {
@@ -12,56 +12,39 @@ function stat(label, value, field) {
 
 function receiptsTable(receipts) {
   if (!receipts.length) return h("p", { class: "hint", "data-field": "credits-no-receipts" }, t("credits.no_receipts"));
-  return h(
-    "div",
-    { class: "table-wrap" },
-    h(
-      "table",
-      { "data-field": "credits-receipts" },
-      h("thead", {}, h("tr", {}, ...["direction", "peer", "layers", "tokens", "credits", "when"].map((key) => h("th", {}, t(`credits.col.${key}`))))),
-      h(
-        "tbody",
+  return table(
+    { "data-field": "credits-receipts" },
+    ["direction", "peer", "layers", "tokens", "credits", "when"].map((key) => t(`credits.col.${key}`)),
+    receipts.map((receipt) => {
+      const peer = receipt.direction === "earned" ? receipt.requester : receipt.stage;
+      return h(
+        "tr",
         {},
-        ...receipts.map((receipt) =>
-          h(
-            "tr",
-            {},
-            h("td", {}, t(`credits.direction.${receipt.direction}`)),
-            h("td", { title: receipt.direction === "earned" ? receipt.requester : receipt.stage }, shortId(receipt.direction === "earned" ? receipt.requester : receipt.stage)),
-            h("td", {}, `${receipt.layers[0]}–${receipt.layers[1]}`),
-            h("td", {}, formatNumber(receipt.tokens)),
-            h("td", {}, (receipt.direction === "earned" ? "+" : "−") + formatNumber(receipt.credits)),
-            h("td", {}, new Date(receipt.issued * 1000).toLocaleString()),
-          ),
-        ),
-      ),
-    ),
+        h("td", {}, t(`credits.direction.${receipt.direction}`)),
+        h("td", { title: peer }, shortId(peer)),
+        h("td", {}, `${receipt.layers[0]}–${receipt.layers[1]}`),
+        h("td", {}, formatNumber(receipt.tokens)),
+        h("td", {}, (receipt.direction === "earned" ? "+" : "−") + formatNumber(receipt.credits)),
+        h("td", {}, new Date(receipt.issued * 1000).toLocaleString()),
+      );
+    }),
   );
 }
 
 function leaderboardTable(rows) {
-  return h(
-    "div",
-    { class: "table-wrap" },
-    h(
-      "table",
-      { "data-field": "credits-leaderboard" },
-      h("thead", {}, h("tr", {}, ...["rank", "peer", "tier", "standing", "balance", "checked"].map((key) => h("th", {}, t(`credits.col.${key}`))))),
+  return table(
+    { "data-field": "credits-leaderboard" },
+    ["rank", "peer", "tier", "standing", "balance", "checked"].map((key) => t(`credits.col.${key}`)),
+    rows.map((row, index) =>
       h(
-        "tbody",
-        {},
-        ...rows.map((row, index) =>
-          h(
-            "tr",
-            { class: row.self ? "self" : "" },
-            h("td", {}, String(index + 1)),
-            h("td", { title: row.peer_id }, row.self ? t("credits.you") : shortId(row.peer_id)),
-            h("td", {}, h("span", { class: `tier ${row.tier}` }, t(`credits.tier.${row.tier}`))),
-            h("td", {}, formatNumber(row.standing, 1)),
-            h("td", {}, formatNumber(row.balance)),
-            h("td", {}, row.self ? "" : t(row.verified ? "credits.verified" : "credits.unverified")),
-          ),
-        ),
+        "tr",
+        { class: row.self ? "self" : "" },
+        h("td", {}, String(index + 1)),
+        h("td", { title: row.peer_id }, row.self ? t("credits.you") : shortId(row.peer_id)),
+        h("td", {}, h("span", { class: `tier ${row.tier}` }, t(`credits.tier.${row.tier}`))),
+        h("td", {}, formatNumber(row.standing, 1)),
+        h("td", {}, formatNumber(row.balance)),
+        h("td", {}, row.self ? "" : t(row.verified ? "credits.verified" : "credits.unverified")),
       ),
     ),
   );

@@ -1,7 +1,7 @@
 // Models: per model, the layers and shards held here and by peers, what is missing here
 // and its size, pin and unpin, download. Everything from /api/dashboard/models.
 import { api } from "./api.js";
-import { clear, formatBytes, formatNumber, h, layerRange, notice, pullProgress, shortId } from "./dom.js";
+import { clear, formatBytes, formatNumber, h, layerRange, notice, pullProgress, shortId, table } from "./dom.js";
 import { t } from "./i18n.js";
 
 const REFRESH_MS = 5000;
@@ -50,17 +50,7 @@ function holders(model) {
     );
   }
   if (!rows.length) return h("p", { class: "hint" }, t("models.nobody"));
-  return h(
-    "div",
-    { class: "table-wrap" },
-    h(
-      "table",
-      {},
-      h("caption", { class: "visually-hidden" }, t("models.holders_caption", { model: model.id })),
-      h("thead", {}, h("tr", {}, h("th", { scope: "col" }, t("models.holder")), h("th", { scope: "col" }, t("models.layers")), h("th", { scope: "col" }, t("models.latency")))),
-      h("tbody", {}, ...rows),
-    ),
-  );
+  return table({}, [t("models.holder"), t("models.layers"), t("models.latency")], rows, t("models.holders_caption", { model: model.id }));
 }
 
 function shards(model) {

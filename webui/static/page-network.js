@@ -1,7 +1,7 @@
 // Network map: this node and its peers, their layer ranges and latency, live from the
 // server-sent event stream /api/dashboard/network/stream (a snapshot every few seconds).
 import { events } from "./api.js";
-import { formatNumber, formatSeconds, h, layerRange, notice, shortId, svg } from "./dom.js";
+import { formatNumber, formatSeconds, h, layerRange, notice, shortId, svg, table } from "./dom.js";
 import { t } from "./i18n.js";
 
 const RECONNECT_MS = 3000;
@@ -62,39 +62,22 @@ function map(snapshot) {
 
 function peerTable(snapshot) {
   if (!snapshot.peers.length) return h("p", { class: "hint", "data-field": "no-peers" }, t("network.alone"));
-  return h(
-    "div",
-    { class: "table-wrap" },
-    h(
-      "table",
-      { class: "peers" },
-      h("caption", { class: "visually-hidden" }, t("network.peers")),
+  return table(
+    { class: "peers" },
+    ["peer", "address", "layers", "latency", "source", "seen"].map((column) => t(`network.column.${column}`)),
+    snapshot.peers.map((peer) =>
       h(
-        "thead",
-        {},
-        h(
-          "tr",
-          {},
-          ...["peer", "address", "layers", "latency", "source", "seen"].map((column) => h("th", { scope: "col" }, t(`network.column.${column}`))),
-        ),
-      ),
-      h(
-        "tbody",
-        {},
-        ...snapshot.peers.map((peer) =>
-          h(
-            "tr",
-            { "data-peer": peer.peer_id },
-            h("td", {}, h("code", { title: peer.peer_id }, shortId(peer.peer_id)), peer.verified ? h("span", { class: "badge ready small" }, t("network.verified")) : null),
-            h("td", {}, peer.dht || "–"),
-            h("td", {}, peerLayers(peer).join(", ") || t("network.no_layers")),
-            h("td", {}, peer.latency_ms === null || peer.latency_ms === undefined ? "–" : t("common.ms", { ms: formatNumber(peer.latency_ms, 1) })),
-            h("td", {}, peer.source || "–"),
-            h("td", {}, peer.last_seen ? t("network.ago", { time: formatSeconds(snapshot.time - peer.last_seen) }) : "–"),
-          ),
-        ),
+        "tr",
+        { "data-peer": peer.peer_id },
+        h("td", {}, h("code", { title: peer.peer_id }, shortId(peer.peer_id)), peer.verified ? h("span", { class: "badge ready small" }, t("network.verified")) : null),
+        h("td", {}, peer.dht || "–"),
+        h("td", {}, peerLayers(peer).join(", ") || t("network.no_layers")),
+        h("td", {}, peer.latency_ms === null || peer.latency_ms === undefined ? "–" : t("common.ms", { ms: formatNumber(peer.latency_ms, 1) })),
+        h("td", {}, peer.source || "–"),
+        h("td", {}, peer.last_seen ? t("network.ago", { time: formatSeconds(snapshot.time - peer.last_seen) }) : "–"),
       ),
     ),
+    t("network.peers"),
   );
 }
 

@@ -3,7 +3,7 @@
 // join. Private mode routes this node's requests only through the pool's members (and,
 // if allowed, peers on the local network); the node keeps serving everyone.
 import { api } from "./api.js";
-import { formatNumber, h, notice, shortId } from "./dom.js";
+import { formatNumber, h, notice, shortId, table } from "./dom.js";
 import { t } from "./i18n.js";
 
 function field(label, input) {
@@ -11,26 +11,17 @@ function field(label, input) {
 }
 
 function membersTable(pool) {
-  return h(
-    "div",
-    { class: "table-wrap" },
-    h(
-      "table",
-      { "data-field": "pool-members" },
-      h("thead", {}, h("tr", {}, ...["device", "peer", "role", "joined"].map((key) => h("th", {}, t(`pool.col.${key}`))))),
+  return table(
+    { "data-field": "pool-members" },
+    ["device", "peer", "role", "joined"].map((key) => t(`pool.col.${key}`)),
+    pool.members.map((member) =>
       h(
-        "tbody",
-        {},
-        ...pool.members.map((member) =>
-          h(
-            "tr",
-            { class: member.self ? "self" : "", "data-peer": member.peer_id },
-            h("td", {}, member.device_name || (member.self ? t("pool.this_device") : "—")),
-            h("td", { title: member.peer_id }, shortId(member.peer_id)),
-            h("td", {}, t(member.owner ? "pool.role.owner" : "pool.role.member")),
-            h("td", {}, new Date(member.joined_at * 1000).toLocaleString()),
-          ),
-        ),
+        "tr",
+        { class: member.self ? "self" : "", "data-peer": member.peer_id },
+        h("td", {}, member.device_name || (member.self ? t("pool.this_device") : "—")),
+        h("td", { title: member.peer_id }, shortId(member.peer_id)),
+        h("td", {}, t(member.owner ? "pool.role.owner" : "pool.role.member")),
+        h("td", {}, new Date(member.joined_at * 1000).toLocaleString()),
       ),
     ),
   );
