@@ -319,8 +319,8 @@ class Generate:
 
 
 @dataclass(frozen=True)
-class Credits:
-    """A credit exchange (see the module docstring): `body` is a JSON object with a "kind"."""
+class _JsonMessage:
+    """A message whose body is one JSON object with a "kind" (see the module docstring)."""
 
     body: dict[str, Any]
 
@@ -330,8 +330,13 @@ class Credits:
 
 
 @dataclass(frozen=True)
-class PoolMessage(Credits):
-    """A pool exchange (see the module docstring): `body` is a JSON object with a "kind"."""
+class Credits(_JsonMessage):
+    """A credit exchange: receipt, report, challenge, proof or acknowledgement."""
+
+
+@dataclass(frozen=True)
+class PoolMessage(_JsonMessage):
+    """A pool exchange: a join, a request for the member list, or the owner's state."""
 
 
 @dataclass(frozen=True)
@@ -727,8 +732,8 @@ def _decode_prefix_block(reader: _Reader) -> PrefixBlock:
     return PrefixBlock(remaining, key, tensors[0], tensors[1], digest)
 
 
-def _decode_json(kind: type[Credits]) -> Any:
-    def decode_body(reader: _Reader) -> Credits:
+def _decode_json(kind: type[_JsonMessage]) -> Any:
+    def decode_body(reader: _Reader) -> _JsonMessage:
         payload = reader.bytes32("body", MAX_CREDITS_JSON_BYTES)
         try:
             body = json.loads(payload)

@@ -404,6 +404,26 @@ def test_stages_are_paid_exactly_for_what_they_ran(tiny_model, data_dir, tmp_pat
             standing = desk.ledger.standing_of(payer.identity.peer_id)
             assert standing is not None and standing.verified
         assert [s.stats()["admission"]["admitted"]["bronze"] for s in stages] == [1, 1]
+        # Malformed credit messages get an answer naming the problem; nothing is stored.
+        from swarm import wire
+        from swarm.secure_channel import SecureChannel
+
+        channel = SecureChannel.connect(stages[1].address, Identity.generate(), NETWORK, timeout=10)
+        try:
+            for body, reason in (
+                ({"kind": "receipt", "receipt": {"tokens": "many"}}, "receipt lacks"),
+                ({"kind": "proof", "samples": []}, "none is pending"),
+                ({"kind": "gift"}, "unknown credits message"),
+            ):
+                channel.send(wire.encode(wire.Credits(body)))
+                reply = wire.decode(channel.recv(timeout=10))
+                assert isinstance(reply, wire.Error) and reply.code == "credit_refused", reply
+                assert reason in reply.message
+            channel.send(wire.encode(wire.Ping(5, 0.0)))
+            assert isinstance(wire.decode(channel.recv(timeout=10)), wire.Pong)
+        finally:
+            channel.close()
+        assert desks[1].ledger.totals().earned == 2 * positions
     finally:
         for stage in stages:
             stage.close()

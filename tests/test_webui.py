@@ -75,7 +75,9 @@ def test_every_string_key_is_in_the_catalog():
     catalog = _catalog()
     source = "\n".join(script.read_text() for script in SCRIPTS if script.name != "strings-en.js")
     used = set(
-        re.findall(r'"((?:common|setup|chat|models|network|compare|credits|pool|settings|nav)\.[\w.]+)"', source)
+        re.findall(
+            r'"((?:common|setup|chat|models|network|compare|credits|pool|settings|nav)\.[\w.]+)"', source
+        )
     )
     used |= set(re.findall(r'data-i18n(?:-label|-title)?="([\w.]+)"', (STATIC / "index.html").read_text()))
     assert used, "no keys found: the pattern is stale"

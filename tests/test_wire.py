@@ -69,6 +69,8 @@ def _messages() -> list[wire.Message]:
         Pong(7, 1_700_000_000.5),
         Generate(SESSION, 40, 512, (2, 128001)),
         Generate(SESSION, 0, 1),
+        wire.Credits({"kind": "challenge", "nonce": "00" * 16}),
+        wire.PoolMessage({"kind": "get_state"}),
     ]
 
 
@@ -84,6 +86,39 @@ def test_every_message_type_round_trips():
         else:
             assert decoded == message
         assert encode(decoded) == data
+
+
+def _json_message_bytes(type_id: int, body: bytes, claimed: int | None = None) -> bytes:
+    length = len(body) if claimed is None else claimed
+    payload = struct.pack(">I", length) + body
+    return struct.pack(">4sHBBI", b"SWMS", 1, type_id, 0, len(payload)) + payload
+
+
+@pytest.mark.parametrize("type_id", [11, 12])
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "JSON object with a kind"),
+        (b'{"receipt": {}}', "JSON object with a kind"),
+        (b'{"kind": 7}', "JSON object with a kind"),
+    ],
+)
+def test_bad_credits_and_pool_bodies_are_refused(type_id: int, body: bytes, reason: str):
+    with pytest.raises(WireError, match=reason):
+        decode(_json_message_bytes(type_id, body))
+
+
+def test_credits_and_pool_bodies_over_the_limit_are_refused_both_ways():
+    with pytest.raises(WireError, match="exceeds the limit"):
+        decode(_json_message_bytes(11, b"", claimed=wire.MAX_CREDITS_JSON_BYTES + 1))
+    with pytest.raises(WireError, match="exceeds"):
+        encode(wire.Credits({"kind": "x", "padding": "a" * wire.MAX_CREDITS_JSON_BYTES}))
+    with pytest.raises(WireError, match="not JSON"):
+        encode(wire.PoolMessage({"kind": "x", "value": float("nan")}))
+    # The two kinds are distinct messages, not one dressed as the other.
+    assert type(decode(encode(wire.PoolMessage({"kind": "x"})))) is wire.PoolMessage
+    assert not isinstance(decode(encode(wire.PoolMessage({"kind": "x"}))), wire.Credits)
 
 
 def test_ping_and_pong_are_distinct_messages():
