@@ -1,7 +1,7 @@
 """The control plane's Flask application factory.
 
 Owns `create_app`, which wires the config, the API key, the node client and one
-blueprint per area (health and metrics, admin, dashboard, OpenAI, Anthropic, MCP, the
+blueprint per area (health and metrics, admin, credits, pools, dashboard, OpenAI, Anthropic, MCP, the
 pages), and the accessors handlers use to reach them. The app never imports jax: it reaches the
 node only through `control.node_client`. Served by gunicorn with gevent workers
 (`control.wsgi:app`); tests build it directly with a config and a data dir.
