@@ -99,7 +99,10 @@ class CreditDesk:
     # --- the stage's side ---------------------------------------------------------------
 
     def served(self, session_id: str, requester_key: bytes, layers: tuple[int, int], positions: int) -> None:
-        """Counts `positions` run for a session of the requester holding `requester_key`."""
+        """Counts `positions` run for a session of the requester holding `requester_key`
+        (not for this node's own sessions: nobody pays for those)."""
+        if requester_key == self.identity.public_key:
+            return
         with self._lock:
             entry = self._served.get(session_id)
             if entry is None:
