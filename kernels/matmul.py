@@ -114,9 +114,11 @@ def dequant_matmul(
 
     Tuning knobs (powers of two): `block_rows` output features per program,
     `block_m` activation rows per program, `block_k` input features decoded per
-    inner step (a multiple of the type's block size).
+    inner step (a multiple of the type's block size).  Reads the ROWS layout (a
+    PANELS weight is converted first).
     """
     _check_operands(x, w)
+    w = w.to_rows()
     fmt = quant_format(w.qtype)
     for name, value in (("block_rows", block_rows), ("block_m", block_m), ("block_k", block_k)):
         if not _is_power_of_two(value):

@@ -73,6 +73,18 @@ def _use_cpu_kernel(impl: str, w: QuantTensor) -> bool:
     return _use_cpu_kernels(impl) and cpu.supports(w.qtype)
 
 
+def arrange(w: jax.Array | QuantTensor, *, impl: str = "auto") -> jax.Array | QuantTensor:
+    """`w` in the byte layout the path `impl` reads fastest, for holding between calls.
+
+    The CPU kernel streams the PANELS layout at memory speed, so weights it will
+    run on are permuted once here, at load time; every other path and weight is
+    returned as it is.  Any layout gives the same products on every path.
+    """
+    if isinstance(w, QuantTensor) and _use_cpu_kernel(impl, w) and w.can_use_panels():
+        return w.to_panels()
+    return w
+
+
 def _dot_last(x: jax.Array, w: jax.Array) -> jax.Array:
     """x f32[..., in] . w f32[out, in] -> f32[..., out] (GGUF rows are output features)."""
     return lax.dot_general(
@@ -203,7 +215,6 @@ def take_rows(table: jax.Array | QuantTensor, ids: jax.Array) -> jax.Array:
     dequantized, so the lookup never materializes the whole table in f32.
     """
     if isinstance(table, QuantTensor):
-        rows = jnp.take(table.data, ids.reshape(-1), axis=0)
-        picked = QuantTensor(rows, table.qtype, (rows.shape[0], table.in_features)).dequantize()
+        picked = table.take(ids.reshape(-1)).dequantize()
         return picked.reshape(*ids.shape, table.in_features)
     return jnp.take(jnp.asarray(table, jnp.float32), ids, axis=0)

@@ -166,6 +166,7 @@ class Engine:
             last,
             packed=settings.packed_weights(),
             unrolled=settings.unrolled_layers(),
+            kernels=settings.kernels,
         )
         return cls(config, weights, first, last, settings)
 

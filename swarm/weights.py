@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import QuantTensor, stack
+from kernels import QuantTensor, ops, stack
 from kernels.attention import NO_WINDOW
 from kernels.quant_types import GGMLType
 from swarm.errors import ModelFileError
@@ -68,9 +68,11 @@ def _dequantize(gguf: GGUFFile, info: TensorInfo) -> jax.Array:
 
 @dataclass(frozen=True)
 class _Layout:
-    """How matrices are held: packed QuantTensor (GPU) or f32 arrays (CPU)."""
+    """How matrices are held: packed QuantTensor (GPU, CPU kernels) or f32 arrays (plain
+    CPU), packed ones in the byte layout the `kernels` path reads fastest."""
 
     packed: bool
+    kernels: str = "auto"
 
     def is_packed(self, info: TensorInfo) -> bool:
         return self.packed and info.qtype != GGMLType.F32
@@ -80,9 +82,10 @@ class _Layout:
 
     def matrix(self, gguf: GGUFFile, info: TensorInfo) -> jax.Array | QuantTensor:
         if self.is_packed(info):
-            return QuantTensor.from_packed(
+            tensor = QuantTensor.from_packed(
                 np.asarray(gguf.tensor_bytes(info.name)), info.qtype, (info.rows, info.ne[0])
             )
+            return ops.arrange(tensor, impl=self.kernels)
         return _dequantize(gguf, info)
 
     def stacked(self, gguf: GGUFFile, infos: list[TensorInfo]) -> jax.Array | QuantTensor:
@@ -121,14 +124,22 @@ def _stack_group(
 
 
 def load_range_weights(
-    gguf: GGUFFile, config: ModelConfig, first: int, last: int, *, packed: bool, unrolled: bool = False
+    gguf: GGUFFile,
+    config: ModelConfig,
+    first: int,
+    last: int,
+    *,
+    packed: bool,
+    unrolled: bool = False,
+    kernels: str = "auto",
 ) -> RangeWeights:
     """Weights for layers [first, last).
 
-    packed keeps quantized matrices as QuantTensor (else f32 arrays); unrolled
-    gives every layer a group of its own, which the model runs without a scan.
+    packed keeps quantized matrices as QuantTensor (else f32 arrays), laid out for
+    the `kernels` path (`kernels.ops.arrange`); unrolled gives every layer a group
+    of its own, which the model runs without a scan.
     """
-    layout = _Layout(packed)
+    layout = _Layout(packed, kernels)
     if not 0 <= first < last <= config.n_layers:
         raise ModelFileError(f"layer range {first}-{last} is outside 0-{config.n_layers}")
     names = layer_param_names(config)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 
+import jax
 import numpy as np
 import pytest
 
+from kernels import cpu
+from kernels.qtensor import PANELS, QuantTensor
 from swarm.engine import Engine, EngineSettings
 from swarm.gguf_file import GGUFFile
 from swarm.model_config import ModelConfig
@@ -131,3 +134,31 @@ def test_scanned_and_unrolled_layers_agree(tiny_model, spec_name):
         results.append(logits)
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(results[2], results[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not cpu.available() or jax.default_backend() != "cpu", reason="the CPU kernel's layout")
+@pytest.mark.parametrize("spec_name", ["llama-tiny", "gemma3-tiny"])
+def test_kernel_engine_holds_panels_with_the_rows_results(tiny_model, spec_name):
+    """On the CPU kernel the engine holds whole-panel matrices in the PANELS layout, and
+    its logits are bit for bit those of the same engine holding the GGUF's rows."""
+    gguf, config = _open(tiny_model(spec_name))
+    prompt = np.asarray(load_fixture(f"tiny-{spec_name}")["prompt_token_ids"], np.int32)
+    engine = Engine.load(gguf, config, settings=EngineSettings(weights="packed"))
+    packed = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(engine.weights, is_leaf=lambda x: isinstance(x, QuantTensor))
+        if isinstance(leaf, QuantTensor)
+    ]
+    assert packed and all(w.layout == PANELS for w in packed if w.can_use_panels())
+    assert any(w.layout == PANELS for w in packed)
+    as_rows = jax.tree_util.tree_map(
+        lambda leaf: leaf.to_rows() if isinstance(leaf, QuantTensor) else leaf,
+        engine.weights,
+        is_leaf=lambda x: isinstance(x, QuantTensor),
+    )
+    rows_engine = Engine(config, as_rows, engine.first, engine.last, engine.settings)
+    results = []
+    for each in (engine, rows_engine):
+        logits, _ = each.forward(prompt, 0, each.new_cache(256), all_logits=True)
+        results.append(np.asarray(logits))
+    np.testing.assert_array_equal(results[0], results[1])

@@ -6,7 +6,9 @@
 For each matrix shape of the models (real tensors read with gguf-py) and each
 activation row count m, times three ways of computing x f32[m, k] @ w.T:
 
-  ours       kernels.cpu.qmatmul on the packed rows (the XLA FFI custom call)
+  ours       kernels.cpu.qmatmul on the packed weights in the layout the engine
+             holds them in (`kernels.ops.arrange`: the panels layout)
+  rows       the same kernel on the GGUF's own row layout
   xla_f32    an XLA dot on weights dequantized to f32 beforehand (what the engine
              does on CPU today: 4x the RAM)
   reference  kernels.matmul.dequant_matmul_reference: dequantize inside the jit
@@ -62,6 +64,7 @@ class Row:
     shape: tuple[int, int]
     rows: int
     ours_us: float
+    rows_layout_us: float
     xla_f32_us: float
     reference_us: float | None
     packed_bytes: int
@@ -135,7 +138,8 @@ def _dense_product(x: jax.Array, dense: jax.Array) -> jax.Array:
 def bench_matrix(model: str, label: str, w: QuantTensor, rows: int, runs: int, reference: bool) -> Row:
     x = jnp.asarray(np.random.default_rng(0).standard_normal((rows, w.in_features)), jnp.float32)
     dense = jax.block_until_ready(w.dequantize())
-    ours = _time_product(cpu.qmatmul, x, w, runs)
+    ours = _time_product(cpu.qmatmul, x, ops.arrange(w, impl="cpu"), runs)
+    rows_layout = _time_product(cpu.qmatmul, x, w, runs)
     xla_f32 = _time_product(_dense_product, x, dense, runs)
     ref = _time_product(dequant_matmul_reference, x, w, runs) if reference else None
     return Row(
@@ -145,6 +149,7 @@ def bench_matrix(model: str, label: str, w: QuantTensor, rows: int, runs: int, r
         w.shape,
         rows,
         ours * 1e6,
+        rows_layout * 1e6,
         xla_f32 * 1e6,
         None if ref is None else ref * 1e6,
         int(w.data.size),
@@ -173,13 +178,25 @@ def bench_step(model: str, reader: gguf.GGUFReader, rows: int, runs: int) -> Row
     ]
     rng = np.random.default_rng(1)
     xs = {k: jnp.asarray(rng.standard_normal((rows, k)), jnp.float32) for k in {w.shape[1] for w in weights}}
-    ours = _step_seconds(cpu.qmatmul, xs, weights, runs)
+    ours = _step_seconds(cpu.qmatmul, xs, [ops.arrange(w, impl="cpu") for w in weights], runs)
+    rows_layout = _step_seconds(cpu.qmatmul, xs, weights, runs)
     dense = [jax.block_until_ready(w.dequantize()) for w in weights]
     xla_f32 = _step_seconds(_dense_product, xs, dense, runs)
     del dense
     ref = _step_seconds(dequant_matmul_reference, xs, weights, max(1, runs // 2))
     packed = sum(int(w.data.size) for w in weights)
-    return Row(model, "step", "all", (len(weights), 0), rows, ours * 1e6, xla_f32 * 1e6, ref * 1e6, packed)
+    return Row(
+        model,
+        "step",
+        "all",
+        (len(weights), 0),
+        rows,
+        ours * 1e6,
+        rows_layout * 1e6,
+        xla_f32 * 1e6,
+        ref * 1e6,
+        packed,
+    )
 
 
 def _format(row: Row) -> str:
@@ -189,6 +206,7 @@ def _format(row: Row) -> str:
     gbps = f"{row.packed_gb_s:.1f}" if row.rows == 1 else "-"
     return (
         f"| {row.model} | {row.matrix} | {row.qtype} | {shape} | {row.rows} | {row.ours_us:,.1f} | "
+        f"{row.rows_layout_us:,.1f} | "
         f"{row.xla_f32_us:,.1f} | {ref} | {row.xla_f32_us / row.ours_us:.1f}x | {ref_ratio} | {gbps} |"
     )
 
@@ -211,8 +229,8 @@ def main() -> int:
         return 1
     row_counts = [int(r) for r in args.rows.split(",")]
     header = (
-        "| model | matrix | type | n x k | m | ours us | xla_f32 us | reference us | f32/ours | ref/ours "
-        "| GB/s m=1 |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| model | matrix | type | n x k | m | ours us | rows us | xla_f32 us | reference us | f32/ours | ref/ours "
+        "| GB/s m=1 |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     if not args.json:
         print(f"jax {jax.__version__}, {jax.default_backend()}, kernel threads: {cpu.threads()}")

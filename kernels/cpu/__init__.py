@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.cpu import build
-from kernels.qtensor import QuantTensor
+from kernels.qtensor import PANELS, QuantTensor
 from kernels.quant_types import GGMLType, quant_format
 
 FFI_TARGET = "swarm_qmatmul_cpu"
@@ -99,8 +99,8 @@ def threads() -> int:
 def qmatmul(x: jax.Array, w: QuantTensor) -> jax.Array:
     """x f32[m, k] times the packed weight w (shape (n, k), data u8[n, row_bytes]) -> f32[m, n].
 
-    Usable under `jit` and inside `lax.scan` bodies; the caller flattens leading
-    axes of x.  Raises if the type is unsupported or the kernel is unavailable:
+    Both byte layouts (`QuantTensor.layout`) are read in place.  Usable under `jit`
+    and inside `lax.scan` bodies; the caller flattens leading axes of x.  Raises if the type is unsupported or the kernel is unavailable:
     `kernels.ops.matmul` checks both and falls back instead.
     """
     if not isinstance(w, QuantTensor) or w.data.ndim != 2:
@@ -120,7 +120,9 @@ def qmatmul(x: jax.Array, w: QuantTensor) -> jax.Array:
         jax.ShapeDtypeStruct((x.shape[0], w.out_features), jnp.float32),
         vmap_method="sequential",
     )
-    return call(x, w.data, qtype=np.int32(w.qtype))
+    if w.layout == PANELS and not w.can_use_panels():
+        raise ValueError(f"a panels-layout weight needs a multiple of 16 rows; got {w.out_features}")
+    return call(x, w.data, qtype=np.int32(w.qtype), layout=np.int32(w.layout == PANELS))
 
 
 def decode_attention(

@@ -15,9 +15,15 @@
 // activation block sums take out (gemm.h).  Bit layouts follow the
 // `dequantize_row_*` functions of ggml-quants.c, as kernels/dequant.py does.
 //
-// Decoders never transpose unpacked values: they transpose the packed bytes (16
-// rows x 16 bytes into 4 registers of row lanes) and unpack in place, with the
-// same per-lane arithmetic as ggml's row-wise decoders.
+// Decoders read a block's fields through a source, in either weight layout:
+//
+//   RowsSource    the GGUF's own rows: the packed bytes are transposed (16 rows x 16
+//                 bytes into 4 registers of row lanes) and unpacked in place;
+//   PanelsSource  the panels layout (kernels/qtensor.py, PANEL_FIELDS), which the
+//                 loader stores for this kernel: every field is already in row
+//                 lanes, so a read is a plain load, and a panel is one stream.
+//
+// Either way the unpacking is the same per-lane arithmetic as ggml's row-wise decoders.
 
 #ifndef SWARM_KERNELS_CPU_PANEL_H_
 #define SWARM_KERNELS_CPU_PANEL_H_
@@ -47,16 +53,6 @@ struct PanelRows {
     alignas(64) uint32_t words[kPanelRows];
     for (int n = 0; n < kPanelRows; ++n) std::memcpy(words + n, row[n] + offset, 4);
     return _mm512_load_si512(words);
-  }
-
-  // (low, high) i32 lane n: bytes 0..3 and 4..7 of the 8 bytes at row n + offset.
-  void Gather64(int64_t offset, __m512i* low, __m512i* high) const {
-    alignas(64) uint64_t words[kPanelRows];
-    for (int n = 0; n < kPanelRows; ++n) std::memcpy(words + n, row[n] + offset, 8);
-    const __m512i first = _mm512_load_si512(words), second = _mm512_load_si512(words + 8);
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    *low = _mm512_permutex2var_epi32(first, even, second);
-    *high = _mm512_permutex2var_epi32(first, _mm512_add_epi32(even, _mm512_set1_epi32(1)), second);
   }
 
   // t[j] lane n: bytes 4j..4j+3 of the 16 bytes at row n + offset.
@@ -92,9 +88,59 @@ struct PanelRows {
   }
 };
 
+// A format's fields for 16 rows in the GGUF's rows layout.  Words<C>(block, field, unit)
+// gives C registers whose i32 lane n holds bytes field + 4 (unit + j) .. + 3 of that
+// block of row n; Half(block, field) the f16 at `field` of each row, as f32.
+template <class F>
+struct RowsSource {
+  PanelRows rows;
+
+  template <int kCount>
+  void Words(int64_t block, int field, int unit, __m512i* out) const {
+    const int64_t at = block * F::kBlockBytes + field + 4 * unit;
+    if constexpr (kCount == 1) {
+      out[0] = rows.Gather(at);
+    } else if constexpr (kCount % 4 == 0) {
+      for (int q = 0; q < kCount / 4; ++q) rows.Transpose16(at + 16 * q, out + 4 * q);
+    } else {
+      static_assert(kCount < 4, "reads are 1, 2, 3 or a multiple of 4 words");
+      __m512i words[4];
+      rows.Transpose16(at, words);
+      for (int j = 0; j < kCount; ++j) out[j] = words[j];
+    }
+  }
+  __m512 Half(int64_t block, int field) const;
+};
+
+// The same reads in the panels layout, whose panel starts at `panel`: block b of the
+// panel is 16 * kBlockBytes bytes, and the field at byte `field` of a block starts at
+// 16 * field within them, its 16 rows' units side by side.
+template <class F>
+struct PanelsSource {
+  const uint8_t* panel;
+
+  template <int kCount>
+  void Words(int64_t block, int field, int unit, __m512i* out) const {
+    const uint8_t* at = panel + block * (kPanelRows * F::kBlockBytes) + kPanelRows * field + 64 * unit;
+    for (int j = 0; j < kCount; ++j) out[j] = _mm512_loadu_si512(at + 64 * j);
+  }
+  __m512 Half(int64_t block, int field) const {
+    const uint8_t* at = panel + block * (kPanelRows * F::kBlockBytes) + kPanelRows * field;
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+  }
+};
+
 // ggml_fp16_t in the low (high) half of every i32 lane, as f32.
 inline __m512 LowHalfF16(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
 inline __m512 HighHalfF16(__m512i v) { return LowHalfF16(_mm512_srli_epi32(v, 16)); }
+
+template <class F>
+__m512 RowsSource<F>::Half(int64_t block, int field) const {
+  const int64_t at = block * F::kBlockBytes + field;
+  // A field in the block's last two bytes: the dword that ends there, so the load stays
+  // inside the block.
+  return field + 4 <= F::kBlockBytes ? LowHalfF16(rows.Gather(at)) : HighHalfF16(rows.Gather(at - 2));
+}
 
 // The low (high) nibble of every byte.
 inline __m512i Nibbles(__m512i v, int high) {
@@ -122,24 +168,24 @@ inline __m512i AddFifthBits(__m512i codes, __m512i high, int j) {
 // --- The formats -------------------------------------------------------------
 // Each has kBlock elements in kBlockBytes bytes, kGroup elements per scale, and
 // kAffine (element = scale * u + minimum) or not (scale * (u - kOffset)).
-// Decode(rows, block, sink) hands every group of the block, in element order, to
+// Decode(source, block, sink) hands every group of the block, in element order, to
 // sink.Group(group index in the row, codes[kGroup / 4], scale, minimum); the sink
 // stores the panel (gemm.h, PanelStore) or multiplies at once (gemm.h, RowsProduct).
+// The field offsets read here are those of kernels/qtensor.py's PANEL_FIELDS.
 
 struct Q4_0 {
   static constexpr int kType = 2, kBlock = 32, kBlockBytes = 18, kGroup = 32, kOffset = 8;
   static constexpr bool kAffine = false;
   // block_q4_0 {f16 d; u8 qs[16]}: element j < 16 is qs[j] & 15, element j + 16 is qs[j] >> 4.
-  template <class Sink>
-  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
-    const int64_t at = block * kBlockBytes;
+  template <class Source, class Sink>
+  static void Decode(const Source& source, int64_t block, Sink& sink) {
     __m512i packed[4], codes[8];
-    rows.Transpose16(at + 2, packed);
+    source.template Words<4>(block, 2, 0, packed);
     for (int j = 0; j < 4; ++j) {
       codes[j] = Nibbles(packed[j], 0);
       codes[j + 4] = Nibbles(packed[j], 1);
     }
-    sink.Group(block, codes, LowHalfF16(rows.Gather(at)), _mm512_setzero_ps());
+    sink.Group(block, codes, source.Half(block, 0), _mm512_setzero_ps());
   }
 };
 
@@ -147,17 +193,15 @@ struct Q4_1 {
   static constexpr int kType = 3, kBlock = 32, kBlockBytes = 20, kGroup = 32, kOffset = 0;
   static constexpr bool kAffine = true;
   // block_q4_1 {f16 d, m; u8 qs[16]}: y = d * q + m, nibbles as Q4_0.
-  template <class Sink>
-  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
-    const int64_t at = block * kBlockBytes;
+  template <class Source, class Sink>
+  static void Decode(const Source& source, int64_t block, Sink& sink) {
     __m512i packed[4], codes[8];
-    rows.Transpose16(at + 4, packed);
+    source.template Words<4>(block, 4, 0, packed);
     for (int j = 0; j < 4; ++j) {
       codes[j] = Nibbles(packed[j], 0);
       codes[j + 4] = Nibbles(packed[j], 1);
     }
-    const __m512i header = rows.Gather(at);
-    sink.Group(block, codes, LowHalfF16(header), HighHalfF16(header));
+    sink.Group(block, codes, source.Half(block, 0), source.Half(block, 2));
   }
 };
 
@@ -165,19 +209,16 @@ struct Q5_0 {
   static constexpr int kType = 6, kBlock = 32, kBlockBytes = 22, kGroup = 32, kOffset = 16;
   static constexpr bool kAffine = false;
   // block_q5_0 {f16 d; u8 qh[4]; u8 qs[16]}: element e = nibble | (bit e of qh) << 4.
-  template <class Sink>
-  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
-    const int64_t at = block * kBlockBytes;
-    __m512i packed[4], codes[8];
-    rows.Transpose16(at + 6, packed);
-    __m512i low_word, high_word;  // bytes 0..3 = d, qh[0..1]; bytes 4..7 = qh[2..3], qs[0..1]
-    rows.Gather64(at, &low_word, &high_word);
-    const __m512i high = _mm512_or_si512(_mm512_srli_epi32(low_word, 16), _mm512_slli_epi32(high_word, 16));
+  template <class Source, class Sink>
+  static void Decode(const Source& source, int64_t block, Sink& sink) {
+    __m512i packed[4], codes[8], high;
+    source.template Words<4>(block, 6, 0, packed);
+    source.template Words<1>(block, 2, 0, &high);
     for (int j = 0; j < 4; ++j) {
       codes[j] = AddFifthBits(Nibbles(packed[j], 0), high, j);
       codes[j + 4] = AddFifthBits(Nibbles(packed[j], 1), high, j + 4);
     }
-    sink.Group(block, codes, LowHalfF16(low_word), _mm512_setzero_ps());
+    sink.Group(block, codes, source.Half(block, 0), _mm512_setzero_ps());
   }
 };
 
@@ -185,18 +226,16 @@ struct Q5_1 {
   static constexpr int kType = 7, kBlock = 32, kBlockBytes = 24, kGroup = 32, kOffset = 0;
   static constexpr bool kAffine = true;
   // block_q5_1 {f16 d, m; u8 qh[4]; u8 qs[16]}: y = d * q5 + m.
-  template <class Sink>
-  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
-    const int64_t at = block * kBlockBytes;
-    __m512i packed[4], codes[8];
-    rows.Transpose16(at + 8, packed);
-    __m512i header, high;  // bytes 0..3 = d, m; bytes 4..7 = qh
-    rows.Gather64(at, &header, &high);
+  template <class Source, class Sink>
+  static void Decode(const Source& source, int64_t block, Sink& sink) {
+    __m512i packed[4], codes[8], high;
+    source.template Words<4>(block, 8, 0, packed);
+    source.template Words<1>(block, 4, 0, &high);
     for (int j = 0; j < 4; ++j) {
       codes[j] = AddFifthBits(Nibbles(packed[j], 0), high, j);
       codes[j + 4] = AddFifthBits(Nibbles(packed[j], 1), high, j + 4);
     }
-    sink.Group(block, codes, LowHalfF16(header), HighHalfF16(header));
+    sink.Group(block, codes, source.Half(block, 0), source.Half(block, 2));
   }
 };
 
@@ -204,35 +243,37 @@ struct Q8_0 {
   static constexpr int kType = 8, kBlock = 32, kBlockBytes = 34, kGroup = 32, kOffset = 128;
   static constexpr bool kAffine = false;
   // block_q8_0 {f16 d; i8 qs[32]}: u = q + 128 (the sign bit flipped) is what vpdpbusd multiplies.
-  template <class Sink>
-  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
-    const int64_t at = block * kBlockBytes;
+  template <class Source, class Sink>
+  static void Decode(const Source& source, int64_t block, Sink& sink) {
     __m512i codes[8];
-    rows.Transpose32(at + 2, codes);
+    source.template Words<8>(block, 2, 0, codes);
     const __m512i sign = _mm512_set1_epi8(char(0x80));
     for (int j = 0; j < 8; ++j) codes[j] = _mm512_xor_si512(codes[j], sign);
-    sink.Group(block, codes, LowHalfF16(rows.Gather(at)), _mm512_setzero_ps());
+    sink.Group(block, codes, source.Half(block, 0), _mm512_setzero_ps());
   }
 };
 
 // get_scale_min_k4 of Q4_K/Q5_K, for all 8 sub-blocks of 16 rows at once, from the
-// block's first 16 bytes {f16 d, dmin; u8 scales[12]} transposed into header[4].
+// block's {f16 d, dmin} and the 3 words of its u8 scales[12].
 struct KQuantScales {
   __m512 d, negative_dmin;
   __m512i scale_low, min_low, scale_high, min_high;  // byte s: sub-block s (low) or s + 4 (high)
 
-  explicit KQuantScales(const __m512i header[4]) {
-    d = LowHalfF16(header[0]);
-    negative_dmin = _mm512_sub_ps(_mm512_setzero_ps(), HighHalfF16(header[0]));
+  template <class Source>
+  KQuantScales(const Source& source, int64_t block) {
+    __m512i words[3];
+    source.template Words<3>(block, 4, 0, words);
+    d = source.Half(block, 0);
+    negative_dmin = _mm512_sub_ps(_mm512_setzero_ps(), source.Half(block, 2));
     const __m512i low6 = _mm512_set1_epi8(0x3F), low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
     // Sub-blocks 0..3: low 6 bits of scales[0..3] and scales[4..7].
-    scale_low = _mm512_and_si512(header[1], low6);
-    min_low = _mm512_and_si512(header[2], low6);
+    scale_low = _mm512_and_si512(words[0], low6);
+    min_low = _mm512_and_si512(words[1], low6);
     // Sub-blocks 4..7: nibbles of scales[8..11], top bits from the high 2 bits of scales[0..7].
-    scale_high = _mm512_or_si512(_mm512_and_si512(header[3], low4),
-                                 _mm512_and_si512(_mm512_srli_epi32(header[1], 2), top2));
-    min_high = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(header[3], 4), low4),
-                               _mm512_and_si512(_mm512_srli_epi32(header[2], 2), top2));
+    scale_high = _mm512_or_si512(_mm512_and_si512(words[2], low4),
+                                 _mm512_and_si512(_mm512_srli_epi32(words[0], 2), top2));
+    min_high = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(words[2], 4), low4),
+                               _mm512_and_si512(_mm512_srli_epi32(words[1], 2), top2));
   }
   __m512 Scale(int s) const { return _mm512_mul_ps(d, ByteAsFloat(s < 4 ? scale_low : scale_high, s % 4)); }
   __m512 Minimum(int s) const {
@@ -245,15 +286,12 @@ struct Q4_K {
   static constexpr bool kAffine = true;
   // block_q4_K {f16 d, dmin; u8 scales[12]; u8 qs[128]}: sub-block 2c + h holds nibble h
   // of qs[32c + l], y = d * scale * q - dmin * min.
-  template <class Sink>
-  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
-    const int64_t at = block * kBlockBytes;
-    __m512i header[4];
-    rows.Transpose16(at, header);
-    const KQuantScales scales(header);
+  template <class Source, class Sink>
+  static void Decode(const Source& source, int64_t block, Sink& sink) {
+    const KQuantScales scales(source, block);
     for (int chunk = 0; chunk < 4; ++chunk) {
       __m512i packed[8], codes[8];
-      rows.Transpose32(at + 16 + 32 * chunk, packed);
+      source.template Words<8>(block, 16, 8 * chunk, packed);
       for (int h = 0; h < 2; ++h) {
         const int s = 2 * chunk + h;
         for (int j = 0; j < 8; ++j) codes[j] = Nibbles(packed[j], h);
@@ -268,17 +306,15 @@ struct Q5_K {
   static constexpr bool kAffine = true;
   // block_q5_K {f16 d, dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}: as Q4_K, plus bit s
   // of qh[l] as the fifth bit of element l of sub-block s.
-  template <class Sink>
-  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
-    const int64_t at = block * kBlockBytes;
-    __m512i header[4], high[8];
-    rows.Transpose16(at, header);
-    const KQuantScales scales(header);
-    rows.Transpose32(at + 16, high);
+  template <class Source, class Sink>
+  static void Decode(const Source& source, int64_t block, Sink& sink) {
+    const KQuantScales scales(source, block);
+    __m512i high[8];
+    source.template Words<8>(block, 16, 0, high);
     const __m512i one = _mm512_set1_epi8(1);
     for (int chunk = 0; chunk < 4; ++chunk) {
       __m512i packed[8], codes[8];
-      rows.Transpose32(at + 48 + 32 * chunk, packed);
+      source.template Words<8>(block, 48, 8 * chunk, packed);
       for (int h = 0; h < 2; ++h) {
         const int s = 2 * chunk + h;
         for (int j = 0; j < 8; ++j) {
@@ -297,19 +333,17 @@ struct Q6_K {
   // block_q6_K {u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}: element 128h + 32p + l is
   // nibble p / 2 of ql[64h + 32(p % 2) + l] | bit pair p of qh[32h + l] << 4, minus 32,
   // times d * scales[8h + 2p + l / 16].
-  template <class Sink>
-  static void Decode(const PanelRows& rows, int64_t block, Sink& sink) {
-    const int64_t at = block * kBlockBytes;
-    // d is the block's last two bytes: gather the dword that ends there.
-    const __m512 d = HighHalfF16(rows.Gather(at + 206));
+  template <class Source, class Sink>
+  static void Decode(const Source& source, int64_t block, Sink& sink) {
+    const __m512 d = source.Half(block, 208);
     __m512i scales[4];
-    rows.Transpose16(at + 192, scales);
+    source.template Words<4>(block, 192, 0, scales);
     const __m512i two_bits = _mm512_set1_epi8(0x03);
     for (int h = 0; h < 2; ++h) {
       __m512i low[2][8], high[8];
-      rows.Transpose32(at + 64 * h, low[0]);
-      rows.Transpose32(at + 64 * h + 32, low[1]);
-      rows.Transpose32(at + 128 + 32 * h, high);
+      source.template Words<8>(block, 0, 16 * h, low[0]);
+      source.template Words<8>(block, 0, 16 * h + 8, low[1]);
+      source.template Words<8>(block, 128, 8 * h, high);
       for (int p = 0; p < 4; ++p) {
         __m512i codes[8];
         for (int j = 0; j < 8; ++j) {

@@ -1,4 +1,6 @@
 // XLA FFI handler: x f32[m, k] times packed GGUF rows u8[n, row_bytes] -> f32[m, n].
+// The weight bytes are in the GGUF's rows layout or in the panels layout that the
+// model loader stores for this kernel (panel.h; kernels/qtensor.py, PANEL_FIELDS).
 //
 // The CPU scheme of llama.cpp's ggml-cpu (quantize_row_q8_*, ggml_vec_dot_*_q8_*):
 // activation rows are quantized to 8-bit blocks of 32 once per call, and the
@@ -93,9 +95,13 @@ void WithRows(int64_t rows, Fn&& fn) {
 
 // One panel's share of the next panel's bytes, fetched while this one decodes: the
 // hardware prefetchers do not follow 16 interleaved row streams far enough ahead.
+// Only for the rows layout: a panels-layout panel is one sequential stream, which the
+// hardware prefetchers follow, and prefetching on top of them measured slower.
 struct NextPanel {
   const uint8_t* bytes = nullptr;
   int64_t size = 0, per_block = 0;
+
+  NextPanel() = default;  // prefetches nothing
 
   NextPanel(const uint8_t* weights, int64_t row_bytes, int64_t first, int64_t rows, int64_t blocks) {
     if (first >= rows) return;
@@ -112,7 +118,8 @@ struct NextPanel {
 };
 
 template <class F>
-ffi::Error Product(const float* x, int64_t m, int64_t k, const uint8_t* weights, int64_t n, float* out) {
+ffi::Error Product(const float* x, int64_t m, int64_t k, const uint8_t* weights, int64_t n, bool panels,
+                   float* out) {
   constexpr int64_t kGroupsPerBlock = F::kBlock / F::kGroup;
   constexpr int64_t kChunkBlocks = kChunkElements / F::kBlock > 0 ? kChunkElements / F::kBlock : 1;
   const int64_t row_bytes = k / F::kBlock * F::kBlockBytes;
@@ -139,9 +146,8 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const uint8_t* weights,
     for (int64_t row = 0; row < m; ++row) quantize(static_cast<int>(row));
   }
 
-  auto panel = [&](int64_t first) {
-    const PanelRows rows(weights, row_bytes, first, n);
-    const NextPanel next(weights, row_bytes, first + kPanelRows, n, blocks);
+  // The panel of rows [first, first + 16), read through `source`.
+  auto product = [&](const auto& source, const NextPanel& next, int64_t first) {
     const int64_t valid = n - first < kPanelRows ? n - first : kPanelRows;
     const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
     if (m <= kFusedMaxRows) {
@@ -149,7 +155,7 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const uint8_t* weights,
         RowsProduct<F, decltype(rows_constant)::value> sink(act);
         for (int64_t block = 0; block < blocks; ++block) {
           next.Prefetch(block);
-          F::Decode(rows, block, sink);
+          F::Decode(source, block, sink);
         }
         sink.Store(out + first, n, mask);
       });
@@ -163,7 +169,7 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const uint8_t* weights,
       const PanelStore<F> sink{buffer, chunk * kGroupsPerBlock};
       for (int64_t block = chunk; block < end; ++block) {
         next.Prefetch(block);
-        F::Decode(rows, block, sink);
+        F::Decode(source, block, sink);
       }
       for (int64_t tile = 0; tile < act.tiles; ++tile) {
         const int64_t first_row = tile * act.tile_rows;
@@ -174,36 +180,53 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const uint8_t* weights,
       }
     }
   };
-  // A task is a run of consecutive panels (each prefetches the next); a few tasks per
+  auto panel = [&](int64_t first) {
+    if (panels) {
+      product(PanelsSource<F>{weights + first * row_bytes}, NextPanel(), first);
+    } else {
+      product(RowsSource<F>{PanelRows(weights, row_bytes, first, n)},
+              NextPanel(weights, row_bytes, first + kPanelRows, n, blocks), first);
+    }
+  };
+  // A task is a run of consecutive panels (in the rows layout each prefetches the next); a few tasks per
   // thread balance the load when another process takes a core.
-  const int64_t panels = (n + kPanelRows - 1) / kPanelRows;
-  const int64_t per_task = std::max<int64_t>(1, panels / (4 * Pool().threads()));
+  const int64_t count = (n + kPanelRows - 1) / kPanelRows;
+  const int64_t per_task = std::max<int64_t>(1, count / (4 * Pool().threads()));
   auto task = [&](int index) {
-    const int64_t end = std::min(panels, (index + 1) * per_task);
+    const int64_t end = std::min(count, (index + 1) * per_task);
     for (int64_t p = index * per_task; p < end; ++p) panel(p * kPanelRows);
   };
-  Pool().Run(static_cast<int>((panels + per_task - 1) / per_task), task);
+  Pool().Run(static_cast<int>((count + per_task - 1) / per_task), task);
   return ffi::Error::Success();
 }
 
 template <class F>
 ffi::Error Checked(const float* x, int64_t m, int64_t k, const uint8_t* weights, int64_t n, int64_t row_bytes,
-                   float* out) {
+                   bool panels, float* out) {
   if (k % F::kBlock != 0 || row_bytes != k / F::kBlock * F::kBlockBytes) {
     return ffi::Error::InvalidArgument("qmatmul: x has " + std::to_string(k) + " columns but weight rows hold " +
                                        std::to_string(row_bytes) + " bytes of GGML type " +
                                        std::to_string(F::kType));
   }
+  if (panels && n % kPanelRows != 0) {
+    return ffi::Error::InvalidArgument("qmatmul: the panels layout needs a multiple of 16 rows; got " +
+                                       std::to_string(n));
+  }
   if (m == 0 || n == 0) return ffi::Error::Success();
-  return Product<F>(x, m, k, weights, n, out);
+  return Product<F>(x, m, k, weights, n, panels, out);
 }
 
 }  // namespace
 }  // namespace swarm_cpu
 
 static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> out,
-                              int32_t qtype) {
+                              int32_t qtype, int32_t layout) {
   using namespace swarm_cpu;
+  if (layout != 0 && layout != 1) {
+    return ffi::Error::InvalidArgument("qmatmul: layout must be 0 (rows) or 1 (panels); got " +
+                                       std::to_string(layout));
+  }
+  const bool panels = layout == 1;
   const auto x_dims = x.dimensions(), w_dims = w.dimensions(), out_dims = out->dimensions();
   if (x_dims.size() != 2 || w_dims.size() != 2 || out_dims.size() != 2) {
     return ffi::Error::InvalidArgument("qmatmul: x, weights and output must be 2-D");
@@ -214,14 +237,14 @@ static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, f
   const uint8_t* ws = w.typed_data();
   float* os = out->typed_data();
   switch (qtype) {
-    case Q4_0::kType: return Checked<Q4_0>(xs, m, k, ws, n, row_bytes, os);
-    case Q4_1::kType: return Checked<Q4_1>(xs, m, k, ws, n, row_bytes, os);
-    case Q5_0::kType: return Checked<Q5_0>(xs, m, k, ws, n, row_bytes, os);
-    case Q5_1::kType: return Checked<Q5_1>(xs, m, k, ws, n, row_bytes, os);
-    case Q8_0::kType: return Checked<Q8_0>(xs, m, k, ws, n, row_bytes, os);
-    case Q4_K::kType: return Checked<Q4_K>(xs, m, k, ws, n, row_bytes, os);
-    case Q5_K::kType: return Checked<Q5_K>(xs, m, k, ws, n, row_bytes, os);
-    case Q6_K::kType: return Checked<Q6_K>(xs, m, k, ws, n, row_bytes, os);
+    case Q4_0::kType: return Checked<Q4_0>(xs, m, k, ws, n, row_bytes, panels, os);
+    case Q4_1::kType: return Checked<Q4_1>(xs, m, k, ws, n, row_bytes, panels, os);
+    case Q5_0::kType: return Checked<Q5_0>(xs, m, k, ws, n, row_bytes, panels, os);
+    case Q5_1::kType: return Checked<Q5_1>(xs, m, k, ws, n, row_bytes, panels, os);
+    case Q8_0::kType: return Checked<Q8_0>(xs, m, k, ws, n, row_bytes, panels, os);
+    case Q4_K::kType: return Checked<Q4_K>(xs, m, k, ws, n, row_bytes, panels, os);
+    case Q5_K::kType: return Checked<Q5_K>(xs, m, k, ws, n, row_bytes, panels, os);
+    case Q6_K::kType: return Checked<Q6_K>(xs, m, k, ws, n, row_bytes, panels, os);
     default: return ffi::Error::InvalidArgument("qmatmul: unsupported GGML type " + std::to_string(qtype));
   }
 }
@@ -230,7 +253,8 @@ extern "C" int swarm_qmatmul_threads() { return swarm_cpu::Pool().threads(); }
 
 #else  // no AVX-512 VNNI: a handler that only reports why
 
-static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>, int32_t) {
+static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>, int32_t,
+                              int32_t) {
   return ffi::Error::Internal("qmatmul was built for a CPU without AVX-512 BW/VL/VNNI");
 }
 
@@ -245,4 +269,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmQMatmul, QMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x f32[m, k]
                                   .Arg<ffi::Buffer<ffi::U8>>()   // weights u8[n, row_bytes]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out f32[m, n]
-                                  .Attr<int32_t>("qtype"));
+                                  .Attr<int32_t>("qtype")
+                                  .Attr<int32_t>("layout"));  // 0: GGUF rows, 1: panels
