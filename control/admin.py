@@ -94,7 +94,12 @@ def stats() -> Response:
 def models() -> Response:
     info = application.node().info()  # node down: 503 through the middleware's handler
     state = info.get("state", "unknown")
-    return jsonify({"models": [{**model, "state": state} for model in info.get("models", [])]})
+    return jsonify(
+        {
+            "models": [{**model, "state": state} for model in info.get("models", [])],
+            "network_models": info.get("network_models", []),
+        }
+    )
 
 
 @bp.get("/peers")

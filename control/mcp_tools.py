@@ -229,7 +229,11 @@ def _section(title: str, entry: dict[str, Any]) -> str:
 
 
 def _served_models(node: NodeClient) -> list[dict[str, Any]]:
-    return list(node.info().get("models") or [])
+    """This node's model, then the models peers serve whole (`"network": true`), which it
+    hands requests to."""
+    info = node.info()
+    network = [{**model, "network": True} for model in info.get("network_models") or [] if model.get("id")]
+    return [*(info.get("models") or []), *network]
 
 
 # --- the registry ----------------------------------------------------------------------
@@ -308,14 +312,17 @@ def chat(node: NodeClient, arguments: dict[str, Any]) -> tuple[str, dict[str, An
 
 @_tool(
     "List models",
-    "List the models this node serves, with context length and size.",
+    "List the models this node serves, with context length and size, and the models peers"
+    " in its network serve, which it hands requests to.",
     _object({}),
     idempotent=True,
 )
 def models(node: NodeClient, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     served = _served_models(node)
     lines = [
-        f"{m['id']}: context {m.get('context_length')} tokens, {m.get('architecture')}, "
+        f"{m['id']}: served by {m.get('peers')} peer(s) in the network, {m.get('n_layers')} layers"
+        if m.get("network")
+        else f"{m['id']}: context {m.get('context_length')} tokens, {m.get('architecture')}, "
         f"{m.get('n_layers')} layers, aliases {', '.join(m.get('aliases') or []) or 'none'}"
         for m in served
     ]

@@ -107,31 +107,46 @@ def embeddings() -> Response:
 
 
 def model_entries(info: dict[str, Any], now: float | None = None) -> list[dict[str, Any]]:
-    """Every id this node answers to, in the merged OpenAI + Anthropic shape."""
+    """Every id this node answers to, in the merged OpenAI + Anthropic shape: its own model
+    (`owned_by` "swarm") and the models peers serve whole, which requests are handed to
+    (`owned_by` "network")."""
     # "created" is when the node started serving: stable for its lifetime.
     started = int((now if now is not None else time.time()) - float(info.get("uptime_s") or 0))
     created_at = datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     entries = []
+
+    def entry(name: str, display_name: str, owner: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": started,
+            "owned_by": owner,
+            "type": "model",
+            "display_name": display_name,
+            "created_at": created_at,
+            "lifecycle": "active",
+        }
+
     for model in info.get("models") or ():
         names = [model["id"]]
         if not model["id"].startswith("claude"):
             names.append(ALIAS_PREFIX + model["id"])
         context = int(model.get("context_length") or 0)
         for name in names:
+            display_name = model["id"] if name == model["id"] else f"{model['id']} (swarm)"
             entries.append(
                 {
-                    "id": name,
-                    "object": "model",
-                    "created": started,
-                    "owned_by": "swarm",
-                    "type": "model",
-                    "display_name": model["id"] if name == model["id"] else f"{model['id']} (swarm)",
-                    "created_at": created_at,
-                    "lifecycle": "active",
+                    **entry(name, display_name, "swarm"),
                     "context_length": context,
                     "max_input_tokens": context,
                     "max_tokens": context,
                 }
+            )
+    own = {entry["id"] for entry in entries}
+    for model in info.get("network_models") or ():
+        if isinstance(model, dict) and isinstance(model.get("id"), str) and model["id"] not in own:
+            entries.append(
+                {**entry(model["id"], model["id"], "network"), "peers": int(model.get("peers") or 0)}
             )
     return entries
 

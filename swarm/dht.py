@@ -55,7 +55,7 @@ from swarm.identity import Identity
 from swarm.invite import Invite
 from swarm.paths import data_dir as default_data_dir
 from swarm.peer_cache import CachedPeer, PeerCache
-from swarm.records import PeerRecord, RecordError, encode_set, record_key
+from swarm.records import PeerRecord, RecordError, catalog_key, encode_set, record_key
 
 log = logging.getLogger("swarm.dht")
 
@@ -209,6 +209,7 @@ class DhtService:
         self.ops: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "publish": self._op_publish,
             "lookup": self._op_lookup,
+            "catalog": self._op_catalog,
             "peers": self._op_peers,
             "status": self._op_status,
             "invite": self._op_invite,
@@ -404,14 +405,14 @@ class DhtService:
         )
 
     async def _store_published(self) -> None:
-        by_model: dict[str, list[PeerRecord]] = {}
+        by_key: dict[str, list[PeerRecord]] = {}
         for content in self.published:
-            by_model.setdefault(content["model_id"], []).append(self._sign(content))
+            record = self._sign(content)
+            by_key.setdefault(record_key(self.network_id, record.model_id), []).append(record)
+            # And in the network's catalog, where nodes learn which models are served at all.
+            by_key.setdefault(catalog_key(self.network_id), []).append(record)
         await asyncio.gather(
-            *(
-                self.server.set_digest(digest(record_key(self.network_id, model_id)), encode_set(records))
-                for model_id, records in by_model.items()
-            )
+            *(self.server.set_digest(digest(key), encode_set(records)) for key, records in by_key.items())
         )
 
     async def _republish_loop(self) -> None:
@@ -509,6 +510,16 @@ class DhtService:
             raise InvalidRequestError("lookup needs a model_id")
         key = record_key(self.network_id, model_id)
         records = await self.server.get_records(key, NETWORK_OP_SECONDS["lookup"] - 0.5)
+        for record in records:
+            self.learned.setdefault(record.peer_id, {})[(record.model_id, record.layers)] = record
+        return {"records": [record.to_dict() for record in records]}
+
+    async def _op_catalog(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The records in the network's catalog: which peers serve which models (a sample of
+        the newest in a large network; `lookup` has all of one model's)."""
+        records = await self.server.get_records(
+            catalog_key(self.network_id), NETWORK_OP_SECONDS["catalog"] - 0.5
+        )
         for record in records:
             self.learned.setdefault(record.peer_id, {})[(record.model_id, record.layers)] = record
         return {"records": [record.to_dict() for record in records]}

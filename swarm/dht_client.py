@@ -25,7 +25,7 @@ STATE_FILE = "dht.json"  # {"pid", "dht": "host:port", "peer_id"}, written once 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 # The longest the DHT process works on an op that goes out to the network before it answers;
 # the client waits that long beyond its own timeout.
-NETWORK_OP_SECONDS = {"publish": 5.0, "lookup": 5.0, "bootstrap": 10.0}
+NETWORK_OP_SECONDS = {"publish": 5.0, "lookup": 5.0, "catalog": 5.0, "bootstrap": 10.0}
 
 
 class DhtUnavailable(SwarmError):
@@ -52,13 +52,12 @@ class DhtClient:
 
     def lookup(self, model_id: str) -> list[PeerRecord]:
         """The current records of `model_id` in this node's network (its own included)."""
-        records = []
-        for raw in self.call("lookup", model_id=model_id)["records"]:
-            try:
-                records.append(PeerRecord.from_dict(raw))
-            except RecordError:
-                continue
-        return records
+        return _records(self.call("lookup", model_id=model_id)["records"])
+
+    def catalog(self) -> list[PeerRecord]:
+        """The current records in this network's catalog: which peers serve which models
+        (the newest of them in a large network; `lookup` gives all of one model's)."""
+        return _records(self.call("catalog")["records"])
 
     def peers(self) -> list[dict[str, Any]]:
         """The DHT contacts: peer_id, dht, latency_ms, last_seen, source, network_id, records."""
@@ -109,6 +108,16 @@ class DhtClient:
         if not message.get("ok"):
             raise DhtError(str(message.get("error") or "the DHT process refused the request"))
         return message
+
+
+def _records(raw: list[Any]) -> list[PeerRecord]:
+    records = []
+    for item in raw:
+        try:
+            records.append(PeerRecord.from_dict(item))
+        except RecordError:
+            continue
+    return records
 
 
 def _read_line(connection: socket.socket) -> bytes:

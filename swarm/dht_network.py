@@ -39,7 +39,7 @@ from kademlia.storage import IStorage
 from kademlia.utils import digest
 
 from swarm.identity import Identity, peer_id_of, verify
-from swarm.records import PeerRecord, decode_set, encode_chunks, encode_set, merge, record_key
+from swarm.records import PeerRecord, catalog_key, decode_set, encode_chunks, encode_set, merge, record_key
 
 log = logging.getLogger("swarm.dht")  # one logger for the whole DHT process
 
@@ -86,15 +86,20 @@ def _nodes(raw: Any, own_id: bytes) -> list[Node]:
 
 
 def _belongs(record: PeerRecord, key: bytes) -> bool:
-    """Whether `record` is stored under the key its own network and model name."""
-    return digest(record_key(record.network_id, record.model_id)) == key
+    """Whether `record` is stored under the key its own network and model name, or under its
+    network's catalog key."""
+    return key in (
+        digest(record_key(record.network_id, record.model_id)),
+        digest(catalog_key(record.network_id)),
+    )
 
 
 class RecordStorage(IStorage):
     """Record sets by key digest. A store merges the incoming set into the held one.
 
     Only records that are validly signed, current, and stored under the key of their own
-    network and model are kept, so a forged or misfiled set changes nothing.
+    network and model (or their network's catalog) are kept, so a forged or misfiled set
+    changes nothing.
     """
 
     def __init__(self, max_keys: int = MAX_STORED_KEYS) -> None:

@@ -28,3 +28,7 @@ class ContextOverflowError(SwarmError):
 
 class InvalidRequestError(SwarmError):
     """Bad sampling parameters or request fields."""
+
+
+class UnavailableError(SwarmError):
+    """What the request needs cannot be reached now (a peer, the model loading); try again."""

@@ -14,6 +14,10 @@ A node holds the layers `node.layers` names (all by default). Unless the config 
 offline, it also serves them to peers as a pipeline stage and publishes them in the
 DHT (`swarm.peering`). A node holding the whole model generates locally; one holding
 part of it routes each request through peers, failing over when one drops out.
+
+A request for another model that a peer serves whole is handed to that peer
+(`swarm.delegation`), and a node holding its whole model takes such requests from
+peers into its own scheduler, admitted by the requester's credit tier.
 """
 
 from __future__ import annotations
@@ -32,10 +36,18 @@ from typing import Any
 
 from swarm import paths
 from swarm.config import Config, ConfigError, load_config
-from swarm.errors import InvalidRequestError, UnknownModelError
+from swarm.delegation import (
+    TIER_PRIORITY,
+    DelegatedRun,
+    PeerOverloadedError,
+    PeerUnavailableError,
+    positions_run,
+    scheduled,
+)
+from swarm.errors import InvalidRequestError, UnavailableError, UnknownModelError
 from swarm.generate import PREFILLING, check_prompt
 from swarm.node_protocol import SOCKET_NAME, GenerationRequest
-from swarm.node_server import Detached, NodeServer
+from swarm.node_server import Detached, NodeServer, Scheduler
 from swarm.schema_constraint import SchemaConstraint
 from swarm.tool_calls import (
     ForcedToolCallStream,
@@ -76,6 +88,8 @@ class ModelBackend:
         self.engine: Any = None
         self.generator: Any = None
         self.peering: Any = None
+        # The node server's scheduler, which requests delegated by peers join.
+        self.scheduler: Scheduler | None = None
 
     # -- loading ---------------------------------------------------------------
 
@@ -126,6 +140,7 @@ class ModelBackend:
                 self.config,
                 self.data_dir,
                 prefix_cache,
+                delegate=self.serve_delegated if whole else None,
             )
             if prefix_cache is not None and self.config.network.prefix_sharing:
                 self.generator.prefix_fetcher = self._prefix_fetcher(identity)
@@ -217,15 +232,20 @@ class ModelBackend:
         info: dict[str, Any] = {"models": [model]}
         if self.peering is not None:
             info["peering"] = self.peering.info()
+            # Models peers serve whole, which requests here are handed to.
+            info["network_models"] = self.peering.network_models.listing(exclude=self.model_id)
         return info
 
     # -- requests ----------------------------------------------------------------
 
+    def is_local(self, name: str) -> bool:
+        """Whether a requested name means the served model (claude-* names do: Claude Code sends them)."""
+        local = ("", "default", "auto", self.model_id, self.model_name, f"claude-swarm-{self.model_id}")
+        return name in local or name.startswith("claude-")
+
     def resolve(self, name: str) -> str:
-        """The served model for a requested name (claude-* names map to it: Claude Code sends them)."""
-        if name in ("", "default", "auto", self.model_id, self.model_name, f"claude-swarm-{self.model_id}"):
-            return self.model_id
-        if name.startswith("claude-"):
+        """The served model for a requested name; UnknownModelError for any other."""
+        if self.is_local(name):
             return self.model_id
         raise UnknownModelError(f"model {name!r} is not served by this node (it serves {self.model_id})")
 
@@ -247,7 +267,9 @@ class ModelBackend:
             text += FORCED_TOOL_PREFIX
         return tokenizer.encode(text, add_bos=None, parse_special=True)
 
-    def prepare(self, request: GenerationRequest) -> Prepared:
+    def prepare(self, request: GenerationRequest) -> Prepared | DelegatedRun:
+        if not self.is_local(request.model):
+            return self._delegated(request)
         model_id = self.resolve(request.model)
         try:
             prompt_ids = self._render(request)
@@ -261,15 +283,76 @@ class ModelBackend:
             )
         return Prepared(request, model_id, prompt_ids, max_tokens)
 
-    def prompt_tokens(self, prepared: Prepared) -> int:
+    def _delegated(self, request: GenerationRequest) -> DelegatedRun:
+        """A request for another model, for a peer serving it whole (see the module docstring)."""
+        if self.peering is None:
+            raise UnknownModelError(
+                f"model {request.model!r} is not served by this node (it serves {self.model_id})"
+                " and this node is not in a network"
+            )
+        try:
+            return self.peering.delegated(request)
+        except PeerUnavailableError as error:
+            raise UnknownModelError(
+                f"model {request.model!r} is not served by this node (it serves {self.model_id}): {error}"
+            ) from None
+
+    def prompt_tokens(self, prepared: Prepared | DelegatedRun) -> int:
+        if isinstance(prepared, DelegatedRun):
+            return self._remote(prepared.count)
         return len(prepared.prompt_ids)
 
-    def served_model(self, prepared: Prepared) -> str:
+    def served_model(self, prepared: Prepared | DelegatedRun) -> str:
         return prepared.model_id
 
-    def run(self, prepared: Prepared) -> Iterator[dict[str, Any]]:
+    def start(self, prepared: Prepared | DelegatedRun) -> dict[str, Any]:
+        """The start event of a generation (a delegated one begins on the peer here)."""
+        if isinstance(prepared, DelegatedRun):
+            start = self._remote(prepared.start)
+            return {"event": "start", "model": start["model"], "prompt_tokens": start["prompt_tokens"]}
+        return {"event": "start", "model": prepared.model_id, "prompt_tokens": len(prepared.prompt_ids)}
+
+    @staticmethod
+    def _remote(call: Any) -> Any:
+        """A delegated request's call, its peers' refusals turned into this node's errors."""
+        try:
+            return call()
+        except PeerOverloadedError as error:
+            raise OverflowError(str(error)) from None
+        except PeerUnavailableError as error:
+            raise UnavailableError(str(error)) from None
+
+    def run(self, prepared: Prepared | DelegatedRun) -> Iterator[dict[str, Any]]:
+        if isinstance(prepared, DelegatedRun):
+            return Detached(prepared.events())
         events = self._events(prepared)
         return events if self.generator is not None else Detached(events)
+
+    def serve_delegated(
+        self, kind: str, request: GenerationRequest, requester_key: bytes, session_id: str
+    ) -> Iterator[dict[str, Any]]:
+        """A peer's request for this node's model (`swarm.delegation.serve`'s runner): the
+        start event, and for a generation its events from this node's scheduler, where it
+        waits its turn by the requester's credit tier."""
+        from swarm.identity import peer_id_of
+
+        if request.model != self.model_id:  # never handed on: one hop only
+            raise UnknownModelError(f"this peer serves {self.model_id}, not {request.model!r}")
+        credits = self.peering.credits if self.peering is not None else None
+        tier = credits.tier(peer_id_of(requester_key)) if credits is not None else "silver"
+        prepared = self.prepare(replace(request, priority=TIER_PRIORITY[tier]))
+        assert isinstance(prepared, Prepared)
+        start = self.start(prepared)
+        if kind == "count":
+            yield start
+            return
+        if self.scheduler is None:
+            raise UnavailableError("this node is not taking requests yet")
+        for event in scheduled(self.scheduler, self.run(prepared), prepared.request.priority, start):
+            if event["event"] == "done" and credits is not None:  # counted before it is sent
+                layers = (0, self.opened.config.n_layers)
+                credits.served(session_id, requester_key, layers, positions_run(event))
+            yield event
 
     def _events(self, prepared: Prepared) -> Iterator[dict[str, Any]]:
         request = prepared.request
@@ -436,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_active=config.inference.max_concurrent_requests,
         max_waiting=config.inference.max_queue,
     )
+    backend.scheduler = server.scheduler
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:

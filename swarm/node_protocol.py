@@ -223,3 +223,96 @@ class GenerationRequest:
             extra=extra if isinstance(extra, dict) else {},
             priority=data.get("priority", 0),
         )
+
+
+# --- events received from peers ------------------------------------------------------
+
+MAX_EVENT_TEXT = 256 * 1024  # characters of one text piece, tool name or argument fragment
+MAX_EVENT_TOP_LOGPROBS = 20
+EVENT_KINDS = ("start", "text", "tool_call", "arguments", "progress", "done", "error")
+
+
+def _field(raw: dict[str, Any], name: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+    value = raw.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ProtocolError(
+            f"a {raw.get('event')} event needs {name} of type {getattr(kind, '__name__', kind)}"
+        )
+    if isinstance(value, str) and len(value) > MAX_EVENT_TEXT:
+        raise ProtocolError(f"the {name} of a {raw.get('event')} event is over {MAX_EVENT_TEXT} characters")
+    return value
+
+
+def _count(raw: dict[str, Any], name: str) -> int:
+    value = _field(raw, name, int)
+    if value < 0:
+        raise ProtocolError(f"the {name} of a {raw.get('event')} event is negative")
+    return value
+
+
+def _number(raw: dict[str, Any], name: str) -> float:
+    value = float(_field(raw, name, (int, float)))
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ProtocolError(f"the {name} of a {raw.get('event')} event is not finite")
+    return value
+
+
+def _logprob_entry(raw: Any) -> dict[str, Any]:
+    """One token's log-probability entry: token text, logprob, and its bytes (or null)."""
+    if not isinstance(raw, dict):
+        raise ProtocolError("a top_logprobs entry must be an object")
+    raw = {**raw, "event": "text"}
+    data = raw.get("bytes")
+    if data is not None and (
+        not isinstance(data, list)
+        or len(data) > 64
+        or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256 for b in data)
+    ):
+        raise ProtocolError("a logprob entry's bytes must be null or a list of at most 64 byte values")
+    return {
+        "token": _field(raw, "token", str, optional=True) or "",
+        "logprob": _number(raw, "logprob"),
+        "bytes": None if data is None else list(data),
+    }
+
+
+def check_event(raw: Any) -> dict[str, Any]:
+    """A generation event from a peer (see the module docstring), checked field by field and
+    rebuilt from the known fields only; ProtocolError when anything is off."""
+    if not isinstance(raw, dict) or raw.get("event") not in EVENT_KINDS:
+        raise ProtocolError(f"an event must be an object whose event is one of {', '.join(EVENT_KINDS)}")
+    kind = raw["event"]
+    event: dict[str, Any] = {"event": kind}
+    if kind == "start":
+        event.update(model=_field(raw, "model", str), prompt_tokens=_count(raw, "prompt_tokens"))
+    elif kind == "text":
+        event.update(text=_field(raw, "text", str), token_id=_field(raw, "token_id", int))
+        if "logprob" in raw:
+            entry = _logprob_entry(raw)
+            tops = raw.get("top_logprobs") or []
+            if not isinstance(tops, list) or len(tops) > MAX_EVENT_TOP_LOGPROBS:
+                raise ProtocolError(f"top_logprobs must be a list of at most {MAX_EVENT_TOP_LOGPROBS}")
+            event.update(entry, top_logprobs=[_logprob_entry(top) for top in tops])
+    elif kind == "tool_call":
+        event.update(index=_count(raw, "index"), id=_field(raw, "id", str), name=_field(raw, "name", str))
+    elif kind == "arguments":
+        event.update(index=_count(raw, "index"), delta=_field(raw, "delta", str))
+    elif kind == "done":
+        finish = raw.get("finish_reason")
+        if finish not in FINISH_REASONS:
+            raise ProtocolError(f"finish_reason must be one of {', '.join(FINISH_REASONS)}")
+        event.update(
+            finish_reason=finish,
+            stop_sequence=_field(raw, "stop_sequence", str, optional=True),
+            prompt_tokens=_count(raw, "prompt_tokens"),
+            completion_tokens=_count(raw, "completion_tokens"),
+        )
+    elif kind == "error":
+        code = raw.get("code")
+        event.update(
+            code=code if code in ERROR_STATUS else "internal",
+            message=_field(raw, "message", str)[:4096],
+        )
+    return event

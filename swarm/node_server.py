@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from swarm.errors import ContextOverflowError, SwarmError, UnknownModelError
+from swarm.errors import ContextOverflowError, SwarmError, UnavailableError, UnknownModelError
 from swarm.node_protocol import GenerationRequest, ProtocolError, encode, read_message
 
 log = logging.getLogger("swarm.node")
@@ -48,6 +48,9 @@ class Backend(Protocol):
 
     def served_model(self, prepared: Any) -> str: ...
 
+    def start(self, prepared: Any) -> dict[str, Any]:
+        """The generation's start event (model, prompt_tokens); may begin it."""
+
     def run(self, prepared: Any) -> Iterator[dict[str, Any]]:
         """Events after `start`, ending with `done`; each next() is one step of device work."""
 
@@ -60,6 +63,8 @@ def error_event(error: BaseException) -> dict[str, Any]:
         code = "context_overflow"
     elif isinstance(error, UnknownModelError):
         code = "unknown_model"
+    elif isinstance(error, UnavailableError):
+        code = "unavailable"
     elif isinstance(error, SwarmError):
         code = "invalid_request"
     else:
@@ -240,11 +245,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 self._require_ready()
                 request = GenerationRequest.from_dict(message.get("request"))
                 prepared = node.backend.prepare(request)
-                start = {
-                    "event": "start",
-                    "model": node.backend.served_model(prepared),
-                    "prompt_tokens": node.backend.prompt_tokens(prepared),
-                }
+                start = node.backend.start(prepared)
                 self._stream(node.backend.run(prepared), start, request.priority)
             else:
                 raise ProtocolError(f"unknown op {op!r}")

@@ -8,6 +8,9 @@ Owns `Peering`, which a node that joins a network holds:
 - `route()`, the cheapest chain of stages for the model from the verified records
   (`swarm.router`), excluding peers that just failed unless they published again since;
 - `requester()`, a `Requester` that fails over along new routes (DESIGN.md §5);
+- `network_models` and `delegated()`: the models other peers serve whole, and a request
+  for one of them handed to such a peer (`swarm.delegation`); its stage takes such
+  requests for this node's model through the `delegate` runner it is given;
 - the node's credit desk (`swarm.credit_desk`) and pool desk (`swarm.pool_desk`): in
   private mode (`pool.private_mode`) routes use only pool members (and mDNS LAN peers
   when `pool.private_mode_allow_lan`), while the stage keeps serving everyone; a
@@ -33,6 +36,7 @@ import numpy as np
 from swarm.batching import SlotBatch
 from swarm.config import Config
 from swarm.credit_desk import CreditDesk
+from swarm.delegation import DelegatedRun, NetworkModels, PeerUnavailableError, Runner
 from swarm.dht_client import DhtClient, DhtError, DhtUnavailable
 from swarm.identity import Identity
 from swarm.ledger import Ledger
@@ -75,6 +79,7 @@ class Peering:
         config: Config,
         data_dir,
         prefix_cache: Any = None,
+        delegate: Runner | None = None,
     ):
         self.model_id = model_id
         self.identity = identity
@@ -115,6 +120,10 @@ class Peering:
             prefix_cache=prefix_cache if whole and config.network.prefix_sharing else None,
             credits=self.credits,
             pool=PoolDesk(self.pool_store, identity, config.pool.max_pool_size),
+            delegate=delegate,
+        )
+        self.network_models = NetworkModels(
+            self.dht, network.gossip_network_id, identity.peer_id, self.private_peers, self.rtt_ms
         )
         self.tokenizer = opened.tokenizer
         self.throughput = 0.0
@@ -348,6 +357,23 @@ class Peering:
             timeout=network.stage_timeout_s,
             reroute=self.route,
             failover_timeout=network.failover_timeout_s,
+            credits=self.credits,
+        )
+
+    def delegated(self, request: Any) -> DelegatedRun:
+        """A request for another model (`request.model`), to be handed to the nearest peer
+        serving it whole; PeerUnavailableError when no such peer is known."""
+        holders = self.network_models.holders(request.model)
+        if not holders:
+            where = " among this node's pool" if self.private_peers() is not None else ""
+            raise PeerUnavailableError(f"no peer{where} serves model {request.model!r}")
+        network = self.config.network
+        return DelegatedRun(
+            request,
+            holders,
+            self.identity,
+            network.gossip_network_id,
+            timeout=network.stage_timeout_s,
             credits=self.credits,
         )
 

@@ -48,6 +48,13 @@ def record_key(network_id: str, model_id: str) -> str:
     return f"swarm/{network_id}/model/{model_id}"
 
 
+def catalog_key(network_id: str) -> str:
+    """The DHT key every publisher of network `network_id` also stores its records under: the
+    network's catalog, from which a node learns which models are served at all (it holds the
+    newest `MAX_RECORDS`, so in a large network a sample of them; a model's own key holds them all)."""
+    return f"swarm/{network_id}/catalog"
+
+
 @dataclass(frozen=True)
 class PeerRecord:
     """One publisher's signed claim: it serves `layers` (end exclusive) of `model_id` at `address`."""

@@ -10,6 +10,11 @@ drew, the requester's key, the channel to the next stage). The protocol, per ses
     requester -> Generate (whole-model sessions only)       TokenResult per token, or Error
     anyone    -> Credits (on a channel of its own)          Credits, or Error
     anyone    -> PoolMessage (on a channel of its own)      PoolMessage, or Error
+    anyone    -> Delegate (on a channel of its own)         DelegateEvents, or Error
+
+A Delegate is a whole request for the node's model (`swarm.delegation`), answered by
+the node's own scheduler through the `delegate` runner the stage is given; a stage
+without one refuses it.
 
 With a credit desk (`swarm.credit_desk`) the stage counts the positions it runs for each
 session, takes the requester's receipts and balance reports, and admits at most
@@ -38,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from swarm import wire
+from swarm import delegation, wire
 from swarm.batching import SlotBatch
 from swarm.credit_desk import CreditDesk, TierGate, connection_state
 from swarm.credits import CreditError
@@ -144,8 +149,11 @@ class StageServer:
         prefix_cache: PrefixCache | None = None,
         credits: CreditDesk | None = None,
         pool: PoolDesk | None = None,
+        delegate: delegation.Runner | None = None,
     ) -> None:
         self.engine = engine
+        # Runs whole requests for this node's model handed over by peers; None: refuses them.
+        self.delegate = delegate
         # Answers devices joining, and members asking for, this node's pool; None: refuses.
         self.pool = pool
         # Counts work per session, takes receipts and reports; None: no credits here.
@@ -291,9 +299,14 @@ class StageServer:
                 reply = self._answer(data, opened, connection)
                 if isinstance(reply, bytes):
                     channel.send(reply)
-                elif reply is not None:  # a Generate: one message per token
-                    for part in reply:
-                        channel.send(part)
+                elif reply is not None:  # a Generate or a Delegate: one message per token
+                    try:
+                        for part in reply:
+                            channel.send(part)
+                    finally:
+                        close = getattr(reply, "close", None)
+                        if close is not None:
+                            close()  # a requester gone mid-stream stops the generation
         except ChannelError as error:
             logger.info("%s lost a connection: %s", self.describe(), error)
         finally:
@@ -333,6 +346,10 @@ class StageServer:
                 if message.model_id != self.config.model_id:
                     raise _Refusal(wire.NOT_FOUND, f"serves model {self.config.model_id!r}")
                 return answer_query(self.prefix_cache, message)
+            if isinstance(message, wire.Delegate):
+                if self.delegate is None:
+                    raise _Refusal(wire.NOT_FOUND, "this peer takes no whole requests")
+                return delegation.serve(message.body, connection["peer_key"], self.delegate)
             if isinstance(message, wire.PoolMessage):
                 if self.pool is None:
                     raise _Refusal(POOL_REFUSED, "this node keeps no pool")

@@ -28,6 +28,8 @@ u32 length and the bytes. Tensor payloads are little-endian, as in GGUF and ggml
                    | bytes32 keys | bytes32 values
    11 Credits      u32 n | a JSON object (n bytes, at most 1 MiB)
    12 PoolMessage  u32 n | a JSON object (n bytes, at most 1 MiB)
+   13 Delegate     u32 n | a JSON object (n bytes, at most 16 MiB)
+   14 DelegateEvent u32 n | a JSON object (n bytes, at most 1 MiB)
 
 A Credits message carries the credit exchanges of `swarm.credit_desk`, on a channel of
 their own: a signed receipt for a finished session, a balance report, the challenge a
@@ -36,6 +38,14 @@ acknowledgement (with its own report). Their fields are checked by `swarm.credit
 A PoolMessage carries a device's request to join a pool (the owner's invitation and its
 signed acceptance) or a member's request for the pool's current state, and the owner's
 answer, the signed state (`swarm.pool_desk`, formats in `swarm.pool`).
+
+A Delegate hands a whole request to a peer serving a model this node does not
+(`swarm.delegation`): the request as the node protocol's `GenerationRequest` (chat
+messages or a prompt, sampling, tools), to count its prompt tokens or to generate.
+The peer answers DelegateEvents, each carrying one event of the node protocol
+(`swarm.node_protocol`: start, text, tool_call, arguments, progress, done, error),
+or an Error when it takes no delegated requests. The requester stops a generation
+early by closing the connection.
 
 A PrefixQuery asks a peer that shares its prompt-prefix cache (`network.prefix_sharing`)
 for the KV of the blocks named by their chained keys (`swarm.prefix_cache`). It answers
@@ -95,6 +105,7 @@ MAX_ROUTE_HOPS = 64
 MAX_EOG_IDS = 256
 MAX_PREFIX_KEYS = 1024
 MAX_CREDITS_JSON_BYTES = 1024 * 1024
+MAX_DELEGATE_JSON_BYTES = 16 * 1024 * 1024
 PREFIX_KEY_BYTES = 16
 PREFIX_DIGEST_BYTES = 32
 KV_DTYPES = ("f16", "f32")
@@ -323,6 +334,7 @@ class _JsonMessage:
     """A message whose body is one JSON object with a "kind" (see the module docstring)."""
 
     body: dict[str, Any]
+    max_bytes = MAX_CREDITS_JSON_BYTES  # the encoded body's limit
 
     def __post_init__(self) -> None:
         if not isinstance(self.body, dict) or not isinstance(self.body.get("kind"), str):
@@ -337,6 +349,18 @@ class Credits(_JsonMessage):
 @dataclass(frozen=True)
 class PoolMessage(_JsonMessage):
     """A pool exchange: a join, a request for the member list, or the owner's state."""
+
+
+@dataclass(frozen=True)
+class Delegate(_JsonMessage):
+    """A whole request for a model the peer serves: kind "generate" or "count"."""
+
+    max_bytes = MAX_DELEGATE_JSON_BYTES
+
+
+@dataclass(frozen=True)
+class DelegateEvent(_JsonMessage):
+    """One node-protocol event of a delegated request (kind "event")."""
 
 
 @dataclass(frozen=True)
@@ -437,6 +461,8 @@ Message = (
     | PrefixBlock
     | Credits
     | PoolMessage
+    | Delegate
+    | DelegateEvent
 )
 
 
@@ -542,13 +568,14 @@ def encode(message: Message) -> bytes:
         writer.str8(message.session_id)
         writer.pack("IIH", message.start_position, message.max_tokens, len(message.eog_ids))
         writer.pack(f"{len(message.eog_ids)}I", *message.eog_ids)
-    elif kind in (Credits, PoolMessage):
+    elif kind in (Credits, PoolMessage, Delegate, DelegateEvent):
+        name = kind.__name__
         try:
             body = json.dumps(message.body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
         except (TypeError, ValueError) as error:
-            raise WireError(f"credits message is not JSON: {error}") from None
-        if len(body) > MAX_CREDITS_JSON_BYTES:
-            raise WireError(f"credits message of {len(body)} bytes exceeds {MAX_CREDITS_JSON_BYTES}")
+            raise WireError(f"{name} message is not JSON: {error}") from None
+        if len(body) > kind.max_bytes:
+            raise WireError(f"{name} message of {len(body)} bytes exceeds {kind.max_bytes}")
         writer.bytes32(body)
     elif kind is PrefixQuery:
         writer.str8(message.model_id)
@@ -734,7 +761,7 @@ def _decode_prefix_block(reader: _Reader) -> PrefixBlock:
 
 def _decode_json(kind: type[_JsonMessage]) -> Any:
     def decode_body(reader: _Reader) -> _JsonMessage:
-        payload = reader.bytes32("body", MAX_CREDITS_JSON_BYTES)
+        payload = reader.bytes32("body", kind.max_bytes)
         try:
             body = json.loads(payload)
         except ValueError as error:
@@ -757,6 +784,8 @@ _DECODERS = {
     10: (PrefixBlock, _decode_prefix_block),
     11: (Credits, _decode_json(Credits)),
     12: (PoolMessage, _decode_json(PoolMessage)),
+    13: (Delegate, _decode_json(Delegate)),
+    14: (DelegateEvent, _decode_json(DelegateEvent)),
 }
 _TYPE_IDS = {kind: type_id for type_id, (kind, _) in _DECODERS.items()}
 

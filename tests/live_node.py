@@ -27,8 +27,11 @@ CAPITAL_QUESTION = "What is the capital of France? Answer in one sentence."
 
 
 class LiveNode:
-    def __init__(self, data_dir: Path, env: dict[str, str], network_id: str = "swarm-live-test"):
+    def __init__(
+        self, data_dir: Path, env: dict[str, str], network_id: str = "swarm-live-test", model: str = MODEL
+    ):
         self.data_dir = data_dir
+        self.model = model
         self.port = free_port()
         self.dht_port = free_port(socket.SOCK_DGRAM)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -50,7 +53,7 @@ class LiveNode:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for leftover in ("config.yaml", "pins.json"):
             (self.data_dir / leftover).unlink(missing_ok=True)
-        command = [sys.executable, "-m", "swarm", "run", MODEL, "--data-dir", str(self.data_dir)]
+        command = [sys.executable, "-m", "swarm", "run", self.model, "--data-dir", str(self.data_dir)]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 [*command, "--port", str(self.port)],

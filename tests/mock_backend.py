@@ -80,6 +80,9 @@ class MockBackend:
     def served_model(self, prepared: Prepared) -> str:
         return MODEL_ID
 
+    def start(self, prepared: Prepared) -> dict[str, Any]:
+        return {"event": "start", "model": MODEL_ID, "prompt_tokens": len(prepared.words)}
+
     def run(self, prepared: Prepared) -> Iterator[dict[str, Any]]:
         self.started_runs += 1
         finished = False

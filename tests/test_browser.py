@@ -1,15 +1,17 @@
 """The dashboard in a real browser against a live swarm on loopback.
 
-Two `swarm run` supervisors with SmolLM2 (node0 holds every layer, node1 holds layers
-15-30 and bootstraps from node0's DHT) serve every test in this module; Playwright
-drives Debian's Chromium (`/usr/bin/chromium`, never a downloaded one) against node0's
-dashboard. Checked: the setup wizard completes, a chat reply streams and the stop
-button stops it (the node counts the generation as cancelled), the network map shows
-node1 with its layers, the models page shows who holds which layers, the settings page
-refuses an invalid value with a message, compare streams both sides, the page carries a
-CSP, and no page logs a console error (a CSP violation is one). Screenshots of every
-page at desktop (1280x800) and phone (390x844, dark theme) width are saved under
-`test-artifacts/screenshots/`. Left behind: no process (checked at the end).
+Three `swarm run` supervisors serve every test in this module: node0 holds every layer
+of SmolLM2, node1 holds its layers 15-30 and node2 serves Gemma 3 270M whole, both
+bootstrapping from node0's DHT. Playwright drives Debian's Chromium
+(`/usr/bin/chromium`, never a downloaded one) against node0's dashboard. Checked: the
+setup wizard completes, a chat reply streams and the stop button stops it (the node
+counts the generation as cancelled), the network map shows node1 with its layers and
+node2, the models page shows who holds which layers, the settings page refuses an
+invalid value with a message, compare streams SmolLM2 and Gemma (served by node2)
+side by side, the page carries a CSP, and no page logs a console error (a CSP violation
+is one). Screenshots of every page at desktop (1280x800) and phone (390x844, dark theme)
+width are saved under `test-artifacts/screenshots/`. Left behind: no process (checked at
+the end).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.realmodel]
 NETWORK_ID = "swarm-browser-test"
 BROWSER_ENV = {"SWARM_INFERENCE_MAX_CONCURRENT_REQUESTS": "4"}
 SECOND_NODE_LAYERS = (15, 30)
+OTHER_MODEL = "gemma3-270m"  # node2's, which node0 hands requests for to node2
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -60,26 +63,26 @@ PAGE_READY = {
 
 
 @pytest.fixture(scope="module")
-def nodes(data_dir, smollm2_path):
+def nodes(data_dir, smollm2_path, gemma3_path):
     # Persistent data dirs keep the XLA compile cache between runs, as for users.
     first = LiveNode(data_dir / "browser" / "node0", BROWSER_ENV, NETWORK_ID)
     first.start()
+    joining = {**BROWSER_ENV, "SWARM_NETWORK_BOOTSTRAP_PEERS": f"127.0.0.1:{first.dht_port}"}
     second = LiveNode(
         data_dir / "browser" / "node1",
-        {
-            **BROWSER_ENV,
-            "SWARM_NODE_LAYERS": "{}-{}".format(*SECOND_NODE_LAYERS),
-            "SWARM_NETWORK_BOOTSTRAP_PEERS": f"127.0.0.1:{first.dht_port}",
-        },
+        {**joining, "SWARM_NODE_LAYERS": "{}-{}".format(*SECOND_NODE_LAYERS)},
         NETWORK_ID,
     )
     second.start()
+    third = LiveNode(data_dir / "browser" / "node2", joining, NETWORK_ID, model=OTHER_MODEL)
+    third.start()
+    started = (first, second, third)
     try:
-        first.wait_ready(300)
-        second.wait_ready(300)
-        yield first, second
+        for node in started:
+            node.wait_ready(300)
+        yield started
     finally:
-        supervisors = [node for node in (first, second) if node.process is not None]
+        supervisors = [node for node in started if node.process is not None]
         children = []
         for node in supervisors:
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -203,19 +206,20 @@ def test_chat_streams_a_reply_and_stop_stops_it(browser, node, console):
     context.close()
 
 
-def test_network_map_shows_the_second_node(browser, nodes, console):
-    node, second = nodes
+def test_network_map_shows_the_other_nodes(browser, nodes, console):
+    node, second, third = nodes
     context, page = _open(browser, console)
     page.goto(node.base + "/#/network")
     row = page.locator(f'tr[data-peer="{second.peer_id}"]')
     expect(row).to_contain_text("layers {}–{}".format(*SECOND_NODE_LAYERS), timeout=60_000)
-    expect(page.locator("svg.map circle.peer")).to_have_count(1)
+    expect(page.locator(f'tr[data-peer="{third.peer_id}"]')).to_be_visible()
+    expect(page.locator("svg.map circle.peer")).to_have_count(2)
     expect(page.locator("[data-field=peer-id]")).to_have_text(node.peer_id)
     context.close()
 
 
 def test_models_page_shows_layers_here_and_at_peers(browser, nodes, console):
-    node, _ = nodes
+    node = nodes[0]
     context, page = _open(browser, console)
     page.goto(node.base + "/#/models")
     card = page.locator(f'[data-model="{MODEL}"]')
@@ -270,15 +274,35 @@ def test_pool_page_creates_invites_and_turns_private_mode_on_and_off(browser, no
     context.close()
 
 
-def test_compare_streams_both_sides(browser, node, console):
+def test_compare_streams_two_models_side_by_side(browser, nodes, console):
+    """SmolLM2 (node0's) and Gemma 3 (node2's, asked through node0) answer one prompt."""
+    node, _, third = nodes
     context, page = _open(browser, console)
     page.goto(node.base + "/#/compare")
-    expect(page.locator("#compare-model-1")).to_have_value(MODEL)
+    expect(page.locator("#compare-model-0")).to_have_value(MODEL)
+    # The network's models arrive with the DHT's catalog; the page lists what /v1/models says.
+    for _ in range(60):
+        if page.locator(f'#compare-model-1 option[value="{OTHER_MODEL}"]').count():
+            break
+        page.wait_for_timeout(1000)
+        page.reload()
+    expect(page.locator(f'#compare-model-1 option[value="{OTHER_MODEL}"]')).to_have_text(
+        f"{OTHER_MODEL} (from the network)"
+    )
+    page.locator("#compare-model-1").select_option(OTHER_MODEL)
+    for index in (0, 1):
+        page.locator(f"#compare-temperature-{index}").fill("0")
+    completed = third.get("/health/ready")["node"]["totals"]["completed"]
     page.get_by_label("Prompt").fill(CAPITAL_QUESTION)
     page.get_by_role("button", name="Compare", exact=True).click()
     for side in page.locator(".compare section").all():
-        expect(side.locator(".hint").last).to_contain_text("tokens/s", timeout=60_000)
-    expect(page.locator(".compare-output").first).to_contain_text("Paris")
+        expect(side.locator(".hint").last).to_contain_text("tokens/s", timeout=90_000)
+    outputs = page.locator(".compare-output")
+    expect(outputs.nth(0)).to_contain_text("Paris")
+    # Gemma 3 270M restates the question (llama.cpp's greedy answer does too): some text.
+    expect(outputs.nth(1)).to_contain_text(re.compile(r"\w{3}"))
+    # Gemma's side was generated by node2, the node serving Gemma.
+    assert third.get("/health/ready")["node"]["totals"]["completed"] == completed + 1
     _screenshot(page, "desktop-compare-run")
     context.close()
 
@@ -315,7 +339,7 @@ def test_markdown_keeps_model_output_as_text(browser, node, console):
     ("label", "viewport", "scheme"), [("desktop", DESKTOP, "light"), ("phone", PHONE, "dark")]
 )
 def test_every_page_renders_without_console_errors(browser, nodes, console, label, viewport, scheme):
-    node, _ = nodes
+    node = nodes[0]
     context, page = _open(browser, console, viewport=viewport, color_scheme=scheme)
     for name in PAGES:
         page.goto(f"{node.base}/#/{name}")

@@ -41,6 +41,7 @@ from swarm.records import (
     MAX_RECORDS_PER_PEER,
     PeerRecord,
     RecordError,
+    catalog_key,
     decode_set,
     encode_chunks,
     encode_set,
@@ -237,6 +238,17 @@ def test_storage_merges_stores_and_ignores_forgeries() -> None:
     assert storage.get(digest(record_key("net", "unknown"))) is None
 
 
+def test_the_catalog_key_takes_every_model_of_its_network_only() -> None:
+    storage = RecordStorage()
+    catalog = digest(catalog_key("net"))
+    tiny, other_model = make_record(), make_record(OTHER, model_id="another-model")
+    storage[catalog] = encode_set([tiny, other_model])
+    storage[catalog] = encode_set([make_record(OTHER, network_id="elsewhere", model_id="third")])
+    assert set(decode_set(storage[catalog])) == {tiny, other_model}
+    storage[digest(catalog_key("elsewhere"))] = encode_set([tiny])  # filed under another network's
+    assert storage.get(digest(catalog_key("elsewhere"))) is None
+
+
 # Invite codes
 
 INVITE = Invite(host="192.168.1.20", port=4242, public_key=PUBLISHER.public_key, network_id="home")
@@ -407,6 +419,19 @@ def test_lookup_sees_every_publisher_with_valid_signatures(trio: list[DhtProcess
         ("127.0.0.1:7002", (4, 8), second.address),
     }
     assert third.client.lookup("model-nobody-serves") == []
+    # Every publication is in the network's catalog too, whatever its model.
+    assert third.client.publish([content("model-b", (0, 8), "127.0.0.1:7003")]) == 1
+    catalog = first.client.catalog()
+    assert {(record.peer_id, record.model_id) for record in catalog} == {
+        (first.peer_id, "model-a"),
+        (second.peer_id, "model-a"),
+        (third.peer_id, "model-b"),
+    }
+    assert all(record.valid(first.network_id) for record in catalog)
+    # What the catalog taught is among the peers' records (the dashboard's models page).
+    peers = {peer["peer_id"]: peer for peer in first.client.peers()}
+    assert [record["model_id"] for record in peers[third.peer_id]["records"]] == ["model-b"]
+    assert third.client.publish([]) == 0
     # A new publication replaces the old one: the range it drops is no longer republished.
     status = first.client.status()
     assert status["published"] == [content("model-a", (0, 4), "127.0.0.1:7001")]

@@ -137,6 +137,13 @@ export async function streamChat({ model, messages, maxTokens, temperature, sign
 
 // The ids this node serves (without the claude-swarm-* aliases it also answers to).
 export async function servedModels() {
+  // This node's model first, then the models peers serve whole (owned_by "network"), which
+  // this node hands requests to.
   const listed = await api("/v1/models");
   return listed.data.filter((model) => model.display_name === model.id);
+}
+
+// A model picker's label: network models say they come from the network.
+export function modelLabel(model, t) {
+  return model.owned_by === "network" ? t("chat.network_model", { model: model.id }) : model.id;
 }

@@ -1,6 +1,6 @@
 // Chat: streamed replies rendered as Markdown, a stop button, a model picker, and
 // conversations kept in this browser (localStorage), never on the node.
-import { servedModels, streamChat } from "./api.js";
+import { modelLabel, servedModels, streamChat } from "./api.js";
 import { clear, formatNumber, h, notice } from "./dom.js";
 import { t } from "./i18n.js";
 import { render as markdown } from "./markdown.js";
@@ -231,7 +231,7 @@ export function render(view) {
       state.models = [];
     }
     clear(picker);
-    for (const model of state.models) picker.append(h("option", { value: model.id }, model.id));
+    for (const model of state.models) picker.append(h("option", { value: model.id }, modelLabel(model, t)));
     send.disabled = !state.models.length;
     const latest = [...state.conversations].sort((a, b) => b.updated - a.updated)[0];
     select(latest ? latest.id : null);

@@ -1,6 +1,6 @@
 // Compare: one prompt sent to two models (or one model at two temperatures) at once, the
 // replies streamed side by side with their token counts and speeds from the API's usage.
-import { servedModels, streamChat } from "./api.js";
+import { modelLabel, servedModels, streamChat } from "./api.js";
 import { clear, formatNumber, h, notice } from "./dom.js";
 import { t } from "./i18n.js";
 import { render as markdown } from "./markdown.js";
@@ -99,7 +99,7 @@ export function render(view) {
   servedModels()
     .then((models) => {
       for (const side of sides) {
-        side.picker.replaceChildren(...models.map((model) => h("option", { value: model.id }, model.id)));
+        side.picker.replaceChildren(...models.map((model) => h("option", { value: model.id }, modelLabel(model, t))));
         if (models.length > 1 && side === sides[1]) side.picker.selectedIndex = 1;
       }
       run.disabled = !models.length;

@@ -88,6 +88,7 @@ export default {
   "chat.untitled": "Untitled",
   "chat.delete": "Delete “{title}”",
   "chat.model": "Model",
+  "chat.network_model": "{model} (from the network)",
   "chat.transcript": "Conversation",
   "chat.empty": "Ask the model something. Conversations stay in this browser.",
   "chat.prompt_label": "Message",
@@ -179,7 +180,7 @@ export default {
   "compare.side": "Side {side}",
   "compare.temperature": "Temperature",
   "compare.stats": "{tokens} tokens in {seconds} s · {rate} tokens/s",
-  "compare.one_model": "This node serves one model ({model}): compare it with itself at two temperatures.",
+  "compare.one_model": "Only {model} is served here or by peers in the network: compare it with itself at two temperatures.",
 
   "credits.title": "Credits and tier",
   "credits.status": "Status",

@@ -1,0 +1,402 @@
+"""Requests for models this node does not serve, handed whole to a peer that serves them.
+
+A node serves one model, but its network may serve others: every model some peer holds
+whole (its signed DHT record covers every layer) is a network model here. A request for
+one goes, as the node protocol's `GenerationRequest` (chat messages or a prompt, the
+sampling, tools), to the nearest such peer in a `Delegate` message (`swarm.wire`); the
+peer renders and tokenizes it with its own model's template and tokenizer, runs it
+through its own scheduler beside its local requests (admitted by the requester's credit
+tier), and streams back the node protocol's events, which are checked field by field
+before anything reaches the caller (`node_protocol.check_event`). The peer reads the
+request, as a whole-model peer of a routed request reads its tokens; in private mode
+only pool members (and LAN peers if allowed) are asked.
+
+Owns, on the requester's side, `NetworkModels` (which models the network serves, from
+the DHT) and `DelegatedRun` (one request: the peers to try, nearest first, a refusal
+or failure before the first token passes it to the next; the requester pays the peer a
+credit receipt for the positions it ran); on the serving side, `serve` (a Delegate
+answered through a local runner, as DelegateEvent payloads) and `scheduled` (a
+generation run by the node's scheduler for it). Imports no jax.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarm import wire
+from swarm.dht_client import DhtError, DhtUnavailable
+from swarm.errors import ContextOverflowError, InvalidRequestError, SwarmError, UnknownModelError
+from swarm.identity import Identity
+from swarm.node_protocol import GenerationRequest, ProtocolError, check_event
+from swarm.records import PeerRecord
+from swarm.secure_channel import ChannelError, ChannelTimeout, SecureChannel
+
+log = logging.getLogger(__name__)
+
+LISTING_TTL_S = 10.0  # how long the network's model list is reused
+MAX_HOLDERS_TRIED = 3  # peers a request is offered to before it fails
+CONNECT_TIMEOUT_S = 10.0
+KEEPALIVE_S = 5.0  # a serving peer sends a progress event after this long without another
+# Scheduler priorities of peers' requests by credit tier (DESIGN.md §9): the node's own
+# requests come at 0, with Platinum peers; lower tiers wait longer, all are served.
+TIER_PRIORITY = {"platinum": 0, "gold": -10, "silver": -20, "bronze": -30}
+
+
+class PeerUnavailableError(SwarmError):
+    """No peer serving the model could take the request (503)."""
+
+
+class PeerOverloadedError(SwarmError):
+    """Every peer serving the model is busy (429)."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A peer serving a model whole: where to reach it and what it serves."""
+
+    peer_id: str
+    address: str
+    public_key: bytes
+    n_layers: int
+    rtt_ms: float | None = None
+
+    @property
+    def stage(self) -> wire.RouteHop:
+        """As a route stage, for the credit receipt it is paid with."""
+        return wire.RouteHop(self.address, self.public_key, (0, self.n_layers))
+
+
+class NetworkModels:
+    """The models peers of this network serve whole, from the DHT (see the module docstring).
+
+    `dht` is a `swarm.dht_client.DhtClient`; `own` the peer id of this node (never a
+    holder); `allowed()` the peers private mode permits (None: any); `rtt()` measured
+    round trips by peer id, for nearest first.
+    """
+
+    def __init__(
+        self,
+        dht: Any,
+        network_id: str,
+        own: str,
+        allowed: Callable[[], frozenset[str] | None],
+        rtt: Callable[[], dict[str, float]],
+    ) -> None:
+        self.dht = dht
+        self.network_id = network_id
+        self.own = own
+        self.allowed = allowed
+        self.rtt = rtt
+        self._lock = threading.Lock()
+        self._listing: tuple[float, list[dict[str, Any]]] | None = None
+
+    def holders(self, model_id: str) -> list[Holder]:
+        """Peers serving `model_id` whole whose signed records are current, nearest first."""
+        try:
+            records = self.dht.lookup(model_id)
+        except (DhtUnavailable, DhtError) as error:
+            raise PeerUnavailableError(f"the DHT cannot be asked who serves {model_id!r}: {error}") from None
+        allowed = self.allowed()
+        rtt = self.rtt()
+        holders = [
+            Holder(
+                record.peer_id, record.address, record.public_key, record.n_layers, rtt.get(record.peer_id)
+            )
+            for record in records
+            if _serves_whole(record, model_id, self.network_id)
+            and record.peer_id != self.own
+            and (allowed is None or record.peer_id in allowed)
+        ]
+        holders.sort(key=lambda holder: (holder.rtt_ms is None, holder.rtt_ms or 0.0))
+        return holders
+
+    def listing(self, exclude: str = "") -> list[dict[str, Any]]:
+        """[{id, n_layers, peers}] for each model peers serve whole (but `exclude`), from the
+        network's catalog of signed records (`swarm.records.catalog_key`), reused for
+        LISTING_TTL_S; empty when the DHT cannot be asked."""
+        with self._lock:
+            if self._listing is not None and time.monotonic() - self._listing[0] < LISTING_TTL_S:
+                return [entry for entry in self._listing[1] if entry["id"] != exclude]
+        try:
+            records = self.dht.catalog()
+        except (DhtUnavailable, DhtError):
+            return []
+        allowed = self.allowed()
+        holders: dict[str, dict[str, Any]] = {}
+        for record in records:
+            if (
+                _serves_whole(record, record.model_id, self.network_id)
+                and record.peer_id != self.own
+                and (allowed is None or record.peer_id in allowed)
+            ):
+                entry = holders.setdefault(
+                    record.model_id, {"id": record.model_id, "n_layers": record.n_layers}
+                )
+                entry.setdefault("holders", set()).add(record.peer_id)
+        found = [
+            {"id": model_id, "n_layers": entry["n_layers"], "peers": len(entry["holders"])}
+            for model_id, entry in sorted(holders.items())
+        ]
+        with self._lock:
+            self._listing = (time.monotonic(), found)
+        return [entry for entry in found if entry["id"] != exclude]
+
+
+def _serves_whole(record: PeerRecord, model_id: str, network_id: str) -> bool:
+    return (
+        record.model_id == model_id
+        and record.valid(network_id)
+        and tuple(record.layers) == (0, record.n_layers)
+        and record.n_layers > 0
+    )
+
+
+# --- the requester's side ------------------------------------------------------------------
+
+
+@dataclass
+class DelegatedRun:
+    """One request for a network model (see the module docstring).
+
+    `count()` asks a holder for the prompt's token count; `start()` opens the generation
+    (the first holder that accepts it) and returns its start event; `events()` then yields
+    the rest, ending with done or error. `credits` (a `swarm.credit_desk.CreditDesk`, or
+    None) shows this node's balance before and pays the holder after.
+    """
+
+    request: GenerationRequest
+    holders: Sequence[Holder]
+    identity: Identity
+    network_id: str
+    timeout: float
+    credits: Any = None
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    _channel: SecureChannel | None = None
+    _holder: Holder | None = None
+    _start: dict[str, Any] | None = None
+
+    @property
+    def model_id(self) -> str:
+        return self.request.model
+
+    def _body(self, kind: str) -> dict[str, Any]:
+        return {"kind": kind, "session_id": self.session_id, "request": self.request.to_dict()}
+
+    def _offer(self, kind: str) -> tuple[SecureChannel, Holder, dict[str, Any]]:
+        """The first holder's channel and start event that takes the request; the errors of
+        a request the holders refuse as invalid are raised as such."""
+        failures = []
+        busy = 0
+        for holder in list(self.holders)[:MAX_HOLDERS_TRIED]:
+            channel = None
+            taken = False
+            try:
+                channel = SecureChannel.connect(
+                    holder.address,
+                    self.identity,
+                    self.network_id,
+                    expected_peer=holder.public_key,
+                    timeout=min(CONNECT_TIMEOUT_S, self.timeout),
+                )
+                if kind == "generate" and self.credits is not None:
+                    self.credits.introduce([holder.stage])
+                channel.send(wire.encode(wire.Delegate(self._body(kind))))
+                event = _next_event(channel, self.timeout)
+                if event["event"] == "start":
+                    taken = True
+                    return channel, holder, event
+                if event["event"] != "error":
+                    raise ProtocolError(f"a delegated request began with a {event['event']} event")
+                _raise_for(event, self.model_id)  # the request itself is refused: no other peer helps
+                busy += event["code"] == "overloaded"
+                failures.append(f"{holder.peer_id[:12]}: {event['message']}")
+            except _Retryable as error:
+                busy += error.busy
+                failures.append(f"{holder.peer_id[:12]}: {error}")
+            except (ChannelError, wire.WireError, ProtocolError) as error:
+                failures.append(f"{holder.peer_id[:12]}: {error}")
+            finally:
+                if channel is not None and not taken:
+                    channel.close()
+        detail = "; ".join(failures) or "none is known"
+        if failures and busy == len(failures):
+            raise PeerOverloadedError(f"every peer serving {self.model_id!r} is busy ({detail})")
+        raise PeerUnavailableError(f"no peer serving {self.model_id!r} could take the request ({detail})")
+
+    def count(self) -> int:
+        """The prompt's token count, as the serving peer's tokenizer has it."""
+        if self._start is not None:
+            return int(self._start["prompt_tokens"])
+        channel, _, start = self._offer("count")
+        channel.close()
+        return int(start["prompt_tokens"])
+
+    def start(self) -> dict[str, Any]:
+        """Opens the generation on the first holder that accepts it; its start event."""
+        if self._start is None:
+            self._channel, self._holder, self._start = self._offer("generate")
+            log.info(
+                "request %s for %s delegated to %s at %s",
+                self.session_id[:8],
+                self.model_id,
+                self._holder.peer_id[:12],
+                self._holder.address,
+            )
+        return self._start
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The generation's events after start, ending with done or error (a lost peer
+        ends it with an `unavailable` error). Closing it stops the peer's generation."""
+        self.start()
+        channel, holder = self._channel, self._holder
+        assert channel is not None and holder is not None
+        tokens = 0
+        try:
+            while True:
+                try:
+                    event = _next_event(channel, self.timeout)
+                except (ChannelError, wire.WireError, ProtocolError, _Retryable) as error:
+                    yield {
+                        "event": "error",
+                        "code": "unavailable",
+                        "message": f"the peer serving {self.model_id!r} stopped answering after "
+                        f"{tokens} tokens: {error}",
+                    }
+                    return
+                if event["event"] == "progress":
+                    yield event
+                    continue
+                if event["event"] == "start":
+                    continue  # said once already
+                if event["event"] == "text" and event["token_id"] >= 0:
+                    tokens += 1
+                if event["event"] == "done":
+                    self._settle(holder, event)  # before the done event: its reader closes this
+                yield event
+                if event["event"] in ("done", "error"):
+                    return
+        finally:
+            channel.close()
+
+    def _settle(self, holder: Holder, done: dict[str, Any]) -> None:
+        if self.credits is None:
+            return
+        self.credits.settle(self.session_id, [holder.stage], positions_run(done))
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+
+def positions_run(done: dict[str, Any]) -> int:
+    """The positions a delegated generation ran, from its done event: the prompt and every
+    generated token but the last (sampled, never run). The serving peer counts these, and
+    the requester's receipt pays them."""
+    return int(done["prompt_tokens"]) + max(int(done["completion_tokens"]) - 1, 0)
+
+
+class _Retryable(SwarmError):
+    def __init__(self, message: str, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
+
+
+def _next_event(channel: SecureChannel, timeout: float) -> dict[str, Any]:
+    try:
+        message = wire.decode(channel.recv(timeout=timeout))
+    except ChannelTimeout as error:
+        raise _Retryable(f"no answer within {timeout:g} s") from error
+    if isinstance(message, wire.Error):
+        raise _Retryable(f"{message.code}: {message.message}", busy=message.code == wire.OVERLOADED)
+    if not isinstance(message, wire.DelegateEvent) or message.body.get("kind") != "event":
+        raise ProtocolError(f"expected a DelegateEvent, got {type(message).__name__}")
+    return check_event(message.body.get("event"))
+
+
+def _raise_for(event: dict[str, Any], model_id: str) -> None:
+    """Raises the error a refused request gets from every peer alike (a bad request, a
+    prompt too long); returns for the ones another peer may not give (busy, failed)."""
+    code, message = event["code"], event["message"]
+    if code == "context_overflow":
+        raise ContextOverflowError(message)
+    if code == "invalid_request":
+        raise InvalidRequestError(message)
+    if code == "unknown_model":
+        raise UnknownModelError(f"{model_id!r}: {message}")
+
+
+# --- the serving side ------------------------------------------------------------------
+
+
+Runner = Callable[[str, GenerationRequest, bytes, str], Iterator[dict[str, Any]]]
+
+
+def serve(body: dict[str, Any], requester_key: bytes, runner: Runner) -> Iterator[bytes]:
+    """The DelegateEvent payloads answering one Delegate: `runner(kind, request, requester
+    key, session id)` yields the node protocol's events (for kind "count", only the start
+    event). Any failure ends the answer with an error event."""
+    from swarm.node_server import error_event
+
+    events: Iterator[dict[str, Any]] | None = None
+    try:
+        kind = body.get("kind")
+        if kind not in ("generate", "count"):
+            raise InvalidRequestError(f"a Delegate is a generate or a count, not {kind!r}")
+        session_id = body.get("session_id")
+        if not isinstance(session_id, str) or not 1 <= len(session_id) <= 64:
+            raise InvalidRequestError("a Delegate needs a session_id of 1 to 64 characters")
+        request = GenerationRequest.from_dict(body.get("request"))
+        events = runner(kind, request, requester_key, session_id)
+        for event in events:
+            yield _event_payload(event)
+    except OverflowError as error:
+        yield _event_payload({"event": "error", "code": "overloaded", "message": str(error)})
+    except Exception as error:
+        if not isinstance(error, SwarmError):
+            log.exception("a delegated request failed")
+        yield _event_payload(error_event(error))
+    finally:
+        if events is not None:
+            close = getattr(events, "close", None)
+            if close:
+                close()
+
+
+def scheduled(
+    scheduler: Any, events: Iterator[dict[str, Any]], priority: int, start: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """A delegated generation run by this node's scheduler (`swarm.node_server.Scheduler`)
+    beside its local requests: `start`, then its events until done or error, with a
+    progress event after KEEPALIVE_S of silence (while it waits its turn). Closing it
+    early cancels the generation at its next step. OverflowError when the queue is full."""
+    from swarm.node_server import Job
+
+    job = Job(events, priority=priority)
+    scheduler.submit(job)
+    finished = False
+    try:
+        yield start
+        while True:
+            try:
+                event = job.output.get(timeout=KEEPALIVE_S)
+            except queue.Empty:
+                yield {"event": "progress"}
+                continue
+            finished = event["event"] in ("done", "error")
+            yield event
+            if finished:
+                return
+    finally:
+        if not finished:
+            job.cancelled.set()
+
+
+def _event_payload(event: dict[str, Any]) -> bytes:
+    return wire.encode(wire.DelegateEvent({"kind": "event", "event": event}))
