@@ -10,6 +10,7 @@ returns hidden states.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -150,7 +151,10 @@ class Engine:
         config: ModelConfig,
         layer_range: tuple[int, int] | None = None,
         settings: EngineSettings | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Engine:
+        """Layers `layer_range` (all by default) of the model; `progress(done, total)` hears
+        the weight bytes read as they load."""
         settings = settings or EngineSettings()
         first, last = layer_range or (0, config.n_layers)
         if settings.kv_cache not in ("f16", "f32"):
@@ -167,6 +171,7 @@ class Engine:
             packed=settings.packed_weights(),
             unrolled=settings.unrolled_layers(),
             kernels=settings.kernels,
+            progress=progress,
         )
         return cls(config, weights, first, last, settings)
 

@@ -8,6 +8,7 @@ Building an engine (which imports jax) is a separate step: `swarm info` needs no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,11 +34,14 @@ class OpenedModel:
     chat_template: ChatTemplate
 
     def engine(
-        self, settings: EngineSettings | None = None, layer_range: tuple[int, int] | None = None
+        self,
+        settings: EngineSettings | None = None,
+        layer_range: tuple[int, int] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Engine:
         from swarm.engine import Engine
 
-        return Engine.load(self.gguf, self.config, layer_range, settings)
+        return Engine.load(self.gguf, self.config, layer_range, settings, progress)
 
 
 def _load_tokenizer(gguf: GGUFFile, cache_dir: Path | None) -> Tokenizer:

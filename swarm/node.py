@@ -46,6 +46,7 @@ from swarm.delegation import (
 )
 from swarm.errors import InvalidRequestError, UnavailableError, UnknownModelError
 from swarm.generate import PREFILLING, check_prompt
+from swarm.load_progress import LoadProgress
 from swarm.node_protocol import SOCKET_NAME, GenerationRequest
 from swarm.node_server import Detached, NodeServer, Scheduler
 from swarm.schema_constraint import SchemaConstraint
@@ -90,6 +91,8 @@ class ModelBackend:
         self.peering: Any = None
         # The node server's scheduler, which requests delegated by peers join.
         self.scheduler: Scheduler | None = None
+        # How far loading is (`swarm.load_progress`), shown while the state is "loading".
+        self.progress = LoadProgress(self.model_id, data_dir / "run")
 
     # -- loading ---------------------------------------------------------------
 
@@ -101,6 +104,7 @@ class ModelBackend:
         from swarm.loader import open_model
         from swarm.prefix_cache import PrefixCache
 
+        progress = self.progress
         try:
             began = time.perf_counter()
             enable_compilation_cache(self.data_dir / "cache" / "xla")
@@ -114,7 +118,9 @@ class ModelBackend:
             )
             n_layers = self.opened.config.n_layers
             layers = parse_layers(self.config.node.layers, n_layers)
-            self.engine = self.opened.engine(settings, layers)
+            progress.phase("weights", unit="bytes")
+            self.engine = self.opened.engine(settings, layers, progress=progress.advance)
+            progress.phase("compile")
             whole = layers == (0, n_layers)
             if whole:
                 prefix = PrefixCache(inference.prefix_cache_mb * 2**20) if inference.prefix_cache_mb else None
@@ -147,7 +153,9 @@ class ModelBackend:
             if whole:  # serves its own requests at once; joins the swarm meanwhile
                 threading.Thread(target=self._join_swarm, name="peering", daemon=True).start()
             else:
+                progress.phase("peers")
                 self.peering.start()
+            progress.finish()
             self.loaded_at = time.time()
             self.state = "ready"
             log.info("model %s ready in %.1f s", self.model_id, time.perf_counter() - began)

@@ -331,8 +331,10 @@ class NodeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def health(self) -> dict[str, Any]:
         stats = self.scheduler.stats
+        loading = self.backend.state == "loading" and getattr(self.backend, "progress", None) is not None
         return {
             "state": self.backend.state,
+            **({"load": self.backend.progress.snapshot()} if loading else {}),
             "model": getattr(self.backend, "model_id", None),
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),

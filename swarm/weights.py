@@ -9,7 +9,7 @@ from the memory map.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import jax
@@ -123,6 +123,35 @@ def _stack_group(
     )
 
 
+class _Counted:
+    """A GGUF file that reports the tensor bytes read through it (for load progress)."""
+
+    def __init__(self, gguf: GGUFFile, total: int, progress: Callable[[int, int], None]) -> None:
+        self.gguf, self.total, self.progress, self.done = gguf, total, progress, 0
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        return self.gguf.tensor_info(name)
+
+    def tensor_bytes(self, name: str):
+        data = self.gguf.tensor_bytes(name)
+        self.done += self.gguf.tensor_info(name).nbytes
+        self.progress(min(self.done, self.total), self.total)
+        return data
+
+
+def _bytes_to_read(gguf: GGUFFile, config: ModelConfig, names: list[str], first: int, last: int) -> int:
+    """The tensor bytes `load_range_weights` reads for layers [first, last)."""
+    tensors = [f"blk.{i}.{LAYER_TENSORS[name]}" for i in range(first, last) for name in names]
+    is_last = last == config.n_layers
+    if first == 0 or (is_last and config.tied_output):
+        tensors.append("token_embd.weight")
+    if is_last:
+        tensors.append("output_norm.weight")
+        if not config.tied_output:
+            tensors.append("output.weight")
+    return sum(gguf.tensor_info(name).nbytes for name in tensors)
+
+
 def load_range_weights(
     gguf: GGUFFile,
     config: ModelConfig,
@@ -132,17 +161,21 @@ def load_range_weights(
     packed: bool,
     unrolled: bool = False,
     kernels: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
 ) -> RangeWeights:
     """Weights for layers [first, last).
 
     packed keeps quantized matrices as QuantTensor (else f32 arrays), laid out for
     the `kernels` path (`kernels.ops.arrange`); unrolled gives every layer a group
-    of its own, which the model runs without a scan.
+    of its own, which the model runs without a scan. `progress(done, total)` hears the
+    tensor bytes read so far after each tensor.
     """
     layout = _Layout(packed, kernels)
     if not 0 <= first < last <= config.n_layers:
         raise ModelFileError(f"layer range {first}-{last} is outside 0-{config.n_layers}")
     names = layer_param_names(config)
+    if progress is not None:
+        gguf = _Counted(gguf, _bytes_to_read(gguf, config, names, first, last), progress)
     groups: list[LayerGroup] = []
     start = first
     signature = _layer_signature(gguf, names, first, layout)

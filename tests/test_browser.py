@@ -383,6 +383,52 @@ def test_a_running_download_shows_its_progress(browser, node, console):
         status.unlink()
 
 
+def test_loading_shows_how_far_the_node_is(browser, node, console):
+    """The wizard's loading step and the state badge draw the node's load progress (phase,
+    percentage, bytes read) from /health/state; here the node's answer is a loading one."""
+    loading = {
+        "status": "not_ready",
+        "subsystems": {"control": True, "node": True, "model": False},
+        "node": {
+            "state": "loading",
+            "model": MODEL,
+            "load": {
+                "phase": "weights",
+                "percent": 45.2,
+                "done": 120e6,
+                "total": 235e6,
+                "unit": "bytes",
+                "elapsed_s": 12.0,
+            },
+        },
+    }
+    context, page = _open(browser, console)
+    page.goto(node.base + "/#/setup")
+    page.get_by_role("button", name="Next").click()
+    page.route("**/health/state", lambda route: route.fulfill(json=loading))
+    page.get_by_role("button", name="Use this model").click()
+    expect(page.locator("[data-field=loading]")).to_have_text(
+        "Reading the weights: 120 of 235 MB, 45% (12 s so far)."
+    )
+    assert float(page.locator(".wizard progress").get_attribute("value")) == pytest.approx(45.2)
+    expect(page.locator("#node-state")).to_have_text("loading 45%", timeout=10_000)
+    _screenshot(page, "desktop-setup-loading")
+    loading["node"]["load"] = {
+        "phase": "compile",
+        "percent": 70,
+        "done": 0,
+        "total": None,
+        "unit": "",
+        "elapsed_s": 20.0,
+    }
+    expect(page.locator("[data-field=loading]")).to_have_text(
+        "Compiling the model for this machine: about 70% (20 s so far)."
+    )
+    page.unroute("**/health/state")
+    page.get_by_role("button", name="Start chatting").click(timeout=30_000)
+    context.close()
+
+
 # Last in the module: it leaves node0 serving another model.
 def test_wizard_switches_the_served_model(browser, node, console):
     context, page = _open(browser, console)

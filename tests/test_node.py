@@ -197,3 +197,36 @@ def test_hang_up_cancels_and_others_continue(node):
     while server.scheduler.stats.cancelled == cancelled_before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.scheduler.stats.cancelled == cancelled_before + 1
+
+
+def test_health_reports_how_far_loading_is(data_dir, smollm2_path, tmp_path):
+    """While the model loads, the node's health answer carries the phase and a percentage
+    that only grows; the load's phase times are kept for the next load's bar."""
+    from swarm.load_progress import HISTORY_FILE
+
+    backend = ModelBackend("smollm2-135m", data_dir, load_config(data_dir, {}))
+    server = NodeServer(tmp_path / "node.sock", backend, max_active=1)
+    server.serve_in_thread()
+    loader = threading.Thread(target=backend.load)
+    loader.start()
+    seen = []
+    try:
+        while backend.state == "loading":
+            health = server.health()
+            if "load" in health:
+                seen.append(health["load"])
+            time.sleep(0.005)
+        loader.join()
+        assert backend.state == "ready", backend.error
+        assert "load" not in server.health()
+    finally:
+        server.close()
+    phases = [snapshot["phase"] for snapshot in seen]
+    assert "weights" in phases and "compile" in phases
+    assert phases.index("weights") < phases.index("compile")
+    percents = [snapshot["percent"] for snapshot in seen]
+    assert percents == sorted(percents) and percents[0] >= 0 and 50 < percents[-1] <= 100
+    weights = [snapshot for snapshot in seen if snapshot["phase"] == "weights" and snapshot["total"]]
+    assert weights and all(0 <= s["done"] <= s["total"] for s in weights) and weights[0]["unit"] == "bytes"
+    stored = json.loads((data_dir / "run" / HISTORY_FILE).read_text())["smollm2-135m"]
+    assert stored["weights"] > 0 and stored["compile"] > 0

@@ -2,6 +2,7 @@
 // and the hash router that mounts one page at a time. Each page module exports
 // `render(view)` and may return a function that stops its timers and streams.
 import { ensureKey, setKey, hasKey } from "./api.js";
+import { formatNumber } from "./dom.js";
 import { t, translate } from "./i18n.js";
 import * as chat from "./page-chat.js";
 import * as compare from "./page-compare.js";
@@ -42,14 +43,16 @@ function cycleTheme() {
 async function refreshState() {
   const badge = $("node-state");
   let label = "down";
+  let load = null;
   try {
     const reply = await fetch("/health/state");
     const body = await reply.json();
     label = body.status === "ready" ? "ready" : body.subsystems && body.subsystems.node ? (body.node && body.node.state) || "loading" : "down";
+    load = label === "loading" && body.node ? body.node.load : null;
   } catch (error) {
     label = "down";
   }
-  badge.textContent = t(`state.${label}`);
+  badge.textContent = load ? t("state.loading_percent", { percent: formatNumber(load.percent) }) : t(`state.${label}`);
   badge.className = `badge ${label}`;
 }
 

@@ -210,11 +210,26 @@ export function render(view) {
       ready = answer.status === "ready" && (!state.switchingTo || node.model === state.switchingTo);
       const elapsed = formatSeconds((Date.now() - state.began) / 1000);
       const switching = state.switchingTo && node.model !== state.switchingTo;
+      const bar = body.querySelector("progress");
+      const load = !switching && node.state === "loading" ? node.load : null;
+      if (bar && load) {
+        bar.max = 100;
+        bar.value = load.percent;
+      } else if (bar) {
+        bar.removeAttribute("value"); // indeterminate until the node reports how far it is
+      }
       line.textContent = switching
         ? t("setup.loading.switching", { model: state.switchingTo, elapsed })
-        : answer.subsystems.node
-          ? t(`setup.loading.${node.state}`, { elapsed })
-          : t("setup.loading.down", { elapsed });
+        : load
+          ? t(`setup.loading.phase.${load.phase}`, {
+              percent: formatNumber(load.percent),
+              done: formatNumber(load.done / 1e6),
+              total: formatNumber((load.total || 0) / 1e6),
+              elapsed: formatSeconds(load.elapsed_s),
+            })
+          : answer.subsystems.node
+            ? t(`setup.loading.${node.state}`, { elapsed })
+            : t("setup.loading.down", { elapsed });
       if (node.state === "failed") {
         body.querySelector("progress")?.remove();
         return;

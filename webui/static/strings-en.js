@@ -22,6 +22,7 @@ export default {
 
   "state.ready": "ready",
   "state.loading": "loading",
+  "state.loading_percent": "loading {percent}%",
   "state.failed": "failed",
   "state.down": "down",
 
@@ -74,6 +75,10 @@ export default {
   "setup.loading.title": "Loading the model",
   "setup.loading.switching": "Restarting the node with {model} ({elapsed} so far).",
   "setup.loading.loading": "The node is loading the model and compiling it for this machine ({elapsed} so far).",
+  "setup.loading.phase.model": "Finding the model file: {percent}% ({elapsed} so far).",
+  "setup.loading.phase.weights": "Reading the weights: {done} of {total} MB, {percent}% ({elapsed} so far).",
+  "setup.loading.phase.compile": "Compiling the model for this machine: about {percent}% ({elapsed} so far).",
+  "setup.loading.phase.peers": "Measuring this node and joining the swarm: {percent}% ({elapsed} so far).",
   "setup.loading.ready": "The model is loaded.",
   "setup.loading.failed": "The model failed to load: see the node's log.",
   "setup.loading.down": "The node is not answering yet ({elapsed} so far); it may be starting.",
