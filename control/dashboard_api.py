@@ -128,7 +128,19 @@ def get_models() -> Response:
 
 @bp.put("/models/<path:model_id>/pin")
 def pin(model_id: str) -> Response:
-    return jsonify({"pinned": model_pulls.set_pinned(current_app.config["DATA_DIR"], model_id, True)})
+    """Pins a model (kept on this machine); one that can be pulled and is not here yet
+    starts downloading at once, its status in `pull` (null when nothing was started)."""
+    data_dir = current_app.config["DATA_DIR"]
+    pinned = model_pulls.set_pinned(data_dir, model_id, True)
+    started = None
+    running = (model_pulls.status(data_dir, model_id) or {}).get("state") == "running"
+    if (
+        model_pulls.pullable(model_id)
+        and not running
+        and not model_catalog.local_model(model_id, data_dir)["installed"]
+    ):
+        started = model_pulls.start(data_dir, model_id)
+    return jsonify({"pinned": pinned, "pull": started})
 
 
 @bp.delete("/models/<path:model_id>/pin")

@@ -7,7 +7,7 @@ line into `<data_dir>/run/pulls/<name>.json`, so any gunicorn worker
 can report progress and a finished job is remembered until the next restart. A job
 whose watcher died with its worker (its pid gone while it says running) reads as
 `interrupted`. Also owns the pin list, `<data_dir>/pins.json`: models a user asked to
-keep when storage is managed for them. Must not import jax.
+keep on this machine (pinning one that is missing starts its pull). Must not import jax.
 """
 
 from __future__ import annotations

@@ -52,12 +52,35 @@ def test_models_lists_the_served_model_first_with_its_layers(http):
 
 
 def test_pin_and_unpin_persist(http, control_app):
-    assert http.put("/api/dashboard/models/mock-1/pin").json() == {"pinned": ["mock-1"]}
+    assert http.put("/api/dashboard/models/mock-1/pin").json() == {"pinned": ["mock-1"], "pull": None}
     models = http.get("/api/dashboard/models").json()["models"]
     assert next(model for model in models if model["id"] == "mock-1")["pinned"]
     saved = json.loads((control_app.config["DATA_DIR"] / model_pulls.PINS_FILE).read_text())
     assert saved == {"models": ["mock-1"]}
     assert http.delete("/api/dashboard/models/mock-1/pin").json() == {"pinned": []}
+
+
+def test_pinning_a_missing_model_starts_its_download(http, control_app, monkeypatch):
+    started = []
+
+    def fake_start(data_dir, name):
+        started.append(name)
+        return {"model": name, "state": "running"}
+
+    monkeypatch.setattr(model_pulls, "start", fake_start)
+    data_dir = control_app.config["DATA_DIR"]
+    missing = {"installed": False, "size_bytes": None}
+    monkeypatch.setattr(model_catalog, "local_model", lambda model_id, where: missing)
+    reply = http.put("/api/dashboard/models/gemma3-270m/pin").json()
+    assert reply == {"pinned": ["gemma3-270m"], "pull": {"model": "gemma3-270m", "state": "running"}}
+    assert started == ["gemma3-270m"]
+    # Pinned again while it downloads, or once it is here: nothing new starts.
+    monkeypatch.setattr(model_pulls, "status", lambda where, name: {"state": "running"})
+    assert http.put("/api/dashboard/models/gemma3-270m/pin").json()["pull"] is None
+    monkeypatch.setattr(model_pulls, "status", lambda where, name: None)
+    monkeypatch.setattr(model_catalog, "local_model", lambda model_id, where: {"installed": True})
+    assert http.put("/api/dashboard/models/gemma3-270m/pin").json()["pull"] is None
+    assert started == ["gemma3-270m"] and model_pulls.pins(data_dir) == ["gemma3-270m"]
 
 
 def test_pull_refuses_unknown_names(http):
