@@ -64,6 +64,18 @@ def test_matches_the_reference(dtype, dim, group, kv_heads) -> None:
             assert _close(got, want, values), (layer, first_row, np.max(np.abs(got - want)))
 
 
+@pytest.mark.parametrize("batch", [2, 8, 16])
+def test_wide_batches_match_the_reference(batch) -> None:
+    """Batches wide enough that a thread takes whole sequences (every kv head) at a time."""
+    q, keys, values = _case(7, rows=batch + 1, kv_heads=3, group=3, dim=64, batch=batch)
+    rng = np.random.default_rng(batch)
+    positions = rng.integers(0, 96, batch)
+    kv_length = np.minimum(positions + 1, rng.integers(1, 97, batch))
+    for first_row in (0, 1):
+        got, want = _both(q, keys, values, 1, first_row, positions, kv_length, kv_bound=96, scale=0.125)
+        assert _close(got, want, values), (first_row, np.max(np.abs(got - want)))
+
+
 def test_sliding_window_and_bound() -> None:
     q, keys, values = _case(2)
     positions, kv_length = [10, 60, 80], [11, 61, 81]

@@ -256,6 +256,16 @@ void Pair(const Problem& p, int64_t b, int64_t h) {
 
 template <typename T>
 void Run(const Problem& p) {
+  // With sequences enough to keep every thread busy, a task is one sequence: its kv heads
+  // interleave in each cached position, so one thread reading them all streams that
+  // sequence's rows once instead of several threads reading every kv_heads-th slice.
+  if (p.kv_heads > 1 && p.batch >= 2 * Pool().threads()) {
+    auto task = [&](int b) {
+      for (int64_t h = 0; h < p.kv_heads; ++h) Pair<T>(p, b, h);
+    };
+    Pool().Run(static_cast<int>(p.batch), task);
+    return;
+  }
   const int tasks = static_cast<int>(p.batch * p.kv_heads);
   auto task = [&](int index) { Pair<T>(p, index / p.kv_heads, index % p.kv_heads); };
   Pool().Run(tasks, task);
