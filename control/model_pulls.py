@@ -112,7 +112,7 @@ def start(data_dir: Path, name: str) -> dict[str, Any]:
         "started": time.time(),
         "finished": None,
         # Files (pip's packages) to download, and how far: None until pip says.
-        "parts": len(REGISTRY[name].packages) if name in REGISTRY else None,
+        "parts": len(REGISTRY[name].packages) if name in REGISTRY else 1,  # a Hub pull: one file
         "part": 0,
         "part_bytes": None,
         "part_total": None,

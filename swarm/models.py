@@ -132,15 +132,38 @@ def _assemble(model: RegisteredModel, models_dir: Path, progress: Progress) -> P
     return target
 
 
-def _from_hub(reference: str, models_dir: Path, progress: Progress) -> Path:
+def raw_download_progress() -> type:
+    """A tqdm class for huggingface_hub that draws no bar but prints the byte counts as
+    pip's `--progress-bar raw` does (`Progress DONE of TOTAL` lines on stdout), so that a
+    dashboard follows a Hub download as it follows a pip one."""
+    import io
+
+    from tqdm import tqdm
+
+    class RawProgress(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            super().__init__(*args, **{**kwargs, "file": io.StringIO(), "disable": False})
+
+        def update(self, n=1):
+            shown = super().update(n)
+            if self.total:
+                print(f"Progress {int(self.n)} of {int(self.total)}", flush=True)
+            return shown
+
+    return RawProgress
+
+
+def _from_hub(reference: str, models_dir: Path, progress: Progress, pip_progress: str = "on") -> Path:
     parts = reference.removeprefix("hf:").split("/", 2)
     if len(parts) != 3 or not parts[2].endswith(".gguf"):
         raise UnknownModelError(f"bad Hugging Face reference {reference!r}: use hf:OWNER/REPO/FILE.gguf")
     from huggingface_hub import hf_hub_download
 
     progress(f"downloading {parts[2]} from {parts[0]}/{parts[1]}")
+    options = {"tqdm_class": raw_download_progress()} if pip_progress == "raw" else {}
     try:
-        path = hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2], cache_dir=models_dir / "hf")
+        path = hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2], cache_dir=models_dir / "hf", **options)
     except Exception as error:  # network, auth, missing file: all reported the same way
         raise ModelFileError(f"cannot download {reference}: {type(error).__name__}: {error}") from None
     return Path(path)
@@ -160,7 +183,7 @@ def resolve_model(
     model = REGISTRY.get(name_or_path)
     if model is None:
         if name_or_path.startswith("hf:"):
-            return _from_hub(name_or_path, models_dir, progress)
+            return _from_hub(name_or_path, models_dir, progress, pip_progress)
         path = Path(name_or_path).expanduser()
         if path.exists() or path.suffix == ".gguf" or os.sep in name_or_path:
             if not path.exists():

