@@ -103,12 +103,15 @@ class CreditDesk:
         (not for this node's own sessions: nobody pays for those)."""
         if requester_key == self.identity.public_key:
             return
+        requester = peer_id_of(requester_key)
         with self._lock:
             entry = self._served.get(session_id)
             if entry is None:
-                entry = self._served[session_id] = _Served(peer_id_of(requester_key), layers, 0)
+                entry = self._served[session_id] = _Served(requester, layers, 0)
                 while len(self._served) > MAX_SERVED_SESSIONS:
                     self._served.popitem(last=False)
+            elif (entry.requester, entry.layers) != (requester, layers):
+                return  # another requester's session id (or other layers): counts for neither
             entry.positions += positions
 
     def answer(self, request: dict[str, Any], connection: dict[str, Any]) -> dict[str, Any]:

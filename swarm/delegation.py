@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -44,6 +45,13 @@ LISTING_TTL_S = 10.0  # how long the network's model list is reused
 MAX_HOLDERS_TRIED = 3  # peers a request is offered to before it fails
 CONNECT_TIMEOUT_S = 10.0
 KEEPALIVE_S = 5.0  # a serving peer sends a progress event after this long without another
+QUEUE_WAIT_S = 300.0  # how long a requester listens to nothing but keepalives before giving up
+MAX_DELEGATED_SHARE = 0.5  # of a node's queue that peers' requests may take up
+# Layers a receipt may pay per position: a record's depth is its publisher's say, and no
+# GGUF model has a thousand layers, so a peer claiming more is paid for this many.
+MAX_PAID_LAYERS = 1024
+# The form of a receipt's request id (`swarm.credits`), which a session id becomes.
+SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # Scheduler priorities of peers' requests by credit tier (DESIGN.md §9): the node's own
 # requests come at 0, with Platinum peers; lower tiers wait longer, all are served.
 TIER_PRIORITY = {"platinum": 0, "gold": -10, "silver": -20, "bronze": -30}
@@ -55,6 +63,10 @@ class PeerUnavailableError(SwarmError):
 
 class PeerOverloadedError(SwarmError):
     """Every peer serving the model is busy (429)."""
+
+
+class NoHoldersError(SwarmError):
+    """No peer this node may ask serves the model whole (404)."""
 
 
 @dataclass(frozen=True)
@@ -99,31 +111,46 @@ class NetworkModels:
 
     def holders(self, model_id: str) -> list[Holder]:
         """Peers serving `model_id` whole whose signed records are current, nearest first."""
+        return self.find(model_id)[0]
+
+    def find(self, model_id: str) -> tuple[list[Holder], int]:
+        """The holders of `model_id` (as `holders`) and the model's depth to pay them for:
+        the fewest layers any current record of it names, at most MAX_PAID_LAYERS."""
         try:
             records = self.dht.lookup(model_id)
         except (DhtUnavailable, DhtError) as error:
             raise PeerUnavailableError(f"the DHT cannot be asked who serves {model_id!r}: {error}") from None
         allowed = self.allowed()
         rtt = self.rtt()
+        current = [
+            record for record in records if record.model_id == model_id and record.valid(self.network_id)
+        ]
         holders = [
             Holder(
                 record.peer_id, record.address, record.public_key, record.n_layers, rtt.get(record.peer_id)
             )
-            for record in records
+            for record in current
             if _serves_whole(record, model_id, self.network_id)
             and record.peer_id != self.own
             and (allowed is None or record.peer_id in allowed)
         ]
         holders.sort(key=lambda holder: (holder.rtt_ms is None, holder.rtt_ms or 0.0))
-        return holders
+        depth = min([record.n_layers for record in current] or [0])
+        return holders, min(depth, MAX_PAID_LAYERS)
 
     def listing(self, exclude: str = "") -> list[dict[str, Any]]:
         """[{id, n_layers, peers}] for each model peers serve whole (but `exclude`), from the
         network's catalog of signed records (`swarm.records.catalog_key`), reused for
         LISTING_TTL_S; empty when the DHT cannot be asked."""
-        with self._lock:
-            if self._listing is not None and time.monotonic() - self._listing[0] < LISTING_TTL_S:
-                return [entry for entry in self._listing[1] if entry["id"] != exclude]
+        with self._lock:  # one caller asks the DHT; the others wait for its answer
+            if self._listing is None or time.monotonic() - self._listing[0] >= LISTING_TTL_S:
+                self._listing = (time.monotonic(), self._fetch_listing())
+            found = self._listing[1]
+        return [entry for entry in found if entry["id"] != exclude]
+
+    def _fetch_listing(self) -> list[dict[str, Any]]:
+        """The listing from the catalog; empty (and kept as such for a while) when the DHT
+        cannot be asked, so that callers do not each wait on it."""
         try:
             records = self.dht.catalog()
         except (DhtUnavailable, DhtError):
@@ -136,17 +163,12 @@ class NetworkModels:
                 and record.peer_id != self.own
                 and (allowed is None or record.peer_id in allowed)
             ):
-                entry = holders.setdefault(
-                    record.model_id, {"id": record.model_id, "n_layers": record.n_layers}
-                )
-                entry.setdefault("holders", set()).add(record.peer_id)
-        found = [
+                entry = holders.setdefault(record.model_id, {"n_layers": record.n_layers, "holders": set()})
+                entry["holders"].add(record.peer_id)
+        return [
             {"id": model_id, "n_layers": entry["n_layers"], "peers": len(entry["holders"])}
             for model_id, entry in sorted(holders.items())
         ]
-        with self._lock:
-            self._listing = (time.monotonic(), found)
-        return [entry for entry in found if entry["id"] != exclude]
 
 
 def _serves_whole(record: PeerRecord, model_id: str, network_id: str) -> bool:
@@ -168,7 +190,13 @@ class DelegatedRun:
     `count()` asks a holder for the prompt's token count; `start()` opens the generation
     (the first holder that accepts it) and returns its start event; `events()` then yields
     the rest, ending with done or error. `credits` (a `swarm.credit_desk.CreditDesk`, or
-    None) shows this node's balance before and pays the holder after.
+    None) shows this node's balance before and pays the holder after, `paid_layers` layers
+    per position (the model's depth as every record of it agrees, `paid_layers`).
+
+    Nothing a holder says is taken on trust: its events are checked, a second start, more
+    tokens than asked for, or a model other than the one asked for end the run, a holder
+    that only says it is still working is given up on after `queue_wait` seconds, and the
+    receipt pays at most what was asked for and seen.
     """
 
     request: GenerationRequest
@@ -177,6 +205,8 @@ class DelegatedRun:
     network_id: str
     timeout: float
     credits: Any = None
+    paid_layers: int = 0
+    queue_wait: float = QUEUE_WAIT_S
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     _channel: SecureChannel | None = None
     _holder: Holder | None = None
@@ -186,13 +216,22 @@ class DelegatedRun:
     def model_id(self) -> str:
         return self.request.model
 
-    def _body(self, kind: str) -> dict[str, Any]:
-        return {"kind": kind, "session_id": self.session_id, "request": self.request.to_dict()}
+    def _payload(self, kind: str) -> bytes:
+        body = {"kind": kind, "session_id": self.session_id, "request": self.request.to_dict()}
+        try:
+            return wire.encode(wire.Delegate(body))
+        except wire.WireError as error:  # too large for any peer: the request's own fault
+            raise InvalidRequestError(f"the request cannot be handed to a peer: {error}") from None
 
     def _offer(self, kind: str) -> tuple[SecureChannel, Holder, dict[str, Any]]:
-        """The first holder's channel and start event that takes the request; the errors of
-        a request the holders refuse as invalid are raised as such."""
-        failures = []
+        """The channel, holder and start event of the first holder that takes the request.
+
+        A refusal one holder gives may not be another's (its context window, a model it
+        stopped serving since its record), so the next is asked; only when every holder
+        asked refuses the request alike is that refusal raised as such."""
+        payload = self._payload(kind)
+        failures: list[str] = []
+        refusals: list[dict[str, Any]] = []
         busy = 0
         for holder in list(self.holders)[:MAX_HOLDERS_TRIED]:
             channel = None
@@ -207,14 +246,17 @@ class DelegatedRun:
                 )
                 if kind == "generate" and self.credits is not None:
                     self.credits.introduce([holder.stage])
-                channel.send(wire.encode(wire.Delegate(self._body(kind))))
+                channel.send(payload)
                 event = _next_event(channel, self.timeout)
                 if event["event"] == "start":
+                    if event["model"] != self.model_id:
+                        raise ProtocolError(f"it answered for model {event['model']!r}")
                     taken = True
                     return channel, holder, event
                 if event["event"] != "error":
                     raise ProtocolError(f"a delegated request began with a {event['event']} event")
-                _raise_for(event, self.model_id)  # the request itself is refused: no other peer helps
+                if event["code"] in REFUSALS:
+                    refusals.append(event)
                 busy += event["code"] == "overloaded"
                 failures.append(f"{holder.peer_id[:12]}: {event['message']}")
             except _Retryable as error:
@@ -225,6 +267,8 @@ class DelegatedRun:
             finally:
                 if channel is not None and not taken:
                     channel.close()
+        if refusals and len(refusals) == len(failures) and len({event["code"] for event in refusals}) == 1:
+            _raise_refusal(refusals[0], self.model_id)
         detail = "; ".join(failures) or "none is known"
         if failures and busy == len(failures):
             raise PeerOverloadedError(f"every peer serving {self.model_id!r} is busy ({detail})")
@@ -252,16 +296,31 @@ class DelegatedRun:
         return self._start
 
     def events(self) -> Iterator[dict[str, Any]]:
-        """The generation's events after start, ending with done or error (a lost peer
-        ends it with an `unavailable` error). Closing it stops the peer's generation."""
+        """The generation's events after start, ending with done or error (a lost or
+        misbehaving peer ends it with an `unavailable` error). Closing it, or `close()`,
+        stops the peer's generation."""
         self.start()
-        channel, holder = self._channel, self._holder
-        assert channel is not None and holder is not None
+        channel, holder, start = self._channel, self._holder, self._start
+        assert channel is not None and holder is not None and start is not None
         tokens = 0
+        most = self.request.sampling.max_tokens
+        heard = time.monotonic()  # the last event that was not a keepalive
         try:
             while True:
                 try:
                     event = _next_event(channel, self.timeout)
+                    if event["event"] == "progress":
+                        if time.monotonic() - heard > self.queue_wait:
+                            raise _Retryable(f"it kept the request waiting over {self.queue_wait:g} s")
+                        yield event
+                        continue
+                    heard = time.monotonic()
+                    if event["event"] == "start":
+                        raise ProtocolError("it started the generation twice")
+                    if event["event"] == "text" and event["token_id"] >= 0:
+                        tokens += 1
+                        if tokens > most:
+                            raise ProtocolError(f"it sent more than the {most} tokens asked for")
                 except (ChannelError, wire.WireError, ProtocolError, _Retryable) as error:
                     yield {
                         "event": "error",
@@ -270,27 +329,28 @@ class DelegatedRun:
                         f"{tokens} tokens: {error}",
                     }
                     return
-                if event["event"] == "progress":
-                    yield event
-                    continue
-                if event["event"] == "start":
-                    continue  # said once already
-                if event["event"] == "text" and event["token_id"] >= 0:
-                    tokens += 1
                 if event["event"] == "done":
-                    self._settle(holder, event)  # before the done event: its reader closes this
+                    self._settle(holder, start, event)  # before the done event: its reader closes this
                 yield event
                 if event["event"] in ("done", "error"):
                     return
         finally:
             channel.close()
 
-    def _settle(self, holder: Holder, done: dict[str, Any]) -> None:
+    def _settle(self, holder: Holder, start: dict[str, Any], done: dict[str, Any]) -> None:
+        """Pays the holder for the positions it ran: the prompt it counted at the start and
+        at most the tokens asked for, whatever its done event claims."""
         if self.credits is None:
             return
-        self.credits.settle(self.session_id, [holder.stage], positions_run(done))
+        paid = {
+            "prompt_tokens": start["prompt_tokens"],
+            "completion_tokens": min(done["completion_tokens"], self.request.sampling.max_tokens),
+        }
+        stage = wire.RouteHop(holder.address, holder.public_key, (0, self.paid_layers or holder.n_layers))
+        self.credits.settle(self.session_id, [stage], positions_run(paid))
 
     def close(self) -> None:
+        """Lets go of the holder (its generation stops), whether or not events() ran."""
         if self._channel is not None:
             self._channel.close()
 
@@ -320,16 +380,18 @@ def _next_event(channel: SecureChannel, timeout: float) -> dict[str, Any]:
     return check_event(message.body.get("event"))
 
 
-def _raise_for(event: dict[str, Any], model_id: str) -> None:
-    """Raises the error a refused request gets from every peer alike (a bad request, a
-    prompt too long); returns for the ones another peer may not give (busy, failed)."""
+# A holder's answer that says the request itself is refused (not that the holder is
+# busy or failing), raised as this node's error when every holder asked says it.
+REFUSALS = ("context_overflow", "invalid_request", "unknown_model")
+
+
+def _raise_refusal(event: dict[str, Any], model_id: str) -> None:
     code, message = event["code"], event["message"]
     if code == "context_overflow":
         raise ContextOverflowError(message)
     if code == "invalid_request":
         raise InvalidRequestError(message)
-    if code == "unknown_model":
-        raise UnknownModelError(f"{model_id!r}: {message}")
+    raise UnknownModelError(f"{model_id!r}: {message}")
 
 
 # --- the serving side ------------------------------------------------------------------
@@ -350,8 +412,8 @@ def serve(body: dict[str, Any], requester_key: bytes, runner: Runner) -> Iterato
         if kind not in ("generate", "count"):
             raise InvalidRequestError(f"a Delegate is a generate or a count, not {kind!r}")
         session_id = body.get("session_id")
-        if not isinstance(session_id, str) or not 1 <= len(session_id) <= 64:
-            raise InvalidRequestError("a Delegate needs a session_id of 1 to 64 characters")
+        if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
+            raise InvalidRequestError("a Delegate needs a session_id of 1 to 64 letters, digits and _.:-")
         request = GenerationRequest.from_dict(body.get("request"))
         events = runner(kind, request, requester_key, session_id)
         for event in events:
@@ -375,9 +437,13 @@ def scheduled(
     """A delegated generation run by this node's scheduler (`swarm.node_server.Scheduler`)
     beside its local requests: `start`, then its events until done or error, with a
     progress event after KEEPALIVE_S of silence (while it waits its turn). Closing it
-    early cancels the generation at its next step. OverflowError when the queue is full."""
+    early cancels the generation at its next step. OverflowError when the queue is full,
+    or MAX_DELEGATED_SHARE full: peers never take all of it."""
     from swarm.node_server import Job
 
+    if scheduler.stats.waiting >= max(1, int(scheduler.max_waiting * MAX_DELEGATED_SHARE)):
+        # The rest of the queue is kept for this node's own requests.
+        raise OverflowError("this peer's queue is busy")
     job = Job(events, priority=priority)
     scheduler.submit(job)
     finished = False

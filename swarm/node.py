@@ -39,6 +39,7 @@ from swarm.config import Config, ConfigError, load_config
 from swarm.delegation import (
     TIER_PRIORITY,
     DelegatedRun,
+    NoHoldersError,
     PeerOverloadedError,
     PeerUnavailableError,
     positions_run,
@@ -300,10 +301,12 @@ class ModelBackend:
             )
         try:
             return self.peering.delegated(request)
-        except PeerUnavailableError as error:
+        except NoHoldersError as error:
             raise UnknownModelError(
                 f"model {request.model!r} is not served by this node (it serves {self.model_id}): {error}"
             ) from None
+        except PeerUnavailableError as error:
+            raise UnavailableError(str(error)) from None
 
     def prompt_tokens(self, prepared: Prepared | DelegatedRun) -> int:
         if isinstance(prepared, DelegatedRun):
@@ -332,7 +335,8 @@ class ModelBackend:
 
     def run(self, prepared: Prepared | DelegatedRun) -> Iterator[dict[str, Any]]:
         if isinstance(prepared, DelegatedRun):
-            return Detached(prepared.events())
+            # Closed before its first step (a full queue, a caller gone), it still lets go of the peer.
+            return Detached(prepared.events(), on_close=prepared.close)
         events = self._events(prepared)
         return events if self.generator is not None else Detached(events)
 
@@ -356,11 +360,15 @@ class ModelBackend:
             return
         if self.scheduler is None:
             raise UnavailableError("this node is not taking requests yet")
-        for event in scheduled(self.scheduler, self.run(prepared), prepared.request.priority, start):
-            if event["event"] == "done" and credits is not None:  # counted before it is sent
-                layers = (0, self.opened.config.n_layers)
-                credits.served(session_id, requester_key, layers, positions_run(event))
-            yield event
+        events = scheduled(self.scheduler, self.run(prepared), prepared.request.priority, start)
+        try:
+            for event in events:
+                if event["event"] == "done" and credits is not None:  # counted before it is sent
+                    layers = (0, self.opened.config.n_layers)
+                    credits.served(session_id, requester_key, layers, positions_run(event))
+                yield event
+        finally:
+            events.close()  # the requester gone: the generation stops at its next step
 
     def _events(self, prepared: Prepared) -> Iterator[dict[str, Any]]:
         request = prepared.request

@@ -78,8 +78,9 @@ class Detached:
     routed through peers): the scheduler gives it a thread of its own instead of a turn in
     the round robin, so it never holds up local generations."""
 
-    def __init__(self, events: Iterator[dict[str, Any]]):
+    def __init__(self, events: Iterator[dict[str, Any]], on_close: Any = None):
         self.events = events
+        self.on_close = on_close  # called on close too: a generator never started skips its finally
 
     def __iter__(self) -> Detached:
         return self
@@ -89,6 +90,8 @@ class Detached:
 
     def close(self) -> None:
         _close(self.events)
+        if self.on_close is not None:
+            self.on_close()
 
 
 @dataclass
@@ -180,17 +183,19 @@ class Scheduler:
         except Exception as error:  # a failed generation must not take the node down
             log.exception("generation failed")
             event = error_event(error)
-        job.output.put(event)
         kind = event.get("event")
         if kind == "text" and event.get("token_id", -1) >= 0:
             self.stats.generated_tokens += 1
         if kind in ("done", "error", "result"):
+            # Counted before the reader hears of it: whoever saw the answer sees the count.
             if kind == "error":
                 self.stats.failed += 1
             else:
                 self.stats.completed += 1
+            job.output.put(event)
             _close(job.events)
             return False
+        job.output.put(event)
         return True
 
     def _loop(self) -> None:

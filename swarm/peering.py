@@ -36,7 +36,7 @@ import numpy as np
 from swarm.batching import SlotBatch
 from swarm.config import Config
 from swarm.credit_desk import CreditDesk
-from swarm.delegation import DelegatedRun, NetworkModels, PeerUnavailableError, Runner
+from swarm.delegation import DelegatedRun, NetworkModels, NoHoldersError, Runner
 from swarm.dht_client import DhtClient, DhtError, DhtUnavailable
 from swarm.identity import Identity
 from swarm.ledger import Ledger
@@ -362,11 +362,12 @@ class Peering:
 
     def delegated(self, request: Any) -> DelegatedRun:
         """A request for another model (`request.model`), to be handed to the nearest peer
-        serving it whole; PeerUnavailableError when no such peer is known."""
-        holders = self.network_models.holders(request.model)
+        serving it whole; NoHoldersError when no such peer is known, PeerUnavailableError
+        when the DHT cannot be asked."""
+        holders, depth = self.network_models.find(request.model)
         if not holders:
             where = " among this node's pool" if self.private_peers() is not None else ""
-            raise PeerUnavailableError(f"no peer{where} serves model {request.model!r}")
+            raise NoHoldersError(f"no peer{where} serves model {request.model!r}")
         network = self.config.network
         return DelegatedRun(
             request,
@@ -375,6 +376,7 @@ class Peering:
             network.gossip_network_id,
             timeout=network.stage_timeout_s,
             credits=self.credits,
+            paid_layers=depth,
         )
 
     def info(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ u32 length and the bytes. Tensor payloads are little-endian, as in GGUF and ggml
                    | bytes32 keys | bytes32 values
    11 Credits      u32 n | a JSON object (n bytes, at most 1 MiB)
    12 PoolMessage  u32 n | a JSON object (n bytes, at most 1 MiB)
-   13 Delegate     u32 n | a JSON object (n bytes, at most 16 MiB)
+   13 Delegate     u32 n | a JSON object (n bytes, at most 4 MiB)
    14 DelegateEvent u32 n | a JSON object (n bytes, at most 1 MiB)
 
 A Credits message carries the credit exchanges of `swarm.credit_desk`, on a channel of
@@ -105,7 +105,7 @@ MAX_ROUTE_HOPS = 64
 MAX_EOG_IDS = 256
 MAX_PREFIX_KEYS = 1024
 MAX_CREDITS_JSON_BYTES = 1024 * 1024
-MAX_DELEGATE_JSON_BYTES = 16 * 1024 * 1024
+MAX_DELEGATE_JSON_BYTES = 4 * 1024 * 1024
 PREFIX_KEY_BYTES = 16
 PREFIX_DIGEST_BYTES = 32
 KV_DTYPES = ("f16", "f32")

@@ -260,6 +260,21 @@ def test_a_stage_takes_only_receipts_for_work_it_ran(tmp_path):
     assert stage.ledger.totals().earned == 180
 
 
+def test_another_requesters_work_under_the_same_session_id_counts_for_neither(tmp_path):
+    stage = _desk(tmp_path, "stage")
+    requester, intruder = Identity.generate(), Identity.generate()
+    stage.served("shared-id", requester.public_key, (0, 15), 4)
+    stage.served("shared-id", intruder.public_key, (0, 15), 100)  # ignored: not its session
+    stage.served("shared-id", requester.public_key, (0, 9), 100)  # other layers: ignored too
+    state: dict = {"subnet": "loopback"}
+    inflated = _receipt(requester, stage.identity, request_id="shared-id", tokens=5)
+    with pytest.raises(CreditError, match="ran 4"):
+        stage.answer({"kind": "receipt", "receipt": inflated.to_dict()}, state)
+    claimed = _receipt(intruder, stage.identity, request_id="shared-id", tokens=1)
+    with pytest.raises(CreditError, match="served no request"):
+        stage.answer({"kind": "receipt", "receipt": claimed.to_dict()}, state)
+
+
 def _prove_to(verifier: CreditDesk, reporter: CreditDesk) -> None:
     """Runs the report / challenge / proof exchange between two desks, without a network."""
     state: dict = {"subnet": "loopback"}

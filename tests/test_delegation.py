@@ -22,6 +22,7 @@ import pytest
 
 from swarm import wire
 from swarm.delegation import (
+    MAX_PAID_LAYERS,
     TIER_PRIORITY,
     DelegatedRun,
     Holder,
@@ -158,17 +159,30 @@ def test_tool_calls_and_counts_come_through() -> None:
 
 
 def test_a_refusing_or_busy_peer_is_passed_over() -> None:
-    with servers(MockBackend(), delegate=False) as (refusing,), servers(MockBackend()) as (serving,):
-        run = _run(_request(), [refusing.holder(), serving.holder()])
+    with (
+        servers(MockBackend(), delegate=False) as (refusing,),
+        servers(MockBackend(delay_s=0.2), max_active=1, max_waiting=0) as (busy,),
+        servers(MockBackend()) as (serving,),
+    ):
+        blocking = _run(_request(max_tokens=20), [busy.holder()])
+        blocking.start()
+        deadline = time.monotonic() + 5
+        while busy.scheduler.stats.active < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        run = _run(_request(), [refusing.holder(), busy.holder(), serving.holder()])
         assert run.start()["model"] == MODEL_ID
         assert [e["event"] for e in run.events()][-1] == "done"
-        assert not refusing.calls and len(serving.calls) == 1
+        assert not refusing.calls and len(busy.calls) == 2 and len(serving.calls) == 1
+        blocking.close()
 
 
 def test_every_peer_busy_is_overloaded_and_none_reachable_is_unavailable() -> None:
     with servers(MockBackend(delay_s=0.2), max_active=1, max_waiting=0) as (busy,):
         first = _run(_request(max_tokens=20), [busy.holder()])
         first.start()
+        deadline = time.monotonic() + 5
+        while busy.scheduler.stats.active < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)  # admitted: the one place is taken
         with pytest.raises(PeerOverloadedError, match="busy"):
             _run(_request(), [busy.holder()]).start()
         first.close()
@@ -179,7 +193,7 @@ def test_every_peer_busy_is_overloaded_and_none_reachable_is_unavailable() -> No
         _run(_request(), []).start()
 
 
-def test_a_bad_request_is_refused_without_asking_another_peer() -> None:
+def test_a_refusal_is_the_requests_only_when_every_peer_gives_it() -> None:
     with servers(MockBackend(), MockBackend()) as (first, second):
         too_long = _request(words=5000)
         with pytest.raises(ContextOverflowError, match="context window"):
@@ -187,7 +201,20 @@ def test_a_bad_request_is_refused_without_asking_another_peer() -> None:
         other = GenerationRequest(model="elsewhere", sampling=SamplingParams(), prompt="hi")
         with pytest.raises(UnknownModelError, match="elsewhere"):
             _run(other, [first.holder(), second.holder()]).count()
-        assert len(first.calls) == 2 and not second.calls
+        assert len(first.calls) == len(second.calls) == 2
+        # One peer's refusal (a shorter context window than the next one's) is only its own.
+        first.backend.prepare = lambda request: (_ for _ in ()).throw(ContextOverflowError("too long here"))
+        run = _run(_request(), [first.holder(), second.holder()])
+        assert run.start()["prompt_tokens"] == 3 and len(second.calls) == 3
+        run.close()
+
+
+def test_a_request_too_large_for_any_peer_is_the_callers_error() -> None:
+    huge = GenerationRequest(
+        model=MODEL_ID, sampling=SamplingParams(), prompt="x" * (wire.MAX_DELEGATE_JSON_BYTES + 1)
+    )
+    with pytest.raises(InvalidRequestError, match="cannot be handed to a peer"):
+        _run(huge, [Holder("p" * 32, "127.0.0.1:9", bytes(32), 2)]).start()
 
 
 def test_closing_the_stream_cancels_the_generation_on_the_peer() -> None:
@@ -254,6 +281,86 @@ def test_malformed_events_from_a_peer_are_rejected() -> None:
     finally:
         liar.stage.close()
         second.stage.close()
+
+
+START = {"event": "start", "model": MODEL_ID, "prompt_tokens": 3}
+
+
+def _liar_run(bodies: list[Any], **options: Any) -> tuple[list[dict], Payments]:
+    liar = Liar(bodies)
+    payments = Payments()
+    try:
+        run = _run(_request(max_tokens=4), [liar.holder()], credits=payments, **options)
+        return list(run.events()), payments
+    finally:
+        liar.stage.close()
+
+
+def test_a_peer_is_paid_for_what_was_asked_and_seen_not_what_it_claims() -> None:
+    done = {"event": "done", "finish_reason": "length", "prompt_tokens": 900, "completion_tokens": 10**7}
+    events, payments = _liar_run([START, {"event": "text", "text": "a", "token_id": 1}, done], paid_layers=7)
+    assert events[-1]["event"] == "done"
+    ((_, (stage,), positions),) = payments.settled
+    assert positions == 3 + 4 - 1  # the prompt it counted at the start, at most max_tokens
+    assert stage.layer_range == (0, 7)
+
+
+@pytest.mark.parametrize(
+    ("bodies", "message"),
+    [
+        ([START, START], "started the generation twice"),
+        ([START, *[{"event": "text", "text": "a", "token_id": 1}] * 5], "more than the 4 tokens"),
+        ([START, {"event": "progress"}, {"event": "progress"}], "waiting over 0 s"),
+    ],
+    ids=["second-start", "too-many-tokens", "keepalives-forever"],
+)
+def test_a_misbehaving_peer_ends_the_run_unpaid(bodies: list[Any], message: str) -> None:
+    events, payments = _liar_run(bodies, queue_wait=0.0)
+    assert events[-1]["event"] == "error" and events[-1]["code"] == "unavailable"
+    assert message in events[-1]["message"] and not payments.settled
+
+
+def test_a_peer_answering_for_another_model_is_passed_over() -> None:
+    other = Liar([{**START, "model": "something-else"}])
+    with servers(MockBackend()) as (serving,):
+        try:
+            run = _run(_request(), [other.holder(), serving.holder()])
+            assert run.start()["model"] == MODEL_ID and len(serving.calls) == 1
+            run.close()
+        finally:
+            other.stage.close()
+
+
+def test_a_run_closed_before_its_first_step_lets_the_peer_go() -> None:
+    """As when the node's queue is full or the caller leaves before the first step: the
+    Detached wrapper's close reaches the run, and the peer's generation is cancelled."""
+    from swarm.node_server import Detached
+
+    backend = MockBackend(delay_s=0.05)
+    with servers(backend) as (server,):
+        run = _run(_request(max_tokens=200), [server.holder()])
+        run.start()
+        Detached(run.events(), on_close=run.close).close()
+        deadline = time.monotonic() + 5
+        while backend.cancelled_runs == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert backend.cancelled_runs == 1
+
+
+def test_peers_never_take_the_whole_queue() -> None:
+    with servers(MockBackend(delay_s=0.2), max_active=1, max_waiting=4) as (server,):
+        first = _run(_request(max_tokens=20), [server.holder()])
+        first.start()
+        deadline = time.monotonic() + 5
+        while server.scheduler.stats.active < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = [_run(_request(), [server.holder()]) for _ in range(2)]
+        for run in waiting:
+            run.start()
+        with pytest.raises(PeerOverloadedError, match="queue is busy"):
+            _run(_request(), [server.holder()]).start()
+        for run in (first, *waiting):
+            run.close()
 
 
 @pytest.mark.parametrize(
@@ -402,6 +509,36 @@ def test_holders_are_signed_whole_model_peers_nearest_first() -> None:
         {"id": "smollm2", "n_layers": 18, "peers": 1},
     ]
     assert dht.catalogs == catalogs  # reused within LISTING_TTL_S
+    # The depth a holder is paid for is the fewest layers any record of the model names.
+    shallow = PeerRecord.create(
+        Identity.generate(),
+        network_id=NETWORK,
+        model_id="gemma",
+        layers=(0, 5),
+        n_layers=12,
+        address="127.0.0.1:7100",
+        dht="127.0.0.1:1",
+        throughput=1.0,
+        load=0.0,
+        ttl=60.0,
+    )
+    dht.records.append(shallow)
+    holders, depth = models.find("gemma")
+    assert depth == 12 and len(holders) == 3
+    giant = PeerRecord.create(
+        Identity.generate(),
+        network_id=NETWORK,
+        model_id="giant",
+        layers=(0, 1 << 20),
+        n_layers=1 << 20,
+        address="127.0.0.1:7101",
+        dht="127.0.0.1:1",
+        throughput=1.0,
+        load=0.0,
+        ttl=60.0,
+    )
+    dht.records.append(giant)
+    assert models.find("giant")[1] == MAX_PAID_LAYERS  # a depth no model has is paid as the cap
 
 
 def test_requests_from_many_threads_each_get_their_own_answer() -> None:
@@ -430,3 +567,29 @@ def test_invalid_request_from_the_requester_is_invalid_everywhere() -> None:
         server.backend.prepare = lambda request: (_ for _ in ()).throw(InvalidRequestError("no thanks"))
         with pytest.raises(InvalidRequestError, match="no thanks"):
             _run(bad, [server.holder()]).start()
+
+
+def test_the_node_maps_network_failures_to_their_statuses(tmp_path) -> None:
+    """No peer serves the model: unknown (404); the DHT cannot be asked: unavailable (503)."""
+    from swarm.config import load_config
+    from swarm.delegation import NoHoldersError
+    from swarm.errors import UnavailableError
+    from swarm.node import ModelBackend
+    from swarm.node_server import error_event
+
+    backend = ModelBackend("smollm2-135m", tmp_path, load_config(tmp_path, {}))
+    request = GenerationRequest(model="gemma3-270m", sampling=SamplingParams(), prompt="hi")
+    with pytest.raises(UnknownModelError, match="not in a network"):
+        backend.prepare(request)
+    failures = iter([NoHoldersError("no peer serves model 'gemma3-270m'"), PeerUnavailableError("DHT down")])
+
+    def delegated(request):
+        raise next(failures)
+
+    backend.peering = SimpleNamespace(delegated=delegated)
+    with pytest.raises(UnknownModelError, match="no peer serves") as unknown:
+        backend.prepare(request)
+    with pytest.raises(UnavailableError, match="DHT down") as unavailable:
+        backend.prepare(request)
+    assert error_event(unknown.value)["code"] == "unknown_model"
+    assert error_event(unavailable.value)["code"] == "unavailable"
