@@ -445,9 +445,9 @@ def ensure_api_key(data_dir: Path, configured: str = "") -> str:
         return configured
     path = data_dir / API_KEY_FILE
     try:
-        existing = path.read_text(encoding="utf-8").strip()
+        existing: str | None = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        existing = ""
+        existing = None
     if existing:
         return existing
     key = "sk-swarm-" + secrets.token_urlsafe(32)
@@ -460,9 +460,15 @@ def ensure_api_key(data_dir: Path, configured: str = "") -> str:
             handle.write(key + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
+        if existing is None:
+            # Linked only if no key is there yet: processes starting at once (control-plane
+            # workers) all end up with the first one's key, never each with its own.
+            os.link(temporary, path)
+        else:  # an empty file (never one of ours: keys appear whole) is replaced
+            os.replace(temporary, path)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip()
+    finally:
         temporary.unlink(missing_ok=True)
-        raise
     os.chmod(path, 0o600)
     return key

@@ -294,3 +294,29 @@ def test_import_does_not_pull_in_jax() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_processes_starting_at_once_all_get_the_one_key(tmp_path):
+    """Control-plane workers started together (gunicorn without the supervisor) each make
+    sure of the key: exactly one key is created, and every one of them answers with it."""
+    import threading
+
+    from swarm.config import ensure_api_key
+
+    for attempt in range(20):
+        data_dir = tmp_path / f"run-{attempt}"
+        barrier = threading.Barrier(6)
+        keys: list[str] = []
+
+        def start(barrier=barrier, keys=keys, data_dir=data_dir) -> None:
+            barrier.wait()
+            keys.append(ensure_api_key(data_dir))
+
+        threads = [threading.Thread(target=start) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stored = (data_dir / "api_key").read_text().strip()
+        assert set(keys) == {stored}, attempt
+        assert [p.name for p in data_dir.iterdir()] == ["api_key"]  # no temporary file left
