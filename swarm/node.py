@@ -301,12 +301,12 @@ class ModelBackend:
             )
         try:
             return self.peering.delegated(request)
-        except NoHoldersError as error:
+        except (NoHoldersError, PeerUnavailableError) as error:
+            # The DHT out of reach too: what the caller asked for is not to be had here (a 404
+            # that says why), rather than a 503 that a mistyped name would retry forever.
             raise UnknownModelError(
                 f"model {request.model!r} is not served by this node (it serves {self.model_id}): {error}"
             ) from None
-        except PeerUnavailableError as error:
-            raise UnavailableError(str(error)) from None
 
     def prompt_tokens(self, prepared: Prepared | DelegatedRun) -> int:
         if isinstance(prepared, DelegatedRun):

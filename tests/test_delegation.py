@@ -569,11 +569,10 @@ def test_invalid_request_from_the_requester_is_invalid_everywhere() -> None:
             _run(bad, [server.holder()]).start()
 
 
-def test_the_node_maps_network_failures_to_their_statuses(tmp_path) -> None:
-    """No peer serves the model: unknown (404); the DHT cannot be asked: unavailable (503)."""
+def test_a_model_the_node_cannot_find_a_peer_for_is_not_found(tmp_path) -> None:
+    """No peer serves the model, or the DHT cannot be asked: unknown (404), saying why."""
     from swarm.config import load_config
     from swarm.delegation import NoHoldersError
-    from swarm.errors import UnavailableError
     from swarm.node import ModelBackend
     from swarm.node_server import error_event
 
@@ -587,9 +586,8 @@ def test_the_node_maps_network_failures_to_their_statuses(tmp_path) -> None:
         raise next(failures)
 
     backend.peering = SimpleNamespace(delegated=delegated)
-    with pytest.raises(UnknownModelError, match="no peer serves") as unknown:
-        backend.prepare(request)
-    with pytest.raises(UnavailableError, match="DHT down") as unavailable:
-        backend.prepare(request)
-    assert error_event(unknown.value)["code"] == "unknown_model"
-    assert error_event(unavailable.value)["code"] == "unavailable"
+    for reason in ("no peer serves", "DHT down"):
+        with pytest.raises(UnknownModelError, match=reason) as unknown:
+            backend.prepare(request)
+        assert error_event(unknown.value)["code"] == "unknown_model"
+        assert "it serves smollm2-135m" in str(unknown.value)
