@@ -468,7 +468,7 @@ def _record(
         network_id=network,
         model_id=model,
         layers=layers,
-        n_layers=18,
+        n_layers=options.get("n_layers", 18),
         address=f"127.0.0.1:{port}",
         dht="127.0.0.1:1",
         throughput=10.0,
@@ -510,34 +510,12 @@ def test_holders_are_signed_whole_model_peers_nearest_first() -> None:
     ]
     assert dht.catalogs == catalogs  # reused within LISTING_TTL_S
     # The depth a holder is paid for is the fewest layers any record of the model names.
-    shallow = PeerRecord.create(
-        Identity.generate(),
-        network_id=NETWORK,
-        model_id="gemma",
-        layers=(0, 5),
-        n_layers=12,
-        address="127.0.0.1:7100",
-        dht="127.0.0.1:1",
-        throughput=1.0,
-        load=0.0,
-        ttl=60.0,
-    )
-    dht.records.append(shallow)
+    dht.records.append(_record(Identity.generate(), "gemma", layers=(0, 5), port=7100, n_layers=12))
     holders, depth = models.find("gemma")
     assert depth == 12 and len(holders) == 3
-    giant = PeerRecord.create(
-        Identity.generate(),
-        network_id=NETWORK,
-        model_id="giant",
-        layers=(0, 1 << 20),
-        n_layers=1 << 20,
-        address="127.0.0.1:7101",
-        dht="127.0.0.1:1",
-        throughput=1.0,
-        load=0.0,
-        ttl=60.0,
+    dht.records.append(
+        _record(Identity.generate(), "giant", layers=(0, 1 << 20), port=7101, n_layers=1 << 20)
     )
-    dht.records.append(giant)
     assert models.find("giant")[1] == MAX_PAID_LAYERS  # a depth no model has is paid as the cap
 
 
