@@ -51,7 +51,7 @@ SAMPLES = 8  # receipts a checker asks for per report
 NONCE_BYTES = 16
 TIERS = ("platinum", "gold", "silver", "bronze")  # scheduling order: first served first
 _PEER_ID = re.compile(r"[a-z2-7]{32}")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _PRINTABLE = re.compile(r"[\x20-\x7e]{1,64}")
 _SUM = struct.Struct(">Q")
 
@@ -153,7 +153,7 @@ class Receipt:
         return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signing_bytes()))
 
     def check_fields(self) -> None:
-        _text("request_id", self.request_id, _REQUEST_ID)
+        _text("request_id", self.request_id, REQUEST_ID)
         _text("network_id", self.network_id)
         _text("requester", self.requester, _PEER_ID)
         _text("stage", self.stage, _PEER_ID)
@@ -202,7 +202,7 @@ class Receipt:
         if not isinstance(layers, list) or len(layers) != 2:
             raise CreditError("layers must be [first, end]")
         receipt = cls(
-            request_id=_text("request_id", raw["request_id"], _REQUEST_ID),
+            request_id=_text("request_id", raw["request_id"], REQUEST_ID),
             network_id=_text("network_id", raw["network_id"]),
             requester=_text("requester", raw["requester"], _PEER_ID),
             requester_key=_hex("requester_key", raw["requester_key"], PUBLIC_KEY_BYTES),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarm import wire
+from swarm.credits import REQUEST_ID
 from swarm.dht_client import DhtError, DhtUnavailable
 from swarm.errors import ContextOverflowError, InvalidRequestError, SwarmError, UnknownModelError
 from swarm.identity import Identity
@@ -50,8 +50,6 @@ MAX_DELEGATED_SHARE = 0.5  # of a node's queue that peers' requests may take up
 # Layers a receipt may pay per position: a record's depth is its publisher's say, and no
 # GGUF model has a thousand layers, so a peer claiming more is paid for this many.
 MAX_PAID_LAYERS = 1024
-# The form of a receipt's request id (`swarm.credits`), which a session id becomes.
-SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # Scheduler priorities of peers' requests by credit tier (DESIGN.md §9): the node's own
 # requests come at 0, with Platinum peers; lower tiers wait longer, all are served.
 TIER_PRIORITY = {"platinum": 0, "gold": -10, "silver": -20, "bronze": -30}
@@ -130,7 +128,7 @@ class NetworkModels:
                 record.peer_id, record.address, record.public_key, record.n_layers, rtt.get(record.peer_id)
             )
             for record in current
-            if _serves_whole(record, model_id, self.network_id)
+            if _whole(record)
             and record.peer_id != self.own
             and (allowed is None or record.peer_id in allowed)
         ]
@@ -159,7 +157,8 @@ class NetworkModels:
         holders: dict[str, dict[str, Any]] = {}
         for record in records:
             if (
-                _serves_whole(record, record.model_id, self.network_id)
+                _whole(record)
+                and record.valid(self.network_id)
                 and record.peer_id != self.own
                 and (allowed is None or record.peer_id in allowed)
             ):
@@ -171,13 +170,9 @@ class NetworkModels:
         ]
 
 
-def _serves_whole(record: PeerRecord, model_id: str, network_id: str) -> bool:
-    return (
-        record.model_id == model_id
-        and record.valid(network_id)
-        and tuple(record.layers) == (0, record.n_layers)
-        and record.n_layers > 0
-    )
+def _whole(record: PeerRecord) -> bool:
+    """Whether the record's publisher holds every layer of its model."""
+    return tuple(record.layers) == (0, record.n_layers)
 
 
 # --- the requester's side ------------------------------------------------------------------
@@ -191,7 +186,7 @@ class DelegatedRun:
     (the first holder that accepts it) and returns its start event; `events()` then yields
     the rest, ending with done or error. `credits` (a `swarm.credit_desk.CreditDesk`, or
     None) shows this node's balance before and pays the holder after, `paid_layers` layers
-    per position (the model's depth as every record of it agrees, `paid_layers`).
+    per position (the model's depth as every record of it agrees: `NetworkModels.find`).
 
     Nothing a holder says is taken on trust: its events are checked, a second start, more
     tokens than asked for, or a model other than the one asked for end the run, a holder
@@ -412,7 +407,8 @@ def serve(body: dict[str, Any], requester_key: bytes, runner: Runner) -> Iterato
         if kind not in ("generate", "count"):
             raise InvalidRequestError(f"a Delegate is a generate or a count, not {kind!r}")
         session_id = body.get("session_id")
-        if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
+        # It becomes the request id of the receipt the requester pays with.
+        if not isinstance(session_id, str) or not REQUEST_ID.fullmatch(session_id):
             raise InvalidRequestError("a Delegate needs a session_id of 1 to 64 letters, digits and _.:-")
         request = GenerationRequest.from_dict(body.get("request"))
         events = runner(kind, request, requester_key, session_id)

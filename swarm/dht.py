@@ -508,18 +508,16 @@ class DhtService:
         model_id = request.get("model_id")
         if not isinstance(model_id, str) or not model_id:
             raise InvalidRequestError("lookup needs a model_id")
-        key = record_key(self.network_id, model_id)
-        records = await self.server.get_records(key, NETWORK_OP_SECONDS["lookup"] - 0.5)
-        for record in records:
-            self.learned.setdefault(record.peer_id, {})[(record.model_id, record.layers)] = record
-        return {"records": [record.to_dict() for record in records]}
+        return await self._records_at(record_key(self.network_id, model_id), "lookup")
 
     async def _op_catalog(self, request: dict[str, Any]) -> dict[str, Any]:
         """The records in the network's catalog: which peers serve which models (a sample of
         the newest in a large network; `lookup` has all of one model's)."""
-        records = await self.server.get_records(
-            catalog_key(self.network_id), NETWORK_OP_SECONDS["catalog"] - 0.5
-        )
+        return await self._records_at(catalog_key(self.network_id), "catalog")
+
+    async def _records_at(self, key: str, op: str) -> dict[str, Any]:
+        """The answer to `op`: the records found under `key`, which `peers` then shows too."""
+        records = await self.server.get_records(key, NETWORK_OP_SECONDS[op] - 0.5)
         for record in records:
             self.learned.setdefault(record.peer_id, {})[(record.model_id, record.layers)] = record
         return {"records": [record.to_dict() for record in records]}
