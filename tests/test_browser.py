@@ -169,8 +169,16 @@ def test_setup_wizard_completes(browser, node, console):
     context.close()
 
 
+def _greedy(route) -> None:
+    """Sends the page's chat request with temperature 0, so the model's answer is its
+    greedy one (the page itself leaves sampling to the node's default)."""
+    body = json.loads(route.request.post_data)
+    route.continue_(post_data=json.dumps({**body, "temperature": 0}))
+
+
 def test_chat_streams_a_reply_and_stop_stops_it(browser, node, console):
     context, page = _open(browser, console)
+    page.route("**/v1/chat/completions", _greedy)
     page.goto(node.base + "/#/chat")
     expect(page.locator("#chat-model")).to_have_value(MODEL)
     prompt = page.get_by_label("Message", exact=True)
