@@ -73,7 +73,6 @@ class EngineSettings:
 
 def _forward(
     config: ModelConfig,
-    is_first: bool,
     is_last: bool,
     all_logits: bool,
     kv_bound: int,
@@ -81,12 +80,14 @@ def _forward(
     inputs: jax.Array,
     start: jax.Array,
     length: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
     cache: KVCache,
     first_row: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """inputs: i32[B, T] token ids (first range) or f32[B, T, d] hidden states.
+    """inputs: f32[B, T, d] hidden states (a first range's embedded token ids).
 
     start: i32[B] position of inputs[:, 0]; length: i32[B] real (unpadded) steps;
+    rope: the rotary tables of those positions (`model.rope_tables`);
     first_row: i32[], sequence b is cache row first_row + b (None: row b).
     Returns logits f32[B, vocab] at the last real step (f32[B, T, vocab] with
     all_logits) for the last range, else hidden states f32[B, T, d].
@@ -94,9 +95,8 @@ def _forward(
     steps = inputs.shape[1]
     positions = start[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
     kv_length = start + length
-    hidden = model.embed(config, weights, inputs) if is_first else inputs
     hidden, cache = model.run_layers(
-        config, weights, hidden, positions, kv_length, cache, kv_bound, first_row
+        config, weights, inputs, positions, kv_length, cache, rope, kv_bound, first_row
     )
     if not is_last:
         return hidden, cache
@@ -143,6 +143,8 @@ class Engine:
         self.max_context = min(config.context_length, settings.max_context or config.context_length)
         self.compile_seconds = 0.0
         self._compiled: dict[tuple, object] = {}
+        self._prologues: dict[tuple[int, int], object] = {}  # compiled per [B, T]
+        self._rope_scales = (weights.rope_theta_scale, weights.rope_freq_scale)
 
     @classmethod
     def load(
@@ -204,19 +206,72 @@ class Engine:
                 return bucket
         return self.settings.prefill_buckets[-1]
 
-    def _run(self, all_logits: bool, kv_bound: int, *args, hidden: bool = False):
+    def _run(
+        self,
+        all_logits: bool,
+        kv_bound: int,
+        inputs: np.ndarray,
+        start: np.ndarray,
+        length: np.ndarray,
+        cache: KVCache,
+        *window: np.ndarray,
+        hidden: bool = False,
+    ):
         """Run the compiled forward for these argument shapes, compiling it on first use.
 
-        args: weights, inputs, start, length, cache and optionally the first cache row.
-        hidden: stop before the output norm and head even on the last range
-        (embeddings read the final hidden states).
+        inputs i32[B, T] or f32[B, T, d], start and length i32[B] (host arrays), the
+        cache and optionally the first cache row. hidden: stop before the output norm
+        and head even on the last range (embeddings read the final hidden states).
         """
+        prologue = self._prologue(inputs.shape)
+        if self.is_first:
+            inputs, rope = prologue(
+                self.weights.embedding, np.asarray(inputs, np.int32), start, self._rope_scales
+            )
+        else:
+            inputs, rope = np.asarray(inputs, np.float32), prologue(start, self._rope_scales)
+        args = (self.weights, inputs, start, length, rope, cache, *window)
         return self._compiled_for(all_logits, kv_bound, args, hidden)(*args)
+
+    def _prologue(self, shape: tuple[int, ...]):
+        """The compiled program that prepares a forward's inputs of shape [B, T] (token
+        ids) or [B, T, d]: the rotary tables of positions start + [0, T)
+        (`model.rope_tables`), and a first range's embedded token ids (`model.embed`).
+
+        Both run apart from the layers: the tables so that no layer recomputes them, the
+        embedding so that the layers start from the very rows a pipeline's requester
+        embeds with the same program.
+        """
+        batch, steps = shape[:2]
+        compiled = self._prologues.get((batch, steps))
+        if compiled is not None:
+            return compiled
+        config = self.config
+
+        def tables(start: jax.Array, scales: tuple[jax.Array, jax.Array]):
+            positions = start[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
+            return model.rope_tables(positions, *scales, config)
+
+        def embedded(table, token_ids: jax.Array, start: jax.Array, scales: tuple[jax.Array, jax.Array]):
+            return model.embed(config, table, token_ids), tables(start, scales)
+
+        vector = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        began = time.perf_counter()
+        with ops.implementation(self.settings.kernels):
+            if self.is_first:
+                ids = jax.ShapeDtypeStruct((batch, steps), jnp.int32)
+                lowered = jax.jit(embedded).lower(self.weights.embedding, ids, vector, self._rope_scales)
+            else:
+                lowered = jax.jit(tables).lower(vector, self._rope_scales)
+            compiled = lowered.compile()
+        self.compile_seconds += time.perf_counter() - began
+        self._prologues[(batch, steps)] = compiled
+        return compiled
 
     def _compiled_for(self, all_logits: bool, kv_bound: int, args: tuple, hidden: bool = False):
         """The compiled forward for these arguments (arrays or ShapeDtypeStructs alike)."""
-        inputs, cache = args[1], args[4]
-        windowed = len(args) > 5
+        inputs, cache = args[1], args[5]
+        windowed = len(args) > 6
         key = (inputs.shape, inputs.dtype, cache.keys.shape, all_logits, kv_bound, hidden, windowed)
         compiled = self._compiled.get(key)
         if compiled is None:
@@ -225,7 +280,7 @@ class Engine:
             with ops.implementation(self.settings.kernels):
                 compiled = (
                     jax.jit(
-                        partial(_forward, self.config, self.is_first, produces_logits, all_logits, kv_bound),
+                        partial(_forward, self.config, produces_logits, all_logits, kv_bound),
                         donate_argnames=("cache",),
                     )
                     .lower(*args)
@@ -276,7 +331,7 @@ class Engine:
             raise ContextOverflowError(f"{start + total} positions exceed the cache of {cache.capacity}")
         outputs = []
         done = 0
-        window = () if slot is None else (jnp.int32(slot),)
+        window = () if slot is None else (np.int32(slot),)
         while done < total:
             chunk = inputs[done : done + self.settings.prefill_buckets[-1]]
             steps = 1 if len(chunk) == 1 else self._bucket(len(chunk))
@@ -287,10 +342,9 @@ class Engine:
             out, cache = self._run(
                 all_logits and self.is_last and not hidden,
                 self._kv_bound(start + done + steps, steps, cache.capacity),
-                self.weights,
-                jnp.asarray(padded),
-                jnp.asarray([start + done], jnp.int32),
-                jnp.asarray([len(chunk)], jnp.int32),
+                padded,
+                np.asarray([start + done], np.int32),
+                np.asarray([len(chunk)], np.int32),
                 cache,
                 *window,
                 hidden=hidden,
@@ -329,16 +383,7 @@ class Engine:
         padded[offsets, 0] = inputs
         start = np.full(rows, capacity, np.int32)
         start[offsets] = positions
-        out, cache = self._run(
-            False,
-            bound,
-            self.weights,
-            jnp.asarray(padded),
-            jnp.asarray(start),
-            jnp.ones(rows, jnp.int32),
-            cache,
-            jnp.int32(first),
-        )
+        out, cache = self._run(False, bound, padded, start, np.ones(rows, np.int32), cache, np.int32(first))
         out = np.asarray(out)[offsets]
         return (out if self.is_last else out[:, 0]), cache
 
@@ -359,18 +404,20 @@ class Engine:
         `cache`; False if it was compiled already. Safe on another thread while steps
         run: a batch compiles the next attention bound before its sessions reach it."""
         rows, bound = self.step_shape(count, position, cache.capacity, cache.keys.shape[1])
-        inputs = (
-            jax.ShapeDtypeStruct((rows, 1), jnp.int32)
-            if self.is_first
-            else jax.ShapeDtypeStruct((rows, 1, self.config.d_model), jnp.float32)
-        )
+        self._prologue((rows, 1))
+        inputs = jax.ShapeDtypeStruct((rows, 1, self.config.d_model), jnp.float32)
         vector = jax.ShapeDtypeStruct((rows,), jnp.int32)
+        table = jax.ShapeDtypeStruct(
+            (len(self._rope_scales[0]), rows, 1, self.config.rope_dims // 2), jnp.float32
+        )
         abstract_cache = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), cache)
         key = (inputs.shape, inputs.dtype, cache.keys.shape, False, bound, False, True)
         if key in self._compiled:
             return False
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        self._compiled_for(False, bound, (self.weights, inputs, vector, vector, abstract_cache, scalar))
+        self._compiled_for(
+            False, bound, (self.weights, inputs, vector, vector, (table, table), abstract_cache, scalar)
+        )
         return True
 
     def cache_rows(

@@ -114,6 +114,11 @@ def rope_tables(
 
     theta_i = pos * theta_scale^i built by repeated multiplication in f32, exactly as
     ggml_rope_cache_init does, so angles round the same way llama.cpp's do.
+
+    The engine runs this as a program of its own and hands the tables to the layers:
+    traced with them, XLA fuses the sines and cosines into every layer's rotation and
+    evaluates them there again for each element it rotates, which costs more than the
+    rotation itself.
     """
     theta = positions.astype(jnp.float32)[None] * jnp.ones_like(theta_scale)[:, None, None]
     scale = theta_scale[:, None, None]
@@ -218,9 +223,14 @@ def _layer(
     return hidden + ffn_out, KVCache(keys, values)
 
 
-def embed(config: ModelConfig, weights: RangeWeights, token_ids: jax.Array) -> jax.Array:
-    """token_ids: i32[B, T] -> f32[B, T, d] (scaled by sqrt(d) for Gemma)."""
-    table = weights.embedding
+def embed(config: ModelConfig, table: Any, token_ids: jax.Array) -> jax.Array:
+    """token_ids: i32[...] -> f32[..., d] rows of the embedding table (scaled by sqrt(d) for Gemma).
+
+    Run as a program of its own, by the first range and by a requester embedding for a
+    pipeline alike: XLA contracts a multiply into a following add (FMA) differently
+    depending on what it fuses with, so the layers must start from the same rounded
+    rows whichever side embedded them, for a split to give one engine's tokens.
+    """
     rows = ops.take_rows(table, token_ids)
     return rows * jnp.float32(config.embedding_scale) if config.embedding_scale != 1.0 else rows
 
@@ -232,10 +242,11 @@ def run_layers(
     positions: jax.Array,
     kv_length: jax.Array,
     cache: KVCache,
+    rope: tuple[jax.Array, jax.Array],
     kv_bound: int | None = None,
     first_row: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """Every layer of the range over hidden: f32[B, T, d].
+    """Every layer of the range over hidden: f32[B, T, d]; rope: `rope_tables` of the positions.
 
     Attention reads cache positions [0, kv_bound) only (default: all): a static bound
     that covers every visible key saves the work of scoring empty positions. With
@@ -243,7 +254,7 @@ def run_layers(
     of a shared many-session cache's sequences steps together, or one of them alone.
     """
     kv_bound = cache.capacity if kv_bound is None else min(kv_bound, cache.capacity)
-    cos_tables, sin_tables = rope_tables(positions, weights.rope_theta_scale, weights.rope_freq_scale, config)
+    cos_tables, sin_tables = rope
     for group in weights.groups:
 
         def body(carry: tuple[jax.Array, KVCache], xs: tuple[Any, ...], group: LayerGroup = group):

@@ -19,13 +19,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import ops
 from kernels.qtensor import QuantTensor
 from kernels.quant_types import GGMLType
 from swarm import wire
@@ -34,6 +34,7 @@ from swarm.errors import InvalidRequestError, SwarmError
 from swarm.generate import GenerationResult, StopScanner, TokenEvent, collect
 from swarm.gguf_file import GGUFFile
 from swarm.identity import Identity
+from swarm.model import embed
 from swarm.model_config import ModelConfig
 from swarm.sampling import SamplingParams
 from swarm.secure_channel import ChannelError, SecureChannel
@@ -74,17 +75,13 @@ class Embedder:
         else:
             self.table = QuantTensor.from_packed(raw, info.qtype, (info.rows, info.ne[0]))
         self.config = config
-        scale = config.embedding_scale
-
-        def embed(ids: jax.Array) -> jax.Array:
-            rows = ops.take_rows(self.table, ids)
-            return rows * jnp.float32(scale) if scale != 1.0 else rows
-
-        self._embed = jax.jit(embed)
+        # The engine's own embedding program, so the first stage starts from the rows a
+        # whole-model engine would.
+        self._embed = jax.jit(partial(embed, config))
 
     def __call__(self, token_ids: Sequence[int]) -> np.ndarray:
         """i32[T] -> f32[T, d]."""
-        return np.asarray(self._embed(jnp.asarray(np.asarray(token_ids, np.int32))))
+        return np.asarray(self._embed(self.table, np.asarray(token_ids, np.int32)))
 
 
 # A stage of a route, as the requester sees it: the same record the wire carries.

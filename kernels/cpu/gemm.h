@@ -87,7 +87,7 @@ constexpr int64_t GroupBytes() {
 // minimum * (activation scale * code sum).  `codes`: i32[G / 4][R] of this tile,
 // `scales`: f32[k / 32][R], `aux`: [k / G][R] (see Activations).
 template <class F, int C>
-inline void AccumulateGroup(int64_t g, const __m512i* weights, __m512 scale, __m512 minimum, const int32_t* codes,
+SWARM_INLINE void AccumulateGroup(int64_t g, const __m512i* weights, __m512 scale, __m512 minimum, const int32_t* codes,
                             const float* scales, const int32_t* aux, int64_t stride, __m512 acc[C]) {
   constexpr int G = F::kGroup;
   const int32_t* group_codes = codes + g * (G / 4) * stride;
@@ -124,7 +124,7 @@ struct RowsProduct {
       : codes(act.TileCodes(0)), scales(act.TileScale(0)), aux(act.TileAux(0, F::kGroup)), stride(act.tile_rows) {
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
   }
-  void Group(int64_t g, const __m512i* weights, __m512 scale, __m512 minimum) {
+  SWARM_INLINE void Group(int64_t g, const __m512i* weights, __m512 scale, __m512 minimum) {
     AccumulateGroup<F, C>(g, weights, scale, minimum, codes, scales, aux, stride, acc);
   }
   void Store(float* out, int64_t out_stride, __mmask16 mask) const {
@@ -138,7 +138,7 @@ template <class F>
 struct PanelStore {
   uint8_t* panel;
   int64_t first_group;
-  void Group(int64_t g, const __m512i* weights, __m512 scale, __m512 minimum) const {
+  SWARM_INLINE void Group(int64_t g, const __m512i* weights, __m512 scale, __m512 minimum) const {
     uint8_t* at = panel + (g - first_group) * GroupBytes<F>();
     for (int j = 0; j < F::kGroup / 4; ++j) _mm512_store_si512(at + 64 * j, weights[j]);
     _mm512_store_ps(at + 16 * F::kGroup, scale);

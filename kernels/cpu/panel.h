@@ -34,6 +34,12 @@
 
 #include <immintrin.h>
 
+// The decoders, sinks and group products are small and called once per group from
+// the per-panel loops: inlined, their registers (the decoded codes, the C rows'
+// accumulators) never go through memory.  GCC leaves the bigger instantiations out of
+// line without this.
+#define SWARM_INLINE inline __attribute__((always_inline))
+
 namespace swarm_cpu {
 
 constexpr int kPanelRows = 16;
@@ -96,7 +102,7 @@ struct RowsSource {
   PanelRows rows;
 
   template <int kCount>
-  void Words(int64_t block, int field, int unit, __m512i* out) const {
+  SWARM_INLINE void Words(int64_t block, int field, int unit, __m512i* out) const {
     const int64_t at = block * F::kBlockBytes + field + 4 * unit;
     if constexpr (kCount == 1) {
       out[0] = rows.Gather(at);
@@ -120,19 +126,19 @@ struct PanelsSource {
   const uint8_t* panel;
 
   template <int kCount>
-  void Words(int64_t block, int field, int unit, __m512i* out) const {
+  SWARM_INLINE void Words(int64_t block, int field, int unit, __m512i* out) const {
     const uint8_t* at = panel + block * (kPanelRows * F::kBlockBytes) + kPanelRows * field + 64 * unit;
     for (int j = 0; j < kCount; ++j) out[j] = _mm512_loadu_si512(at + 64 * j);
   }
-  __m512 Half(int64_t block, int field) const {
+  SWARM_INLINE __m512 Half(int64_t block, int field) const {
     const uint8_t* at = panel + block * (kPanelRows * F::kBlockBytes) + kPanelRows * field;
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
   }
 };
 
 // ggml_fp16_t in the low (high) half of every i32 lane, as f32.
-inline __m512 LowHalfF16(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
-inline __m512 HighHalfF16(__m512i v) { return LowHalfF16(_mm512_srli_epi32(v, 16)); }
+SWARM_INLINE __m512 LowHalfF16(__m512i v) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)); }
+SWARM_INLINE __m512 HighHalfF16(__m512i v) { return LowHalfF16(_mm512_srli_epi32(v, 16)); }
 
 template <class F>
 __m512 RowsSource<F>::Half(int64_t block, int field) const {
@@ -143,19 +149,19 @@ __m512 RowsSource<F>::Half(int64_t block, int field) const {
 }
 
 // The low (high) nibble of every byte.
-inline __m512i Nibbles(__m512i v, int high) {
+SWARM_INLINE __m512i Nibbles(__m512i v, int high) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
   return _mm512_and_si512(high ? _mm512_srli_epi32(v, 4) : v, mask);
 }
 
 // Byte `index` (0..3) of every i32 lane, unsigned, as f32.
-inline __m512 ByteAsFloat(__m512i v, int index) {
+SWARM_INLINE __m512 ByteAsFloat(__m512i v, int index) {
   return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * index), _mm512_set1_epi32(0xFF)));
 }
 
 // Fifth bits of Q5_0/Q5_1: lane n of `high` is the little-endian u32 qh of row n, whose
 // bit e belongs to element e.  Adds 16 to the elements 4j..4j+3 whose bit is set.
-inline __m512i AddFifthBits(__m512i codes, __m512i high, int j) {
+SWARM_INLINE __m512i AddFifthBits(__m512i codes, __m512i high, int j) {
   // Every byte of dword p (of each 128-bit lane) picks byte j / 2 of that dword, then
   // tests its own bit 4 * (j % 2) + (byte index).
   const __m512i dword_base = _mm512_set4_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0);
@@ -178,7 +184,7 @@ struct Q4_0 {
   static constexpr bool kAffine = false;
   // block_q4_0 {f16 d; u8 qs[16]}: element j < 16 is qs[j] & 15, element j + 16 is qs[j] >> 4.
   template <class Source, class Sink>
-  static void Decode(const Source& source, int64_t block, Sink& sink) {
+  SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
     __m512i packed[4], codes[8];
     source.template Words<4>(block, 2, 0, packed);
     for (int j = 0; j < 4; ++j) {
@@ -194,7 +200,7 @@ struct Q4_1 {
   static constexpr bool kAffine = true;
   // block_q4_1 {f16 d, m; u8 qs[16]}: y = d * q + m, nibbles as Q4_0.
   template <class Source, class Sink>
-  static void Decode(const Source& source, int64_t block, Sink& sink) {
+  SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
     __m512i packed[4], codes[8];
     source.template Words<4>(block, 4, 0, packed);
     for (int j = 0; j < 4; ++j) {
@@ -210,7 +216,7 @@ struct Q5_0 {
   static constexpr bool kAffine = false;
   // block_q5_0 {f16 d; u8 qh[4]; u8 qs[16]}: element e = nibble | (bit e of qh) << 4.
   template <class Source, class Sink>
-  static void Decode(const Source& source, int64_t block, Sink& sink) {
+  SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
     __m512i packed[4], codes[8], high;
     source.template Words<4>(block, 6, 0, packed);
     source.template Words<1>(block, 2, 0, &high);
@@ -227,7 +233,7 @@ struct Q5_1 {
   static constexpr bool kAffine = true;
   // block_q5_1 {f16 d, m; u8 qh[4]; u8 qs[16]}: y = d * q5 + m.
   template <class Source, class Sink>
-  static void Decode(const Source& source, int64_t block, Sink& sink) {
+  SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
     __m512i packed[4], codes[8], high;
     source.template Words<4>(block, 8, 0, packed);
     source.template Words<1>(block, 4, 0, &high);
@@ -244,7 +250,7 @@ struct Q8_0 {
   static constexpr bool kAffine = false;
   // block_q8_0 {f16 d; i8 qs[32]}: u = q + 128 (the sign bit flipped) is what vpdpbusd multiplies.
   template <class Source, class Sink>
-  static void Decode(const Source& source, int64_t block, Sink& sink) {
+  SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
     __m512i codes[8];
     source.template Words<8>(block, 2, 0, codes);
     const __m512i sign = _mm512_set1_epi8(char(0x80));
@@ -287,7 +293,7 @@ struct Q4_K {
   // block_q4_K {f16 d, dmin; u8 scales[12]; u8 qs[128]}: sub-block 2c + h holds nibble h
   // of qs[32c + l], y = d * scale * q - dmin * min.
   template <class Source, class Sink>
-  static void Decode(const Source& source, int64_t block, Sink& sink) {
+  SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
     const KQuantScales scales(source, block);
     for (int chunk = 0; chunk < 4; ++chunk) {
       __m512i packed[8], codes[8];
@@ -307,7 +313,7 @@ struct Q5_K {
   // block_q5_K {f16 d, dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}: as Q4_K, plus bit s
   // of qh[l] as the fifth bit of element l of sub-block s.
   template <class Source, class Sink>
-  static void Decode(const Source& source, int64_t block, Sink& sink) {
+  SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
     const KQuantScales scales(source, block);
     __m512i high[8];
     source.template Words<8>(block, 16, 0, high);
@@ -334,7 +340,7 @@ struct Q6_K {
   // nibble p / 2 of ql[64h + 32(p % 2) + l] | bit pair p of qh[32h + l] << 4, minus 32,
   // times d * scales[8h + 2p + l / 16].
   template <class Source, class Sink>
-  static void Decode(const Source& source, int64_t block, Sink& sink) {
+  SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
     const __m512 d = source.Half(block, 208);
     __m512i scales[4];
     source.template Words<4>(block, 192, 0, scales);
