@@ -126,6 +126,34 @@ def matmul(x: jax.Array, w: jax.Array | QuantTensor, *, impl: str = "auto") -> j
     return _dot_last(x, w.astype(jnp.float32))
 
 
+def matmuls(x: jax.Array, ws: list[jax.Array | QuantTensor], *, impl: str = "auto") -> list[jax.Array]:
+    """`matmul(x, w)` for each w of `ws`, the same values: on the CPU kernel path, runs of
+    consecutive weights of one type and layout (a layer's q, k and v) go in one call
+    that quantizes x once; every other path multiplies them one by one."""
+    if impl == "auto":
+        impl = _chosen.get() or "auto"
+    outputs: list[jax.Array] = []
+    index = 0
+    while index < len(ws):
+        run = 1
+        if isinstance(ws[index], QuantTensor) and _use_cpu_kernel(impl, ws[index]):
+            while index + run < len(ws) and cpu.can_share_call(ws[index : index + run + 1]):
+                run += 1
+        if run == 1:
+            outputs.append(matmul(x, ws[index], impl=impl))
+        else:
+            group = ws[index : index + run]
+            if x.ndim < 1 or x.shape[-1] != group[0].in_features:
+                raise ValueError(
+                    f"x [..., in] {list(x.shape)} does not fit weights of shape {group[0].shape}"
+                )
+            flat = jnp.asarray(x, jnp.float32).reshape(-1, group[0].in_features)
+            for w, out in zip(group, cpu.qmatmuls(flat, group), strict=True):
+                outputs.append(out.reshape(*x.shape[:-1], w.out_features))
+        index += run
+    return outputs
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,

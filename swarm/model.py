@@ -176,9 +176,7 @@ def _layer(
     """
     batch, steps, _ = hidden.shape
     normed = rms_norm(hidden, params["attn_norm"], config.rms_eps)
-    q = ops.matmul(normed, params["wq"])
-    k = ops.matmul(normed, params["wk"])
-    v = ops.matmul(normed, params["wv"])
+    q, k, v = ops.matmuls(normed, [params["wq"], params["wk"], params["wv"]])
     if config.qkv_bias:
         q, k, v = q + params["bq"], k + params["bk"], v + params["bv"]
     q = q.reshape(batch, steps, config.n_heads, config.head_dim)
@@ -216,8 +214,8 @@ def _layer(
     hidden = hidden + attn_out
 
     normed = rms_norm(hidden, params["ffn_norm"], config.rms_eps)
-    gate = _activation(config, ops.matmul(normed, params["w_gate"]))
-    ffn_out = ops.matmul(gate * ops.matmul(normed, params["w_up"]), params["w_down"])
+    gate, up = ops.matmuls(normed, [params["w_gate"], params["w_up"]])
+    ffn_out = ops.matmul(_activation(config, gate) * up, params["w_down"])
     if config.post_norms:
         ffn_out = rms_norm(ffn_out, params["post_ffn_norm"], config.rms_eps)
     return hidden + ffn_out, KVCache(keys, values)

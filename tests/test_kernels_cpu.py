@@ -262,6 +262,50 @@ def test_qmatmul_checks_its_inputs() -> None:
     assert ops.matmul(np.ones((0, 64), np.float32), w).shape == (0, 8)
 
 
+@needs_kernel
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda q: FORMATS[q].name)
+@pytest.mark.parametrize("m", [1, 8, 64])
+@pytest.mark.parametrize("panels", [False, True], ids=["rows", "panels"])
+def test_one_call_over_several_weights_equals_one_call_each(qtype: int, m: int, panels: bool) -> None:
+    """A layer's q, k and v (different heights) in one call: each product bit for bit
+    what its own call gives, in either layout; ops.matmuls groups them only then."""
+    k = 512 if FORMATS[qtype].block_size == 256 else 576
+    ws = [_weight(qtype, n, k, seed=40 + n) for n in (48, 16, 32)]
+    if panels:
+        ws = [w.to_panels() for w in ws]
+    x = jnp.asarray(_activations(m, k, seed=m))
+    together = jax.jit(cpu.qmatmuls)(x, ws)
+    for w, got in zip(ws, together, strict=True):
+        alone = np.asarray(jax.jit(cpu.qmatmul)(x, w))
+        assert got.shape == (m, w.out_features)
+        np.testing.assert_array_equal(np.asarray(got), alone)
+    grouped = jax.jit(lambda x, ws: ops.matmuls(x[None], ws, impl="cpu"))(x, ws)
+    for w, got in zip(ws, grouped, strict=True):
+        np.testing.assert_array_equal(np.asarray(got)[0], np.asarray(cpu.qmatmul(x, w)))
+
+
+@needs_kernel
+def test_weights_of_other_types_go_in_calls_of_their_own() -> None:
+    """Gemma 3 mixes types within a layer (attn_v Q8_0 beside Q5_0 q and k): ops.matmuls
+    splits the run where the type changes, and qmatmuls refuses a mixed set."""
+    q = _weight(GGMLType.Q5_0, 32, 256, seed=1)
+    k = _weight(GGMLType.Q5_0, 16, 256, seed=2)
+    v = _weight(GGMLType.Q8_0, 16, 256, seed=3)
+    x = _activations(3, 256, seed=4)
+    assert cpu.can_share_call([q, k]) and not cpu.can_share_call([q, k, v])
+    assert not cpu.can_share_call([q, q.to_panels()])  # one layout per call
+    with pytest.raises(ValueError, match="one type, layout and input width"):
+        cpu.qmatmuls(x, [q, v])
+    got = ops.matmuls(x, [q, k, v], impl="cpu")
+    for w, out in zip((q, k, v), got, strict=True):
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(cpu.qmatmul(x, w)))
+    # Plain arrays and the reference path: one product each, the same values as matmul.
+    dense = np.asarray(q.dequantize())
+    for w in ([dense, dense], [q, k]):
+        for out, weight in zip(ops.matmuls(x, w, impl="reference"), w, strict=True):
+            np.testing.assert_array_equal(np.asarray(out), np.asarray(ops.matmul(x, weight, impl="reference")))
+
+
 def test_build_reports_a_missing_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "find_compiler", lambda: None)
     assert build.build() is None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from kernels.qtensor import PANELS, QuantTensor
 from kernels.quant_types import GGMLType, quant_format
 
 FFI_TARGET = "swarm_qmatmul_cpu"
+MAX_MATRICES = 8  # weights one qmatmul call takes at most (kMaxMatrices in qmatmul.cc)
 ATTENTION_TARGET = "swarm_decode_attention_cpu"
 
 SUPPORTED = frozenset(
@@ -100,29 +102,62 @@ def qmatmul(x: jax.Array, w: QuantTensor) -> jax.Array:
     """x f32[m, k] times the packed weight w (shape (n, k), data u8[n, row_bytes]) -> f32[m, n].
 
     Both byte layouts (`QuantTensor.layout`) are read in place.  Usable under `jit`
-    and inside `lax.scan` bodies; the caller flattens leading axes of x.  Raises if the type is unsupported or the kernel is unavailable:
-    `kernels.ops.matmul` checks both and falls back instead.
+    and inside `lax.scan` bodies; the caller flattens leading axes of x.  Raises if the
+    type is unsupported or the kernel is unavailable: `kernels.ops.matmul` checks both
+    and falls back instead.
     """
-    if not isinstance(w, QuantTensor) or w.data.ndim != 2:
-        raise ValueError("w must be a QuantTensor with data u8[out, row_bytes] (index stacked layers first)")
-    if not supports(w.qtype):
-        raise ValueError(f"the CPU kernel does not support {quant_format(w.qtype).name} weights")
-    x = jnp.asarray(x, jnp.float32)
-    if x.ndim != 2 or x.shape[1] != w.in_features:
+    return qmatmuls(x, [w])[0]
+
+
+def can_share_call(ws: Sequence[QuantTensor]) -> bool:
+    """Whether `qmatmuls` takes these weights in one call: one supported type and layout,
+    one input width, at most MAX_MATRICES of them."""
+    return (
+        0 < len(ws) <= MAX_MATRICES
+        and all(isinstance(w, QuantTensor) and w.data.ndim == 2 and supports(w.qtype) for w in ws)
+        and len({(int(w.qtype), w.layout, w.in_features) for w in ws}) == 1
+    )
+
+
+def qmatmuls(x: jax.Array, ws: Sequence[QuantTensor]) -> list[jax.Array]:
+    """x f32[m, k] times each packed weight of `ws` -> [f32[m, n_j]], in one custom call.
+
+    The activations are quantized once and one pool run covers every weight's panels,
+    so a layer's q, k and v (or its gate and up) cost one call instead of several.
+    The weights must share one supported type, layout and input width (`can_share_call`);
+    each product equals `qmatmul`'s bit for bit.
+    """
+    for w in ws:
+        if not isinstance(w, QuantTensor) or w.data.ndim != 2:
+            raise ValueError(
+                "w must be a QuantTensor with data u8[out, row_bytes] (index stacked layers first)"
+            )
+        if not supports(w.qtype):
+            raise ValueError(f"the CPU kernel does not support {quant_format(w.qtype).name} weights")
+        if w.layout == PANELS and not w.can_use_panels():
+            raise ValueError(f"a panels-layout weight needs a multiple of 16 rows; got {w.out_features}")
+    if not can_share_call(ws):
         raise ValueError(
-            f"x must be f32[m, {w.in_features}] for a weight of shape {w.shape}; got {list(x.shape)}"
+            f"one call takes 1 to {MAX_MATRICES} weights of one type, layout and input width; got "
+            + ", ".join(f"{quant_format(w.qtype).name} {w.layout} {list(w.shape)}" for w in ws)
+        )
+    x = jnp.asarray(x, jnp.float32)
+    k = ws[0].in_features
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(
+            f"x must be f32[m, {k}] for weights of shapes {[w.shape for w in ws]}; got {list(x.shape)}"
         )
     reason = _load()
     if reason is not None:
         raise RuntimeError(reason)
     call = jax.ffi.ffi_call(
         FFI_TARGET,
-        jax.ShapeDtypeStruct((x.shape[0], w.out_features), jnp.float32),
+        [jax.ShapeDtypeStruct((x.shape[0], w.out_features), jnp.float32) for w in ws],
         vmap_method="sequential",
     )
-    if w.layout == PANELS and not w.can_use_panels():
-        raise ValueError(f"a panels-layout weight needs a multiple of 16 rows; got {w.out_features}")
-    return call(x, w.data, qtype=np.int32(w.qtype), layout=np.int32(w.layout == PANELS))
+    return list(
+        call(x, *(w.data for w in ws), qtype=np.int32(ws[0].qtype), layout=np.int32(ws[0].layout == PANELS))
+    )
 
 
 def decode_attention(

@@ -1,4 +1,6 @@
-// XLA FFI handler: x f32[m, k] times packed GGUF rows u8[n, row_bytes] -> f32[m, n].
+// XLA FFI handler: x f32[m, k] times packed GGUF rows u8[n_j, row_bytes] -> f32[m, n_j],
+// for one or more weights j of one type (a layer's q, k and v, or its gate and up, in
+// one call: the activations are quantized once and one pool run covers every panel).
 // The weight bytes are in the GGUF's rows layout or in the panels layout that the
 // model loader stores for this kernel (panel.h; kernels/qtensor.py, PANEL_FIELDS).
 //
@@ -117,9 +119,18 @@ struct NextPanel {
   }
 };
 
+// Weights one call multiplies at most (a layer's q, k and v take three).
+constexpr int kMaxMatrices = 8;
+
+// One weight of a call and the output it fills.
+struct Matrix {
+  const uint8_t* weights;  // u8[n, row_bytes]
+  int64_t n;
+  float* out;  // f32[m, n]
+};
+
 template <class F>
-ffi::Error Product(const float* x, int64_t m, int64_t k, const uint8_t* weights, int64_t n, bool panels,
-                   float* out) {
+ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices, int count, bool panels) {
   constexpr int64_t kGroupsPerBlock = F::kBlock / F::kGroup;
   constexpr int64_t kChunkBlocks = kChunkElements / F::kBlock > 0 ? kChunkElements / F::kBlock : 1;
   const int64_t row_bytes = k / F::kBlock * F::kBlockBytes;
@@ -146,8 +157,8 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const uint8_t* weights,
     for (int64_t row = 0; row < m; ++row) quantize(static_cast<int>(row));
   }
 
-  // The panel of rows [first, first + 16), read through `source`.
-  auto product = [&](const auto& source, const NextPanel& next, int64_t first) {
+  // The panel of rows [first, first + 16) of a weight with n rows, read through `source`.
+  auto product = [&](const auto& source, const NextPanel& next, int64_t first, int64_t n, float* out) {
     const int64_t valid = n - first < kPanelRows ? n - first : kPanelRows;
     const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
     if (m <= kFusedMaxRows) {
@@ -180,46 +191,56 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const uint8_t* weights,
       }
     }
   };
-  auto panel = [&](int64_t first) {
+  // Panels are numbered through the weights in order: weight j holds [starts[j], starts[j + 1]).
+  int64_t starts[kMaxMatrices + 1] = {0};
+  for (int j = 0; j < count; ++j) starts[j + 1] = starts[j] + (matrices[j].n + kPanelRows - 1) / kPanelRows;
+  auto panel = [&](int64_t index) {
+    int j = 0;
+    while (index >= starts[j + 1]) ++j;
+    const Matrix& matrix = matrices[j];
+    const int64_t first = (index - starts[j]) * kPanelRows;
     if (panels) {
-      product(PanelsSource<F>{weights + first * row_bytes}, NextPanel(), first);
+      product(PanelsSource<F>{matrix.weights + first * row_bytes}, NextPanel(), first, matrix.n, matrix.out);
     } else {
-      product(RowsSource<F>{PanelRows(weights, row_bytes, first, n)},
-              NextPanel(weights, row_bytes, first + kPanelRows, n, blocks), first);
+      product(RowsSource<F>{PanelRows(matrix.weights, row_bytes, first, matrix.n)},
+              NextPanel(matrix.weights, row_bytes, first + kPanelRows, matrix.n, blocks), first, matrix.n,
+              matrix.out);
     }
   };
   // A task is a run of consecutive panels (in the rows layout each prefetches the next); a few tasks per
   // thread balance the load when another process takes a core.
-  const int64_t count = (n + kPanelRows - 1) / kPanelRows;
-  const int64_t per_task = std::max<int64_t>(1, count / (4 * Pool().threads()));
+  const int64_t total = starts[count];
+  const int64_t per_task = std::max<int64_t>(1, total / (4 * Pool().threads()));
   auto task = [&](int index) {
-    const int64_t end = std::min(count, (index + 1) * per_task);
-    for (int64_t p = index * per_task; p < end; ++p) panel(p * kPanelRows);
+    const int64_t end = std::min(total, (index + 1) * per_task);
+    for (int64_t p = index * per_task; p < end; ++p) panel(p);
   };
-  Pool().Run(static_cast<int>((count + per_task - 1) / per_task), task);
+  Pool().Run(static_cast<int>((total + per_task - 1) / per_task), task);
   return ffi::Error::Success();
 }
 
 template <class F>
-ffi::Error Checked(const float* x, int64_t m, int64_t k, const uint8_t* weights, int64_t n, int64_t row_bytes,
-                   bool panels, float* out) {
-  if (k % F::kBlock != 0 || row_bytes != k / F::kBlock * F::kBlockBytes) {
-    return ffi::Error::InvalidArgument("qmatmul: x has " + std::to_string(k) + " columns but weight rows hold " +
-                                       std::to_string(row_bytes) + " bytes of GGML type " +
-                                       std::to_string(F::kType));
+ffi::Error Checked(const float* x, int64_t m, int64_t k, const Matrix* matrices, const int64_t* row_bytes, int count,
+                   bool panels) {
+  for (int j = 0; j < count; ++j) {
+    if (k % F::kBlock != 0 || row_bytes[j] != k / F::kBlock * F::kBlockBytes) {
+      return ffi::Error::InvalidArgument("qmatmul: x has " + std::to_string(k) + " columns but weight rows hold " +
+                                         std::to_string(row_bytes[j]) + " bytes of GGML type " +
+                                         std::to_string(F::kType));
+    }
+    if (panels && matrices[j].n % kPanelRows != 0) {
+      return ffi::Error::InvalidArgument("qmatmul: the panels layout needs a multiple of 16 rows; got " +
+                                         std::to_string(matrices[j].n));
+    }
   }
-  if (panels && n % kPanelRows != 0) {
-    return ffi::Error::InvalidArgument("qmatmul: the panels layout needs a multiple of 16 rows; got " +
-                                       std::to_string(n));
-  }
-  if (m == 0 || n == 0) return ffi::Error::Success();
-  return Product<F>(x, m, k, weights, n, panels, out);
+  if (m == 0) return ffi::Error::Success();
+  return Product<F>(x, m, k, matrices, count, panels);
 }
 
 }  // namespace
 }  // namespace swarm_cpu
 
-static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> out,
+static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs,
                               int32_t qtype, int32_t layout) {
   using namespace swarm_cpu;
   if (layout != 0 && layout != 1) {
@@ -227,24 +248,39 @@ static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, f
                                        std::to_string(layout));
   }
   const bool panels = layout == 1;
-  const auto x_dims = x.dimensions(), w_dims = w.dimensions(), out_dims = out->dimensions();
-  if (x_dims.size() != 2 || w_dims.size() != 2 || out_dims.size() != 2) {
-    return ffi::Error::InvalidArgument("qmatmul: x, weights and output must be 2-D");
+  const auto x_dims = x.dimensions();
+  if (x_dims.size() != 2) return ffi::Error::InvalidArgument("qmatmul: x must be f32[m, k]");
+  const int64_t m = x_dims[0], k = x_dims[1];
+  const int count = static_cast<int>(weights.size());
+  if (count < 1 || count > kMaxMatrices || outs.size() != weights.size()) {
+    return ffi::Error::InvalidArgument("qmatmul: 1 to 8 weights, each with its output");
   }
-  const int64_t m = x_dims[0], k = x_dims[1], n = w_dims[0], row_bytes = w_dims[1];
-  if (out_dims[0] != m || out_dims[1] != n) return ffi::Error::InvalidArgument("qmatmul: output must be f32[m, n]");
+  Matrix matrices[kMaxMatrices];
+  int64_t row_bytes[kMaxMatrices];
+  for (int j = 0; j < count; ++j) {
+    auto w = weights.get<ffi::Buffer<ffi::U8>>(j);
+    auto out = outs.get<ffi::Buffer<ffi::F32>>(j);
+    if (!w.has_value() || !out.has_value()) return ffi::Error::InvalidArgument("qmatmul: weights u8, outputs f32");
+    const auto w_dims = w->dimensions(), out_dims = (*out)->dimensions();
+    if (w_dims.size() != 2 || out_dims.size() != 2) {
+      return ffi::Error::InvalidArgument("qmatmul: x, weights and outputs must be 2-D");
+    }
+    if (out_dims[0] != m || out_dims[1] != w_dims[0]) {
+      return ffi::Error::InvalidArgument("qmatmul: each output must be f32[m, n] of its weight");
+    }
+    matrices[j] = Matrix{w->typed_data(), w_dims[0], (*out)->typed_data()};
+    row_bytes[j] = w_dims[1];
+  }
   const float* xs = x.typed_data();
-  const uint8_t* ws = w.typed_data();
-  float* os = out->typed_data();
   switch (qtype) {
-    case Q4_0::kType: return Checked<Q4_0>(xs, m, k, ws, n, row_bytes, panels, os);
-    case Q4_1::kType: return Checked<Q4_1>(xs, m, k, ws, n, row_bytes, panels, os);
-    case Q5_0::kType: return Checked<Q5_0>(xs, m, k, ws, n, row_bytes, panels, os);
-    case Q5_1::kType: return Checked<Q5_1>(xs, m, k, ws, n, row_bytes, panels, os);
-    case Q8_0::kType: return Checked<Q8_0>(xs, m, k, ws, n, row_bytes, panels, os);
-    case Q4_K::kType: return Checked<Q4_K>(xs, m, k, ws, n, row_bytes, panels, os);
-    case Q5_K::kType: return Checked<Q5_K>(xs, m, k, ws, n, row_bytes, panels, os);
-    case Q6_K::kType: return Checked<Q6_K>(xs, m, k, ws, n, row_bytes, panels, os);
+    case Q4_0::kType: return Checked<Q4_0>(xs, m, k, matrices, row_bytes, count, panels);
+    case Q4_1::kType: return Checked<Q4_1>(xs, m, k, matrices, row_bytes, count, panels);
+    case Q5_0::kType: return Checked<Q5_0>(xs, m, k, matrices, row_bytes, count, panels);
+    case Q5_1::kType: return Checked<Q5_1>(xs, m, k, matrices, row_bytes, count, panels);
+    case Q8_0::kType: return Checked<Q8_0>(xs, m, k, matrices, row_bytes, count, panels);
+    case Q4_K::kType: return Checked<Q4_K>(xs, m, k, matrices, row_bytes, count, panels);
+    case Q5_K::kType: return Checked<Q5_K>(xs, m, k, matrices, row_bytes, count, panels);
+    case Q6_K::kType: return Checked<Q6_K>(xs, m, k, matrices, row_bytes, count, panels);
     default: return ffi::Error::InvalidArgument("qmatmul: unsupported GGML type " + std::to_string(qtype));
   }
 }
@@ -253,8 +289,7 @@ extern "C" int swarm_qmatmul_threads() { return swarm_cpu::Pool().threads(); }
 
 #else  // no AVX-512 VNNI: a handler that only reports why
 
-static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>, int32_t,
-                              int32_t) {
+static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32>, ffi::RemainingArgs, ffi::RemainingRets, int32_t, int32_t) {
   return ffi::Error::Internal("qmatmul was built for a CPU without AVX-512 BW/VL/VNNI");
 }
 
@@ -267,7 +302,7 @@ extern "C" int swarm_qmatmul_simd() { return SWARM_QMATMUL_SIMD; }
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmQMatmul, QMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x f32[m, k]
-                                  .Arg<ffi::Buffer<ffi::U8>>()   // weights u8[n, row_bytes]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out f32[m, n]
+                                  .RemainingArgs()               // weights u8[n_j, row_bytes], one type
+                                  .RemainingRets()               // outputs f32[m, n_j]
                                   .Attr<int32_t>("qtype")
                                   .Attr<int32_t>("layout"));  // 0: GGUF rows, 1: panels
