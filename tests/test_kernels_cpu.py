@@ -303,7 +303,9 @@ def test_weights_of_other_types_go_in_calls_of_their_own() -> None:
     dense = np.asarray(q.dequantize())
     for w in ([dense, dense], [q, k]):
         for out, weight in zip(ops.matmuls(x, w, impl="reference"), w, strict=True):
-            np.testing.assert_array_equal(np.asarray(out), np.asarray(ops.matmul(x, weight, impl="reference")))
+            np.testing.assert_array_equal(
+                np.asarray(out), np.asarray(ops.matmul(x, weight, impl="reference"))
+            )
 
 
 def test_build_reports_a_missing_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
