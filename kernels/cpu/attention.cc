@@ -114,7 +114,9 @@ inline __m512 Sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_add_ps(sums, _mm512_permute_ps(sums, 0xB1));
 }
 
-// q_g . key for `kHeads` query heads (16 lanes each, to be summed).
+// q_g . key for `kHeads` query heads (16 lanes each, to be summed).  Here and below,
+// kDim > 0 is the head width known at compile time (64, 128, 256: the loops unroll
+// and loads go unmasked); 0 reads it from the problem.
 template <typename T, int kHeads>
 inline void Dot(const float* q, const T* key, int64_t dim, __m512* acc) {
   for (int g = 0; g < kHeads; ++g) acc[g] = _mm512_setzero_ps();
@@ -131,16 +133,31 @@ inline void Dot(const float* q, const T* key, int64_t dim, __m512* acc) {
 // Narrow heads (64, 128) score four keys at a time and reduce them together, as the
 // reductions would cost as much as the products; wide ones (Gemma's 256) do not gain
 // from it (measured: 25 % slower) and go one key at a time.
-template <typename T, int kHeads>
+// What a pass over a sequence's positions asks for ahead of its reads: `key_elements`
+// of the key record at each position (its own head's, or every head's), and as much
+// of the value record when `values` is set.
+template <typename T>
+struct Ahead {
+  int64_t key_elements;
+  const T* values = nullptr;
+  int64_t value_stride = 0, value_elements = 0;
+
+  void Fetch(const T* key, int64_t key_stride, int64_t i) const {
+    PrefetchRow(key + kPrefetchAhead * key_stride, key_elements);
+    if (values != nullptr) PrefetchRow(values + (i + kPrefetchAhead) * value_stride, value_elements);
+  }
+};
+
+template <typename T, int kHeads, int kDim>
 void Score(const Problem& p, const float* q, const T* key, int64_t stride, int64_t count, float* scores,
-           int64_t score_stride) {
-  const int64_t dim = p.head_dim;
+           int64_t score_stride, const Ahead<T>& ahead) {
+  const int64_t dim = kDim > 0 ? kDim : p.head_dim;
   const __m512i spread = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
   const __m128 scale = _mm_set1_ps(p.scale);
   int64_t i = 0;
   for (; dim <= kFourKeyMaxDim && i + 4 <= count; i += 4, key += 4 * stride) {
     if (i + kPrefetchAhead + 4 <= count) {
-      for (int j = 0; j < 4; ++j) PrefetchRow(key + (kPrefetchAhead + j) * stride, dim);
+      for (int j = 0; j < 4; ++j) ahead.Fetch(key + j * stride, stride, i + j);
     }
     __m512 acc[4][kHeads];
     for (int j = 0; j < 4; ++j) Dot<T, kHeads>(q, key + j * stride, dim, acc[j]);
@@ -151,7 +168,7 @@ void Score(const Problem& p, const float* q, const T* key, int64_t stride, int64
     }
   }
   for (; i < count; ++i, key += stride) {
-    if (i + kPrefetchAhead < count) PrefetchRow(key + kPrefetchAhead * stride, dim);
+    if (i + kPrefetchAhead < count) ahead.Fetch(key, stride, i);
     __m512 acc[kHeads];
     Dot<T, kHeads>(q, key, dim, acc);
     for (int g = 0; g < kHeads; ++g) scores[g * score_stride + i] = _mm512_reduce_add_ps(acc[g]) * p.scale;
@@ -159,10 +176,10 @@ void Score(const Problem& p, const float* q, const T* key, int64_t stride, int64
 }
 
 // out[g] += sum_i weights[g * count + i] * value(first + i), features [d, d + 64).
-template <typename T, int kHeads>
+template <typename T, int kHeads, int kDim>
 void Accumulate(const Problem& p, const float* weights, int64_t weight_stride, const T* value, int64_t stride,
                 int64_t count, float* out) {
-  const int64_t dim = p.value_dim;
+  const int64_t dim = kDim > 0 ? kDim : p.value_dim;
   for (int64_t d = 0; d < dim; d += 16 * kFeatureVectors) {
     __m512 acc[kHeads][kFeatureVectors];
     for (int g = 0; g < kHeads; ++g) {
@@ -210,21 +227,25 @@ float Softmax(float* scores, int64_t count, float softcap) {
   return 1.0f / _mm512_reduce_add_ps(total);
 }
 
-template <typename T, int kHeads>
+template <typename T, int kHeads, int kDim>
 void HeadBlock(const Problem& p, const float* q, const T* key, const T* value, int64_t count, float* scores,
-               float* out) {
-  const int64_t key_stride = p.kv_heads * p.head_dim, value_stride = p.kv_heads * p.value_dim;
-  Score<T, kHeads>(p, q, key, key_stride, count, scores, count);
+               float* out, const Ahead<T>& ahead) {
+  const int64_t key_stride = p.kv_heads * p.head_dim;
+  Score<T, kHeads, kDim>(p, q, key, key_stride, count, scores, count, ahead);
   for (int g = 0; g < kHeads; ++g) {
     const float inverse = Softmax(scores + g * count, count, p.softcap);
     float* weights = scores + g * count;
     for (int64_t i = 0; i < count; ++i) weights[i] *= inverse;
   }
-  Accumulate<T, kHeads>(p, scores, count, value, value_stride, count, out);
+  Accumulate<T, kHeads, kDim>(p, scores, count, value, p.kv_heads * p.value_dim, count, out);
 }
 
-template <typename T>
-void Pair(const Problem& p, int64_t b, int64_t h) {
+// Query heads of kv head h of sequence b.  `whole`: this task goes on to the sequence's
+// other kv heads, so the first pass over its keys asks for the whole key and value record
+// of every position (all kv heads side by side): the sequence then streams from memory
+// once, in order, and the other heads' passes find it in cache.
+template <typename T, int kDim>
+void PairOf(const Problem& p, int64_t b, int64_t h, bool whole) {
   const int64_t group = p.q_heads / p.kv_heads;
   float* out = p.out + (b * p.q_heads + h * group) * p.value_dim;
   const int64_t row = p.first_row + b;
@@ -245,13 +266,30 @@ void Pair(const Problem& p, int64_t b, int64_t h) {
   for (int64_t g = 0; g < group; g += kHeadBlock) {
     const float* qg = q + g * p.head_dim;
     float* og = out + g * p.value_dim;
+    Ahead<T> ahead{p.head_dim};
+    if (whole && h == 0 && g == 0) {
+      ahead = Ahead<T>{p.kv_heads * p.head_dim, value, p.kv_heads * p.value_dim, p.kv_heads * p.value_dim};
+    }
     switch (std::min<int64_t>(kHeadBlock, group - g)) {
-      case 1: HeadBlock<T, 1>(p, qg, key, value, count, scores.data(), og); break;
-      case 2: HeadBlock<T, 2>(p, qg, key, value, count, scores.data(), og); break;
-      case 3: HeadBlock<T, 3>(p, qg, key, value, count, scores.data(), og); break;
-      default: HeadBlock<T, 4>(p, qg, key, value, count, scores.data(), og); break;
+      case 1: HeadBlock<T, 1, kDim>(p, qg, key, value, count, scores.data(), og, ahead); break;
+      case 2: HeadBlock<T, 2, kDim>(p, qg, key, value, count, scores.data(), og, ahead); break;
+      case 3: HeadBlock<T, 3, kDim>(p, qg, key, value, count, scores.data(), og, ahead); break;
+      default: HeadBlock<T, 4, kDim>(p, qg, key, value, count, scores.data(), og, ahead); break;
     }
   }
+}
+
+template <typename T>
+void Pair(const Problem& p, int64_t b, int64_t h, bool whole = false) {
+  if (p.head_dim == p.value_dim) {
+    switch (p.head_dim) {
+      case 64: return PairOf<T, 64>(p, b, h, whole);
+      case 128: return PairOf<T, 128>(p, b, h, whole);
+      case 256: return PairOf<T, 256>(p, b, h, whole);
+      default: break;
+    }
+  }
+  PairOf<T, 0>(p, b, h, whole);
 }
 
 template <typename T>
@@ -261,7 +299,7 @@ void Run(const Problem& p) {
   // sequence's rows once instead of several threads reading every kv_heads-th slice.
   if (p.kv_heads > 1 && p.batch >= 2 * Pool().threads()) {
     auto task = [&](int b) {
-      for (int64_t h = 0; h < p.kv_heads; ++h) Pair<T>(p, b, h);
+      for (int64_t h = 0; h < p.kv_heads; ++h) Pair<T>(p, b, h, /*whole=*/true);
     };
     Pool().Run(static_cast<int>(p.batch), task);
     return;
