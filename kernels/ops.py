@@ -196,29 +196,28 @@ def cache_attention(
     """Attention of q f32[B, T, Hq, D] over rows [first_row, first_row + B) of layer
     `layer` of a whole cache keys/values [L, R, C, Hkv, D], positions [0, kv_bound).
 
-    Decode steps (T == 1) on the CPU kernel path read the visible keys in place
-    (`kernels.cpu.decode_attention`); every other path slices the window out and
-    calls `attention`. Rows whose position is past the cache (padding whose write
+    On the CPU kernel path, decode steps and prompt chunks alike read the visible keys
+    in place (`kernels.cpu.cache_attention`); every other path slices the window out
+    and calls `attention`. Rows whose position is past the cache (padding whose write
     was dropped) get unspecified values.
     """
     if impl == "auto":
         impl = _chosen.get() or "auto"
-    batch, steps = q.shape[:2]
-    if steps == 1 and _use_cpu_kernels(impl):
-        out = cpu.decode_attention(
-            q[:, 0],
+    if _use_cpu_kernels(impl):
+        return cpu.cache_attention(
+            q,
             keys,
             values,
             layer,
             first_row,
             window_array(sliding_window)[0],
-            q_positions[:, 0],
+            q_positions,
             kv_length,
             scale=scale,
             logit_softcap=logit_softcap,
             bound=kv_bound,
         )
-        return out[:, None]
+    batch = q.shape[0]
     zero = jnp.int32(0)
     origin = (jnp.asarray(layer, jnp.int32), jnp.asarray(first_row, jnp.int32), zero, zero, zero)
     window_keys = lax.dynamic_slice(keys, origin, (1, batch, kv_bound, *keys.shape[3:]))[0]

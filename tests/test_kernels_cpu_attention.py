@@ -1,7 +1,8 @@
-"""kernels.cpu.decode_attention: one decode step's attention read in place from a whole
-KV cache, against the jnp reference (`ops.cache_attention` with impl="reference").
+"""kernels.cpu.cache_attention: decode steps' and prompt chunks' attention read in place
+from a whole KV cache, against the jnp reference (`ops.cache_attention` with
+impl="reference").
 
-The kernel reads only the visible keys of each (sequence, kv head) pair, converting
+The kernel reads only the visible keys of each (query, kv head) pair, converting
 f16 as it loads, so it differs from the reference by f32 summation order only: a
 tolerance of 1e-5 relative to the largest |value| (the outputs are convex mixtures of
 values), which a key off by one position, a wrong head or a wrong row breaks.
@@ -156,10 +157,70 @@ def test_scan_over_layers_reads_each_layer() -> None:
     assert not np.allclose(got[0], got[1])  # each layer's own keys
 
 
+def _chunk_case(seed, steps, *, dim=64, group=3, kv_heads=3, window=None):
+    """A prompt chunk of `steps` queries at positions [start, start + steps) of rows 1 and 2,
+    the chunk's keys already written (as the layer does before attending)."""
+    q, keys, values = _case(seed, rows=3, capacity=160, kv_heads=kv_heads, group=group, dim=dim, batch=2)
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((2, steps, kv_heads * group, dim)).astype(np.float32))
+    start = np.asarray([40, 3])
+    positions = start[:, None] + np.arange(steps)[None, :]
+    kv_length = start + steps - np.asarray([0, 2])  # the second's last two steps are padding
+    return q, keys, values, positions, kv_length
+
+
+@pytest.mark.parametrize("steps", [1, 2, 16, 64])
+@pytest.mark.parametrize(("dim", "group", "kv_heads"), [(64, 3, 3), (256, 4, 1), (40, 5, 2)])
+def test_prompt_chunks_match_the_reference(steps, dim, group, kv_heads) -> None:
+    """T queries per sequence (causal within the chunk, padding steps past kv_length)."""
+    q, keys, values, positions, kv_length = _chunk_case(steps, steps, dim=dim, group=group, kv_heads=kv_heads)
+    args = (
+        q,
+        keys,
+        values,
+        jnp.int32(1),
+        jnp.int32(1),
+        jnp.asarray(positions, jnp.int32),
+        jnp.asarray(kv_length),
+    )
+    for window in (None, 9):
+        options = dict(kv_bound=128, scale=dim**-0.5, sliding_window=window)
+        got = np.asarray(ops.cache_attention(*args, impl="cpu", **options))
+        want = np.asarray(ops.cache_attention(*args, impl="reference", **options))
+        assert got.shape == (2, steps, kv_heads * group, dim)
+        real = positions < kv_length[:, None]  # padding steps: the reference's value is unspecified
+        assert _close(got[real], want[real], values), (window, np.max(np.abs(got[real] - want[real])))
+
+
+def test_a_query_gives_the_same_bits_in_any_chunk() -> None:
+    """A prompt attended whole, in chunks, or one step at a time gives each position the
+    same output bit for bit: what a prefix-cache hit and a cold prefill rely on."""
+    q, keys, values, positions, _ = _chunk_case(9, 32)
+    common = dict(kv_bound=128, scale=0.125, impl="cpu")
+
+    def run(lo, hi):
+        return np.asarray(
+            ops.cache_attention(
+                q[:1, lo:hi],
+                keys,
+                values,
+                jnp.int32(0),
+                jnp.int32(1),
+                jnp.asarray(positions[:1, lo:hi], jnp.int32),
+                jnp.asarray([positions[0, hi - 1] + 1]),
+                **common,
+            )
+        )
+
+    whole = run(0, 32)
+    np.testing.assert_array_equal(np.concatenate([run(0, 13), run(13, 32)], axis=1), whole)
+    np.testing.assert_array_equal(np.concatenate([run(t, t + 1) for t in range(32)], axis=1), whole)
+
+
 @pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="auto picks the CPU kernel only on the CPU backend"
 )
-def test_auto_uses_the_kernel_for_decode_steps_only() -> None:
+def test_auto_uses_the_kernel_on_cpu() -> None:
     _, keys, values = _case(7)
 
     def lowered(steps):
@@ -179,28 +240,27 @@ def test_auto_uses_the_kernel_for_decode_steps_only() -> None:
         return jax.jit(call).lower().as_text()
 
     assert cpu.ATTENTION_TARGET in lowered(1)
-    assert cpu.ATTENTION_TARGET not in lowered(4)
+    assert cpu.ATTENTION_TARGET in lowered(4)
     with ops.implementation("reference"):
         assert cpu.ATTENTION_TARGET not in lowered(1)
+        assert cpu.ATTENTION_TARGET not in lowered(4)
 
 
 def test_checks_its_inputs() -> None:
     q, keys, values = _case(8)
-    positions, kv_length = jnp.zeros(3, jnp.int32), jnp.ones(3, jnp.int32)
+    positions, kv_length = jnp.zeros((3, 1), jnp.int32), jnp.ones(3, jnp.int32)
     common = dict(scale=0.1, logit_softcap=None, bound=64)
     zero = jnp.int32(0)
     with pytest.raises(ValueError, match="one dtype"):
-        cpu.decode_attention(
-            q[:, 0], keys, values.astype(jnp.float32), zero, zero, zero, positions, kv_length, **common
+        cpu.cache_attention(
+            q, keys, values.astype(jnp.float32), zero, zero, zero, positions, kv_length, **common
         )
     with pytest.raises(ValueError, match="f16 or f32"):
         bf16 = keys.astype(jnp.bfloat16)
-        cpu.decode_attention(q[:, 0], bf16, bf16, zero, zero, zero, positions, kv_length, **common)
+        cpu.cache_attention(q, bf16, bf16, zero, zero, zero, positions, kv_length, **common)
     with pytest.raises(ValueError, match="need q"):
-        cpu.decode_attention(q, keys, values, zero, zero, zero, positions, kv_length, **common)
+        cpu.cache_attention(q[:, 0], keys, values, zero, zero, zero, positions, kv_length, **common)
     with pytest.raises(Exception, match="layer 5 is not in the cache"):
         np.asarray(
-            cpu.decode_attention(
-                q[:, 0], keys, values, jnp.int32(5), zero, zero, positions, kv_length, **common
-            )
+            cpu.cache_attention(q, keys, values, jnp.int32(5), zero, zero, positions, kv_length, **common)
         )

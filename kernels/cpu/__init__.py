@@ -29,7 +29,7 @@ from kernels.quant_types import GGMLType, quant_format
 
 FFI_TARGET = "swarm_qmatmul_cpu"
 MAX_MATRICES = 8  # weights one qmatmul call takes at most (kMaxMatrices in qmatmul.cc)
-ATTENTION_TARGET = "swarm_decode_attention_cpu"
+ATTENTION_TARGET = "swarm_cache_attention_cpu"
 
 SUPPORTED = frozenset(
     int(t)
@@ -70,7 +70,7 @@ def _load_locked() -> str | None:
         return "CPU qmatmul kernel needs AVX-512 BW/VL/VNNI, which this CPU lacks"
     jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(library.SwarmQMatmul), platform="cpu")
     jax.ffi.register_ffi_target(
-        ATTENTION_TARGET, jax.ffi.pycapsule(library.SwarmDecodeAttention), platform="cpu"
+        ATTENTION_TARGET, jax.ffi.pycapsule(library.SwarmCacheAttention), platform="cpu"
     )
     _state["library"] = library
     return None
@@ -160,7 +160,7 @@ def qmatmuls(x: jax.Array, ws: Sequence[QuantTensor]) -> list[jax.Array]:
     )
 
 
-def decode_attention(
+def cache_attention(
     q: jax.Array,
     keys: jax.Array,
     values: jax.Array,
@@ -174,18 +174,21 @@ def decode_attention(
     logit_softcap: float | None,
     bound: int,
 ) -> jax.Array:
-    """One decode step's attention read in place from a whole KV cache -> f32[B, Hq, Dv].
+    """Attention of T queries per sequence read in place from a whole KV cache
+    -> f32[B, T, Hq, Dv]: decode steps (T = 1) and prompt chunks alike.
 
-    q f32[B, Hq, D]; keys/values f16 or f32[L, R, C, Hkv, D]; layer, first_row and
-    window i32[]; positions, kv_length i32[B]. Sequence b is cache row first_row + b
-    of layer `layer`; it sees key j iff j < kv_length[b], j <= positions[b],
-    positions[b] - j < window and j < bound. A query seeing no key, or at a position
-    past the cache (a padding row whose write was dropped), gets zeros. Only the
-    visible keys and values are read, so nothing of the cache is sliced or copied.
+    q f32[B, T, Hq, D]; keys/values f16 or f32[L, R, C, Hkv, D]; layer, first_row and
+    window i32[]; positions i32[B, T], kv_length i32[B]. Sequence b is cache row
+    first_row + b of layer `layer`; query (b, t) sees key j iff j < kv_length[b],
+    j <= positions[b, t], positions[b, t] - j < window and j < bound. A query seeing no
+    key, or at a position past the cache (a padding row whose write was dropped), gets
+    zeros. Only the visible keys and values are read, so nothing of the cache is sliced
+    or copied, and each query's result depends on its own keys only, whatever chunk it
+    came in.
     """
-    if q.ndim != 3 or keys.ndim != 5 or values.ndim != 5 or keys.dtype != values.dtype:
+    if q.ndim != 4 or keys.ndim != 5 or values.ndim != 5 or keys.dtype != values.dtype:
         raise ValueError(
-            f"need q f32[B, Hq, D] and caches [L, R, C, Hkv, D] of one dtype; got q {list(q.shape)}, "
+            f"need q f32[B, T, Hq, D] and caches [L, R, C, Hkv, D] of one dtype; got q {list(q.shape)}, "
             f"keys {keys.dtype}{list(keys.shape)}, values {values.dtype}{list(values.shape)}"
         )
     if keys.dtype not in (jnp.float16, jnp.float32):
@@ -193,10 +196,10 @@ def decode_attention(
     reason = _load()
     if reason is not None:
         raise RuntimeError(reason)
-    batch, q_heads = q.shape[:2]
+    batch, steps, q_heads = q.shape[:3]
     call = jax.ffi.ffi_call(
         ATTENTION_TARGET,
-        jax.ShapeDtypeStruct((batch, q_heads, values.shape[4]), jnp.float32),
+        jax.ShapeDtypeStruct((batch, steps, q_heads, values.shape[4]), jnp.float32),
         vmap_method="sequential",
     )
     scalar = lambda value: jnp.asarray(value, jnp.int32).reshape(())  # noqa: E731
@@ -207,7 +210,7 @@ def decode_attention(
         scalar(layer),
         scalar(first_row),
         scalar(window),
-        jnp.asarray(positions, jnp.int32),
+        jnp.asarray(positions, jnp.int32).reshape(batch, steps),
         jnp.asarray(kv_length, jnp.int32),
         scale=np.float32(scale),
         softcap=np.float32(logit_softcap or 0.0),

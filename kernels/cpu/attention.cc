@@ -1,23 +1,23 @@
-// XLA FFI handler: one decode step's attention, read straight from a many-layer,
-// many-session KV cache.
+// XLA FFI handler: attention read straight from a many-layer, many-session KV cache,
+// for decode steps (T = 1) and prompt chunks alike.
 //
-//   q        f32[B, Hq, D]               one query per sequence
+//   q        f32[B, T, Hq, D]            T queries per sequence
 //   keys     f16|f32[L, R, C, Hkv, D]    the whole cache (every layer and row)
 //   values   f16|f32[L, R, C, Hkv, Dv]
 //   layer, first_row, window  i32[]      sequence b is cache row first_row + b
-//   positions, kv_length      i32[B]
-//   out      f32[B, Hq, Dv]
+//   positions i32[B, T], kv_length i32[B]
+//   out      f32[B, T, Hq, Dv]
 //
-// Query b at position p sees key j iff j < kv_length[b], j <= p, p - j < window and
+// Query (b, t) at position p sees key j iff j < kv_length[b], j <= p, p - j < window and
 // j < bound (the rule of kernels/attention.py, whose jnp reference this equals up to
 // float rounding).  A query that sees no key, or whose position is past the cache (a
 // padding row of a batch window, whose write was dropped), gets zeros.
 //
 // Unlike the XLA reference, which slices a power-of-two window of the cache, converts
 // it to f32 and scores every slot under a mask, this reads only the visible keys and
-// values, converting f16 as it loads them.  Work is split over (sequence, kv head)
-// pairs on the persistent pool of thread_pool.h: each pair scores its group of query
-// heads against every visible key (one pass over the keys), takes the softmax with a
+// values, converting f16 as it loads them.  Work is split over (query, kv head) pairs
+// (or whole queries) on the persistent pool of thread_pool.h: each pair scores its group
+// of query heads against every visible key (one pass over the keys), takes the softmax with a
 // vectorized exp, and accumulates the values (one pass per 64 output features).
 //
 // Built with qmatmul.cc by kernels/cpu/build.py; without AVX-512 the handler only
@@ -97,7 +97,7 @@ struct Problem {
   const int32_t* positions;
   const int32_t* kv_length;
   float* out;
-  int64_t batch, q_heads, kv_heads, head_dim, value_dim, rows, capacity;
+  int64_t batch, steps, q_heads, kv_heads, head_dim, value_dim, rows, capacity;
   int64_t layer, first_row, window, bound;
   float scale, softcap;
 };
@@ -240,16 +240,17 @@ void HeadBlock(const Problem& p, const float* q, const T* key, const T* value, i
   Accumulate<T, kHeads, kDim>(p, scores, count, value, p.kv_heads * p.value_dim, count, out);
 }
 
-// Query heads of kv head h of sequence b.  `whole`: this task goes on to the sequence's
-// other kv heads, so the first pass over its keys asks for the whole key and value record
-// of every position (all kv heads side by side): the sequence then streams from memory
-// once, in order, and the other heads' passes find it in cache.
+// Query heads of kv head h of query `query` (step query % T of sequence query / T).
+// `whole`: this task goes on to the query's other kv heads, so the first pass over its
+// keys asks for the whole key and value record of every position (all kv heads side by
+// side): the sequence then streams from memory once, in order, and the other heads'
+// passes find it in cache.
 template <typename T, int kDim>
-void PairOf(const Problem& p, int64_t b, int64_t h, bool whole) {
-  const int64_t group = p.q_heads / p.kv_heads;
-  float* out = p.out + (b * p.q_heads + h * group) * p.value_dim;
+void PairOf(const Problem& p, int64_t query, int64_t h, bool whole) {
+  const int64_t group = p.q_heads / p.kv_heads, b = query / p.steps;
+  float* out = p.out + (query * p.q_heads + h * group) * p.value_dim;
   const int64_t row = p.first_row + b;
-  const int64_t position = p.positions[b];
+  const int64_t position = p.positions[query];
   const int64_t end = std::min({static_cast<int64_t>(p.kv_length[b]), position + 1, p.bound, p.capacity});
   const int64_t begin = std::max<int64_t>(0, position - p.window + 1);
   if (row < 0 || row >= p.rows || position >= p.capacity || begin >= end) {
@@ -260,7 +261,7 @@ void PairOf(const Problem& p, int64_t b, int64_t h, bool whole) {
   const int64_t slot = (p.layer * p.rows + row) * p.capacity + begin;
   const T* key = static_cast<const T*>(p.keys) + (slot * p.kv_heads + h) * p.head_dim;
   const T* value = static_cast<const T*>(p.values) + (slot * p.kv_heads + h) * p.value_dim;
-  const float* q = p.q + (b * p.q_heads + h * group) * p.head_dim;
+  const float* q = p.q + (query * p.q_heads + h * group) * p.head_dim;
   thread_local std::vector<float> scores;
   if (scores.size() < static_cast<size_t>(kHeadBlock * count)) scores.resize(kHeadBlock * count);
   for (int64_t g = 0; g < group; g += kHeadBlock) {
@@ -280,31 +281,33 @@ void PairOf(const Problem& p, int64_t b, int64_t h, bool whole) {
 }
 
 template <typename T>
-void Pair(const Problem& p, int64_t b, int64_t h, bool whole = false) {
+void Pair(const Problem& p, int64_t query, int64_t h, bool whole = false) {
   if (p.head_dim == p.value_dim) {
     switch (p.head_dim) {
-      case 64: return PairOf<T, 64>(p, b, h, whole);
-      case 128: return PairOf<T, 128>(p, b, h, whole);
-      case 256: return PairOf<T, 256>(p, b, h, whole);
+      case 64: return PairOf<T, 64>(p, query, h, whole);
+      case 128: return PairOf<T, 128>(p, query, h, whole);
+      case 256: return PairOf<T, 256>(p, query, h, whole);
       default: break;
     }
   }
-  PairOf<T, 0>(p, b, h, whole);
+  PairOf<T, 0>(p, query, h, whole);
 }
 
 template <typename T>
 void Run(const Problem& p) {
-  // With sequences enough to keep every thread busy, a task is one sequence: its kv heads
+  // With queries enough to keep every thread busy, a task is one query: the kv heads
   // interleave in each cached position, so one thread reading them all streams that
   // sequence's rows once instead of several threads reading every kv_heads-th slice.
-  if (p.kv_heads > 1 && p.batch >= 2 * Pool().threads()) {
-    auto task = [&](int b) {
-      for (int64_t h = 0; h < p.kv_heads; ++h) Pair<T>(p, b, h, /*whole=*/true);
+  // (A prompt chunk's queries read the same rows, which stay in cache between them.)
+  const int64_t queries = p.batch * p.steps;
+  if (p.kv_heads > 1 && queries >= 2 * Pool().threads()) {
+    auto task = [&](int query) {
+      for (int64_t h = 0; h < p.kv_heads; ++h) Pair<T>(p, query, h, /*whole=*/true);
     };
-    Pool().Run(static_cast<int>(p.batch), task);
+    Pool().Run(static_cast<int>(queries), task);
     return;
   }
-  const int tasks = static_cast<int>(p.batch * p.kv_heads);
+  const int tasks = static_cast<int>(queries * p.kv_heads);
   auto task = [&](int index) { Pair<T>(p, index / p.kv_heads, index % p.kv_heads); };
   Pool().Run(tasks, task);
 }
@@ -314,7 +317,7 @@ int64_t Scalar(ffi::Buffer<ffi::S32> buffer) { return buffer.typed_data()[0]; }
 }  // namespace
 }  // namespace swarm_cpu
 
-static ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
+static ffi::Error CacheAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
                                       ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> first_row,
                                       ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> positions,
                                       ffi::Buffer<ffi::S32> kv_length, ffi::ResultBuffer<ffi::F32> out, float scale,
@@ -322,30 +325,31 @@ static ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer ke
   using namespace swarm_cpu;
   const auto q_dims = q.dimensions(), k_dims = keys.dimensions(), v_dims = values.dimensions();
   const auto out_dims = out->dimensions();
-  if (q_dims.size() != 3 || k_dims.size() != 5 || v_dims.size() != 5 || out_dims.size() != 3) {
-    return ffi::Error::InvalidArgument("decode_attention: need q f32[B, Hq, D] and caches [L, R, C, Hkv, D]");
+  if (q_dims.size() != 4 || k_dims.size() != 5 || v_dims.size() != 5 || out_dims.size() != 4) {
+    return ffi::Error::InvalidArgument("cache_attention: need q f32[B, T, Hq, D] and caches [L, R, C, Hkv, D]");
   }
   if (keys.element_type() != values.element_type() ||
       (keys.element_type() != ffi::DataType::F16 && keys.element_type() != ffi::DataType::F32)) {
-    return ffi::Error::InvalidArgument("decode_attention: the caches must both be f16 or both f32");
+    return ffi::Error::InvalidArgument("cache_attention: the caches must both be f16 or both f32");
   }
   Problem p{};
   p.batch = q_dims[0];
-  p.q_heads = q_dims[1];
-  p.head_dim = q_dims[2];
+  p.steps = q_dims[1];
+  p.q_heads = q_dims[2];
+  p.head_dim = q_dims[3];
   p.rows = k_dims[1];
   p.capacity = k_dims[2];
   p.kv_heads = k_dims[3];
   p.value_dim = v_dims[4];
   if (k_dims[4] != p.head_dim || v_dims[0] != k_dims[0] || v_dims[1] != p.rows || v_dims[2] != p.capacity ||
       v_dims[3] != p.kv_heads || p.kv_heads == 0 || p.q_heads % p.kv_heads != 0 || out_dims[0] != p.batch ||
-      out_dims[1] != p.q_heads || out_dims[2] != p.value_dim || positions.element_count() != p.batch ||
-      kv_length.element_count() != p.batch) {
-    return ffi::Error::InvalidArgument("decode_attention: q, caches, positions and output do not fit together");
+      out_dims[1] != p.steps || out_dims[2] != p.q_heads || out_dims[3] != p.value_dim ||
+      positions.element_count() != p.batch * p.steps || kv_length.element_count() != p.batch) {
+    return ffi::Error::InvalidArgument("cache_attention: q, caches, positions and output do not fit together");
   }
   p.layer = Scalar(layer);
   if (p.layer < 0 || p.layer >= k_dims[0]) {
-    return ffi::Error::InvalidArgument("decode_attention: layer " + std::to_string(p.layer) + " is not in the cache");
+    return ffi::Error::InvalidArgument("cache_attention: layer " + std::to_string(p.layer) + " is not in the cache");
   }
   p.first_row = Scalar(first_row);
   p.window = Scalar(window);
@@ -358,7 +362,7 @@ static ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer ke
   p.positions = positions.typed_data();
   p.kv_length = kv_length.typed_data();
   p.out = out->typed_data();
-  if (p.batch == 0 || p.q_heads == 0) return ffi::Error::Success();
+  if (p.batch == 0 || p.steps == 0 || p.q_heads == 0) return ffi::Error::Success();
   if (keys.element_type() == ffi::DataType::F16) {
     Run<uint16_t>(p);
   } else {
@@ -369,25 +373,25 @@ static ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer ke
 
 #else  // no AVX-512: a handler that only reports why
 
-static ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32>, ffi::AnyBuffer, ffi::AnyBuffer, ffi::Buffer<ffi::S32>,
+static ffi::Error CacheAttentionImpl(ffi::Buffer<ffi::F32>, ffi::AnyBuffer, ffi::AnyBuffer, ffi::Buffer<ffi::S32>,
                                       ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>,
                                       ffi::Buffer<ffi::S32>, ffi::ResultBuffer<ffi::F32>, float, float, int64_t) {
-  return ffi::Error::Internal("decode_attention was built for a CPU without AVX-512");
+  return ffi::Error::Internal("cache_attention was built for a CPU without AVX-512");
 }
 
 #endif
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmDecodeAttention, DecodeAttentionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmCacheAttention, CacheAttentionImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q f32[B, Hq, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q f32[B, T, Hq, D]
                                   .Arg<ffi::AnyBuffer>()         // keys f16|f32[L, R, C, Hkv, D]
                                   .Arg<ffi::AnyBuffer>()         // values f16|f32[L, R, C, Hkv, Dv]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer i32[]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // first_row i32[]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // window i32[]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions i32[B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions i32[B, T]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // kv_length i32[B]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out f32[B, Hq, Dv]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out f32[B, T, Hq, Dv]
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<int64_t>("bound"));
