@@ -117,6 +117,40 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not cpu.available(), reason=f"{cpu.unavailable_reason()}")
+@pytest.mark.parametrize("spec_name", ["llama-tiny", "gemma3-tiny"])
+def test_kernel_engine_gives_a_position_the_same_logits_in_any_chunk(tiny_model, spec_name):
+    """On the CPU kernels every position's logits are the same bits whether its prompt
+    ran whole or in chunks: a prefix-cache hit then continues exactly as a cold run."""
+    gguf, config = _open(tiny_model(spec_name))
+    prompt = np.asarray(load_fixture(f"tiny-{spec_name}")["prompt_token_ids"], np.int32)
+    whole = Engine.load(gguf, config)
+    expected, _ = whole.forward(prompt, 0, whole.new_cache(256), all_logits=True)
+    chunked = Engine.load(gguf, config, settings=EngineSettings(prefill_buckets=(4, 8)))
+    logits, _ = chunked.forward(prompt, 0, chunked.new_cache(256), all_logits=True)
+    np.testing.assert_array_equal(logits, expected)
+
+
+@pytest.mark.parametrize("spec_name", ["llama-tiny", "gemma3-tiny"])
+def test_a_prepared_step_runs_without_compiling(tiny_model, spec_name):
+    """What a batch compiles ahead (prepare_step) is all its step needs, the token
+    embedding and rotary tables included, in a first range and a later one alike."""
+    gguf, config = _open(tiny_model(spec_name))
+    split = config.n_layers // 2
+    for layers in ((0, config.n_layers), (split, config.n_layers)):
+        engine = Engine.load(gguf, config, layers)
+        cache = engine.new_cache(256, 4)
+        assert engine.prepare_step(3, 10, cache)
+        assert not engine.prepare_step(3, 10, cache)  # once
+        compiled = engine.compile_seconds
+        inputs = (
+            np.asarray([5, 6, 7], np.int32) if engine.is_first else np.ones((3, config.d_model), np.float32)
+        )
+        out, cache = engine.step(inputs, np.asarray([10, 4, 9], np.int32), np.asarray([0, 1, 2]), cache)
+        assert out.shape[0] == 3 and np.isfinite(out).all()
+        assert engine.compile_seconds == compiled, layers
+
+
 @pytest.mark.parametrize("spec_name", SPECS)
 def test_scanned_and_unrolled_layers_agree(tiny_model, spec_name):
     """The scan (GPU default) and the unrolled loop (CPU default) compute the same model.
