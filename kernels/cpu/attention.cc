@@ -298,11 +298,13 @@ void Run(const Problem& p) {
   // With queries enough to keep every thread busy, a task is one query: the kv heads
   // interleave in each cached position, so one thread reading them all streams that
   // sequence's rows once instead of several threads reading every kv_heads-th slice.
-  // (A prompt chunk's queries read the same rows, which stay in cache between them.)
+  // Only a decode step's rows come cold from memory and are asked for whole ahead: a
+  // prompt chunk's queries read the same rows, in cache after the first of them.
   const int64_t queries = p.batch * p.steps;
   if (p.kv_heads > 1 && queries >= 2 * Pool().threads()) {
+    const bool whole = p.steps == 1;
     auto task = [&](int query) {
-      for (int64_t h = 0; h < p.kv_heads; ++h) Pair<T>(p, query, h, /*whole=*/true);
+      for (int64_t h = 0; h < p.kv_heads; ++h) Pair<T>(p, query, h, whole);
     };
     Pool().Run(static_cast<int>(queries), task);
     return;
