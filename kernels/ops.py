@@ -107,14 +107,9 @@ def matmul(x: jax.Array, w: jax.Array | QuantTensor, *, impl: str = "auto") -> j
     path = _resolve(impl)
     x = jnp.asarray(x, jnp.float32)
     if isinstance(w, QuantTensor):
-        if w.data.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.in_features:
-            raise ValueError(
-                f"x [..., in] {list(x.shape)} does not fit a single weight of shape {w.shape} "
-                f"(data {list(w.data.shape)})"
-            )
+        _check_fits(x, w)
         if _use_cpu_kernel(impl, w):
-            out = cpu.qmatmul(x.reshape(-1, w.in_features), w)
-            return out.reshape(*x.shape[:-1], w.out_features)
+            return _cpu_products(x, [w])[0]
         if path in ("reference", "cpu"):
             return _dot_last(x, w.dequantize())
         flat = x.reshape(-1, w.in_features)
@@ -124,6 +119,22 @@ def matmul(x: jax.Array, w: jax.Array | QuantTensor, *, impl: str = "auto") -> j
     if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"x [..., in] {list(x.shape)} does not fit a weight f32[out, in] {list(w.shape)}")
     return _dot_last(x, w.astype(jnp.float32))
+
+
+def _check_fits(x: jax.Array, w: QuantTensor) -> None:
+    if w.data.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.in_features:
+        raise ValueError(
+            f"x [..., in] {list(x.shape)} does not fit a single weight of shape {w.shape} "
+            f"(data {list(w.data.shape)})"
+        )
+
+
+def _cpu_products(x: jax.Array, ws: list[QuantTensor]) -> list[jax.Array]:
+    """x f32[..., in] times each of `ws` in one `kernels.cpu` call (leading axes flattened)."""
+    flat = x.reshape(-1, ws[0].in_features)
+    return [
+        out.reshape(*x.shape[:-1], w.out_features) for w, out in zip(ws, cpu.qmatmuls(flat, ws), strict=True)
+    ]
 
 
 def matmuls(x: jax.Array, ws: list[jax.Array | QuantTensor], *, impl: str = "auto") -> list[jax.Array]:
@@ -143,13 +154,10 @@ def matmuls(x: jax.Array, ws: list[jax.Array | QuantTensor], *, impl: str = "aut
             outputs.append(matmul(x, ws[index], impl=impl))
         else:
             group = ws[index : index + run]
-            if x.ndim < 1 or x.shape[-1] != group[0].in_features:
-                raise ValueError(
-                    f"x [..., in] {list(x.shape)} does not fit weights of shape {group[0].shape}"
-                )
-            flat = jnp.asarray(x, jnp.float32).reshape(-1, group[0].in_features)
-            for w, out in zip(group, cpu.qmatmuls(flat, group), strict=True):
-                outputs.append(out.reshape(*x.shape[:-1], w.out_features))
+            x = jnp.asarray(x, jnp.float32)
+            for w in group:
+                _check_fits(x, w)
+            outputs.extend(_cpu_products(x, group))
         index += run
     return outputs
 
