@@ -240,7 +240,7 @@ class Engine:
 
         Both run apart from the layers: the tables so that no layer recomputes them, the
         embedding so that the layers start from the very rows a pipeline's requester
-        embeds with the same program.
+        computes with the same function (`pipeline.Embedder`).
         """
         batch, steps = shape[:2]
         compiled = self._prologues.get((batch, steps))
@@ -404,20 +404,21 @@ class Engine:
         `cache`; False if it was compiled already. Safe on another thread while steps
         run: a batch compiles the next attention bound before its sessions reach it."""
         rows, bound = self.step_shape(count, position, cache.capacity, cache.keys.shape[1])
-        self._prologue((rows, 1))
-        inputs = jax.ShapeDtypeStruct((rows, 1, self.config.d_model), jnp.float32)
-        vector = jax.ShapeDtypeStruct((rows,), jnp.int32)
-        table = jax.ShapeDtypeStruct(
-            (len(self._rope_scales[0]), rows, 1, self.config.rope_dims // 2), jnp.float32
+        # The layers take what the prologue produces: its output shapes are their inputs'.
+        produced = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), self._prologue((rows, 1)).out_info
         )
+        if self.is_first:
+            inputs, rope = produced
+        else:
+            inputs, rope = jax.ShapeDtypeStruct((rows, 1, self.config.d_model), jnp.float32), produced
+        vector = jax.ShapeDtypeStruct((rows,), jnp.int32)
         abstract_cache = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), cache)
         key = (inputs.shape, inputs.dtype, cache.keys.shape, False, bound, False, True)
         if key in self._compiled:
             return False
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        self._compiled_for(
-            False, bound, (self.weights, inputs, vector, vector, (table, table), abstract_cache, scalar)
-        )
+        self._compiled_for(False, bound, (self.weights, inputs, vector, vector, rope, abstract_cache, scalar))
         return True
 
     def cache_rows(
