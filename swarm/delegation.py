@@ -128,13 +128,16 @@ class NetworkModels:
                 record.peer_id, record.address, record.public_key, record.n_layers, rtt.get(record.peer_id)
             )
             for record in current
-            if _whole(record)
-            and record.peer_id != self.own
-            and (allowed is None or record.peer_id in allowed)
+            if _whole(record) and self._offered(record, allowed)
         ]
         holders.sort(key=lambda holder: (holder.rtt_ms is None, holder.rtt_ms or 0.0))
         depth = min([record.n_layers for record in current] or [0])
         return holders, min(depth, MAX_PAID_LAYERS)
+
+    def _offered(self, record: PeerRecord, allowed: frozenset[str] | None) -> bool:
+        """Whether requests may go to the record's publisher: another peer, and a pool
+        member when only those are `allowed`."""
+        return record.peer_id != self.own and (allowed is None or record.peer_id in allowed)
 
     def listing(self, exclude: str = "") -> list[dict[str, Any]]:
         """[{id, n_layers, peers}] for each model peers serve whole (but `exclude`), from the
@@ -156,12 +159,7 @@ class NetworkModels:
         allowed = self.allowed()
         holders: dict[str, dict[str, Any]] = {}
         for record in records:
-            if (
-                _whole(record)
-                and record.valid(self.network_id)
-                and record.peer_id != self.own
-                and (allowed is None or record.peer_id in allowed)
-            ):
+            if _whole(record) and record.valid(self.network_id) and self._offered(record, allowed):
                 entry = holders.setdefault(record.model_id, {"n_layers": record.n_layers, "holders": set()})
                 entry["holders"].add(record.peer_id)
         return [
