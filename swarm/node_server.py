@@ -192,8 +192,14 @@ class Scheduler:
                 self.stats.failed += 1
             else:
                 self.stats.completed += 1
+            # The run's own ending (a pipeline session's Close and the receipts it pays the
+            # stages with) happens before the reader hears the answer too: whoever saw the
+            # answer sees the balance it spent.
+            try:
+                _close(job.events)
+            except Exception:  # the answer itself stands
+                log.exception("ending a finished generation failed")
             job.output.put(event)
-            _close(job.events)
             return False
         job.output.put(event)
         return True

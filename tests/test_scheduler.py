@@ -115,3 +115,31 @@ def test_a_detached_run_waiting_on_the_network_holds_up_no_local_job():
     finally:
         scheduler.stop()
     assert scheduler.stats.active == 0
+
+
+def test_a_run_has_ended_when_its_answer_is_heard():
+    """What a run does as it ends (a pipeline session paying its stages) is done before its
+    reader gets the final event, on the scheduler's thread and on a detached one alike;
+    a run that fails while ending still gives its answer."""
+    scheduler = Scheduler(max_active=2, max_waiting=10)
+
+    def run(ended: list[str], fail: bool) -> Iterator[dict]:
+        try:
+            yield {"event": "text", "text": "a", "token_id": 1}
+            yield {"event": "done", "finish_reason": "length"}
+        finally:
+            time.sleep(0.2)  # slower than the reader
+            ended.append("paid")
+            if fail:
+                raise RuntimeError("the receipt could not be stored")
+
+    try:
+        for wrap in (lambda events: events, Detached):
+            for fail in (False, True):
+                ended: list[str] = []
+                job = Job(wrap(run(ended, fail)))
+                scheduler.submit(job)
+                assert finish(job)[-1]["event"] == "done"
+                assert ended == ["paid"], (wrap, fail)
+    finally:
+        scheduler.stop()
