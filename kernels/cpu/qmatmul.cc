@@ -149,11 +149,16 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
   act.scale = reinterpret_cast<float*>(base + code_bytes);
   act.aux = reinterpret_cast<int32_t*>(base + code_bytes + scale_bytes);
 
-  auto quantize = [&](int row) { QuantizeRow(x + row * k, row, act, F::kGroup, F::kOffset, F::kAffine); };
-  if (m * k >= kParallelQuantizeElements) {
-    Pool().Run(static_cast<int>(m), quantize);
+  // A tile's rows share cache lines (their codes interleave per dword), so a task
+  // quantizes a whole tile: threads writing lanes of one line would trade it back and forth.
+  auto quantize = [&](int tile) {
+    const int64_t first = tile * act.tile_rows, end = std::min(m, first + act.tile_rows);
+    for (int64_t row = first; row < end; ++row) QuantizeRow(x + row * k, row, act, F::kGroup, F::kOffset, F::kAffine);
+  };
+  if (m * k >= kParallelQuantizeElements && act.tiles > 1) {
+    Pool().Run(static_cast<int>(act.tiles), quantize);
   } else {
-    for (int64_t row = 0; row < m; ++row) quantize(static_cast<int>(row));
+    for (int64_t tile = 0; tile < act.tiles; ++tile) quantize(static_cast<int>(tile));
   }
 
   // The panel of rows [first, first + 16) of a weight with n rows, read through `source`.
