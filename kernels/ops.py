@@ -1,4 +1,4 @@
-"""The one entry point model code uses for weight products and attention.
+"""The one entry point model code uses for weight products, attention and RMS norms.
 
 Owns the choice of implementation: `impl="auto"` picks, at trace time from
 `jax.default_backend()`, the Pallas kernels on GPU; on CPU, the packed-weight
@@ -26,6 +26,7 @@ from kernels import cpu
 from kernels.attention import attention as pallas_attention
 from kernels.attention import attention_reference, window_array
 from kernels.matmul import dequant_matmul
+from kernels.norm import rms_norm_reference
 from kernels.qtensor import QuantTensor
 
 IMPLS = ("auto", "reference", "pallas", "pallas_interpret", "cpu")
@@ -241,6 +242,22 @@ def cache_attention(
         logit_softcap=logit_softcap,
         impl=impl,
     )
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, impl: str = "auto") -> jax.Array:
+    """RMS norm of each row of x f32[..., d], times weight f32[d] (ggml_rms_norm then ggml_mul).
+
+    On the CPU kernel path, llama.cpp's own arithmetic (f64 sum of the squares,
+    `kernels.cpu.rms_norm`); every other path the jnp reference, whose halving f32 sum
+    differs from it in the last bit. Either way each row depends on itself only.
+    """
+    if impl == "auto":
+        impl = _chosen.get() or "auto"
+    x = jnp.asarray(x, jnp.float32)
+    weight = jnp.asarray(weight, jnp.float32)
+    if _use_cpu_kernels(impl):
+        return cpu.rms_norm(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
 
 
 def take_rows(table: jax.Array | QuantTensor, ids: jax.Array) -> jax.Array:

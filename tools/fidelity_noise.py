@@ -12,8 +12,8 @@ that on the fixture prompts of tests/fixtures/llamacpp, at the first generated t
 
 * `vs_llama_cpp`: our default engine against llama.cpp's recorded top-5 logprobs;
 * `last_bit`: our default engine against itself with one change, RMS norm summing each
-  row with `jnp.mean` instead of by halving, which moves its results in the last bit
-  only (`|a - b| <= 1 ulp`);
+  row with `jnp.mean` in f32 instead of in f64 as llama.cpp does, which moves its
+  results in the last bit only (`|a - b| <= 1 ulp`);
 * `f32_vs_quantized`: our f32 engine (exact products, no activation rounding) against our
   default engine: the size of the rounding noise itself.
 
@@ -47,7 +47,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "llam
 
 
 def _mean_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """swarm.model.rms_norm with XLA's own row sum: equal to it up to the last bit."""
+    """swarm.model.rms_norm with XLA's own f32 row sum: equal to it up to the last bit."""
     variance = jnp.mean(x * x, axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(variance + eps) * weight
 

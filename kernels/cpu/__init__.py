@@ -8,7 +8,9 @@ blocks of 32 as llama.cpp's CPU backend does, so results differ from
 `dequant_matmul_reference` by that rounding (about 1e-3 of |x| @ |w|.T).
 
 `kernels.ops.matmul` routes to it (impl "cpu", or "auto" on the CPU backend) for
-the types in `SUPPORTED`; everything else stays on the reference path.
+the types in `SUPPORTED`; everything else stays on the reference path.  The same
+library holds `cache_attention` (attention.cc) and `rms_norm` (norm.cc), which
+`kernels.ops` routes to on the same terms.
 
 Imports only jax, numpy and the standard library: never gguf, never swarm.
 """
@@ -30,6 +32,7 @@ from kernels.quant_types import GGMLType, quant_format
 FFI_TARGET = "swarm_qmatmul_cpu"
 MAX_MATRICES = 8  # weights one qmatmul call takes at most (kMaxMatrices in qmatmul.cc)
 ATTENTION_TARGET = "swarm_cache_attention_cpu"
+NORM_TARGET = "swarm_rms_norm_cpu"
 
 SUPPORTED = frozenset(
     int(t)
@@ -72,6 +75,7 @@ def _load_locked() -> str | None:
     jax.ffi.register_ffi_target(
         ATTENTION_TARGET, jax.ffi.pycapsule(library.SwarmCacheAttention), platform="cpu"
     )
+    jax.ffi.register_ffi_target(NORM_TARGET, jax.ffi.pycapsule(library.SwarmRmsNorm), platform="cpu")
     _state["library"] = library
     return None
 
@@ -216,3 +220,18 @@ def cache_attention(
         softcap=np.float32(logit_softcap or 0.0),
         bound=np.int64(bound),
     )
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMS norm of each row of x f32[..., d] times weight f32[d], as llama.cpp's CPU
+    backend computes it: squares rounded to f32 and summed in f64, the mean rounded to
+    f32, then (x * (1 / sqrt(mean + eps))) * weight. Each row depends on itself only."""
+    if x.ndim < 1 or weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"need x f32[..., d] and weight f32[d]; got x {list(x.shape)}, weight {list(weight.shape)}"
+        )
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(reason)
+    call = jax.ffi.ffi_call(NORM_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
+    return call(jnp.asarray(x, jnp.float32), jnp.asarray(weight, jnp.float32), eps=np.float32(eps))
