@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,15 @@ def _forward(
     return model.head(config, weights, hidden), cache
 
 
+def _forward_leaves(
+    config: ModelConfig, is_last: bool, all_logits: bool, kv_bound: int, tree: Any, leaves: tuple, *args: Any
+) -> tuple[jax.Array, KVCache]:
+    """`_forward` over the weights' leaves (`tree` unflattens them): a call hands the
+    dispatcher a flat tuple of arrays, which it checks several times faster than the
+    weights' pytree of dataclasses (about 0.2 ms a call for 30 layers' weights)."""
+    return _forward(config, is_last, all_logits, kv_bound, jax.tree_util.tree_unflatten(tree, leaves), *args)
+
+
 def enable_compilation_cache(directory: Path) -> None:
     """Keep compiled programs on disk so the next start skips the XLA compile.
 
@@ -145,6 +155,8 @@ class Engine:
         self._compiled: dict[tuple, object] = {}
         self._prologues: dict[tuple[int, int], object] = {}  # compiled per [B, T]
         self._rope_scales = (weights.rope_theta_scale, weights.rope_freq_scale)
+        leaves, self._weight_tree = jax.tree_util.tree_flatten(weights)
+        self._weight_leaves = tuple(leaves)
 
     @classmethod
     def load(
@@ -230,7 +242,7 @@ class Engine:
             )
         else:
             inputs, rope = np.asarray(inputs, np.float32), prologue(start, self._rope_scales)
-        args = (self.weights, inputs, start, length, rope, cache, *window)
+        args = (self._weight_leaves, inputs, start, length, rope, cache, *window)
         return self._compiled_for(all_logits, kv_bound, args, hidden)(*args)
 
     def _prologue(self, shape: tuple[int, ...]):
@@ -280,8 +292,15 @@ class Engine:
             with ops.implementation(self.settings.kernels):
                 compiled = (
                     jax.jit(
-                        partial(_forward, self.config, produces_logits, all_logits, kv_bound),
-                        donate_argnames=("cache",),
+                        partial(
+                            _forward_leaves,
+                            self.config,
+                            produces_logits,
+                            all_logits,
+                            kv_bound,
+                            self._weight_tree,
+                        ),
+                        donate_argnums=(5,),  # the cache
                     )
                     .lower(*args)
                     .compile()
@@ -418,7 +437,9 @@ class Engine:
         if key in self._compiled:
             return False
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        self._compiled_for(False, bound, (self.weights, inputs, vector, vector, rope, abstract_cache, scalar))
+        self._compiled_for(
+            False, bound, (self._weight_leaves, inputs, vector, vector, rope, abstract_cache, scalar)
+        )
         return True
 
     def cache_rows(
