@@ -1,4 +1,5 @@
-"""The one entry point model code uses for weight products, attention and RMS norms.
+"""The one entry point model code uses for weight products, attention, RMS norms and
+gated activations.
 
 Owns the choice of implementation: `impl="auto"` picks, at trace time from
 `jax.default_backend()`, the Pallas kernels on GPU; on CPU, the packed-weight
@@ -258,6 +259,25 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, impl: str = "auto")
     if _use_cpu_kernels(impl):
         return cpu.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
+
+
+def gated(activation: str, gate: jax.Array, up: jax.Array, *, impl: str = "auto") -> jax.Array:
+    """A gated feed-forward's hidden values, activation(gate) * up, for f32[..., n] arrays.
+
+    `activation` is "silu" or "gelu_tanh". On the CPU kernel path SiLU is llama.cpp's own
+    arithmetic (`kernels.cpu.swiglu`); GELU and every other path run in jnp.
+    """
+    if impl == "auto":
+        impl = _chosen.get() or "auto"
+    gate = jnp.asarray(gate, jnp.float32)
+    up = jnp.asarray(up, jnp.float32)
+    if activation == "silu":
+        if _use_cpu_kernels(impl):
+            return cpu.swiglu(gate, up)
+        return jax.nn.silu(gate) * up
+    if activation == "gelu_tanh":
+        return jax.nn.gelu(gate, approximate=True) * up
+    raise ValueError(f"unknown activation {activation!r} (silu or gelu_tanh)")
 
 
 def take_rows(table: jax.Array | QuantTensor, ids: jax.Array) -> jax.Array:

@@ -130,12 +130,6 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array, config: ModelConfig) -> j
     return jnp.concatenate([out, rest], axis=-1) if dims < x.shape[-1] else out
 
 
-def _activation(config: ModelConfig, gate: jax.Array) -> jax.Array:
-    if config.activation == "gelu_tanh":
-        return jax.nn.gelu(gate, approximate=True)
-    return jax.nn.silu(gate)
-
-
 def _layer(
     config: ModelConfig,
     params: Params,
@@ -195,7 +189,7 @@ def _layer(
 
     normed = rms_norm(hidden, params["ffn_norm"], config.rms_eps)
     gate, up = ops.matmuls(normed, [params["w_gate"], params["w_up"]])
-    ffn_out = ops.matmul(_activation(config, gate) * up, params["w_down"])
+    ffn_out = ops.matmul(ops.gated(config.activation, gate, up), params["w_down"])
     if config.post_norms:
         ffn_out = rms_norm(ffn_out, params["post_ffn_norm"], config.rms_eps)
     return hidden + ffn_out, KVCache(keys, values)

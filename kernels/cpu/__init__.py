@@ -9,8 +9,8 @@ blocks of 32 as llama.cpp's CPU backend does, so results differ from
 
 `kernels.ops.matmul` routes to it (impl "cpu", or "auto" on the CPU backend) for
 the types in `SUPPORTED`; everything else stays on the reference path.  The same
-library holds `cache_attention` (attention.cc) and `rms_norm` (norm.cc), which
-`kernels.ops` routes to on the same terms.
+library holds `cache_attention` (attention.cc), `rms_norm` (norm.cc) and `swiglu`
+(glu.cc), which `kernels.ops` routes to on the same terms.
 
 Imports only jax, numpy and the standard library: never gguf, never swarm.
 """
@@ -33,6 +33,7 @@ FFI_TARGET = "swarm_qmatmul_cpu"
 MAX_MATRICES = 8  # weights one qmatmul call takes at most (kMaxMatrices in qmatmul.cc)
 ATTENTION_TARGET = "swarm_cache_attention_cpu"
 NORM_TARGET = "swarm_rms_norm_cpu"
+SWIGLU_TARGET = "swarm_swiglu_cpu"
 
 SUPPORTED = frozenset(
     int(t)
@@ -76,6 +77,7 @@ def _load_locked() -> str | None:
         ATTENTION_TARGET, jax.ffi.pycapsule(library.SwarmCacheAttention), platform="cpu"
     )
     jax.ffi.register_ffi_target(NORM_TARGET, jax.ffi.pycapsule(library.SwarmRmsNorm), platform="cpu")
+    jax.ffi.register_ffi_target(SWIGLU_TARGET, jax.ffi.pycapsule(library.SwarmSwiGlu), platform="cpu")
     _state["library"] = library
     return None
 
@@ -235,3 +237,20 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
         raise RuntimeError(reason)
     call = jax.ffi.ffi_call(NORM_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
     return call(jnp.asarray(x, jnp.float32), jnp.asarray(weight, jnp.float32), eps=np.float32(eps))
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up for f32[..., n] arrays of one shape, as llama.cpp's CPU backend
+    computes it (ggml_vec_swiglu_f32 with its AVX-512 exp). Each element depends on its
+    own inputs only."""
+    if gate.shape != up.shape or gate.ndim < 1:
+        raise ValueError(
+            f"need gate and up f32[..., n] of one shape; got {list(gate.shape)} and {list(up.shape)}"
+        )
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(reason)
+    call = jax.ffi.ffi_call(
+        SWIGLU_TARGET, jax.ShapeDtypeStruct(gate.shape, jnp.float32), vmap_method="sequential"
+    )
+    return call(jnp.asarray(gate, jnp.float32), jnp.asarray(up, jnp.float32))

@@ -1,4 +1,4 @@
-"""Compile the CPU kernels (qmatmul.cc, attention.cc, norm.cc) into one shared library.
+"""Compile the CPU kernels (qmatmul.cc, attention.cc, norm.cc, glu.cc) into one shared library.
 
 Owns the compiler command and the build cache: the library lands in
 `kernels/cpu/_build/` under a name keyed by a hash of the sources, the flags, the
@@ -30,8 +30,8 @@ import jaxlib
 
 SOURCE_DIR = Path(__file__).resolve().parent
 BUILD_DIR = SOURCE_DIR / "_build"
-SOURCES = ("qmatmul.cc", "attention.cc", "norm.cc", "gemm.h", "panel.h", "thread_pool.h")
-UNITS = ("qmatmul.cc", "attention.cc", "norm.cc")  # compiled; the headers come in through them
+SOURCES = ("qmatmul.cc", "attention.cc", "norm.cc", "glu.cc", "gemm.h", "panel.h", "thread_pool.h")
+UNITS = ("qmatmul.cc", "attention.cc", "norm.cc", "glu.cc")  # compiled; the headers come in through them
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-fPIC", "-shared", "-fno-math-errno")
 COMPILERS = ("c++", "g++", "clang++")
 # Compiling takes a few seconds; a stuck compiler must not hang the caller forever.
