@@ -98,11 +98,16 @@ def _dot_last(x: jax.Array, w: jax.Array) -> jax.Array:
     )
 
 
-def matmul(x: jax.Array, w: jax.Array | QuantTensor, *, impl: str = "auto") -> jax.Array:
-    """Linear layer without bias: x f32[..., in] times w of shape (out, in) -> f32[..., out].
+def matmul(
+    x: jax.Array, w: jax.Array | QuantTensor, *, add: jax.Array | None = None, impl: str = "auto"
+) -> jax.Array:
+    """Linear layer without bias: x f32[..., in] times w of shape (out, in) -> f32[..., out],
+    plus `add` f32[..., out] when given (a residual connection).
 
     `w` is either a plain f32[out, in] array (always an XLA dot) or a
-    `QuantTensor` (dequantized by the path `impl` selects).
+    `QuantTensor` (dequantized by the path `impl` selects). The CPU kernel adds `add`
+    as it stores each product, saving a pass over memory; the sums are the same f32
+    values as adding afterwards, which every other path does.
     """
     if impl == "auto":
         impl = _chosen.get() or "auto"
@@ -111,16 +116,19 @@ def matmul(x: jax.Array, w: jax.Array | QuantTensor, *, impl: str = "auto") -> j
     if isinstance(w, QuantTensor):
         _check_fits(x, w)
         if _use_cpu_kernel(impl, w):
-            return _cpu_products(x, [w])[0]
+            return _cpu_products(x, [w], None if add is None else [add])[0]
         if path in ("reference", "cpu"):
-            return _dot_last(x, w.dequantize())
-        flat = x.reshape(-1, w.in_features)
-        out = dequant_matmul(flat, w, interpret=path == "pallas_interpret")
-        return out.reshape(*x.shape[:-1], w.out_features)
+            out = _dot_last(x, w.dequantize())
+        else:
+            flat = x.reshape(-1, w.in_features)
+            out = dequant_matmul(flat, w, interpret=path == "pallas_interpret")
+            out = out.reshape(*x.shape[:-1], w.out_features)
+        return out if add is None else out + add
     w = jnp.asarray(w)
     if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"x [..., in] {list(x.shape)} does not fit a weight f32[out, in] {list(w.shape)}")
-    return _dot_last(x, w.astype(jnp.float32))
+    out = _dot_last(x, w.astype(jnp.float32))
+    return out if add is None else out + add
 
 
 def _check_fits(x: jax.Array, w: QuantTensor) -> None:
@@ -131,12 +139,22 @@ def _check_fits(x: jax.Array, w: QuantTensor) -> None:
         )
 
 
-def _cpu_products(x: jax.Array, ws: list[QuantTensor]) -> list[jax.Array]:
-    """x f32[..., in] times each of `ws` in one `kernels.cpu` call (leading axes flattened)."""
+def _cpu_products(
+    x: jax.Array, ws: list[QuantTensor], adds: list[jax.Array] | None = None
+) -> list[jax.Array]:
+    """x f32[..., in] times each of `ws` (plus adds[j]) in one `kernels.cpu` call (leading
+    axes flattened)."""
     flat = x.reshape(-1, ws[0].in_features)
-    return [
-        out.reshape(*x.shape[:-1], w.out_features) for w, out in zip(ws, cpu.qmatmuls(flat, ws), strict=True)
-    ]
+    flat_adds = None
+    if adds is not None:
+        flat_adds = [
+            jnp.broadcast_to(jnp.asarray(a, jnp.float32), (*x.shape[:-1], w.out_features)).reshape(
+                flat.shape[0], w.out_features
+            )
+            for w, a in zip(ws, adds, strict=True)
+        ]
+    products = cpu.qmatmuls(flat, ws, flat_adds)
+    return [out.reshape(*x.shape[:-1], w.out_features) for w, out in zip(ws, products, strict=True)]
 
 
 def matmuls(x: jax.Array, ws: list[jax.Array | QuantTensor], *, impl: str = "auto") -> list[jax.Array]:

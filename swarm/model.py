@@ -182,17 +182,20 @@ def _layer(
         scale=config.attention_scale,
         sliding_window=window,
     )
-    attn_out = ops.matmul(attended.reshape(batch, steps, -1), params["wo"])
+    attended = attended.reshape(batch, steps, -1)
     if config.post_norms:
-        attn_out = rms_norm(attn_out, params["post_attn_norm"], config.rms_eps)
-    hidden = hidden + attn_out
+        attn_out = ops.matmul(attended, params["wo"])
+        hidden = hidden + rms_norm(attn_out, params["post_attn_norm"], config.rms_eps)
+    else:
+        hidden = ops.matmul(attended, params["wo"], add=hidden)  # the residual, added as stored
 
     normed = rms_norm(hidden, params["ffn_norm"], config.rms_eps)
     gate, up = ops.matmuls(normed, [params["w_gate"], params["w_up"]])
-    ffn_out = ops.matmul(ops.gated(config.activation, gate, up), params["w_down"])
+    gated = ops.gated(config.activation, gate, up)
     if config.post_norms:
-        ffn_out = rms_norm(ffn_out, params["post_ffn_norm"], config.rms_eps)
-    return hidden + ffn_out, KVCache(keys, values)
+        ffn_out = rms_norm(ops.matmul(gated, params["w_down"]), params["post_ffn_norm"], config.rms_eps)
+        return hidden + ffn_out, KVCache(keys, values)
+    return ops.matmul(gated, params["w_down"], add=hidden), KVCache(keys, values)
 
 
 def embed(config: ModelConfig, table: Any, token_ids: jax.Array) -> jax.Array:

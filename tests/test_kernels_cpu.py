@@ -285,6 +285,37 @@ def test_one_call_over_several_weights_equals_one_call_each(qtype: int, m: int, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("m", [1, 8, 64])
+@pytest.mark.parametrize("panels", [False, True], ids=["rows", "panels"])
+def test_a_residual_added_as_stored_equals_adding_afterwards(qtype: int, m: int, panels: bool) -> None:
+    """A layer's output projection with its residual: the kernel adds it as it stores the
+    product, the same f32 sums bit for bit as an add afterwards, on the register path
+    (m <= 8) and the panel-buffer path, whose k of 1536 takes three passes of 512."""
+    k = 1536
+    ws = [_weight(qtype, n, k, seed=60 + n) for n in (32, 16)]
+    if panels:
+        ws = [w.to_panels() for w in ws]
+    x = jnp.asarray(_activations(m, k, seed=m + 1))
+    rng = np.random.default_rng(m)
+    adds = [jnp.asarray(rng.standard_normal((m, w.out_features)).astype(np.float32) * 10) for w in ws]
+    got = jax.jit(cpu.qmatmuls)(x, ws, adds)
+    for w, a, out in zip(ws, adds, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(cpu.qmatmul(x, w)) + np.asarray(a))
+    hidden = adds[0].reshape(1, m, -1)
+    fused = jax.jit(lambda x, w, h: ops.matmul(x, w, add=h, impl="cpu"))(x[None], ws[0], hidden)
+    np.testing.assert_array_equal(
+        np.asarray(fused), np.asarray(cpu.qmatmul(x, ws[0]))[None] + np.asarray(hidden)
+    )
+    reference = ops.matmul(x, ws[0], add=adds[0], impl="reference")
+    np.testing.assert_array_equal(
+        np.asarray(reference), np.asarray(ops.matmul(x, ws[0], impl="reference")) + np.asarray(adds[0])
+    )
+    with pytest.raises(ValueError, match="adds must be f32 of the products' shapes"):
+        cpu.qmatmuls(x, ws, adds[:1])
+
+
+@needs_kernel
 def test_weights_of_other_types_go_in_calls_of_their_own() -> None:
     """Gemma 3 mixes types within a layer (attn_v Q8_0 beside Q5_0 q and k): ops.matmuls
     splits the run where the type changes, and qmatmuls refuses a mixed set."""

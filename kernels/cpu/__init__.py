@@ -104,15 +104,16 @@ def threads() -> int:
     return int(_state["library"].swarm_qmatmul_threads())  # type: ignore[attr-defined]
 
 
-def qmatmul(x: jax.Array, w: QuantTensor) -> jax.Array:
-    """x f32[m, k] times the packed weight w (shape (n, k), data u8[n, row_bytes]) -> f32[m, n].
+def qmatmul(x: jax.Array, w: QuantTensor, add: jax.Array | None = None) -> jax.Array:
+    """x f32[m, k] times the packed weight w (shape (n, k), data u8[n, row_bytes]) -> f32[m, n],
+    plus `add` f32[m, n] if given (the same f32 sum as adding afterwards).
 
     Both byte layouts (`QuantTensor.layout`) are read in place.  Usable under `jit`
     and inside `lax.scan` bodies; the caller flattens leading axes of x.  Raises if the
     type is unsupported or the kernel is unavailable: `kernels.ops.matmul` checks both
     and falls back instead.
     """
-    return qmatmuls(x, [w])[0]
+    return qmatmuls(x, [w], None if add is None else [add])[0]
 
 
 def can_share_call(ws: Sequence[QuantTensor]) -> bool:
@@ -125,8 +126,12 @@ def can_share_call(ws: Sequence[QuantTensor]) -> bool:
     )
 
 
-def qmatmuls(x: jax.Array, ws: Sequence[QuantTensor]) -> list[jax.Array]:
-    """x f32[m, k] times each packed weight of `ws` -> [f32[m, n_j]], in one custom call.
+def qmatmuls(
+    x: jax.Array, ws: Sequence[QuantTensor], adds: Sequence[jax.Array] | None = None
+) -> list[jax.Array]:
+    """x f32[m, k] times each packed weight of `ws` -> [f32[m, n_j]], in one custom call;
+    with `adds`, product j plus adds[j] f32[m, n_j] (a residual connection, added as
+    each product is stored: the same f32 sums as adding afterwards, without a pass).
 
     The activations are quantized once and one pool run covers every weight's panels,
     so a layer's q, k and v (or its gate and up) cost one call instead of several.
@@ -153,16 +158,28 @@ def qmatmuls(x: jax.Array, ws: Sequence[QuantTensor]) -> list[jax.Array]:
         raise ValueError(
             f"x must be f32[m, {k}] for weights of shapes {[w.shape for w in ws]}; got {list(x.shape)}"
         )
+    shapes = [(x.shape[0], w.out_features) for w in ws]
+    if adds is not None:
+        adds = [jnp.asarray(a, jnp.float32) for a in adds]
+        if [tuple(a.shape) for a in adds] != shapes:
+            raise ValueError(
+                f"adds must be f32 of the products' shapes {shapes}; got {[list(a.shape) for a in adds]}"
+            )
     reason = _load()
     if reason is not None:
         raise RuntimeError(reason)
     call = jax.ffi.ffi_call(
-        FFI_TARGET,
-        [jax.ShapeDtypeStruct((x.shape[0], w.out_features), jnp.float32) for w in ws],
-        vmap_method="sequential",
+        FFI_TARGET, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes], vmap_method="sequential"
     )
     return list(
-        call(x, *(w.data for w in ws), qtype=np.int32(ws[0].qtype), layout=np.int32(ws[0].layout == PANELS))
+        call(
+            x,
+            *(w.data for w in ws),
+            *(adds or ()),
+            qtype=np.int32(ws[0].qtype),
+            layout=np.int32(ws[0].layout == PANELS),
+            add=np.int32(adds is not None),
+        )
     )
 
 

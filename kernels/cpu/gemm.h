@@ -127,8 +127,12 @@ struct RowsProduct {
   SWARM_INLINE void Group(int64_t g, const __m512i* weights, __m512 scale, __m512 minimum) {
     AccumulateGroup<F, C>(g, weights, scale, minimum, codes, scales, aux, stride, acc);
   }
-  void Store(float* out, int64_t out_stride, __mmask16 mask) const {
-    for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(out + c * out_stride, mask, acc[c]);
+  // With `add` (f32 rows at add + c * out_stride), stores the sums plus those rows.
+  void Store(float* out, int64_t out_stride, __mmask16 mask, const float* add) const {
+    for (int c = 0; c < C; ++c) {
+      const __m512 sum = add == nullptr ? acc[c] : _mm512_add_ps(acc[c], _mm512_maskz_loadu_ps(mask, add + c * out_stride));
+      _mm512_mask_storeu_ps(out + c * out_stride, mask, sum);
+    }
   }
 };
 
@@ -148,10 +152,11 @@ struct PanelStore {
 
 // The C rows of `tile` times groups [first_group, end_group) of a stored panel, added to
 // (or, for the first groups, stored into) f32 rows of 16 at out + c * out_stride,
-// masked to the panel's real rows.
+// masked to the panel's real rows.  With `add` (the last groups only), the finished
+// sums are stored plus the rows at add + c * out_stride.
 template <class F, int C>
 void TileProduct(const PanelStore<F>& panel, int64_t end_group, const Activations& act, int64_t tile, float* out,
-                 int64_t out_stride, __mmask16 mask) {
+                 int64_t out_stride, __mmask16 mask, const float* add) {
   constexpr int G = F::kGroup;
   const int32_t* codes = act.TileCodes(tile);
   const float* scales = act.TileScale(tile);
@@ -167,7 +172,10 @@ void TileProduct(const PanelStore<F>& panel, int64_t end_group, const Activation
     AccumulateGroup<F, C>(g, reinterpret_cast<const __m512i*>(at), scale, minimum, codes, scales, aux,
                           act.tile_rows, acc);
   }
-  for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(out + c * out_stride, mask, acc[c]);
+  for (int c = 0; c < C; ++c) {
+    const __m512 sum = add == nullptr ? acc[c] : _mm512_add_ps(acc[c], _mm512_maskz_loadu_ps(mask, add + c * out_stride));
+    _mm512_mask_storeu_ps(out + c * out_stride, mask, sum);
+  }
 }
 
 }  // namespace swarm_cpu

@@ -17,6 +17,8 @@
 // of the panel at a time into an L1-sized buffer and run every 8-row tile over it.
 // Panels are spread over a persistent thread pool (thread_pool.h) in runs of
 // consecutive panels, each prefetching the next one's bytes while it decodes.
+// With `add`, each product is stored plus an f32[m, n_j] addend (a residual
+// connection): the same f32 sum as adding afterwards, without another pass.
 //
 // Built by kernels/cpu/build.py for the machine it runs on (-march=native).  On a
 // CPU without AVX-512 BW/VL/VNNI the library still builds, reports
@@ -125,7 +127,8 @@ constexpr int kMaxMatrices = 8;
 struct Matrix {
   const uint8_t* weights;  // u8[n, row_bytes]
   int64_t n;
-  float* out;  // f32[m, n]
+  float* out;        // f32[m, n]
+  const float* add;  // f32[m, n] added to the product, or null
 };
 
 template <class F>
@@ -162,7 +165,8 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
   }
 
   // The panel of rows [first, first + 16) of a weight with n rows, read through `source`.
-  auto product = [&](const auto& source, const NextPanel& next, int64_t first, int64_t n, float* out) {
+  auto product = [&](const auto& source, const NextPanel& next, int64_t first, int64_t n, float* out,
+                     const float* add) {
     const int64_t valid = n - first < kPanelRows ? n - first : kPanelRows;
     const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
     if (m <= kFusedMaxRows) {
@@ -172,7 +176,7 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
           next.Prefetch(block);
           F::Decode(source, block, sink);
         }
-        sink.Store(out + first, n, mask);
+        sink.Store(out + first, n, mask, add == nullptr ? nullptr : add + first);
       });
       return;
     }
@@ -189,8 +193,9 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
       for (int64_t tile = 0; tile < act.tiles; ++tile) {
         const int64_t first_row = tile * act.tile_rows;
         WithRows(m - first_row, [&](auto rows_constant) {
+          const float* finish = add != nullptr && end == blocks ? add + first_row * n + first : nullptr;
           TileProduct<F, decltype(rows_constant)::value>(sink, end * kGroupsPerBlock, act, tile,
-                                                         out + first_row * n + first, n, mask);
+                                                         out + first_row * n + first, n, mask, finish);
         });
       }
     }
@@ -209,11 +214,11 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
       // panel is asked for ahead (measured: 9 % faster at 8 rows, 5 % slower at 1).
       const NextPanel next = m > 1 ? NextPanel(matrix.weights, row_bytes, first + kPanelRows, matrix.n, blocks)
                                    : NextPanel();
-      product(PanelsSource<F>{matrix.weights + first * row_bytes}, next, first, matrix.n, matrix.out);
+      product(PanelsSource<F>{matrix.weights + first * row_bytes}, next, first, matrix.n, matrix.out, matrix.add);
     } else {
       product(RowsSource<F>{PanelRows(matrix.weights, row_bytes, first, matrix.n)},
               NextPanel(matrix.weights, row_bytes, first + kPanelRows, matrix.n, blocks), first, matrix.n,
-              matrix.out);
+              matrix.out, matrix.add);
     }
   };
   // A task is a run of consecutive panels (in the rows layout each prefetches the next); a few tasks per
@@ -249,8 +254,8 @@ ffi::Error Checked(const float* x, int64_t m, int64_t k, const Matrix* matrices,
 }  // namespace
 }  // namespace swarm_cpu
 
-static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::RemainingRets outs,
-                              int32_t qtype, int32_t layout) {
+static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets outs,
+                              int32_t qtype, int32_t layout, int32_t add) {
   using namespace swarm_cpu;
   if (layout != 0 && layout != 1) {
     return ffi::Error::InvalidArgument("qmatmul: layout must be 0 (rows) or 1 (panels); got " +
@@ -260,14 +265,16 @@ static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weight
   const auto x_dims = x.dimensions();
   if (x_dims.size() != 2) return ffi::Error::InvalidArgument("qmatmul: x must be f32[m, k]");
   const int64_t m = x_dims[0], k = x_dims[1];
-  const int count = static_cast<int>(weights.size());
-  if (count < 1 || count > kMaxMatrices || outs.size() != weights.size()) {
-    return ffi::Error::InvalidArgument("qmatmul: 1 to 8 weights, each with its output");
+  if (add != 0 && add != 1) return ffi::Error::InvalidArgument("qmatmul: add must be 0 or 1");
+  // The weights, then (with add) as many f32[m, n_j] to add to the products.
+  const int count = static_cast<int>(outs.size());
+  if (count < 1 || count > kMaxMatrices || static_cast<int>(args.size()) != count * (1 + add)) {
+    return ffi::Error::InvalidArgument("qmatmul: 1 to 8 weights, each with its output (and its addend)");
   }
   Matrix matrices[kMaxMatrices];
   int64_t row_bytes[kMaxMatrices];
   for (int j = 0; j < count; ++j) {
-    auto w = weights.get<ffi::Buffer<ffi::U8>>(j);
+    auto w = args.get<ffi::Buffer<ffi::U8>>(j);
     auto out = outs.get<ffi::Buffer<ffi::F32>>(j);
     if (!w.has_value() || !out.has_value()) return ffi::Error::InvalidArgument("qmatmul: weights u8, outputs f32");
     const auto w_dims = w->dimensions(), out_dims = (*out)->dimensions();
@@ -277,7 +284,16 @@ static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weight
     if (out_dims[0] != m || out_dims[1] != w_dims[0]) {
       return ffi::Error::InvalidArgument("qmatmul: each output must be f32[m, n] of its weight");
     }
-    matrices[j] = Matrix{w->typed_data(), w_dims[0], (*out)->typed_data()};
+    const float* addend = nullptr;
+    if (add) {
+      auto extra = args.get<ffi::Buffer<ffi::F32>>(count + j);
+      if (!extra.has_value() || extra->dimensions().size() != 2 || extra->dimensions()[0] != m ||
+          extra->dimensions()[1] != w_dims[0]) {
+        return ffi::Error::InvalidArgument("qmatmul: each addend must be f32[m, n] of its weight");
+      }
+      addend = extra->typed_data();
+    }
+    matrices[j] = Matrix{w->typed_data(), w_dims[0], (*out)->typed_data(), addend};
     row_bytes[j] = w_dims[1];
   }
   const float* xs = x.typed_data();
@@ -298,7 +314,8 @@ extern "C" int swarm_qmatmul_threads() { return swarm_cpu::Pool().threads(); }
 
 #else  // no AVX-512 VNNI: a handler that only reports why
 
-static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32>, ffi::RemainingArgs, ffi::RemainingRets, int32_t, int32_t) {
+static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32>, ffi::RemainingArgs, ffi::RemainingRets, int32_t, int32_t,
+                              int32_t) {
   return ffi::Error::Internal("qmatmul was built for a CPU without AVX-512 BW/VL/VNNI");
 }
 
@@ -311,7 +328,8 @@ extern "C" int swarm_qmatmul_simd() { return SWARM_QMATMUL_SIMD; }
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmQMatmul, QMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x f32[m, k]
-                                  .RemainingArgs()               // weights u8[n_j, row_bytes], one type
-                                  .RemainingRets()               // outputs f32[m, n_j]
+                                  .RemainingArgs()  // weights u8[n_j, row_bytes], one type; with add, then f32[m, n_j]
+                                  .RemainingRets()  // outputs f32[m, n_j]: x . w_j (+ addend j)
                                   .Attr<int32_t>("qtype")
-                                  .Attr<int32_t>("layout"));  // 0: GGUF rows, 1: panels
+                                  .Attr<int32_t>("layout")  // 0: GGUF rows, 1: panels
+                                  .Attr<int32_t>("add"));   // 1: an f32[m, n_j] addend follows the weights
