@@ -92,6 +92,15 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
+def _ffi_call(target: str, results):
+    """`jax.ffi.ffi_call` of one of the library's targets, building and registering the
+    library first; raises RuntimeError saying why when it is unavailable."""
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return jax.ffi.ffi_call(target, results, vmap_method="sequential")
+
+
 def supports(qtype: int) -> bool:
     """True if the kernel handles GGML type `qtype` (others stay on the reference path)."""
     return int(qtype) in SUPPORTED
@@ -104,16 +113,15 @@ def threads() -> int:
     return int(_state["library"].swarm_qmatmul_threads())  # type: ignore[attr-defined]
 
 
-def qmatmul(x: jax.Array, w: QuantTensor, add: jax.Array | None = None) -> jax.Array:
-    """x f32[m, k] times the packed weight w (shape (n, k), data u8[n, row_bytes]) -> f32[m, n],
-    plus `add` f32[m, n] if given (the same f32 sum as adding afterwards).
+def qmatmul(x: jax.Array, w: QuantTensor) -> jax.Array:
+    """x f32[m, k] times the packed weight w (shape (n, k), data u8[n, row_bytes]) -> f32[m, n].
 
     Both byte layouts (`QuantTensor.layout`) are read in place.  Usable under `jit`
     and inside `lax.scan` bodies; the caller flattens leading axes of x.  Raises if the
     type is unsupported or the kernel is unavailable: `kernels.ops.matmul` checks both
     and falls back instead.
     """
-    return qmatmuls(x, [w], None if add is None else [add])[0]
+    return qmatmuls(x, [w])[0]
 
 
 def can_share_call(ws: Sequence[QuantTensor]) -> bool:
@@ -165,12 +173,7 @@ def qmatmuls(
             raise ValueError(
                 f"adds must be f32 of the products' shapes {shapes}; got {[list(a.shape) for a in adds]}"
             )
-    reason = _load()
-    if reason is not None:
-        raise RuntimeError(reason)
-    call = jax.ffi.ffi_call(
-        FFI_TARGET, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes], vmap_method="sequential"
-    )
+    call = _ffi_call(FFI_TARGET, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes])
     return list(
         call(
             x,
@@ -216,14 +219,9 @@ def cache_attention(
         )
     if keys.dtype not in (jnp.float16, jnp.float32):
         raise ValueError(f"the caches must be f16 or f32; got {keys.dtype}")
-    reason = _load()
-    if reason is not None:
-        raise RuntimeError(reason)
     batch, steps, q_heads = q.shape[:3]
-    call = jax.ffi.ffi_call(
-        ATTENTION_TARGET,
-        jax.ShapeDtypeStruct((batch, steps, q_heads, values.shape[4]), jnp.float32),
-        vmap_method="sequential",
+    call = _ffi_call(
+        ATTENTION_TARGET, jax.ShapeDtypeStruct((batch, steps, q_heads, values.shape[4]), jnp.float32)
     )
     scalar = lambda value: jnp.asarray(value, jnp.int32).reshape(())  # noqa: E731
     return call(
@@ -249,10 +247,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
         raise ValueError(
             f"need x f32[..., d] and weight f32[d]; got x {list(x.shape)}, weight {list(weight.shape)}"
         )
-    reason = _load()
-    if reason is not None:
-        raise RuntimeError(reason)
-    call = jax.ffi.ffi_call(NORM_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
+    call = _ffi_call(NORM_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))
     return call(jnp.asarray(x, jnp.float32), jnp.asarray(weight, jnp.float32), eps=np.float32(eps))
 
 
@@ -264,10 +259,5 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
         raise ValueError(
             f"need gate and up f32[..., n] of one shape; got {list(gate.shape)} and {list(up.shape)}"
         )
-    reason = _load()
-    if reason is not None:
-        raise RuntimeError(reason)
-    call = jax.ffi.ffi_call(
-        SWIGLU_TARGET, jax.ShapeDtypeStruct(gate.shape, jnp.float32), vmap_method="sequential"
-    )
+    call = _ffi_call(SWIGLU_TARGET, jax.ShapeDtypeStruct(gate.shape, jnp.float32))
     return call(jnp.asarray(gate, jnp.float32), jnp.asarray(up, jnp.float32))

@@ -110,6 +110,17 @@ SWARM_INLINE void AccumulateGroup(int64_t g, const __m512i* weights, __m512 scal
   }
 }
 
+// Stores C rows of 16 sums at out + c * out_stride, masked to the panel's real rows,
+// plus the rows at add + c * out_stride when `add` is set (a residual: the same f32
+// sums as adding afterwards).
+template <int C>
+SWARM_INLINE void StoreRows(const __m512 acc[C], float* out, int64_t out_stride, __mmask16 mask, const float* add) {
+  for (int c = 0; c < C; ++c) {
+    const __m512 sum = add == nullptr ? acc[c] : _mm512_add_ps(acc[c], _mm512_maskz_loadu_ps(mask, add + c * out_stride));
+    _mm512_mask_storeu_ps(out + c * out_stride, mask, sum);
+  }
+}
+
 // Decode sink that multiplies each group at once with the C rows of tile 0 (m <= C):
 // the decoded panel never leaves the registers.
 template <class F, int C>
@@ -127,12 +138,8 @@ struct RowsProduct {
   SWARM_INLINE void Group(int64_t g, const __m512i* weights, __m512 scale, __m512 minimum) {
     AccumulateGroup<F, C>(g, weights, scale, minimum, codes, scales, aux, stride, acc);
   }
-  // With `add` (f32 rows at add + c * out_stride), stores the sums plus those rows.
   void Store(float* out, int64_t out_stride, __mmask16 mask, const float* add) const {
-    for (int c = 0; c < C; ++c) {
-      const __m512 sum = add == nullptr ? acc[c] : _mm512_add_ps(acc[c], _mm512_maskz_loadu_ps(mask, add + c * out_stride));
-      _mm512_mask_storeu_ps(out + c * out_stride, mask, sum);
-    }
+    StoreRows<C>(acc, out, out_stride, mask, add);
   }
 };
 
@@ -172,10 +179,7 @@ void TileProduct(const PanelStore<F>& panel, int64_t end_group, const Activation
     AccumulateGroup<F, C>(g, reinterpret_cast<const __m512i*>(at), scale, minimum, codes, scales, aux,
                           act.tile_rows, acc);
   }
-  for (int c = 0; c < C; ++c) {
-    const __m512 sum = add == nullptr ? acc[c] : _mm512_add_ps(acc[c], _mm512_maskz_loadu_ps(mask, add + c * out_stride));
-    _mm512_mask_storeu_ps(out + c * out_stride, mask, sum);
-  }
+  StoreRows<C>(acc, out, out_stride, mask, add);
 }
 
 }  // namespace swarm_cpu

@@ -96,11 +96,7 @@ static ffi::Error SwiGluImpl(ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> u
   const int64_t step = n % 16 == 0 ? kTaskElements : std::max<int64_t>(1, kTaskElements / n) * n;
   const int tasks = static_cast<int>((total + step - 1) / step);
   auto task = [&](int index) { Range(g, u, y, n, index * step, std::min(total, (index + 1) * step)); };
-  if (total >= kParallelElements && tasks > 1) {
-    Pool().Run(tasks, task);
-  } else {
-    for (int index = 0; index < tasks; ++index) task(index);
-  }
+  Pool().RunIf(total >= kParallelElements, tasks, task);
   return ffi::Error::Success();
 }
 

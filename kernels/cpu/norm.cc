@@ -84,11 +84,7 @@ static ffi::Error RmsNormImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wei
     for (int64_t row = index * kRowsPerTask; row < end; ++row) NormRow(xs + row * d, w, d, eps, ys + row * d);
   };
   const int tasks = static_cast<int>((rows + kRowsPerTask - 1) / kRowsPerTask);
-  if (rows * d >= kParallelElements && tasks > 1) {
-    Pool().Run(tasks, task);
-  } else {
-    for (int index = 0; index < tasks; ++index) task(index);
-  }
+  Pool().RunIf(rows * d >= kParallelElements, tasks, task);
   return ffi::Error::Success();
 }
 

@@ -158,11 +158,7 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
     const int64_t first = tile * act.tile_rows, end = std::min(m, first + act.tile_rows);
     for (int64_t row = first; row < end; ++row) QuantizeRow(x + row * k, row, act, F::kGroup, F::kOffset, F::kAffine);
   };
-  if (m * k >= kParallelQuantizeElements && act.tiles > 1) {
-    Pool().Run(static_cast<int>(act.tiles), quantize);
-  } else {
-    for (int64_t tile = 0; tile < act.tiles; ++tile) quantize(static_cast<int>(tile));
-  }
+  Pool().RunIf(m * k >= kParallelQuantizeElements, static_cast<int>(act.tiles), quantize);
 
   // The panel of rows [first, first + 16) of a weight with n rows, read through `source`.
   auto product = [&](const auto& source, const NextPanel& next, int64_t first, int64_t n, float* out,

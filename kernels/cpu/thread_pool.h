@@ -56,6 +56,14 @@ class ThreadPool {
 
   int threads() const { return static_cast<int>(workers_.size()) + 1; }
 
+  // Run(tasks, fn) when `parallel` (work enough to pay for waking the workers), else
+  // every task in order on the calling thread.
+  template <typename Fn>
+  void RunIf(bool parallel, int tasks, Fn& fn) {
+    if (parallel) return Run(tasks, fn);
+    for (int task = 0; task < tasks; ++task) fn(task);
+  }
+
   // Runs fn(task) for every task in [0, tasks); returns when all have finished.
   // A second concurrent caller (another XLA thread) runs its tasks inline.
   template <typename Fn>
