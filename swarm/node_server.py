@@ -3,7 +3,9 @@
 Owns the unix socket the control plane talks to, one thread per connection, and
 one scheduler thread that does all device work. The scheduler keeps up to
 `max_active` generations open and advances them in turn, one step each, so a long
-generation never holds up a short one; extra requests wait in a bounded queue
+generation never holds up a short one; of those still taking in their prompt, one
+steps per round, so arriving prompts never stall the running generations' tokens for
+more than one prefill chunk; extra requests wait in a bounded queue
 (full: `overloaded`). Each generation's events go into its own queue, so a slow
 reader never stalls the scheduler; a reader that hangs up cancels its generation
 at the next step.
@@ -101,6 +103,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.monotonic)
     priority: int = 0  # waiting jobs are admitted highest first, then in arrival order
+    past_prompt: bool = False  # has produced text: its prompt is in, it now decodes
 
 
 @dataclass
@@ -114,7 +117,8 @@ class SchedulerStats:
 
 
 class Scheduler:
-    """Round-robin over active jobs on one thread; the only place device work runs."""
+    """Round-robin over active jobs on one thread (one prompt turn per round, see
+    `_round`); the only place device work runs."""
 
     def __init__(self, max_active: int, max_waiting: int):
         self.max_active = max_active
@@ -184,8 +188,10 @@ class Scheduler:
             log.exception("generation failed")
             event = error_event(error)
         kind = event.get("event")
-        if kind == "text" and event.get("token_id", -1) >= 0:
-            self.stats.generated_tokens += 1
+        if kind == "text":
+            job.past_prompt = True
+            if event.get("token_id", -1) >= 0:
+                self.stats.generated_tokens += 1
         if kind in ("done", "error", "result"):
             # Counted before the reader hears of it: whoever saw the answer sees the count.
             if kind == "error":
@@ -204,6 +210,25 @@ class Scheduler:
         job.output.put(event)
         return True
 
+    def _round(self) -> None:
+        """One turn for every job past its prompt, and for one job still in it (the first
+        of the highest priority).
+
+        A turn of a job in its prompt is a whole prefill chunk (`inference.prefill_chunk`
+        tokens), one past it a decode step that all of them share. One prompt turn per
+        round bounds the wait between two tokens of a running generation by one chunk,
+        however many requests arrive at once: a burst of eight prompts no longer holds
+        everyone's next token until all eight are in.
+        """
+        prompts = [job for job in self._active if not job.past_prompt and not job.cancelled.is_set()]
+        chosen = max(prompts, key=lambda job: job.priority) if prompts else None
+        kept = []
+        for job in list(self._active):
+            waits = job is not chosen and not job.past_prompt and not job.cancelled.is_set()
+            if waits or self._step(job):
+                kept.append(job)
+        self._active = kept
+
     def _loop(self) -> None:
         while True:
             self._admit()
@@ -213,7 +238,7 @@ class Scheduler:
                         {"event": "error", "code": "unavailable", "message": "the node is stopping"}
                     )
                 return
-            self._active = [job for job in list(self._active) if self._step(job)]
+            self._round()
             with self._wake:
                 self.stats.active = len(self._active) + self._detached
 

@@ -3,6 +3,7 @@ cancellation, and routed (detached) runs that never hold up local ones."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -143,3 +144,91 @@ def test_a_run_has_ended_when_its_answer_is_heard():
                 assert ended == ["paid"], (wrap, fail)
     finally:
         scheduler.stop()
+
+
+def prompted(
+    name: str, chunks: int, steps: int, trace: list[str], priority: int = 0, chunk_seconds: float = 0.0
+) -> Job:
+    """A generation whose prompt goes in over `chunks` turns (progress events), then
+    `steps` tokens."""
+
+    def events() -> Iterator[dict]:
+        for _ in range(chunks):
+            time.sleep(chunk_seconds)
+            trace.append(f"{name}:prompt")
+            yield {"event": "progress"}
+        for step in range(steps):
+            trace.append(name)
+            yield {"event": "text", "text": f"{name}{step}", "token_id": step}
+        yield {"event": "done", "finish_reason": "length"}
+
+    return Job(events(), priority=priority)
+
+
+def test_arriving_prompts_take_one_turn_between_two_tokens_of_a_running_generation():
+    scheduler = Scheduler(max_active=8, max_waiting=10)
+    trace: list[str] = []
+    gate = threading.Event()
+    try:
+        running = Job(generation("running", 40, trace, gate))
+        scheduler.submit(running)
+        burst = [prompted(f"p{i}", 2, 2, trace) for i in range(4)]
+        for job in burst:
+            scheduler.submit(job)
+        time.sleep(0.2)  # all five are active before the first step
+        gate.set()
+        for job in [running, *burst]:
+            finish(job)
+    finally:
+        scheduler.stop()
+    first, last = trace.index("running"), max(i for i, name in enumerate(trace) if name.endswith(":prompt"))
+    window = trace[first : last + 1]
+    # Eight prompt turns (four prompts of two chunks), never two without a token between.
+    assert sum(name.endswith(":prompt") for name in window) == 8
+    for before, after in itertools.pairwise(window):
+        assert not (before.endswith(":prompt") and after.endswith(":prompt")), trace
+    # One prompt at a time, in arrival order: each is in before the next begins.
+    prompts = [name.split(":")[0] for name in window if name.endswith(":prompt")]
+    assert prompts == ["p0", "p0", "p1", "p1", "p2", "p2", "p3", "p3"]
+
+
+def test_the_highest_priority_prompt_goes_in_first():
+    scheduler = Scheduler(max_active=8, max_waiting=10)
+    trace: list[str] = []
+    gate = threading.Event()
+    try:
+        blocker = Job(generation("blocker", 1, trace, gate))
+        scheduler.submit(blocker)
+        time.sleep(0.2)  # the blocker's first turn waits for the gate
+        jobs = [
+            prompted(name, 1, 1, trace, priority) for name, priority in (("low", 0), ("high", 5), ("mid", 1))
+        ]
+        for job in jobs:
+            scheduler.submit(job)
+        gate.set()
+        for job in [blocker, *jobs]:
+            finish(job)
+    finally:
+        scheduler.stop()
+    prompts = [name.split(":")[0] for name in trace if name.endswith(":prompt")]
+    assert prompts == ["high", "mid", "low"]
+
+
+def test_a_cancelled_job_waiting_for_its_prompt_turn_is_dropped_at_once():
+    scheduler = Scheduler(max_active=8, max_waiting=10)
+    trace: list[str] = []
+    try:
+        long = prompted("long", 100, 1, trace, chunk_seconds=0.02)
+        waiting = prompted("waiting", 1, 1, trace)
+        scheduler.submit(long)
+        scheduler.submit(waiting)
+        waiting.cancelled.set()
+        deadline = time.monotonic() + 1.0  # the long prompt takes two seconds
+        while scheduler.stats.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.stats.cancelled == 1
+        assert "long" not in trace  # still in its prompt
+        assert finish(long)[-1]["event"] == "done"
+    finally:
+        scheduler.stop()
+    assert "waiting:prompt" not in trace

@@ -7,7 +7,8 @@ and its shared batch, and how long a long prompt holds up the others' tokens.
 Single: one request alone (tok/s of its decode). Concurrent: N requests submitted at once,
 each with its own prompt; aggregate tok/s is every generated token over the wall time from
 the first token to the last (and, as all_decoding, over the span where every stream
-decodes: the ramp of N prefills left out), and each request's time to first token. The
+decodes: the ramp of N prefills left out), and each request's time to first token, and the longest wait between two tokens of a
+stream while the others' prompts go in (burst_longest_gap_ms). The
 *_from_submission figures count from the submission instead, prefills included, on both
 sides: every generated token over the time until the last one. Long
 prompt: while N-1 requests decode, one with a long prompt arrives; the others' longest gap
@@ -153,7 +154,7 @@ def main() -> int:
         )
         run_together(scheduler, generator, [prompt(args.streams)], args.gen_tokens, args.chunk)
         batch.stop_preparing()  # no compile in the background while timing
-        singles, aggregates, steadies, first_tokens = [], [], [], []
+        singles, aggregates, steadies, first_tokens, burst_gaps = [], [], [], [], []
         singles_whole, aggregates_whole = [], []
         for run in range(3):  # alternated, so a noisy spell of the machine hits both alike
             began, (times,) = run_together(
@@ -172,6 +173,7 @@ def main() -> int:
             inside = sum(sum(1 for x in t if low < x <= high) for t in times)
             steadies.append(inside / (high - low) if high > low else float("nan"))
             first_tokens.append([(t[0] - began) * 1000 for t in times])
+            burst_gaps.append(max(b - a for t in times for a, b in itertools.pairwise(t)) * 1000)
         report["single_tok_s"] = statistics.median(singles)
         report["aggregate_tok_s"] = statistics.median(aggregates)
         report["aggregate_over_single"] = report["aggregate_tok_s"] / report["single_tok_s"]
@@ -188,6 +190,7 @@ def main() -> int:
             "median": statistics.median(middle),
             "max": max(middle),
         }
+        report["burst_longest_gap_ms"] = statistics.median(burst_gaps)
         report["batch"] = batch.stats.as_dict()
         tokens = args.gen_tokens * 2
         for label, chunk in (("long_prompt_chunked", args.chunk), ("long_prompt_whole", None)):
