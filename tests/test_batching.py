@@ -397,3 +397,8 @@ def test_a_rows_logits_do_not_depend_on_what_shares_its_step(opened_models):
             tokens[row : row + 1], positions[row : row + 1], np.asarray([row], np.int32), fresh
         )
         np.testing.assert_array_equal(alone[0], together[row])
+    # Rows are returned in the order asked for, whatever the slots' order.
+    order = np.asarray([3, 0, 4, 2, 1])
+    fresh = type(cache)(jnp.asarray(keys), jnp.asarray(values))
+    shuffled, _ = engine.step(tokens[order], positions[order], order.astype(np.int32), fresh)
+    np.testing.assert_array_equal(shuffled, together[order])

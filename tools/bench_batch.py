@@ -1,21 +1,24 @@
 """Throughput under load: one stream against N concurrent ones, through the node's scheduler
 and its shared batch, and how long a long prompt holds up the others' tokens.
 
-    .venv/bin/python tools/bench_batch.py [--model smollm2-135m] [--streams 8]
+    .venv/bin/python tools/bench_batch.py [--model smollm2-135m] [--streams 8] [--runs 5]
         [--gen-tokens 64] [--prompt-tokens 128] [--long-prompt 1024] [--baseline llama-cpp]
 
 Single: one request alone (tok/s of its decode). Concurrent: N requests submitted at once,
-each with its own prompt; aggregate tok/s is every generated token over the wall time from
-the first token to the last (and, as all_decoding, over the span where every stream
-decodes: the ramp of N prefills left out), and each request's time to first token, and the longest wait between two tokens of a
-stream while the others' prompts go in (burst_longest_gap_ms). The
-*_from_submission figures count from the submission instead, prefills included, on both
-sides: every generated token over the time until the last one. Long
-prompt: while N-1 requests decode, one with a long prompt arrives; the others' longest gap
-between two tokens is measured with chunked prefill (inference.prefill_chunk) and with the
-prompt prefilled whole. With --baseline llama-cpp, llama.cpp's single-stream decode on the
-same model and prompt is measured in the same run (a child process) for the ratio.
-Prints JSON.
+each with its own prompt; aggregate tok/s is every generated token over the wall time
+from the first token to the last (and, as all_decoding, over the span where every
+stream decodes: the ramp of N prefills left out); also each request's time to first
+token, and the longest wait between two tokens of a stream while the others' prompts go
+in (burst_longest_gap_ms). The *_from_submission figures count from the submission
+instead, prefills included, on both sides: every generated token over the time until
+the last one. Single and concurrent runs alternate `--runs` times; medians are reported,
+and each concurrent run's ratio to the single run before it (*_each_run).
+
+Long prompt: while N-1 requests decode, one with a long prompt arrives; the others'
+longest gap between two tokens is measured with chunked prefill
+(inference.prefill_chunk) and with the prompt prefilled whole. With --baseline
+llama-cpp, llama.cpp's single-stream decode on the same model and prompt is measured in
+the same run (a child process) for the ratio. Prints JSON.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--long-prompt", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=5, help="alternated single and concurrent runs")
     parser.add_argument("--baseline", choices=["llama-cpp"])
     args = parser.parse_args()
     model = open_model(args.model, default_data_dir(os.environ))
@@ -156,7 +160,7 @@ def main() -> int:
         batch.stop_preparing()  # no compile in the background while timing
         singles, aggregates, steadies, first_tokens, burst_gaps = [], [], [], [], []
         singles_whole, aggregates_whole = [], []
-        for run in range(3):  # alternated, so a noisy spell of the machine hits both alike
+        for run in range(args.runs):  # alternated, so a noisy spell of the machine hits both alike
             began, (times,) = run_together(
                 scheduler, generator, [prompt(100 + run)], args.gen_tokens, args.chunk
             )
@@ -177,14 +181,22 @@ def main() -> int:
         report["single_tok_s"] = statistics.median(singles)
         report["aggregate_tok_s"] = statistics.median(aggregates)
         report["aggregate_over_single"] = report["aggregate_tok_s"] / report["single_tok_s"]
+        # Each concurrent run over the single run just before it: a noisy spell of the
+        # machine then moves both sides of a ratio.
+        report["aggregate_over_single_each_run"] = [
+            round(a / s, 3) for a, s in zip(aggregates, singles, strict=True)
+        ]
         report["single_from_submission_tok_s"] = statistics.median(singles_whole)
         report["aggregate_from_submission_tok_s"] = statistics.median(aggregates_whole)
         report["aggregate_over_single_from_submission"] = (
             report["aggregate_from_submission_tok_s"] / report["single_from_submission_tok_s"]
         )
+        report["from_submission_each_run"] = [
+            round(a / s, 3) for a, s in zip(aggregates_whole, singles_whole, strict=True)
+        ]
         report["all_decoding_tok_s"] = statistics.median(steadies)
         report["all_decoding_over_single"] = report["all_decoding_tok_s"] / report["single_tok_s"]
-        middle = first_tokens[1]
+        middle = first_tokens[len(first_tokens) // 2]
         report["first_token_ms"] = {
             "min": min(middle),
             "median": statistics.median(middle),
