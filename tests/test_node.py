@@ -225,7 +225,9 @@ def test_health_reports_how_far_loading_is(data_dir, smollm2_path, tmp_path):
     assert "weights" in phases and "compile" in phases
     assert phases.index("weights") < phases.index("compile")
     percents = [snapshot["percent"] for snapshot in seen]
-    assert percents == sorted(percents) and percents[0] >= 0 and 50 < percents[-1] <= 100
+    # It moves: how far depends on this load's speed against the stored times of earlier
+    # ones (a compile served from the compilation cache ends the bar early).
+    assert percents == sorted(percents) and 0 <= percents[0] < percents[-1] <= 100
     weights = [snapshot for snapshot in seen if snapshot["phase"] == "weights" and snapshot["total"]]
     assert weights and all(0 <= s["done"] <= s["total"] for s in weights) and weights[0]["unit"] == "bytes"
     stored = json.loads((data_dir / "run" / HISTORY_FILE).read_text())["smollm2-135m"]
