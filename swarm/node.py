@@ -403,7 +403,7 @@ class ModelBackend:
             events = self.peering.requester().stream(prepared.prompt_ids, params)
         for event in events:
             if event is PREFILLING:
-                yield {"event": "progress"}
+                yield {"event": "progress", "prompt": True}  # a prompt chunk went in
                 continue
             if isinstance(event, str):
                 finish = event
@@ -411,11 +411,18 @@ class ModelBackend:
                 break
             if event.token_id >= 0:
                 completion_tokens += 1
-            if forced is not None:
-                piece = pieces[event.token_id] if event.token_id >= 0 else ""
-                yield from _tool_events(forced.feed(piece), call_ids)
-            elif parser is not None:
-                yield from _tool_events(parser.feed(event.text), call_ids)
+            if forced is not None or parser is not None:
+                if forced is not None:
+                    piece = pieces[event.token_id] if event.token_id >= 0 else ""
+                    found = forced.feed(piece)
+                else:
+                    found = parser.feed(event.text)
+                answers = list(_tool_events(found, call_ids))
+                yield from answers
+                if not answers:
+                    # A token with nothing to show yet (a tool call's text held back) still
+                    # ends this turn: its next step then runs in the batch with everyone's.
+                    yield {"event": "progress"}
             else:
                 yield self._text_event(event.text, event, request.logprobs)
         if parser is not None:
@@ -471,7 +478,7 @@ class ModelBackend:
         embeddings = []
         for ids in sequences:
             embeddings.append([float(x) for x in engine.embed(ids)])
-            yield {"event": "progress"}
+            yield {"event": "progress", "prompt": True}  # prompt work, like a prefill
         yield {
             "event": "result",
             "model": model_id,

@@ -54,7 +54,10 @@ class Backend(Protocol):
         """The generation's start event (model, prompt_tokens); may begin it."""
 
     def run(self, prepared: Any) -> Iterator[dict[str, Any]]:
-        """Events after `start`, ending with `done`; each next() is one step of device work."""
+        """Events after `start`, ending with `done`; each next() is one step of device work.
+        While the prompt goes in, those steps yield {"event": "progress", "prompt": true};
+        after it, every decode step yields at least one event (a plain progress when
+        it has nothing to show)."""
 
     def embed(self, model: str, inputs: list[Any]) -> Iterator[dict[str, Any]]:
         """One-shot device work yielding a single answer dict."""
@@ -103,7 +106,9 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.monotonic)
     priority: int = 0  # waiting jobs are admitted highest first, then in arrival order
-    past_prompt: bool = False  # has produced text: its prompt is in, it now decodes
+    # Has produced an event other than a prompt chunk's progress ({"event": "progress",
+    # "prompt": true}): its prompt is in and each turn is now one decode step.
+    past_prompt: bool = False
 
 
 @dataclass
@@ -188,10 +193,10 @@ class Scheduler:
             log.exception("generation failed")
             event = error_event(error)
         kind = event.get("event")
-        if kind == "text":
+        if not (kind == "progress" and event.get("prompt")):
             job.past_prompt = True
-            if event.get("token_id", -1) >= 0:
-                self.stats.generated_tokens += 1
+        if kind == "text" and event.get("token_id", -1) >= 0:
+            self.stats.generated_tokens += 1
         if kind in ("done", "error", "result"):
             # Counted before the reader hears of it: whoever saw the answer sees the count.
             if kind == "error":

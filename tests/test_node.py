@@ -112,6 +112,27 @@ def test_forced_tool_call_parses(node, choice):
     assert events[-1]["finish_reason"] == "tool_calls"
 
 
+def test_each_decode_step_of_a_tool_call_ends_its_turn(node):
+    """A forced tool call's tokens often show nothing yet (the call's text is held back):
+    each one still yields an event, a plain progress then, so that no scheduler turn
+    runs several decode steps alone while the other requests wait."""
+    _, backend, _ = node
+    request = chat(
+        "What's the weather in Paris?",
+        tools=(WEATHER_TOOL,),
+        tool_choice="required",
+        sampling=SamplingParams(temperature=0, max_tokens=200),
+    )
+    prepared = backend.prepare(request)
+    backend.start(prepared)
+    events = list(backend.run(prepared))
+    done = events[-1]
+    assert done["event"] == "done" and done["finish_reason"] == "tool_calls"
+    decoding = [e for e in events[:-1] if not (e["event"] == "progress" and e.get("prompt"))]
+    assert len(decoding) >= done["completion_tokens"]
+    assert any(e["event"] == "progress" for e in decoding)  # held-back tokens said so
+
+
 def test_json_schema_output_is_an_instance(node):
     client, _, _ = node
     schema = {

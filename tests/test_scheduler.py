@@ -156,7 +156,7 @@ def prompted(
         for _ in range(chunks):
             time.sleep(chunk_seconds)
             trace.append(f"{name}:prompt")
-            yield {"event": "progress"}
+            yield {"event": "progress", "prompt": True}
         for step in range(steps):
             trace.append(name)
             yield {"event": "text", "text": f"{name}{step}", "token_id": step}
@@ -232,3 +232,33 @@ def test_a_cancelled_job_waiting_for_its_prompt_turn_is_dropped_at_once():
     finally:
         scheduler.stop()
     assert "waiting:prompt" not in trace
+
+
+def test_a_generation_decoding_without_text_holds_no_prompt_turn():
+    """A forced tool call decodes tokens that show nothing yet (plain progress events):
+    past its prompt, it takes a decode turn each round and lets arriving prompts in."""
+    scheduler = Scheduler(max_active=8, max_waiting=10)
+    trace: list[str] = []
+    gate = threading.Event()
+
+    def tool_call() -> Iterator[dict]:
+        gate.wait(10)
+        trace.append("tool:prompt")
+        yield {"event": "progress", "prompt": True}
+        for _ in range(20):
+            trace.append("tool")
+            yield {"event": "progress"}
+        yield {"event": "done", "finish_reason": "tool_calls"}
+
+    try:
+        tool = Job(tool_call())
+        scheduler.submit(tool)
+        arriving = prompted("arriving", 1, 1, trace)
+        scheduler.submit(arriving)
+        time.sleep(0.2)
+        gate.set()
+        for job in (tool, arriving):
+            finish(job)
+    finally:
+        scheduler.stop()
+    assert trace.index("arriving:prompt") < trace.index("tool") + 3, trace

@@ -48,7 +48,7 @@ def events(generator: Generator, prompt: list[int], tokens: int, chunk: int | No
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     for event in generator.stream(prompt, params, prefill_chunk=chunk):
         if event is PREFILLING:
-            yield {"event": "progress"}
+            yield {"event": "progress", "prompt": True}
         elif isinstance(event, str):
             yield {"event": "done"}
             return
