@@ -83,10 +83,13 @@ def check_block(message: wire.PrefixBlock, key: bytes, tokens: int, layout: Bloc
             f"a block has shape {message.keys.shape}/{message.values.shape}, this model needs"
             f" {expected_keys}/{expected_values}"
         )
-    if not (np.isfinite(message.keys).all() and np.isfinite(message.values).all()):
-        raise PrefixRejected("a block holds values that are not finite")
+    # Checked in this cache's type: f32 values past f16's range become infinities there.
     dtype = np.float16 if layout.dtype == "f16" else np.float32
-    return Block(message.keys.astype(dtype, copy=False), message.values.astype(dtype, copy=False))
+    with np.errstate(over="ignore"):
+        keys, values = message.keys.astype(dtype, copy=False), message.values.astype(dtype, copy=False)
+    if not (np.isfinite(keys).all() and np.isfinite(values).all()):
+        raise PrefixRejected("a block holds values that are not finite in this node's cache")
+    return Block(keys, values)
 
 
 class PrefixFetcher:

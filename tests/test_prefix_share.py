@@ -17,7 +17,7 @@ from swarm.generate import Generator
 from swarm.identity import Identity
 from swarm.loader import open_model
 from swarm.prefix_cache import BLOCK_TOKENS, PrefixCache, block_keys
-from swarm.prefix_share import BlockLayout, PrefixFetcher, answer_query
+from swarm.prefix_share import BlockLayout, PrefixFetcher, PrefixRejected, answer_query, check_block
 from swarm.sampling import SamplingParams
 from swarm.stage import StageConfig, StageEngine, StageServer
 
@@ -120,6 +120,22 @@ def test_non_finite_values_are_rejected_even_with_a_matching_digest(model, engin
     fetcher = peer.fetcher(model)
     assert asking_node(model, engine, fetcher).generate(PROMPT, GREEDY).token_ids == cold
     assert fetcher.stats.rejected == 1 and fetcher.stats.fetched_blocks == 0
+
+
+def test_values_past_the_cache_types_range_are_rejected():
+    """A peer may send f32 values that are finite but too large for an f16 cache: they
+    would be stored as infinities (and shared on), so the block is refused."""
+    layout = BlockLayout(layers=1, kv_heads=1, key_dim=4, value_dim=4, dtype="f16")
+    key = block_keys(PROMPT, 1)[0]
+    keys = np.ones((1, 2, 1, 4), np.float32)
+    values = keys.copy()
+    values[0, 1, 0, 3] = 1e6  # finite in f32, past f16's 65504
+    block = wire.PrefixBlock.of(0, key, keys, values)
+    with pytest.raises(PrefixRejected, match="not finite"):
+        check_block(block, key, 2, layout)
+    values[0, 1, 0, 3] = 6e4  # inside f16's range
+    stored = check_block(wire.PrefixBlock.of(0, key, keys, values), key, 2, layout)
+    assert stored.values.dtype == np.float16 and np.isfinite(stored.values).all()
 
 
 def test_a_block_of_another_layout_is_rejected(model, engine, peer):
