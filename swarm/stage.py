@@ -330,6 +330,12 @@ class StageServer:
                 self._open(message)
                 opened.add(message.session_id)
                 return None
+            if isinstance(message, wire.Forward | wire.Generate | wire.Close) and session_id not in opened:
+                # A session is its connection's own: no other peer steps, ends or fails it.
+                session_id = ""
+                if isinstance(message, wire.Close):
+                    return None
+                raise _Refusal(wire.UNKNOWN_SESSION, f"no session {message.session_id} on this connection")
             if isinstance(message, wire.Forward):
                 return self._forward(message)
             if isinstance(message, wire.Close):
@@ -372,12 +378,19 @@ class StageServer:
         except _Refusal as error:
             return self._error(session_id, error.code, str(error))
         except SwarmError as error:
-            self._drop(session_id)
+            self._drop_own(session_id, opened)
             return self._error(session_id, wire.BAD_MESSAGE, str(error))
         except Exception as error:  # a bug or a device failure must not take the server down
             logger.exception("%s failed on a message", self.describe())
-            self._drop(session_id)
+            self._drop_own(session_id, opened)
             return self._error(session_id, wire.INTERNAL, f"{type(error).__name__}: {error}")
+
+    def _drop_own(self, session_id: str, opened: set[str]) -> None:
+        """Drops a session a failed message named, if this connection opened it (a failed
+        OpenSession naming another connection's session leaves that one alone)."""
+        if session_id in opened:
+            opened.discard(session_id)
+            self._drop(session_id)
 
     def _named(self, message: str) -> str:
         return f"{self.describe()}: {message}"
@@ -471,20 +484,39 @@ class StageServer:
         with self._sessions_lock:
             session = self._sessions.pop(session_id, None)
         if session is not None:
-            session.close()
+            with session.lock:  # after a step under way in its cache row, never during one
+                session.close()
+
+    def _drop_held(self, session: _Session) -> None:
+        """`_drop` for a caller holding the session's lock (a step whose next hop failed)."""
+        with self._sessions_lock:
+            if self._sessions.get(session.session_id) is session:
+                del self._sessions[session.session_id]
+        session.close()
 
     def _expire_loop(self) -> None:
         while not self._stopping.wait(_POLL_SECONDS):
             now = time.monotonic()
             with self._sessions_lock:
                 idle = [
-                    sid
+                    (sid, session)
                     for sid, session in self._sessions.items()
-                    if now - session.last_used > self.config.session_timeout and not session.lock.locked()
+                    if now - session.last_used > self.config.session_timeout
                 ]
-            for session_id in idle:
-                logger.info("%s: session %s expired", self.describe(), session_id)
-                self._drop(session_id)
+            for session_id, session in idle:
+                # A session busy now is not idle: it is skipped, not waited for.
+                if not session.lock.acquire(blocking=False):
+                    continue
+                try:
+                    with self._sessions_lock:
+                        stale = time.monotonic() - session.last_used > self.config.session_timeout
+                        if not stale or self._sessions.get(session_id) is not session:
+                            continue
+                        del self._sessions[session_id]
+                    logger.info("%s: session %s expired", self.describe(), session_id)
+                    session.close()
+                finally:
+                    session.lock.release()
 
     def _session(self, session_id: str) -> _Session:
         with self._sessions_lock:
@@ -596,22 +628,23 @@ class StageServer:
         return wire.seal_token(session.requester_public_key, session.session_id, position, sampled)
 
     def _relay(self, session: _Session, forward: wire.Forward) -> bytes:
-        """Sends `forward` to the next stage; its reply, unchanged."""
+        """Sends `forward` to the next stage; its reply, unchanged. Runs with the
+        session's lock held."""
         assert session.downstream is not None and session.next_hop is not None
         try:
             session.downstream.send(wire.encode(forward), timeout=self.config.hop_timeout)
             reply = session.downstream.recv(timeout=self.config.hop_timeout)
             answer = wire.decode(reply)
         except (ChannelError, wire.WireError) as error:
-            self._drop(session.session_id)
+            self._drop_held(session)
             raise _Refusal(NEXT_HOP_FAILED, f"{_hop_name(session.next_hop)} failed: {error}") from error
         if not isinstance(answer, wire.TokenResult | wire.Error) or answer.session_id != session.session_id:
-            self._drop(session.session_id)
+            self._drop_held(session)
             raise _Refusal(
                 NEXT_HOP_FAILED, f"{_hop_name(session.next_hop)} answered with {type(answer).__name__}"
             )
         if isinstance(answer, wire.Error):
-            self._drop(session.session_id)
+            self._drop_held(session)
         return reply
 
 

@@ -216,6 +216,44 @@ def test_a_stage_survives_bad_input_and_refuses_other_networks(llama):
         chain.close()
 
 
+def test_a_session_is_its_connection_s_own(llama):
+    """Another peer cannot step, end or fail a session it did not open, even knowing its
+    id; and a session is closed only once the step under way in it is over."""
+    chain = Chain(llama, [(0, 3)])
+    stage = chain.stages[0]
+    key = chain.requester_identity.public_key
+    hidden = Embedder(llama.gguf, llama.config)(llama.tokenizer.encode(PROMPT_TEXT))
+    opened = wire.OpenSession("mine", "tiny", (0, 3), GREEDY.to_dict(), key, max_context=64)
+    try:
+        with (
+            SecureChannel.connect(
+                stage.host_port, chain.requester_identity, "swarm-local", timeout=5.0
+            ) as owner,
+            SecureChannel.connect(stage.host_port, Identity.generate(), "swarm-local", timeout=5.0) as other,
+        ):
+            owner.send(wire.encode(opened))
+            owner.send(wire.encode(wire.Ping(1, time.time())))
+            assert isinstance(wire.decode(owner.recv()), wire.Pong)  # the session is open
+            other.send(wire.encode(wire.Forward("mine", 0, hidden)))
+            assert wire.decode(other.recv()).code == wire.UNKNOWN_SESSION
+            other.send(wire.encode(wire.Close("mine")))  # ignored: not its session
+            bad = wire.OpenSession("mine", "tiny", (0, 3), {"temperature": -1}, key, max_context=64)
+            other.send(wire.encode(bad))  # fails, and must not take the owner's session down
+            assert wire.decode(other.recv()).code == wire.BAD_MESSAGE
+            owner.send(wire.encode(wire.Forward("mine", 0, hidden)))
+            assert isinstance(wire.decode(owner.recv()), wire.TokenResult)
+            session = stage._sessions["mine"]
+            with session.lock:  # a step under way
+                dropping = threading.Thread(target=stage._drop, args=("mine",))
+                dropping.start()
+                time.sleep(0.2)
+                assert not session.closed
+            dropping.join(5)
+            assert session.closed
+    finally:
+        chain.close()
+
+
 def test_a_whole_model_stage_generates_alone_and_refuses_bad_generates(llama):
     chain = Chain(llama, [(0, 3)], embed=True)
     stage = chain.stages[0]
