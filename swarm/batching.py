@@ -55,6 +55,8 @@ class BatchEngine(Protocol):
 
     def cache_rows(self, cache: Any, start: int, stop: int, slot: int = 0) -> Any: ...
 
+    def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray: ...
+
 
 class Ticket:
     """One queued decode step; `result()` is its output row (logits or hidden state)."""
@@ -257,7 +259,7 @@ class SlotBatch:
                 return
             try:
                 outputs, self._cache = self.engine.step(
-                    np.stack([t.inputs for t in tickets]),
+                    _step_inputs(self.engine, [t.inputs for t in tickets]),
                     np.asarray([t.position for t in tickets], np.int32),
                     np.asarray([t.slot for t in tickets], np.int32),
                     self._cache,
@@ -279,3 +281,14 @@ class SlotBatch:
             self._prepare(span + 1, furthest)
         for ticket, output in zip(tickets, outputs, strict=True):
             ticket._finish(output)
+
+
+def _step_inputs(engine: BatchEngine, inputs: list[np.ndarray]) -> np.ndarray:
+    """One step's inputs stacked: token ids i32[B], or hidden states f32[B, d]. Sessions of
+    both kinds share a step (a node's own requests and peers' pipeline sessions, which
+    arrive embedded): then the token ids are embedded here, to the very rows the step's
+    own embedding gives."""
+    if len({value.ndim for value in inputs}) > 1:
+        # One row at a time: one compiled shape, and such mixed steps are the rare ones.
+        inputs = [value if value.ndim == 1 else engine.embed_tokens(value[None])[0] for value in inputs]
+    return np.stack(inputs)

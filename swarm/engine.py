@@ -153,7 +153,8 @@ class Engine:
         self.max_context = min(config.context_length, settings.max_context or config.context_length)
         self.compile_seconds = 0.0
         self._compiled: dict[tuple, object] = {}
-        self._prologues: dict[tuple[int, int], object] = {}  # compiled per [B, T]
+        self._prologues: dict[tuple[int, int, bool], object] = {}  # per [B, T], embedding or not
+        self._embed_tokens: Any = None  # compiled on first use
         self._rope_scales = (weights.rope_theta_scale, weights.rope_freq_scale)
         leaves, self._weight_tree = jax.tree_util.tree_flatten(weights)
         self._weight_leaves = tuple(leaves)
@@ -235,8 +236,9 @@ class Engine:
         cache and optionally the first cache row. hidden: stop before the output norm
         and head even on the last range (embeddings read the final hidden states).
         """
-        prologue = self._prologue(inputs.shape)
-        if self.is_first:
+        embeds = self.takes_token_ids(inputs)
+        prologue = self._prologue(inputs.shape[:2], embeds)
+        if embeds:
             inputs, rope = prologue(
                 self.weights.embedding, np.asarray(inputs, np.int32), start, self._rope_scales
             )
@@ -245,17 +247,32 @@ class Engine:
         args = (self._weight_leaves, inputs, start, length, rope, cache, *window)
         return self._compiled_for(all_logits, kv_bound, args, hidden)(*args)
 
-    def _prologue(self, shape: tuple[int, ...]):
+    def takes_token_ids(self, inputs: np.ndarray) -> bool:
+        """Whether `inputs` are token ids to embed: integers, on a first range. A first range
+        also takes hidden states f32[..., d] (a peer's pipeline session, embedded by its
+        requester with the same `model.embed`), in the same compiled layers."""
+        return self.is_first and np.issubdtype(np.asarray(inputs).dtype, np.integer)
+
+    def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray:
+        """i32[...] -> f32[..., d]: the rows the prologue would embed (`model.embed` as a
+        program of its own), so that token ids and hidden states can share a step."""
+        if self._embed_tokens is None:
+            self._embed_tokens = jax.jit(partial(model.embed, self.config))
+        return np.asarray(self._embed_tokens(self.weights.embedding, np.asarray(token_ids, np.int32)))
+
+    def _prologue(self, shape: tuple[int, ...], embeds: bool | None = None):
         """The compiled program that prepares a forward's inputs of shape [B, T] (token
-        ids) or [B, T, d]: the rotary tables of positions start + [0, T)
-        (`model.rope_tables`), and a first range's embedded token ids (`model.embed`).
+        ids, `embeds`: a first range's default) or [B, T, d]: the rotary tables of
+        positions start + [0, T) (`model.rope_tables`), and the embedded token ids
+        (`model.embed`).
 
         Both run apart from the layers: the tables so that no layer recomputes them, the
         embedding so that the layers start from the very rows a pipeline's requester
         computes with the same function (`pipeline.Embedder`).
         """
         batch, steps = shape[:2]
-        compiled = self._prologues.get((batch, steps))
+        embeds = self.is_first if embeds is None else embeds
+        compiled = self._prologues.get((batch, steps, embeds))
         if compiled is not None:
             return compiled
         config = self.config
@@ -270,14 +287,14 @@ class Engine:
         vector = jax.ShapeDtypeStruct((batch,), jnp.int32)
         began = time.perf_counter()
         with ops.implementation(self.settings.kernels):
-            if self.is_first:
+            if embeds:
                 ids = jax.ShapeDtypeStruct((batch, steps), jnp.int32)
                 lowered = jax.jit(embedded).lower(self.weights.embedding, ids, vector, self._rope_scales)
             else:
                 lowered = jax.jit(tables).lower(vector, self._rope_scales)
             compiled = lowered.compile()
         self.compile_seconds += time.perf_counter() - began
-        self._prologues[(batch, steps)] = compiled
+        self._prologues[(batch, steps, embeds)] = compiled
         return compiled
 
     def _compiled_for(self, all_logits: bool, kv_bound: int, args: tuple, hidden: bool = False):
@@ -426,6 +443,8 @@ class Engine:
         `cache`; False if it was compiled already. Safe on another thread while steps
         run: a batch compiles the next attention bound before its sessions reach it."""
         rows, bound = self.step_shape(count, position, cache.capacity, cache.keys.shape[1])
+        if self.is_first:  # a step of hidden states too (a peer's session among local ones)
+            self._prologue((rows, 1), embeds=False)
         # The layers take what the prologue produces: its output shapes are their inputs'.
         produced = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), self._prologue((rows, 1)).out_info

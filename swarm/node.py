@@ -148,6 +148,7 @@ class ModelBackend:
                 self.data_dir,
                 prefix_cache,
                 delegate=self.serve_delegated if whole else None,
+                batch=self.generator.batch if whole else None,
             )
             if prefix_cache is not None and self.config.network.prefix_sharing:
                 self.generator.prefix_fetcher = self._prefix_fetcher(identity)

@@ -80,6 +80,7 @@ class Peering:
         data_dir,
         prefix_cache: Any = None,
         delegate: Runner | None = None,
+        batch: SlotBatch | None = None,
     ):
         self.model_id = model_id
         self.identity = identity
@@ -114,9 +115,11 @@ class Peering:
                 port=network.peer_port,
                 hop_timeout=network.stage_timeout_s,
                 max_sessions=config.inference.max_concurrent_requests,
+                prefill_chunk=config.inference.prefill_chunk,
             ),
             embed=self.embedder if whole else None,
-            batch=_stage_batch(self.stage_engine, config),
+            # A whole-model node's own batch: peers' sessions decode in its requests' steps.
+            batch=batch if batch is not None else _stage_batch(self.stage_engine, config),
             prefix_cache=prefix_cache if whole and config.network.prefix_sharing else None,
             credits=self.credits,
             pool=PoolDesk(self.pool_store, identity, config.pool.max_pool_size),

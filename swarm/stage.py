@@ -91,6 +91,7 @@ class StageConfig:
     hop_timeout: float = 60.0  # waiting for the next stage's reply to one Forward
     session_timeout: float = 300.0  # an idle session is dropped after this long
     max_sessions: int = 0  # sessions open at once; more wait by tier (0: no limit)
+    prefill_chunk: int = 0  # prompt rows per device call in the shared batch (0: all at once)
 
 
 @dataclass
@@ -525,6 +526,17 @@ class StageServer:
             raise _Refusal(wire.UNKNOWN_SESSION, f"no session {session_id}")
         return session
 
+    def _prefill(self, batch: SlotBatch, slot: int, hidden: np.ndarray, start: int) -> np.ndarray:
+        """A prompt's rows into a row of the shared batch, `prefill_chunk` rows per call:
+        the other sessions' decode steps (the node's own requests too, when it shares its
+        batch) run between the chunks instead of waiting for the whole prompt."""
+        chunk = self.config.prefill_chunk or hidden.shape[0]
+        outputs = []
+        for first in range(0, hidden.shape[0], chunk):
+            outputs.append(batch.prefill(slot, hidden[first : first + chunk], start + first))
+        # The last range answers the last row's logits; others every row's hidden state.
+        return outputs[-1] if self.engine.is_last else np.concatenate(outputs)
+
     def _advance(self, session: _Session, hidden: np.ndarray) -> np.ndarray:
         """Runs `hidden` at the session's next positions (its lock held); the output rows."""
         if session.closed or (session.cache is None and session.slot is None):
@@ -535,7 +547,7 @@ class StageServer:
                 out = batch.run(slot, hidden[0], session.next_position)
                 out = out if self.engine.is_last else out[None]
             else:
-                out = batch.prefill(slot, hidden, session.next_position)
+                out = self._prefill(batch, slot, hidden, session.next_position)
         else:
             cache, session.cache = session.cache, None  # donated: a failure leaves none behind
             with self._device_lock:

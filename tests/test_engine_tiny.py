@@ -196,3 +196,24 @@ def test_kernel_engine_holds_panels_with_the_rows_results(tiny_model, spec_name)
         logits, _ = each.forward(prompt, 0, each.new_cache(256), all_logits=True)
         results.append(np.asarray(logits))
     np.testing.assert_array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("spec_name", ["llama-tiny", "gemma3-tiny"])
+def test_a_first_range_gives_hidden_state_inputs_the_logits_of_their_token_ids(tiny_model, spec_name):
+    """A whole-model engine takes a peer's embedded rows (`embed_tokens`, the rows a
+    pipeline's requester sends) as it takes token ids: the same logits, bit for bit, in a
+    prompt and in a decode step, so both kinds of session can share one batch."""
+    gguf, config = _open(tiny_model(spec_name))
+    engine = Engine.load(gguf, config)
+    prompt = np.asarray(load_fixture(f"tiny-{spec_name}")["prompt_token_ids"], np.int32)
+    by_ids, ids_cache = engine.forward(prompt, 0, engine.new_cache(256, 2), slot=0)
+    by_rows, rows_cache = engine.forward(engine.embed_tokens(prompt), 0, engine.new_cache(256, 2), slot=0)
+    np.testing.assert_array_equal(by_rows, by_ids)
+    _, ids_cache = engine.forward(prompt, 0, ids_cache, slot=1)
+    _, rows_cache = engine.forward(prompt, 0, rows_cache, slot=1)
+    tokens = np.asarray([5, 9], np.int32)
+    positions = np.full(2, len(prompt), np.int32)
+    slots = np.arange(2, dtype=np.int32)
+    expected, _ = engine.step(tokens, positions, slots, ids_cache)
+    stepped, _ = engine.step(engine.embed_tokens(tokens), positions, slots, rows_cache)
+    np.testing.assert_array_equal(stepped, expected)

@@ -142,6 +142,66 @@ def test_concurrent_requests_share_each_stage_s_batched_steps(llama):
         assert results[index] == _single(llama, prompt, GREEDY)
 
 
+def test_a_whole_model_node_s_requests_and_peers_sessions_share_its_steps(llama):
+    """A node holding the whole model gives its stage its own batch: a peer's pipeline
+    session (embedded rows, its prompt in chunks) and the node's own request (token
+    ids) decode in the same compiled steps, each getting the tokens it gets alone."""
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    peer_params = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
+    local_prompt = llama.tokenizer.encode("hello world again")
+    peer_prompt = llama.tokenizer.encode(PROMPT_TEXT)
+    engine = llama.engine(SETTINGS)
+    batch = SlotBatch(engine, 4, engine.max_context)
+    batch.warm_up()  # compiles the steps of 1, 2 and 4 sessions
+    generator = Generator(engine, llama.tokenizer, batch=batch)
+    generator.generate(local_prompt, GREEDY)  # and the local prompt's shapes: no compile mid-test
+    stage = StageServer(
+        StageEngine(engine.config, engine.weights, engine.first, engine.last, engine.settings),
+        Identity.generate(),
+        StageConfig(model_id="tiny", prefill_chunk=4),
+        embed=Embedder(llama.gguf, llama.config),
+        batch=batch,
+    ).start()
+    widths: list[tuple[int, int]] = []  # (rows, input rank) of each step
+    step = engine.step
+
+    def recording(inputs, positions, slots, cache):
+        widths.append((len(slots), np.ndim(inputs)))
+        return step(inputs, positions, slots, cache)
+
+    engine.step = recording
+    requester = Requester(
+        Identity.generate(),
+        Embedder(llama.gguf, llama.config),
+        llama.tokenizer,
+        [RouteStage(stage.address, stage.identity.public_key, stage.layer_range)],
+        model_id="tiny",
+    )
+    results: dict[str, list[int]] = {}
+    runs = {
+        "peer": lambda: requester.generate(peer_prompt, peer_params),
+        "local": lambda: generator.generate(local_prompt, params),
+    }
+    threads = {
+        name: threading.Thread(target=lambda name=name: results.__setitem__(name, runs[name]().token_ids))
+        for name in runs
+    }
+    try:
+        threads["peer"].start()
+        deadline = time.monotonic() + 30
+        while sum(rank == 2 for _, rank in widths) < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)  # the peer's session decodes in the batch
+        threads["local"].start()
+        for thread in threads.values():
+            thread.join(60)
+    finally:
+        stage.close()
+    assert results["local"] == _single(llama, local_prompt, params)
+    assert results["peer"] == _single(llama, peer_prompt, peer_params)
+    # Steps carrying both: the local token ids embedded beside the peer's rows.
+    assert sum(width == (2, 2) for width in widths) >= 5, widths
+
+
 def test_stages_never_see_token_ids_and_cannot_open_tokens(llama):
     prompt_ids = llama.tokenizer.encode(PROMPT_TEXT)
     chain = Chain(llama, [(0, 1), (1, 2), (2, 3)])
