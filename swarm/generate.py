@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Generator as GeneratorType
 from collections.abc import Iterator, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -108,13 +109,20 @@ class StopScanner:
 
 
 class Prefilling:
-    """Yielded by `Generator.stream` between prompt chunks when asked to (`prefill_chunk`)."""
+    """Yielded by `Generator.stream` while the prompt goes in, when asked to
+    (`prefill_chunk`): PREFILLING after each chunk, AWAITING_PEERS while prefix blocks
+    are awaited from peers (`waiting`: that turn did no device work)."""
+
+    def __init__(self, name: str, waiting: bool) -> None:
+        self.name = name
+        self.waiting = waiting
 
     def __repr__(self) -> str:
-        return "PREFILLING"
+        return self.name
 
 
-PREFILLING = Prefilling()
+PREFILLING = Prefilling("PREFILLING", waiting=False)
+AWAITING_PEERS = Prefilling("AWAITING_PEERS", waiting=True)
 
 
 def check_prompt(engine: Engine, prompt_ids: Sequence[int], max_tokens: int) -> int:
@@ -309,18 +317,21 @@ class Generator:
         self, prompt_ids: Sequence[int], held: int, yielding: bool
     ) -> GeneratorType[Prefilling, None, list[Block]]:
         """Blocks after the first `held` fetched from peers and stored here, when at least a
-        whole block is missing; yields PREFILLING while waiting when `yielding`."""
+        whole block is missing. When `yielding`, yields AWAITING_PEERS while the answer is
+        not in (without blocking: a scheduler runs the other requests meanwhile), then
+        PREFILLING once: what is left of the prompt is device work again."""
         assert self.prefix_fetcher is not None and self.prefix_cache is not None
         usable = [piece for piece in segments(prompt_ids) if piece[1] <= len(prompt_ids) - 1]
         wanted = usable[held:]
         if sum(stop - start for start, stop, _ in wanted) < BLOCK_TOKENS:
             return []  # computing a few tokens beats a round trip
         future = self.prefix_fetcher.fetch_async(wanted)
-        while yielding and not future.done():
-            try:
-                future.result(timeout=0.002)
-            except TimeoutError:
-                yield PREFILLING
+        if yielding and not future.done():
+            while not future.done():
+                futures.wait([future], timeout=0.0005)  # paced: a caller looping alone does not spin
+                if not future.done():
+                    yield AWAITING_PEERS
+            yield PREFILLING
         try:
             blocks = future.result()
         except Exception:  # a failed fetch only means computing the prefix here
@@ -343,7 +354,8 @@ class Generator:
         With a `constraint`, only tokens it accepts are sampled, end-of-generation
         tokens are refused until it is complete, and generation stops when it is.
         With `prefill_chunk`, a long prompt is prefilled that many tokens at a time and
-        PREFILLING is yielded between the chunks (callers passing it must skip those).
+        PREFILLING is yielded between the chunks, AWAITING_PEERS while a prefix is
+        fetched (callers passing it must skip those `Prefilling` markers).
         Each decode step is queued before its token is yielded and computed when the
         stream resumes, so with a shared batch, sessions advanced in turn step together.
         """

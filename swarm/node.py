@@ -46,7 +46,7 @@ from swarm.delegation import (
     scheduled,
 )
 from swarm.errors import InvalidRequestError, UnavailableError, UnknownModelError
-from swarm.generate import PREFILLING, check_prompt
+from swarm.generate import Prefilling, check_prompt
 from swarm.load_progress import LoadProgress
 from swarm.node_protocol import SOCKET_NAME, GenerationRequest
 from swarm.node_server import Detached, NodeServer, Scheduler
@@ -403,8 +403,9 @@ class ModelBackend:
         else:
             events = self.peering.requester().stream(prepared.prompt_ids, params)
         for event in events:
-            if event is PREFILLING:
-                yield {"event": "progress", "prompt": True}  # a prompt chunk went in
+            if isinstance(event, Prefilling):
+                # A prompt chunk went in, or (waiting) prefix blocks are awaited from peers.
+                yield {"event": "progress", "prompt": True, **({"waiting": True} if event.waiting else {})}
                 continue
             if isinstance(event, str):
                 finish = event

@@ -109,6 +109,9 @@ class Job:
     # Has produced an event other than a prompt chunk's progress ({"event": "progress",
     # "prompt": true}): its prompt is in and each turn is now one decode step.
     past_prompt: bool = False
+    # Its last event was {"event": "progress", "prompt": true, "waiting": true}: its prompt
+    # awaits peers (prefix blocks), and its turns are polls that do no device work.
+    waiting: bool = False
 
 
 @dataclass
@@ -193,7 +196,9 @@ class Scheduler:
             log.exception("generation failed")
             event = error_event(error)
         kind = event.get("event")
-        if not (kind == "progress" and event.get("prompt")):
+        prompt = kind == "progress" and bool(event.get("prompt"))
+        job.waiting = prompt and bool(event.get("waiting"))
+        if not prompt:
             job.past_prompt = True
         if kind == "text" and event.get("token_id", -1) >= 0:
             self.stats.generated_tokens += 1
@@ -220,19 +225,25 @@ class Scheduler:
         of the highest priority).
 
         A turn of a job in its prompt is a whole prefill chunk (`inference.prefill_chunk`
-        tokens), one past it a decode step that all of them share. One prompt turn per
+        tokens), one past it a decode step that all of them share. A job awaiting prefix
+        blocks from peers polls every round and holds no prompt turn meanwhile. One prompt turn per
         round bounds the wait between two tokens of a running generation by one chunk,
         however many requests arrive at once: a burst of eight prompts no longer holds
         everyone's next token until all eight are in.
         """
-        prompts = [job for job in self._active if not job.past_prompt and not job.cancelled.is_set()]
+
+        def holds_back(job: Job) -> bool:  # a prompt chunk to run, not a cancellation or a poll
+            return not job.past_prompt and not job.waiting and not job.cancelled.is_set()
+
+        prompts = [job for job in self._active if holds_back(job)]
         chosen = max(prompts, key=lambda job: job.priority) if prompts else None
         kept = []
         for job in list(self._active):
-            waits = job is not chosen and not job.past_prompt and not job.cancelled.is_set()
-            if waits or self._step(job):
+            if (holds_back(job) and job is not chosen) or self._step(job):
                 kept.append(job)
         self._active = kept
+        if kept and all(job.waiting for job in kept):
+            time.sleep(0.001)  # only answers from peers awaited: no spinning meanwhile
 
     def _loop(self) -> None:
         while True:

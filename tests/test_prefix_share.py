@@ -6,6 +6,7 @@ itself, with the same tokens); a peer that does not share answers not_found."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from swarm import stage as stage_module
 from swarm import wire
 from swarm.engine import EngineSettings
-from swarm.generate import Generator
+from swarm.generate import AWAITING_PEERS, PREFILLING, Generator, Prefilling, TokenEvent
 from swarm.identity import Identity
 from swarm.loader import open_model
 from swarm.prefix_cache import BLOCK_TOKENS, PrefixCache, block_keys
@@ -89,6 +90,27 @@ def test_a_fetched_prefix_gives_the_tokens_of_a_cold_run(model, engine, cold, pe
     assert node.generate(PROMPT, GREEDY).token_ids == cold
     assert fetcher.stats.queries == 1
     assert node.prefix_cache.stats.hits == 1
+
+
+def test_a_chunked_prompt_says_it_awaits_peers_then_goes_on(model, engine, cold, peer, monkeypatch):
+    """With prefill_chunk (a scheduler's turns), the stream yields AWAITING_PEERS while
+    the fetch is out (the scheduler runs other requests meanwhile), PREFILLING once the
+    blocks are in, then the tokens of a cold run."""
+    fetcher = peer.fetcher(model)
+    fetch = fetcher.fetch
+
+    def slow(wanted):
+        time.sleep(0.3)
+        return fetch(wanted)
+
+    monkeypatch.setattr(fetcher, "fetch", slow)
+    events = list(asking_node(model, engine, fetcher).stream(PROMPT, GREEDY, prefill_chunk=64))
+    markers = [event for event in events if isinstance(event, Prefilling)]
+    waits = markers.index(PREFILLING)
+    assert 10 < waits < 2000 and set(markers[:waits]) == {AWAITING_PEERS}
+    assert AWAITING_PEERS not in markers[waits:]
+    tokens = [event.token_id for event in events if isinstance(event, TokenEvent)]
+    assert tokens == cold and fetcher.stats.fetched_blocks == 3
 
 
 def test_a_corrupted_block_is_rejected_and_the_prefix_computed_here(model, engine, cold, peer, monkeypatch):

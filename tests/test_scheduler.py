@@ -262,3 +262,37 @@ def test_a_generation_decoding_without_text_holds_no_prompt_turn():
     finally:
         scheduler.stop()
     assert trace.index("arriving:prompt") < trace.index("tool") + 3, trace
+
+
+def test_a_prompt_awaiting_peers_holds_no_prompt_turn_and_does_not_spin():
+    """While a job's prefix blocks are awaited from peers (waiting progress events, no
+    device work), other prompts go in; alone, its polls are paced, not a busy loop."""
+    scheduler = Scheduler(max_active=8, max_waiting=10)
+    trace: list[str] = []
+    answered = threading.Event()
+    polls = 0
+
+    def fetching() -> Iterator[dict]:
+        nonlocal polls
+        while not answered.is_set():
+            polls += 1
+            yield {"event": "progress", "prompt": True, "waiting": True}
+        trace.append("fetching:prompt")
+        yield {"event": "progress", "prompt": True}
+        trace.append("fetching")
+        yield {"event": "text", "text": "x", "token_id": 1}
+        yield {"event": "done", "finish_reason": "length"}
+
+    try:
+        fetcher = Job(fetching())
+        scheduler.submit(fetcher)
+        time.sleep(0.3)
+        assert polls < 600  # about one a millisecond at most
+        arriving = prompted("arriving", 2, 1, trace)
+        scheduler.submit(arriving)
+        assert finish(arriving)[-1]["event"] == "done"  # while the fetch is still out
+        answered.set()
+        assert finish(fetcher)[-1]["event"] == "done"
+    finally:
+        scheduler.stop()
+    assert trace.index("arriving") < trace.index("fetching:prompt")

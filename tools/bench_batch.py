@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from swarm.batching import SlotBatch
 from swarm.bench import bench_prompt, llama_cpp_baseline
-from swarm.generate import PREFILLING, Generator
+from swarm.generate import Generator, Prefilling
 from swarm.loader import open_model
 from swarm.node_server import Job, Scheduler
 from swarm.paths import data_dir as default_data_dir
@@ -47,7 +47,7 @@ from swarm.sampling import SamplingParams
 def events(generator: Generator, prompt: list[int], tokens: int, chunk: int | None):
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     for event in generator.stream(prompt, params, prefill_chunk=chunk):
-        if event is PREFILLING:
+        if isinstance(event, Prefilling):
             yield {"event": "progress", "prompt": True}
         elif isinstance(event, str):
             yield {"event": "done"}
