@@ -200,14 +200,17 @@ class SlotBatch:
         once, so that sessions reaching a new attention bound or a wider batch never wait
         for a compile."""
         shape = self.engine.step_shape(count, position, self._capacity, self.slots)
-        if shape in self._prepared:
-            return
-        self._prepared.add(shape)
-        self._to_prepare.put((count, position))
-        if self._preparer is None:
-            self._preparer = threading.Thread(target=self._prepare_loop, name="batch-compile", daemon=True)
-            self._preparer.start()
-            _live.add(self)
+        with self._lock:  # flushes on several threads (a stage's sessions) ask at once
+            if shape in self._prepared:
+                return
+            self._prepared.add(shape)
+            self._to_prepare.put((count, position))
+            if self._preparer is None:
+                self._preparer = threading.Thread(
+                    target=self._prepare_loop, name="batch-compile", daemon=True
+                )
+                self._preparer.start()
+                _live.add(self)
 
     def _prepare_loop(self) -> None:
         while True:

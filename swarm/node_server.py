@@ -150,6 +150,12 @@ class Scheduler:
             threading.Thread(target=self._run_detached, args=(job,), name="routed", daemon=True).start()
             return
         with self._wake:
+            if len(self._waiting) >= self.max_waiting:
+                # Requests whose readers hung up while waiting hold no place in the queue.
+                for gone in [job for job in self._waiting if job.cancelled.is_set()]:
+                    self._waiting.remove(gone)
+                    self.stats.cancelled += 1
+                    _close(gone.events)
             if len(self._waiting) >= self.max_waiting and len(self._active) >= self.max_active:
                 raise OverflowError("the node's queue is full")
             self._waiting.append(job)

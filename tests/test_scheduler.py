@@ -296,3 +296,23 @@ def test_a_prompt_awaiting_peers_holds_no_prompt_turn_and_does_not_spin():
     finally:
         scheduler.stop()
     assert trace.index("arriving") < trace.index("fetching:prompt")
+
+
+def test_a_request_cancelled_while_waiting_frees_its_place_in_the_queue():
+    scheduler = Scheduler(max_active=1, max_waiting=1)
+    trace: list[str] = []
+    gate = threading.Event()
+    try:
+        blocker = Job(generation("blocker", 1, trace, gate))
+        scheduler.submit(blocker)
+        time.sleep(0.2)  # the blocker holds the only slot
+        gone = Job(generation("gone", 1, trace))
+        scheduler.submit(gone)
+        gone.cancelled.set()  # its reader hung up while it waited
+        later = Job(generation("later", 1, trace))
+        scheduler.submit(later)  # no OverflowError: the queue's place is free again
+        gate.set()
+        assert finish(later)[-1]["event"] == "done"
+    finally:
+        scheduler.stop()
+    assert "gone" not in trace and scheduler.stats.cancelled == 1
