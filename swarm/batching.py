@@ -262,7 +262,7 @@ class SlotBatch:
                 return
             try:
                 outputs, self._cache = self.engine.step(
-                    _step_inputs(self.engine, [t.inputs for t in tickets]),
+                    _step_inputs(self.engine, [t.inputs for t in tickets], self.slots),
                     np.asarray([t.position for t in tickets], np.int32),
                     np.asarray([t.slot for t in tickets], np.int32),
                     self._cache,
@@ -286,12 +286,17 @@ class SlotBatch:
             ticket._finish(output)
 
 
-def _step_inputs(engine: BatchEngine, inputs: list[np.ndarray]) -> np.ndarray:
+def _step_inputs(engine: BatchEngine, inputs: list[np.ndarray], width: int) -> np.ndarray:
     """One step's inputs stacked: token ids i32[B], or hidden states f32[B, d]. Sessions of
     both kinds share a step (a node's own requests and peers' pipeline sessions, which
-    arrive embedded): then the token ids are embedded here, to the very rows the step's
-    own embedding gives."""
-    if len({value.ndim for value in inputs}) > 1:
-        # One row at a time: one compiled shape, and such mixed steps are the rare ones.
-        inputs = [value if value.ndim == 1 else engine.embed_tokens(value[None])[0] for value in inputs]
+    arrive embedded): then the token ids are embedded here, in one call padded to the
+    batch's `width` (one compiled shape), to the very rows the step's own embedding gives."""
+    ids = [index for index, value in enumerate(inputs) if np.issubdtype(value.dtype, np.integer)]
+    if ids and len(ids) < len(inputs):
+        tokens = np.zeros(max(width, len(ids)), np.int32)
+        tokens[: len(ids)] = [inputs[index] for index in ids]
+        rows = engine.embed_tokens(tokens)
+        inputs = list(inputs)
+        for row, index in enumerate(ids):
+            inputs[index] = rows[row]
     return np.stack(inputs)

@@ -429,8 +429,9 @@ def scheduled(
     scheduler: Any, events: Iterator[dict[str, Any]], priority: int, start: dict[str, Any]
 ) -> Iterator[dict[str, Any]]:
     """A delegated generation run by this node's scheduler (`swarm.node_server.Scheduler`)
-    beside its local requests: `start`, then its events until done or error, with a
-    progress event after KEEPALIVE_S of silence (while it waits its turn). Closing it
+    beside its local requests: `start`, then its events until done or error. Progress
+    events go out only as keepalives, one after each KEEPALIVE_S without another
+    event (while it waits its turn, or a long prompt goes in). Closing it
     early cancels the generation at its next step. OverflowError when the queue is full,
     or MAX_DELEGATED_SHARE full: peers never take all of it."""
     from swarm.node_server import Job
@@ -443,13 +444,16 @@ def scheduled(
     finished = False
     try:
         yield start
+        said = time.monotonic()
         while True:
             try:
                 event = job.output.get(timeout=KEEPALIVE_S)
             except queue.Empty:
-                yield {"event": "progress"}
-                continue
+                event = {"event": "progress"}
+            if event["event"] == "progress" and time.monotonic() - said < KEEPALIVE_S:
+                continue  # device work between answers (a prompt chunk, a held-back token)
             finished = event["event"] in ("done", "error")
+            said = time.monotonic()
             yield event
             if finished:
                 return

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Generator as GeneratorType
 from collections.abc import Iterator, Sequence
-from concurrent import futures
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -318,8 +317,9 @@ class Generator:
     ) -> GeneratorType[Prefilling, None, list[Block]]:
         """Blocks after the first `held` fetched from peers and stored here, when at least a
         whole block is missing. When `yielding`, yields AWAITING_PEERS while the answer is
-        not in (without blocking: a scheduler runs the other requests meanwhile), then
-        PREFILLING once: what is left of the prompt is device work again."""
+        not in (without blocking: a scheduler runs the other requests meanwhile, and
+        paces the polls), then PREFILLING once: what is left of the prompt is device
+        work again."""
         assert self.prefix_fetcher is not None and self.prefix_cache is not None
         usable = [piece for piece in segments(prompt_ids) if piece[1] <= len(prompt_ids) - 1]
         wanted = usable[held:]
@@ -328,9 +328,7 @@ class Generator:
         future = self.prefix_fetcher.fetch_async(wanted)
         if yielding and not future.done():
             while not future.done():
-                futures.wait([future], timeout=0.0005)  # paced: a caller looping alone does not spin
-                if not future.done():
-                    yield AWAITING_PEERS
+                yield AWAITING_PEERS  # the caller paces its polls (the scheduler does)
             yield PREFILLING
         try:
             blocks = future.result()

@@ -4,8 +4,8 @@ Owns the unix socket the control plane talks to, one thread per connection, and
 one scheduler thread that does all device work. The scheduler keeps up to
 `max_active` generations open and advances them in turn, one step each, so a long
 generation never holds up a short one; of those still taking in their prompt, one
-steps per round, so arriving prompts never stall the running generations' tokens for
-more than one prefill chunk; extra requests wait in a bounded queue
+steps per round (the first admitted), so arriving prompts never stall the running
+generations' tokens for more than one prefill chunk; extra requests wait in a bounded queue
 (full: `overloaded`). Each generation's events go into its own queue, so a slow
 reader never stalls the scheduler; a reader that hangs up cancels its generation
 at the next step.
@@ -191,7 +191,8 @@ class Scheduler:
     def _step(self, job: Job) -> bool:
         """Advance one job by one event; False when it is over."""
         if job.cancelled.is_set():
-            self.stats.cancelled += 1
+            with self._wake:
+                self.stats.cancelled += 1
             _close(job.events)
             return False
         try:
@@ -228,7 +229,7 @@ class Scheduler:
 
     def _round(self) -> None:
         """One turn for every job past its prompt, and for one job still in it (the first
-        of the highest priority).
+        admitted).
 
         A turn of a job in its prompt is a whole prefill chunk (`inference.prefill_chunk`
         tokens), one past it a decode step that all of them share. A job awaiting prefix
@@ -241,8 +242,9 @@ class Scheduler:
         def holds_back(job: Job) -> bool:  # a prompt chunk to run, not a cancellation or a poll
             return not job.past_prompt and not job.waiting and not job.cancelled.is_set()
 
-        prompts = [job for job in self._active if holds_back(job)]
-        chosen = max(prompts, key=lambda job: job.priority) if prompts else None
+        # The first admitted (admission went by priority): a later arrival of a higher
+        # priority waits its turn behind prompts already in, which never starve.
+        chosen = next((job for job in self._active if holds_back(job)), None)
         kept = []
         for job in list(self._active):
             if (holds_back(job) and job is not chosen) or self._step(job):

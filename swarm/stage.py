@@ -114,6 +114,8 @@ class _Session:
     gate: TierGate | None = None  # the admission this session holds, given back on close
 
     def close(self) -> None:
+        if self.closed:
+            return
         if self.downstream is not None:
             with contextlib.suppress(ChannelError, wire.WireError):
                 self.downstream.send(wire.encode(wire.Close(self.session_id)), timeout=1.0)
@@ -285,7 +287,7 @@ class StageServer:
                 channel.close()
                 return
             self._channels.add(channel)
-        opened: set[str] = set()
+        opened: dict[str, _Session] = {}  # what this connection opened, by id
         connection = connection_state(host, channel.peer_public_key)
         try:
             while not self._stopping.is_set():
@@ -314,11 +316,11 @@ class StageServer:
             channel.close()
             with self._sessions_lock:
                 self._channels.discard(channel)
-            for session_id in opened:
-                self._drop(session_id)
+            for session in opened.values():
+                self._drop_session(session)
 
     def _answer(
-        self, data: bytes, opened: set[str], connection: dict[str, Any]
+        self, data: bytes, opened: dict[str, _Session], connection: dict[str, Any]
     ) -> bytes | Iterator[bytes] | None:
         """The bytes to send back for one received payload, or None. `connection`: what
         this channel's Credits and PoolMessages share (`credit_desk.connection_state`)."""
@@ -328,10 +330,11 @@ class StageServer:
             self.observe(message)
             session_id = getattr(message, "session_id", "")
             if isinstance(message, wire.OpenSession):
-                self._open(message)
-                opened.add(message.session_id)
+                opened[message.session_id] = self._open(message)
                 return None
-            if isinstance(message, wire.Forward | wire.Generate | wire.Close) and session_id not in opened:
+            if isinstance(message, wire.Forward | wire.Generate | wire.Close) and not self._owns(
+                opened, session_id
+            ):
                 # A session is its connection's own: no other peer steps, ends or fails it.
                 session_id = ""
                 if isinstance(message, wire.Close):
@@ -340,8 +343,7 @@ class StageServer:
             if isinstance(message, wire.Forward):
                 return self._forward(message)
             if isinstance(message, wire.Close):
-                self._drop(message.session_id)
-                opened.discard(message.session_id)
+                self._drop_session(opened.pop(message.session_id))
                 return None
             if isinstance(message, wire.Ping):
                 return wire.encode(wire.Pong(message.nonce, time.time()))
@@ -386,12 +388,19 @@ class StageServer:
             self._drop_own(session_id, opened)
             return self._error(session_id, wire.INTERNAL, f"{type(error).__name__}: {error}")
 
-    def _drop_own(self, session_id: str, opened: set[str]) -> None:
+    def _owns(self, opened: dict[str, _Session], session_id: str) -> bool:
+        """Whether `session_id` is a session this connection opened and still open (not one
+        that expired and whose id another connection has opened since)."""
+        session = opened.get(session_id)
+        with self._sessions_lock:
+            return session is not None and self._sessions.get(session_id) is session
+
+    def _drop_own(self, session_id: str, opened: dict[str, _Session]) -> None:
         """Drops a session a failed message named, if this connection opened it (a failed
         OpenSession naming another connection's session leaves that one alone)."""
-        if session_id in opened:
-            opened.discard(session_id)
-            self._drop(session_id)
+        session = opened.pop(session_id, None)
+        if session is not None:
+            self._drop_session(session)
 
     def _named(self, message: str) -> str:
         return f"{self.describe()}: {message}"
@@ -402,7 +411,7 @@ class StageServer:
 
     # --- sessions --------------------------------------------------------------------
 
-    def _open(self, message: wire.OpenSession) -> None:
+    def _open(self, message: wire.OpenSession) -> _Session:
         if message.layer_range != self.layer_range:
             first, last = message.layer_range
             raise _Refusal(LAYER_MISMATCH, f"asked for layers {first}-{last}")
@@ -425,12 +434,12 @@ class StageServer:
         if not self.gate.enter(tier, wait):
             raise _Refusal(wire.OVERLOADED, f"no session free within {wait:.0f} s ({tier} tier)")
         try:
-            self._start_session(message, params)
+            return self._start_session(message, params)
         except BaseException:
             self.gate.leave()  # a session that failed to start never took the admission over
             raise
 
-    def _start_session(self, message: wire.OpenSession, params: SamplingParams) -> None:
+    def _start_session(self, message: wire.OpenSession, params: SamplingParams) -> _Session:
         capacity = self.engine.cache_capacity(message.max_context)
         slot = self.batch.acquire(message.max_context) if self.batch is not None else None
         cache = None
@@ -480,13 +489,16 @@ class StageServer:
             session.gate = self.gate
             self._sessions[message.session_id] = session
             self._opened_total += 1
+        return session
 
-    def _drop(self, session_id: str) -> None:
+    def _drop_session(self, session: _Session) -> None:
+        """Ends `session` (if it is still the one open under its id, it leaves the table)
+        after the step under way in its cache row, never during one."""
         with self._sessions_lock:
-            session = self._sessions.pop(session_id, None)
-        if session is not None:
-            with session.lock:  # after a step under way in its cache row, never during one
-                session.close()
+            if self._sessions.get(session.session_id) is session:
+                del self._sessions[session.session_id]
+        with session.lock:
+            session.close()
 
     def _drop_held(self, session: _Session) -> None:
         """`_drop` for a caller holding the session's lock (a step whose next hop failed)."""
@@ -526,19 +538,23 @@ class StageServer:
             raise _Refusal(wire.UNKNOWN_SESSION, f"no session {session_id}")
         return session
 
-    def _prefill(self, batch: SlotBatch, slot: int, hidden: np.ndarray, start: int) -> np.ndarray:
-        """A prompt's rows into a row of the shared batch, `prefill_chunk` rows per call:
-        the other sessions' decode steps (the node's own requests too, when it shares its
-        batch) run between the chunks instead of waiting for the whole prompt."""
+    def _prefill(self, session: _Session, batch: SlotBatch, slot: int, hidden: np.ndarray) -> np.ndarray:
+        """A prompt's rows into the session's row of the shared batch, `prefill_chunk` rows
+        per call: the other sessions' decode steps (the node's own requests too, when it
+        shares its batch) run between the chunks instead of waiting for the whole prompt."""
         chunk = self.config.prefill_chunk or hidden.shape[0]
+        start = session.next_position
         outputs = []
         for first in range(0, hidden.shape[0], chunk):
+            if session.closed:  # the stage is closing: the row may have a new owner
+                raise _Refusal(wire.UNKNOWN_SESSION, f"session {session.session_id} is closed")
             outputs.append(batch.prefill(slot, hidden[first : first + chunk], start + first))
         # The last range answers the last row's logits; others every row's hidden state.
         return outputs[-1] if self.engine.is_last else np.concatenate(outputs)
 
     def _advance(self, session: _Session, hidden: np.ndarray) -> np.ndarray:
-        """Runs `hidden` at the session's next positions (its lock held); the output rows."""
+        """Runs `hidden` (or, in a batch that embeds them, token ids) at the session's next
+        positions, its lock held; the output rows."""
         if session.closed or (session.cache is None and session.slot is None):
             raise _Refusal(wire.UNKNOWN_SESSION, f"session {session.session_id} is closed")
         if session.batch is not None and session.slot is not None:
@@ -547,7 +563,7 @@ class StageServer:
                 out = batch.run(slot, hidden[0], session.next_position)
                 out = out if self.engine.is_last else out[None]
             else:
-                out = self._prefill(batch, slot, hidden, session.next_position)
+                out = self._prefill(session, batch, slot, hidden)
         else:
             cache, session.cache = session.cache, None  # donated: a failure leaves none behind
             with self._device_lock:
@@ -613,7 +629,12 @@ class StageServer:
             for _ in range(message.max_tokens):
                 with session.lock:
                     session.last_used = time.monotonic()
-                    logits = self._advance(session, self.embed([session.sampled[-1]]))
+                    token = session.sampled[-1]
+                    # A row of a batch that embeds token ids itself (a whole-model node's own
+                    # batch) takes the id: its step then needs no mixing with the node's requests.
+                    embeds = session.slot is not None and getattr(session.batch.engine, "is_first", False)
+                    step = np.asarray([token], np.int32) if embeds else self.embed([token])
+                    logits = self._advance(session, step)
                     result = self._sample(session, logits, session.next_position)
                 yield wire.encode(result)
                 if session.sampled[-1] in eog:
@@ -622,7 +643,7 @@ class StageServer:
             yield self._error(session.session_id, error.code, str(error))
         except Exception as error:  # a device failure must not take the server down
             logger.exception("%s failed while generating", self.describe())
-            self._drop(session.session_id)
+            self._drop_session(session)
             yield self._error(session.session_id, wire.INTERNAL, f"{type(error).__name__}: {error}")
 
     def _sample(self, session: _Session, logits: np.ndarray, position: int) -> wire.TokenResult:

@@ -15,6 +15,7 @@ import pytest
 
 from kernels import cpu
 from kernels.qtensor import PANELS, QuantTensor
+from swarm.batching import SlotBatch
 from swarm.engine import Engine, EngineSettings
 from swarm.gguf_file import GGUFFile
 from swarm.model_config import ModelConfig
@@ -217,3 +218,16 @@ def test_a_first_range_gives_hidden_state_inputs_the_logits_of_their_token_ids(t
     expected, _ = engine.step(tokens, positions, slots, ids_cache)
     stepped, _ = engine.step(engine.embed_tokens(tokens), positions, slots, rows_cache)
     np.testing.assert_array_equal(stepped, expected)
+    # In a shared batch, a token id and a peer's embedded row step together, as two ids would.
+    batch = SlotBatch(engine, 2, 256)
+    same = engine.new_cache(256, 2)
+    for slot in (batch.acquire(64), batch.acquire(64)):
+        batch.prefill(slot, prompt, 0)
+        same = engine.with_rows(same, *batch.rows(slot, 0, len(prompt)), slot)
+    token_ticket = batch.submit(0, np.int32(7), len(prompt))
+    row_ticket = batch.submit(1, engine.embed_tokens(np.asarray([8], np.int32))[0], len(prompt))
+    batch.flush()
+    assert batch.stats.widest == 2
+    together = np.stack([token_ticket.result(), row_ticket.result()])
+    ids_only, _ = engine.step(np.asarray([7, 8], np.int32), positions, slots, same)
+    np.testing.assert_array_equal(together, ids_only)

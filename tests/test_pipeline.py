@@ -144,8 +144,9 @@ def test_concurrent_requests_share_each_stage_s_batched_steps(llama):
 
 def test_a_whole_model_node_s_requests_and_peers_sessions_share_its_steps(llama):
     """A node holding the whole model gives its stage its own batch: a peer's pipeline
-    session (embedded rows, its prompt in chunks) and the node's own request (token
-    ids) decode in the same compiled steps, each getting the tokens it gets alone."""
+    session (its prompt as embedded rows, in chunks; then decoding at the stage) and the
+    node's own request decode in the same compiled steps, each getting the tokens it gets
+    alone."""
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     peer_params = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
     local_prompt = llama.tokenizer.encode("hello world again")
@@ -162,11 +163,11 @@ def test_a_whole_model_node_s_requests_and_peers_sessions_share_its_steps(llama)
         embed=Embedder(llama.gguf, llama.config),
         batch=batch,
     ).start()
-    widths: list[tuple[int, int]] = []  # (rows, input rank) of each step
+    widths: list[int] = []  # rows of each step
     step = engine.step
 
     def recording(inputs, positions, slots, cache):
-        widths.append((len(slots), np.ndim(inputs)))
+        widths.append(len(slots))
         return step(inputs, positions, slots, cache)
 
     engine.step = recording
@@ -189,7 +190,7 @@ def test_a_whole_model_node_s_requests_and_peers_sessions_share_its_steps(llama)
     try:
         threads["peer"].start()
         deadline = time.monotonic() + 30
-        while sum(rank == 2 for _, rank in widths) < 3 and time.monotonic() < deadline:
+        while len(widths) < 3 and time.monotonic() < deadline:
             time.sleep(0.001)  # the peer's session decodes in the batch
         threads["local"].start()
         for thread in threads.values():
@@ -198,8 +199,7 @@ def test_a_whole_model_node_s_requests_and_peers_sessions_share_its_steps(llama)
         stage.close()
     assert results["local"] == _single(llama, local_prompt, params)
     assert results["peer"] == _single(llama, peer_prompt, peer_params)
-    # Steps carrying both: the local token ids embedded beside the peer's rows.
-    assert sum(width == (2, 2) for width in widths) >= 5, widths
+    assert batch.stats.widest == 2 and widths.count(2) >= 5, widths  # steps carrying both
 
 
 def test_stages_never_see_token_ids_and_cannot_open_tokens(llama):
@@ -304,7 +304,7 @@ def test_a_session_is_its_connection_s_own(llama):
             assert isinstance(wire.decode(owner.recv()), wire.TokenResult)
             session = stage._sessions["mine"]
             with session.lock:  # a step under way
-                dropping = threading.Thread(target=stage._drop, args=("mine",))
+                dropping = threading.Thread(target=stage._drop_session, args=(session,))
                 dropping.start()
                 time.sleep(0.2)
                 assert not session.closed

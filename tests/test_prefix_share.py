@@ -104,10 +104,14 @@ def test_a_chunked_prompt_says_it_awaits_peers_then_goes_on(model, engine, cold,
         return fetch(wanted)
 
     monkeypatch.setattr(fetcher, "fetch", slow)
-    events = list(asking_node(model, engine, fetcher).stream(PROMPT, GREEDY, prefill_chunk=64))
+    events = []
+    for event in asking_node(model, engine, fetcher).stream(PROMPT, GREEDY, prefill_chunk=64):
+        events.append(event)
+        if event is AWAITING_PEERS:
+            time.sleep(0.001)  # a scheduler with nothing else to run
     markers = [event for event in events if isinstance(event, Prefilling)]
     waits = markers.index(PREFILLING)
-    assert 10 < waits < 2000 and set(markers[:waits]) == {AWAITING_PEERS}
+    assert waits > 10 and set(markers[:waits]) == {AWAITING_PEERS}
     assert AWAITING_PEERS not in markers[waits:]
     tokens = [event.token_id for event in events if isinstance(event, TokenEvent)]
     assert tokens == cold and fetcher.stats.fetched_blocks == 3

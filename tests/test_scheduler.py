@@ -192,7 +192,7 @@ def test_arriving_prompts_take_one_turn_between_two_tokens_of_a_running_generati
     assert prompts == ["p0", "p0", "p1", "p1", "p2", "p2", "p3", "p3"]
 
 
-def test_the_highest_priority_prompt_goes_in_first():
+def test_prompts_go_in_in_admission_order_which_is_by_priority():
     scheduler = Scheduler(max_active=8, max_waiting=10)
     trace: list[str] = []
     gate = threading.Event()
@@ -316,3 +316,21 @@ def test_a_request_cancelled_while_waiting_frees_its_place_in_the_queue():
     finally:
         scheduler.stop()
     assert "gone" not in trace and scheduler.stats.cancelled == 1
+
+
+def test_an_admitted_prompt_is_not_starved_by_later_higher_priority_ones():
+    scheduler = Scheduler(max_active=8, max_waiting=10)
+    trace: list[str] = []
+    try:
+        low = prompted("low", 10, 1, trace, priority=-30, chunk_seconds=0.02)
+        scheduler.submit(low)
+        time.sleep(0.05)  # admitted, its prompt under way
+        highs = [prompted(f"high{i}", 3, 1, trace, priority=5, chunk_seconds=0.01) for i in range(3)]
+        for job in highs:
+            scheduler.submit(job)
+        for job in [low, *highs]:
+            finish(job)
+    finally:
+        scheduler.stop()
+    prompts = [name.split(":")[0] for name in trace if name.endswith(":prompt")]
+    assert prompts[:10] == ["low"] * 10, prompts
