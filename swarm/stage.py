@@ -491,20 +491,23 @@ class StageServer:
             self._opened_total += 1
         return session
 
-    def _drop_session(self, session: _Session) -> None:
-        """Ends `session` (if it is still the one open under its id, it leaves the table)
-        after the step under way in its cache row, never during one."""
+    def _unlist(self, session: _Session) -> bool:
+        """Takes `session` out of the table if it is still the one open under its id."""
         with self._sessions_lock:
-            if self._sessions.get(session.session_id) is session:
-                del self._sessions[session.session_id]
+            if self._sessions.get(session.session_id) is not session:
+                return False
+            del self._sessions[session.session_id]
+            return True
+
+    def _drop_session(self, session: _Session) -> None:
+        """Ends `session` after the step under way in its cache row, never during one."""
+        self._unlist(session)
         with session.lock:
             session.close()
 
     def _drop_held(self, session: _Session) -> None:
-        """`_drop` for a caller holding the session's lock (a step whose next hop failed)."""
-        with self._sessions_lock:
-            if self._sessions.get(session.session_id) is session:
-                del self._sessions[session.session_id]
+        """`_drop_session` for a caller holding the session's lock (a step whose next hop failed)."""
+        self._unlist(session)
         session.close()
 
     def _expire_loop(self) -> None:
@@ -521,11 +524,11 @@ class StageServer:
                 if not session.lock.acquire(blocking=False):
                     continue
                 try:
-                    with self._sessions_lock:
-                        stale = time.monotonic() - session.last_used > self.config.session_timeout
-                        if not stale or self._sessions.get(session_id) is not session:
-                            continue
-                        del self._sessions[session_id]
+                    # Used since it was listed, or already gone: not this loop's to end.
+                    if time.monotonic() - session.last_used <= self.config.session_timeout:
+                        continue
+                    if not self._unlist(session):
+                        continue
                     logger.info("%s: session %s expired", self.describe(), session_id)
                     session.close()
                 finally:

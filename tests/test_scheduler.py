@@ -33,14 +33,21 @@ def finish(job: Job, timeout: float = 10.0) -> list[dict]:
     raise AssertionError("the job did not finish")
 
 
+def held_by_a_blocker(scheduler: Scheduler, trace: list[str]) -> tuple[Job, threading.Event]:
+    """Submits a job whose first turn waits for the returned gate: until it is set, the
+    scheduler's thread is held, and jobs submitted meanwhile wait together."""
+    gate = threading.Event()
+    blocker = Job(generation("blocker", 1, trace, gate))
+    scheduler.submit(blocker)
+    time.sleep(0.2)
+    return blocker, gate
+
+
 def test_higher_priority_waiting_jobs_are_admitted_first_and_equals_in_order():
     scheduler = Scheduler(max_active=1, max_waiting=10)
     trace: list[str] = []
-    gate = threading.Event()
     try:
-        blocker = Job(generation("blocker", 1, trace, gate))
-        scheduler.submit(blocker)
-        time.sleep(0.2)  # the blocker holds the only slot
+        blocker, gate = held_by_a_blocker(scheduler, trace)  # it holds the only slot
         jobs = {
             name: Job(generation(name, 2, trace), priority=priority)
             for name, priority in (("low1", 0), ("high", 5), ("low2", 0), ("mid", 1))
@@ -195,11 +202,8 @@ def test_arriving_prompts_take_one_turn_between_two_tokens_of_a_running_generati
 def test_prompts_go_in_in_admission_order_which_is_by_priority():
     scheduler = Scheduler(max_active=8, max_waiting=10)
     trace: list[str] = []
-    gate = threading.Event()
     try:
-        blocker = Job(generation("blocker", 1, trace, gate))
-        scheduler.submit(blocker)
-        time.sleep(0.2)  # the blocker's first turn waits for the gate
+        blocker, gate = held_by_a_blocker(scheduler, trace)
         jobs = [
             prompted(name, 1, 1, trace, priority) for name, priority in (("low", 0), ("high", 5), ("mid", 1))
         ]
@@ -301,11 +305,8 @@ def test_a_prompt_awaiting_peers_holds_no_prompt_turn_and_does_not_spin():
 def test_a_request_cancelled_while_waiting_frees_its_place_in_the_queue():
     scheduler = Scheduler(max_active=1, max_waiting=1)
     trace: list[str] = []
-    gate = threading.Event()
     try:
-        blocker = Job(generation("blocker", 1, trace, gate))
-        scheduler.submit(blocker)
-        time.sleep(0.2)  # the blocker holds the only slot
+        _, gate = held_by_a_blocker(scheduler, trace)  # it holds the only slot
         gone = Job(generation("gone", 1, trace))
         scheduler.submit(gone)
         gone.cancelled.set()  # its reader hung up while it waited
