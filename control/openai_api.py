@@ -197,6 +197,9 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
         "repetition_penalty": get_number(body, "repetition_penalty", low=0),
         "seed": get_int(body, "seed"),
         "stop": get_stop(body, "stop"),
+        # vLLM's extension: decode past end-of-generation tokens up to max_tokens
+        # (benchmarks and load tests want replies of a known length).
+        "ignore_eos": get_bool(body, "ignore_eos") or None,
     }
 
 

@@ -112,7 +112,7 @@ class MockBackend:
             yield {**done, "finish_reason": "stop", "completion_tokens": 2}
             return
         match = re.search(r"stop_after=(\d+)", " ".join(prepared.words))
-        stop_after = int(match.group(1)) if match else None
+        stop_after = int(match.group(1)) if match and not request.sampling.ignore_eos else None
         scanner = StopScanner(request.sampling.stop)
         for step in range(request.sampling.max_tokens):
             self._pause()

@@ -176,6 +176,13 @@ def _greedy(route) -> None:
     route.continue_(post_data=json.dumps({**body, "temperature": 0}))
 
 
+def _endless(route) -> None:
+    """Sends the page's chat request decoding past end-of-generation, so the reply
+    is still streaming whenever the test reaches for Stop."""
+    body = json.loads(route.request.post_data)
+    route.continue_(post_data=json.dumps({**body, "temperature": 0, "ignore_eos": True, "max_tokens": 4096}))
+
+
 def test_chat_streams_a_reply_and_stop_stops_it(browser, node, console):
     context, page = _open(browser, console)
     page.route("**/v1/chat/completions", _greedy)
@@ -189,6 +196,8 @@ def test_chat_streams_a_reply_and_stop_stops_it(browser, node, console):
     expect(page.locator("#chat-stats")).to_contain_text("tokens/s", timeout=60_000)
 
     cancelled = node.get("/api/admin/stats")["node"]["totals"]["cancelled"]
+    page.unroute("**/v1/chat/completions", _greedy)
+    page.route("**/v1/chat/completions", _endless)
     prompt.fill("Write a very long story about a dragon who learns to bake bread.")
     prompt.press("Enter")
     stop = page.get_by_role("button", name="Stop", exact=True)

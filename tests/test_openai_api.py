@@ -117,6 +117,16 @@ def test_chat_stops_where_the_model_stops(client):
     assert completion.choices[0].finish_reason == "stop"
 
 
+def test_chat_ignore_eos_decodes_to_max_tokens(client):
+    messages = [{"role": "user", "content": "count stop_after=2"}]
+    completion = client.chat.completions.create(
+        model="mock-1", messages=messages, max_tokens=5, extra_body={"ignore_eos": True}
+    )
+    assert completion.choices[0].message.content == "w0 w1 w2 w3 w4 "
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 5
+
+
 def test_chat_stop_strings(client):
     completion = client.chat.completions.create(model="mock-1", messages=USER, max_tokens=10, stop=["w2"])
     assert completion.choices[0].message.content == "w0 w1 "
@@ -363,6 +373,7 @@ def test_unknown_model_is_404(http, client):
         ({"model": 7}, "model"),
         ({"stop": ["x"] * 17}, "stop"),
         ({"top_logprobs": 3}, "top_logprobs"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
