@@ -20,7 +20,7 @@ from swarm.engine import Engine
 from swarm.errors import ContextOverflowError, InvalidRequestError
 from swarm.model import KVCache
 from swarm.prefix_cache import BLOCK_TOKENS, Block, PrefixCache, segments
-from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
+from swarm.sampling import Sampler, SamplingParams, token_logprobs
 from swarm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -395,9 +395,7 @@ class Generator:
             alternatives: list[tuple[int, float]] = []
             logprob = None
             if params.top_logprobs:
-                logprobs = log_softmax(logits)
-                alternatives = top_logprobs(logprobs, params.top_logprobs)
-                logprob = float(logprobs[token])
+                logprob, alternatives = token_logprobs(logits, token, params.top_logprobs)
             if token in eog:
                 tail = scanner.push(decoder.flush()) + scanner.flush()
                 if tail:

@@ -4,7 +4,9 @@ Owns `SamplingParams` (validated, frozen: it crosses process boundaries, so it h
 plain-JSON round trips) and `Sampler`, which applies llama.cpp's default chain order:
 repetition penalty, top-k, top-p, min-p, temperature, then a seeded draw. Greedy
 (temperature 0) is a plain argmax. Runs on the host in numpy: the logits of one step
-are small next to the weights, and this keeps every knob exact and reproducible.
+are small next to the weights, and this keeps every knob exact and reproducible. No
+filter selects or sorts the whole vocabulary per token (see `largest`): with Gemma's
+262,144 tokens that cost more than the decode step.
 
 Imports numpy only (no jax).
 """
@@ -79,11 +81,52 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.sum(np.exp(shifted)))
 
 
+# A draw over a large vocabulary (Gemma's is 262,144) must not select or sort the whole
+# of it per token: that costs more than a decode step. The sampler finds the few largest
+# logits from a strided sample's cut instead, exactly (see `largest`).
+_SAMPLE_STRIDE_FOR = 4096  # vocabularies above this size are sampled to find the cut
+_SAMPLE_RANK_MARGIN = 16  # the cut sits this many sample places below the wanted rank
+
+
+def largest(values: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` largest of f32|f64[n] values, largest first, equal values
+    by index: a stable sort of -values, cut to `count`.
+
+    One pass over the values compares them with a cut taken from a strided sample, low
+    enough that usually more than `count` values pass it; only those are sorted. When
+    too few pass (NaNs, or a sample that missed the top), a full selection decides.
+    """
+    n = values.shape[0]
+    count = min(count, n)
+    if count <= 0:
+        return np.zeros(0, np.int64)
+    candidates = None
+    if n > _SAMPLE_STRIDE_FOR:
+        sample = values[:: n // _SAMPLE_STRIDE_FOR]
+        rank = min(sample.shape[0] - 1, count * sample.shape[0] // n + _SAMPLE_RANK_MARGIN)
+        cut = np.partition(sample, sample.shape[0] - 1 - rank)[sample.shape[0] - 1 - rank]
+        passed = np.flatnonzero(values >= cut)
+        if passed.shape[0] >= count:
+            candidates = passed
+    if candidates is None:
+        candidates = np.arange(n) if count == n else np.sort(np.argpartition(-values, count - 1)[:count])
+    order = np.argsort(-values[candidates], kind="stable")[:count]
+    return candidates[order]
+
+
 def top_logprobs(logprobs: np.ndarray, count: int) -> list[tuple[int, float]]:
     """The `count` most likely tokens of f64[vocab] log-probabilities, best first."""
-    best = np.argpartition(-logprobs, count - 1)[:count]
-    best = best[np.argsort(-logprobs[best], kind="stable")]
-    return [(int(i), float(logprobs[i])) for i in best]
+    return [(int(i), float(logprobs[i])) for i in largest(logprobs, count)]
+
+
+def token_logprobs(logits: np.ndarray, token: int, count: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under f32[vocab] logits, and the `count` most
+    likely tokens with theirs (what `log_softmax` and `top_logprobs` give, without
+    building and searching the whole array of log-probabilities)."""
+    top = float(np.max(logits))
+    normalizer = top + float(np.log(np.sum(np.exp(logits.astype(np.float64) - top))))
+    alternatives = [(int(i), float(np.float64(logits[i]) - normalizer)) for i in largest(logits, count)]
+    return float(np.float64(logits[token]) - normalizer), alternatives
 
 
 class Sampler:
@@ -113,23 +156,67 @@ class Sampler:
         logits = self._penalize(np.asarray(logits, np.float32), history)
         if params.greedy:
             return int(np.argmax(logits))
-        candidates = np.arange(logits.shape[0])
-        values = logits.astype(np.float64)
-        if params.top_k > 0 and params.top_k < values.shape[0]:
-            keep = np.argpartition(-values, params.top_k - 1)[: params.top_k]
+        candidates, probs = self._distribution(logits)
+        return int(candidates[self._rng.choice(len(candidates), p=probs)])
+
+    def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """What a sampled draw chooses from: the tokens the chain keeps and their
+        f64 probabilities (temperature > 0)."""
+        return self._distribution(self._penalize(np.asarray(logits, np.float32), history))
+
+    def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        candidates, values = self._candidates(logits)
+        top = values.max()
+        if self.params.min_p > 0:
+            keep = np.exp(values - top) >= self.params.min_p
             candidates, values = candidates[keep], values[keep]
-        order = np.argsort(-values, kind="stable")
-        candidates, values = candidates[order], values[order]
-        probs = np.exp(values - values[0])
-        probs /= probs.sum()
+        probs = np.exp((values - top) / self.params.temperature)
+        return candidates, probs / probs.sum()
+
+    def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens that top-k and top-p keep, and their logits in f64; best first
+        where top-p needs the order."""
+        params = self.params
+        vocab = logits.shape[0]
+        top = np.float64(np.max(logits))
+        if 0 < params.top_k < vocab:
+            candidates = largest(logits, params.top_k)
+        elif params.top_p < 1.0:
+            return self._nucleus(logits, top)
+        elif params.min_p > 0:
+            # min-p alone drops every token below min_p times the best one's
+            # probability: only those at or above that logit can stay.
+            candidates = np.flatnonzero(logits >= top + np.log(params.min_p) - 1e-6)
+        else:
+            candidates = np.arange(vocab)
+        values = logits[candidates].astype(np.float64)
         if params.top_p < 1.0:
-            cumulative = np.cumsum(probs)
-            cut = int(np.searchsorted(cumulative, params.top_p)) + 1
-            candidates, values, probs = candidates[:cut], values[:cut], probs[:cut]
-        if params.min_p > 0:
-            keep = probs >= params.min_p * probs[0]
-            candidates, values = candidates[keep], values[keep]
-        scaled = (values - values[0]) / params.temperature
-        final = np.exp(scaled)
-        final /= final.sum()
-        return int(candidates[self._rng.choice(len(candidates), p=final)])
+            probs = np.exp(values - top)
+            cut = int(np.searchsorted(np.cumsum(probs / probs.sum()), params.top_p)) + 1
+            candidates, values = candidates[:cut], values[:cut]
+        return candidates, values
+
+    def _nucleus(self, logits: np.ndarray, top: np.float64) -> tuple[np.ndarray, np.ndarray]:
+        """top-p over the whole vocabulary: the shortest best-first run of tokens whose
+        probability reaches p. Only tokens above a cut are sorted: the cut comes from a
+        strided sample's probability mass, and is lowered until the tokens above it
+        hold p of the whole."""
+        values = logits.astype(np.float64)
+        probs = np.exp(values - top)
+        total = probs.sum()
+        need = self.params.top_p * total
+        stride = max(1, logits.shape[0] // _SAMPLE_STRIDE_FOR)
+        sample = -np.sort(-probs[::stride])
+        rank = int(np.searchsorted(np.cumsum(sample) * stride, need))
+        while True:
+            rank = 2 * rank + _SAMPLE_RANK_MARGIN
+            if stride == 1 or rank >= sample.shape[0]:
+                candidates = np.arange(logits.shape[0])
+            else:
+                candidates = np.flatnonzero(probs >= sample[rank])
+                if probs[candidates].sum() < need:
+                    continue
+            order = np.argsort(-values[candidates], kind="stable")
+            candidates = candidates[order]
+            cut = int(np.searchsorted(np.cumsum(probs[candidates] / total), self.params.top_p)) + 1
+            return candidates[:cut], values[candidates[:cut]]

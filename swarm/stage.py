@@ -54,7 +54,7 @@ from swarm.pool import PoolError
 from swarm.pool_desk import PoolDesk
 from swarm.prefix_cache import PrefixCache
 from swarm.prefix_share import answer_query
-from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
+from swarm.sampling import Sampler, SamplingParams, token_logprobs
 from swarm.secure_channel import ChannelError, ChannelTimeout, SecureChannel, host_port
 
 logger = logging.getLogger(__name__)
@@ -657,9 +657,7 @@ class StageServer:
         logprob = None
         alternatives: list[tuple[int, float]] = []
         if params.top_logprobs:
-            logprobs = log_softmax(logits)
-            alternatives = top_logprobs(logprobs, params.top_logprobs)
-            logprob = float(logprobs[token])
+            logprob, alternatives = token_logprobs(logits, token, params.top_logprobs)
         sampled = wire.SampledToken(token, logprob, tuple(alternatives))
         return wire.seal_token(session.requester_public_key, session.session_id, position, sampled)
 

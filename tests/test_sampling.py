@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from swarm.errors import InvalidRequestError
-from swarm.sampling import Sampler, SamplingParams, log_softmax, top_logprobs
+from swarm.sampling import Sampler, SamplingParams, largest, log_softmax, token_logprobs, top_logprobs
 
 LOGITS = np.array([1.0, 3.0, 2.5, -1.0, 0.0, 2.9], np.float32)
 
@@ -59,6 +59,79 @@ def test_top_logprobs_are_sorted_and_normalized():
     assert [token for token, _ in top] == [1, 5, 2]
     assert np.isclose(np.exp(logprobs).sum(), 1.0)
     assert top[0][1] == pytest.approx(float(logprobs[1]))
+
+
+def _vocabulary(size: int, seed: int) -> np.ndarray:
+    """Logits shaped like a model's: a few likely tokens over a long tail, with ties."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal(size).astype(np.float32) * 2
+    logits[rng.integers(0, size, 12)] += 9
+    logits[rng.integers(0, size, 50)] = np.float32(4.5)
+    return logits
+
+
+def _reference_distribution(params: SamplingParams, logits: np.ndarray) -> dict[int, float]:
+    """The sampling chain written plainly: sort every token, then cut."""
+    order = np.argsort(-logits.astype(np.float64), kind="stable")
+    values = logits[order].astype(np.float64)
+    if 0 < params.top_k < len(order):
+        order, values = order[: params.top_k], values[: params.top_k]
+    probs = np.exp(values - values[0])
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        cut = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
+        order, values, probs = order[:cut], values[:cut], probs[:cut]
+    keep = probs >= params.min_p * probs[0]
+    order, values = order[keep], values[keep]
+    final = np.exp((values - values[0]) / params.temperature)
+    return dict(zip(order.tolist(), (final / final.sum()).tolist(), strict=True))
+
+
+@pytest.mark.parametrize("size", [6, 5000, 262_144])
+def test_largest_is_a_stable_sort_cut(size):
+    logits = _vocabulary(size, seed=size) if size > 6 else LOGITS
+    expected = np.argsort(-logits, kind="stable")
+    for count in (1, 3, 40, 1000, size, size + 5):
+        assert largest(logits, count).tolist() == expected[:count].tolist()
+
+
+def test_largest_with_nan_and_minus_infinity():
+    logits = _vocabulary(50_000, seed=7)
+    logits[::3] = -np.inf
+    logits[5] = np.nan
+    assert largest(logits, 40).tolist() == np.argsort(-logits, kind="stable")[:40].tolist()
+
+
+@pytest.mark.parametrize("size", [6, 49_152, 262_144])
+@pytest.mark.parametrize(
+    "chain",
+    [
+        {},  # the defaults: top-k 40, top-p 0.95, min-p 0.05
+        {"top_k": 0},
+        {"top_k": 0, "top_p": 0.5, "min_p": 0.0},
+        {"top_k": 0, "top_p": 1.0},
+        {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "temperature": 0.3},
+        {"top_k": 3, "top_p": 1.0, "min_p": 0.0},
+    ],
+)
+def test_the_chain_keeps_what_sorting_every_token_keeps(size, chain):
+    params = SamplingParams(**chain)
+    logits = _vocabulary(size, seed=1) if size > 6 else LOGITS
+    tokens, probs = Sampler(params).distribution(logits)
+    ours = dict(zip(tokens.tolist(), probs.tolist(), strict=True))
+    reference = _reference_distribution(params, logits)
+    assert ours.keys() == reference.keys()
+    assert all(ours[token] == pytest.approx(p, rel=1e-9, abs=1e-15) for token, p in reference.items())
+
+
+def test_token_logprobs_match_the_whole_array():
+    logits = _vocabulary(262_144, seed=3)
+    logprob, alternatives = token_logprobs(logits, 17, 5)
+    logprobs = log_softmax(logits)
+    assert logprob == pytest.approx(float(logprobs[17]), abs=1e-12)
+    expected = top_logprobs(logprobs, 5)
+    assert [token for token, _ in alternatives] == [token for token, _ in expected]
+    assert [value for _, value in alternatives] == pytest.approx([value for _, value in expected], abs=1e-12)
 
 
 @pytest.mark.parametrize(

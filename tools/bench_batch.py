@@ -2,17 +2,20 @@
 and its shared batch, and how long a long prompt holds up the others' tokens.
 
     .venv/bin/python tools/bench_batch.py [--model smollm2-135m] [--streams 8] [--runs 5]
-        [--gen-tokens 64] [--prompt-tokens 128] [--long-prompt 1024] [--baseline llama-cpp]
+        [--gen-tokens 64] [--prompt-tokens 128] [--long-prompt 1024] [--sampling default]
+        [--baseline llama-cpp]
 
 Single: one request alone (tok/s of its decode). Concurrent: N requests submitted at once,
 each with its own prompt; aggregate tok/s is every generated token over the wall time
 from the first token to the last (and, as all_decoding, over the span where every
 stream decodes: the ramp of N prefills left out); also each request's time to first
 token, and the longest wait between two tokens of a stream while the others' prompts go
-in (burst_longest_gap_ms). The *_from_submission figures count from the submission
-instead, prefills included, on both sides: every generated token over the time until
-the last one. Single and concurrent runs alternate `--runs` times; medians are reported,
-and each concurrent run's ratio to the single run before it (*_each_run).
+in (burst_longest_gap_ms). Streams decode greedily, or with `--sampling default` through
+the node's default sampling chain (whose host-side cost then counts). The
+*_from_submission figures count from the submission instead, prefills included, on both
+sides: every generated token over the time until the last one. Single and concurrent
+runs alternate `--runs` times; medians are reported, and each concurrent run's ratio to
+the single run before it (*_each_run).
 
 Long prompt: while N-1 requests decode, one with a long prompt arrives; the others'
 longest gap between two tokens is measured with chunked prefill
@@ -24,6 +27,7 @@ the same run (a child process) for the ratio. Prints JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -43,9 +47,16 @@ from swarm.node_server import Job, Scheduler
 from swarm.paths import data_dir as default_data_dir
 from swarm.sampling import SamplingParams
 
+# How the benchmark's streams choose tokens: "greedy" (llama.cpp's baseline decodes
+# greedily too), or "default", the node's sampling chain as an API request that sets no
+# sampling fields gets it (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05).
+SAMPLING = {
+    "greedy": SamplingParams(temperature=0.0, ignore_eos=True),
+    "default": SamplingParams(ignore_eos=True, seed=0),
+}
 
-def events(generator: Generator, prompt: list[int], tokens: int, chunk: int | None):
-    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+
+def events(generator: Generator, prompt: list[int], params: SamplingParams, chunk: int | None):
     for event in generator.stream(prompt, params, prefill_chunk=chunk):
         if isinstance(event, Prefilling):
             yield {"event": "progress", "prompt": True}
@@ -70,10 +81,14 @@ def token_times(job: Job) -> list[float]:
 
 
 def run_together(
-    scheduler: Scheduler, generator: Generator, prompts: list[list[int]], tokens: int, chunk: int | None
+    scheduler: Scheduler,
+    generator: Generator,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    chunk: int | None,
 ) -> tuple[float, list[list[float]]]:
     """Submits every prompt at once; the submit time and each job's token arrival times."""
-    jobs = [Job(events(generator, prompt, tokens, chunk)) for prompt in prompts]
+    jobs = [Job(events(generator, prompt, params, chunk)) for prompt in prompts]
     times: dict[int, list[float]] = {}
     readers = [
         threading.Thread(target=lambda i=i, job=job: times.__setitem__(i, token_times(job)))
@@ -94,11 +109,11 @@ def longest_gap_during_long_prompt(
     generator: Generator,
     short: list[list[int]],
     long_prompt: list[int],
-    tokens: int,
+    params: SamplingParams,
     chunk: int | None,
 ) -> dict[str, float]:
     """Others decode; a long prompt arrives; their longest gap between tokens meanwhile."""
-    jobs = [Job(events(generator, prompt, tokens, chunk)) for prompt in short]
+    jobs = [Job(events(generator, prompt, params, chunk)) for prompt in short]
     for job in jobs:
         scheduler.submit(job)
     results: dict[int, list[float]] = {}
@@ -110,7 +125,7 @@ def longest_gap_during_long_prompt(
         reader.start()
     time.sleep(1.0)  # the others are decoding
     arrived = time.perf_counter()
-    long_job = Job(events(generator, long_prompt, 4, chunk))
+    long_job = Job(events(generator, long_prompt, dataclasses.replace(params, max_tokens=4), chunk))
     scheduler.submit(long_job)
     long_times = token_times(long_job)
     for reader in readers:
@@ -135,8 +150,14 @@ def main() -> int:
     parser.add_argument("--long-prompt", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5, help="alternated single and concurrent runs")
+    parser.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy")
     parser.add_argument("--baseline", choices=["llama-cpp"])
     args = parser.parse_args()
+    sampling = SAMPLING[args.sampling]
+
+    def params(tokens: int) -> SamplingParams:
+        return dataclasses.replace(sampling, max_tokens=tokens)
+
     model = open_model(args.model, default_data_dir(os.environ))
     engine = model.engine()
     vocab = model.config.vocab_size
@@ -150,24 +171,33 @@ def main() -> int:
     batch.warm_up()
     generator = Generator(engine, model.tokenizer, batch=batch)
     scheduler = Scheduler(max_active=args.streams, max_waiting=64)
-    report: dict = {"model": args.model, "streams": args.streams, "gen_tokens": args.gen_tokens}
+    report: dict = {
+        "model": args.model,
+        "streams": args.streams,
+        "gen_tokens": args.gen_tokens,
+        "sampling": args.sampling,
+    }
     try:
         # Compile every shape the timed runs reach (each row count and attention bound).
         run_together(
-            scheduler, generator, [prompt(i) for i in range(args.streams)], args.gen_tokens, args.chunk
+            scheduler,
+            generator,
+            [prompt(i) for i in range(args.streams)],
+            params(args.gen_tokens),
+            args.chunk,
         )
-        run_together(scheduler, generator, [prompt(args.streams)], args.gen_tokens, args.chunk)
+        run_together(scheduler, generator, [prompt(args.streams)], params(args.gen_tokens), args.chunk)
         batch.stop_preparing()  # no compile in the background while timing
         singles, aggregates, steadies, first_tokens, burst_gaps = [], [], [], [], []
         singles_whole, aggregates_whole = [], []
         for run in range(args.runs):  # alternated, so a noisy spell of the machine hits both alike
             began, (times,) = run_together(
-                scheduler, generator, [prompt(100 + run)], args.gen_tokens, args.chunk
+                scheduler, generator, [prompt(100 + run)], params(args.gen_tokens), args.chunk
             )
             singles.append((len(times) - 1) / (times[-1] - times[0]))
             singles_whole.append(len(times) / (times[-1] - began))
             prompts = [prompt(200 + run * args.streams + i) for i in range(args.streams)]
-            began, times = run_together(scheduler, generator, prompts, args.gen_tokens, args.chunk)
+            began, times = run_together(scheduler, generator, prompts, params(args.gen_tokens), args.chunk)
             start = min(t[0] for t in times)
             end = max(t[-1] for t in times)
             aggregates.append(sum(len(t) - 1 for t in times) / (end - start))
@@ -210,7 +240,7 @@ def main() -> int:
                 others = [prompt(300 + 10 * run + i) for i in range(args.streams - 1)]
                 long_prompt = prompt(900 + run + (chunk is None) * 50, args.long_prompt)
                 report[label] = longest_gap_during_long_prompt(
-                    scheduler, generator, others, long_prompt, tokens, chunk
+                    scheduler, generator, others, long_prompt, params(tokens), chunk
                 )
                 batch.stop_preparing()
     finally:
