@@ -123,8 +123,10 @@ def token_logprobs(logits: np.ndarray, token: int, count: int) -> tuple[float, l
     """The log-probability of `token` under f32[vocab] logits, and the `count` most
     likely tokens with theirs (what `log_softmax` and `top_logprobs` give, without
     building and searching the whole array of log-probabilities)."""
-    top = float(np.max(logits))
-    normalizer = top + float(np.log(np.sum(np.exp(logits.astype(np.float64) - top))))
+    top = np.max(logits)
+    # f32 exponentials (numpy vectorizes them; f64 ones cost ten times as much over a
+    # large vocabulary), summed in f64.
+    normalizer = float(top) + float(np.log(np.sum(np.exp(logits - top), dtype=np.float64)))
     alternatives = [(int(i), float(np.float64(logits[i]) - normalizer)) for i in largest(logits, count)]
     return float(np.float64(logits[token]) - normalizer), alternatives
 
@@ -202,21 +204,22 @@ class Sampler:
         strided sample's probability mass, and is lowered until the tokens above it
         hold p of the whole."""
         values = logits.astype(np.float64)
-        probs = np.exp(values - top)
-        total = probs.sum()
+        probs = np.exp(logits - np.float32(top))  # f32, as `token_logprobs` takes them
+        total = probs.sum(dtype=np.float64)
         need = self.params.top_p * total
         stride = max(1, logits.shape[0] // _SAMPLE_STRIDE_FOR)
         sample = -np.sort(-probs[::stride])
-        rank = int(np.searchsorted(np.cumsum(sample) * stride, need))
+        rank = int(np.searchsorted(np.cumsum(sample, dtype=np.float64) * stride, need))
         while True:
             rank = 2 * rank + _SAMPLE_RANK_MARGIN
             if stride == 1 or rank >= sample.shape[0]:
                 candidates = np.arange(logits.shape[0])
             else:
                 candidates = np.flatnonzero(probs >= sample[rank])
-                if probs[candidates].sum() < need:
+                if probs[candidates].sum(dtype=np.float64) < need:
                     continue
             order = np.argsort(-values[candidates], kind="stable")
             candidates = candidates[order]
-            cut = int(np.searchsorted(np.cumsum(probs[candidates] / total), self.params.top_p)) + 1
+            cumulative = np.cumsum(probs[candidates], dtype=np.float64) / total
+            cut = int(np.searchsorted(cumulative, self.params.top_p)) + 1
             return candidates[:cut], values[candidates[:cut]]
