@@ -20,7 +20,7 @@ from swarm.engine import Engine
 from swarm.errors import ContextOverflowError, InvalidRequestError
 from swarm.model import KVCache
 from swarm.prefix_cache import BLOCK_TOKENS, Block, PrefixCache, segments
-from swarm.sampling import Sampler, SamplingParams, token_logprobs
+from swarm.sampling import Sampler, SamplingParams, largest, token_logprobs
 from swarm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -233,14 +233,13 @@ class Generator:
         sampler would never pick the far tail anyway.
         """
         scan = min(CONSTRAINT_SCAN, logits.shape[0])
-        head = np.argpartition(-logits, scan - 1)[:scan]
-        order = head[np.argsort(-logits[head], kind="stable")]
+        order = largest(logits, scan)
         pieces = self.token_pieces()
         allowed = self._accepted(order, pieces, constraint)
         if not allowed and scan < logits.shape[0]:
             # A narrow schema can leave its only valid token far down the ranking
             # (a key's last letter): then look through the whole vocabulary.
-            rest = np.setdiff1d(np.arange(logits.shape[0]), head, assume_unique=True)
+            rest = np.setdiff1d(np.arange(logits.shape[0]), order, assume_unique=True)
             allowed = self._accepted(rest[np.argsort(-logits[rest], kind="stable")], pieces, constraint)
         if not allowed:
             return None
