@@ -226,7 +226,7 @@ class Generator:
         return check_prompt(self.engine, prompt_ids, max_tokens)
 
     def _constrain(self, logits: np.ndarray, constraint: Constraint) -> np.ndarray | None:
-        """`logits` with every token the constraint refuses set to -inf; None if none is left.
+        """The tokens the constraint accepts, most likely first; None if none is.
 
         Scans the most likely tokens first and stops after CONSTRAINT_KEEP acceptable
         ones: a valid continuation is almost always among the first few, and the
@@ -241,11 +241,7 @@ class Generator:
             # (a key's last letter): then look through the whole vocabulary.
             rest = np.setdiff1d(np.arange(logits.shape[0]), order, assume_unique=True)
             allowed = self._accepted(rest[np.argsort(-logits[rest], kind="stable")], pieces, constraint)
-        if not allowed:
-            return None
-        masked = np.full_like(logits, -np.inf)
-        masked[allowed] = logits[allowed]
-        return masked
+        return np.asarray(allowed, np.int64) if allowed else None
 
     @staticmethod
     def _accepted(order: np.ndarray, pieces: list[str], constraint: Constraint) -> list[int]:
@@ -383,11 +379,11 @@ class Generator:
         eog = frozenset() if params.ignore_eos else self.tokenizer.eog_ids
         for step in range(budget):
             if constraint is not None:
-                masked = self._constrain(logits, constraint)
-                if masked is None:
+                allowed = self._constrain(logits, constraint)
+                if allowed is None:
                     yield "stop"
                     return
-                token = sampler.sample(masked, history)
+                token = sampler.sample(logits, history, allowed=allowed)
                 constraint.advance(self.token_pieces()[token])
             else:
                 token = sampler.sample(logits, history)

@@ -93,8 +93,9 @@ def largest(values: np.ndarray, count: int) -> np.ndarray:
     by index: a stable sort of -values, cut to `count`.
 
     One pass over the values compares them with a cut taken from a strided sample, low
-    enough that usually more than `count` values pass it; only those are sorted. When
-    too few pass (NaNs, or a sample that missed the top), a full selection decides.
+    enough that usually somewhat more than `count` values pass it; only those are
+    sorted. When too few pass (NaNs, or a sample that missed the top) or far too many
+    (a flat run of equal values), a selection over all of them finds the cut instead.
     """
     n = values.shape[0]
     count = min(count, n)
@@ -106,10 +107,11 @@ def largest(values: np.ndarray, count: int) -> np.ndarray:
         rank = min(sample.shape[0] - 1, count * sample.shape[0] // n + _SAMPLE_RANK_MARGIN)
         cut = np.partition(sample, sample.shape[0] - 1 - rank)[sample.shape[0] - 1 - rank]
         passed = np.flatnonzero(values >= cut)
-        if passed.shape[0] >= count:
+        if count <= passed.shape[0] <= 4 * count + n // 16:
             candidates = passed
     if candidates is None:
-        candidates = np.arange(n) if count == n else np.sort(np.argpartition(-values, count - 1)[:count])
+        kth = -np.partition(-values, count - 1)[count - 1]  # the count-th largest (NaNs last)
+        candidates = np.arange(n) if np.isnan(kth) else np.flatnonzero(values >= kth)
     order = np.argsort(-values[candidates], kind="stable")[:count]
     return candidates[order]
 
@@ -152,14 +154,22 @@ class Sampler:
         )
         return logits
 
-    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
-        """logits: f32[vocab] -> token id."""
+    def sample(
+        self, logits: np.ndarray, history: Sequence[int] = (), allowed: np.ndarray | None = None
+    ) -> int:
+        """logits: f32[vocab] -> token id. With `allowed` (token ids, most likely first),
+        only those can be drawn: the chain runs over their logits alone, as it would
+        over logits with every other token at -inf."""
         params = self.params
         logits = self._penalize(np.asarray(logits, np.float32), history)
+        if allowed is not None:
+            logits = logits[allowed]
         if params.greedy:
-            return int(np.argmax(logits))
-        candidates, probs = self._distribution(logits)
-        return int(candidates[self._rng.choice(len(candidates), p=probs)])
+            chosen = int(np.argmax(logits))
+        else:
+            candidates, probs = self._distribution(logits)
+            chosen = int(candidates[self._rng.choice(len(candidates), p=probs)])
+        return chosen if allowed is None else int(allowed[chosen])
 
     def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """What a sampled draw chooses from: the tokens the chain keeps and their

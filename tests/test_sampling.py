@@ -102,6 +102,37 @@ def test_largest_with_nan_and_minus_infinity():
     assert largest(logits, 40).tolist() == np.argsort(-logits, kind="stable")[:40].tolist()
 
 
+def test_largest_in_flat_and_masked_logits():
+    flat = np.zeros(262_144, np.float32)
+    flat[[9, 70_000, 200_000]] = 1.0
+    masked = np.full(262_144, -np.inf, np.float32)
+    masked[[5, 300, 100_000]] = [1.0, 3.0, 2.0]
+    for logits in (flat, masked):
+        for count in (2, 40):
+            assert largest(logits, count).tolist() == np.argsort(-logits, kind="stable")[:count].tolist()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0),
+        SamplingParams(seed=4),
+        SamplingParams(temperature=2.0, top_k=3, top_p=1.0, min_p=0.0, seed=4),
+    ],
+)
+def test_allowed_tokens_sample_as_if_the_rest_were_minus_infinity(params):
+    logits = _vocabulary(49_152, seed=5)
+    allowed = largest(logits, 300)[[3, 7, 120, 250]]  # what a constraint accepts, best first
+    masked = np.full_like(logits, -np.inf)
+    masked[allowed] = logits[allowed]
+    ours, reference = Sampler(params), Sampler(params)
+    draws = [ours.sample(logits, allowed=allowed) for _ in range(100)]
+    assert draws == [reference.sample(masked) for _ in range(100)]
+    assert set(draws) <= set(allowed.tolist())
+    if not params.greedy:
+        assert len(set(draws)) > 1
+
+
 @pytest.mark.parametrize("size", [6, 49_152, 262_144])
 @pytest.mark.parametrize(
     "chain",
