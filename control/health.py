@@ -26,15 +26,17 @@ METRICS_TIMEOUT_S = 0.5
 RETRY_AFTER_S = 5
 
 
-def _probe(timeout_s: float) -> dict[str, Any]:
-    """The node's health answer, asked on a client that gives up after `timeout_s`.
-
-    The app's own client waits as long as a generation may take; a probe must not.
-    """
-    client = NodeClient(
+def _prober(timeout_s: float) -> NodeClient:
+    """A node client that gives up after `timeout_s`: the app's own client waits as long
+    as a generation may take; a probe must not."""
+    return NodeClient(
         application.node().socket_path, connect_timeout_s=timeout_s, request_timeout_s=timeout_s
     )
-    return client.health()
+
+
+def _probe(timeout_s: float) -> dict[str, Any]:
+    """The node's health answer, asked on a client that gives up after `timeout_s`."""
+    return _prober(timeout_s).health()
 
 
 @bp.get("/health")
@@ -74,12 +76,14 @@ def state() -> Response:
 
 @bp.get("/metrics")
 def scrape() -> Response:
+    client = _prober(METRICS_TIMEOUT_S)
     try:
-        queue = _probe(METRICS_TIMEOUT_S).get("queue") or {}
+        queue = client.health().get("queue") or {}
+        info = client.info()
     except (NodeUnavailable, NodeError):
-        queue = {}
+        queue, info = {}, None
     for state in ("active", "waiting"):
         if isinstance(queue.get(state), int | float):
             metrics.NODE_QUEUE.labels(state).set(queue[state])
-    body, content_type = metrics.render()
+    body, content_type = metrics.render(info)
     return Response(body, headers={"Content-Type": content_type})

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +23,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -83,15 +86,67 @@ class GenerationTracker:
             STREAMS_OPEN.labels(self.route).dec()
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text for a scrape (merged across workers when multiprocess)."""
+class NodeCollector:
+    """The node's own counters, read at scrape time from its info answer: how full the
+    shared decode batch is and how many rows its steps carry, and what the prefix cache
+    holds and saves. They live in the node process, so no worker keeps them."""
+
+    def __init__(self, info: dict[str, Any] | None):
+        self.models = [m for m in (info or {}).get("models", []) if isinstance(m, dict)]
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            "slots": GaugeMetricFamily(
+                "swarm_batch_slots", "Rows of the shared decode batch", labels=["model"]
+            ),
+            "in_use": GaugeMetricFamily(
+                "swarm_batch_rows_in_use", "Batch rows held by requests now", labels=["model"]
+            ),
+            "steps": CounterMetricFamily("swarm_batch_steps", "Batched decode calls run", labels=["model"]),
+            "rows": CounterMetricFamily(
+                "swarm_batch_rows",
+                "Decode steps those calls carried (rows / steps = mean batch)",
+                labels=["model"],
+            ),
+            "bytes": GaugeMetricFamily(
+                "swarm_prefix_cache_bytes", "Keys and values the prefix cache holds", labels=["model"]
+            ),
+            "hits": CounterMetricFamily(
+                "swarm_prefix_cache_hits", "Prompts that reused cached prefix blocks", labels=["model"]
+            ),
+            "misses": CounterMetricFamily(
+                "swarm_prefix_cache_misses", "Prompts that found no cached prefix", labels=["model"]
+            ),
+            "reused_tokens": CounterMetricFamily(
+                "swarm_prefix_cache_reused_tokens", "Prompt tokens not computed again", labels=["model"]
+            ),
+        }
+        for model in self.models:
+            label = [str(model.get("id", ""))]
+            for section, names in (
+                ("batch", ("slots", "in_use", "steps", "rows")),
+                ("prefix_cache", ("bytes", "hits", "misses", "reused_tokens")),
+            ):
+                values = model.get(section)
+                if not isinstance(values, dict):
+                    continue
+                for name in names:
+                    if isinstance(values.get(name), int | float):
+                        families[name].add_metric(label, values[name])
+        yield from (family for family in families.values() if family.samples)
+
+
+def render(node_info: dict[str, Any] | None = None) -> tuple[bytes, str]:
+    """The exposition text for a scrape (merged across workers when multiprocess), with
+    the node's own counters from `node_info` (its info answer; None when it is down)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
-
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    else:
+        from prometheus_client import REGISTRY as registry
+    node = CollectorRegistry()
+    node.register(NodeCollector(node_info))
+    return generate_latest(registry) + generate_latest(node), CONTENT_TYPE_LATEST
 
 
 def worker_exit(pid: int) -> None:

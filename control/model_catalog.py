@@ -176,6 +176,9 @@ def catalog(
             "error": model.get("error"),
             "architecture": model.get("architecture"),
             "context_length": model.get("context_length"),
+            # Load on the served model: its shared decode batch and its prefix cache.
+            "batch": model.get("batch"),
+            "prefix_cache": model.get("prefix_cache"),
             "n_layers": n_layers,
             "layers_here": layers_here,
             "peers": holders,

@@ -233,12 +233,24 @@ class ModelBackend:
             model["prefix_cache"] = {
                 "blocks": len(prefix),
                 "mb": round(prefix.nbytes / 2**20, 1),
+                "bytes": prefix.nbytes,
+                "budget_bytes": prefix.budget_bytes,
                 "hits": stats.hits,
                 "misses": stats.misses,
                 "reused_tokens": stats.reused_tokens,
+                "evicted_blocks": stats.evicted_blocks,
             }
             if self.generator.prefix_fetcher is not None:
                 model["prefix_cache"]["from_peers"] = self.generator.prefix_fetcher.stats.as_dict()
+        batch = self.generator.batch if self.generator is not None else None
+        if batch is not None:
+            # How full the shared decode batch is, and how many rows its steps carry.
+            model["batch"] = {
+                "slots": batch.slots,
+                "in_use": batch.in_use(),
+                "context": batch.max_capacity,
+                **batch.stats.as_dict(),
+            }
         info: dict[str, Any] = {"models": [model]}
         if self.peering is not None:
             info["peering"] = self.peering.info()

@@ -52,6 +52,23 @@ class MockBackend:
                     "layers": [0, 2],
                     "embedding_length": DIMENSIONS,
                     "aliases": ["default"],
+                    # A node's load figures (each run counted as one batched step).
+                    "batch": {
+                        "slots": 4,
+                        "in_use": 0,
+                        "context": CONTEXT,
+                        "steps": self.started_runs,
+                        "rows": self.started_runs,
+                        "mean_rows": 1.0,
+                        "widest": 1,
+                    },
+                    "prefix_cache": {
+                        "bytes": 3 * 2**20,
+                        "budget_bytes": 256 * 2**20,
+                        "hits": 2,
+                        "misses": 5,
+                        "reused_tokens": 128,
+                    },
                 }
             ]
         }

@@ -242,6 +242,7 @@ def test_models_page_shows_layers_here_and_at_peers(browser, nodes, console):
     card = page.locator(f'[data-model="{MODEL}"]')
     expect(card.locator(".badges")).to_contain_text("serving")
     expect(card.locator("tr.self")).to_contain_text("layers 0–30")
+    expect(card.locator("[data-field=load]")).to_contain_text(re.compile(r"\d+ of \d+ batch rows busy"))
     expect(card.locator("tbody")).to_contain_text("layers 15–30", timeout=30_000)
     expect(card.get_by_role("img")).to_have_attribute("aria-label", re.compile("30 of 30 layers here"))
     card.get_by_role("button", name="Pin", exact=True).click()

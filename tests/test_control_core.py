@@ -555,6 +555,10 @@ def test_metrics_add_up_across_gunicorn_workers(tmp_path):
         return found
 
     assert total("swarm_generation_tokens_total") == 24 * 4
+    # The node's own figures, once per scrape whatever the number of workers.
+    assert total("swarm_batch_slots", model="mock-1") == 4
+    assert total("swarm_batch_steps_total", model="mock-1") == 24
+    assert total("swarm_prefix_cache_reused_tokens_total", model="mock-1") == 128
     assert total("swarm_prompt_tokens_total") == 24 * 3
     assert total("swarm_http_requests_total", status="2xx") >= 24
 

@@ -48,6 +48,8 @@ def test_models_lists_the_served_model_first_with_its_layers(http):
     assert served["layers_here"] == [[0, 2]] and served["n_layers"] == 2
     assert served["coverage"] == [{"here": True, "peers": 0}, {"here": True, "peers": 0}]
     assert served["download_bytes"] == 0
+    assert served["batch"]["slots"] == 4 and served["prefix_cache"]["reused_tokens"] == 128
+    assert all(model["batch"] is None for model in models[1:])
     assert {"smollm2-135m", "gemma3-270m"} <= {model["id"] for model in models}
 
 

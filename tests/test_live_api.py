@@ -91,6 +91,36 @@ def test_openai_chat_stream_with_usage(oai):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
 
+def _scrape(live) -> dict[str, float]:
+    """/metrics as {name: value} for the lines without labels other than the model's."""
+    text = httpx2.get(f"{live.base}/metrics", headers=live.headers(), timeout=10).text
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("swarm_") and f'{{model="{MODEL}"}}' in line:
+            name, value = line.split(f'{{model="{MODEL}"}}')
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_show_the_batch_and_the_prefix_cache(live, oai):
+    system = "You are a terse assistant for a lighthouse museum. " * 12  # several cache blocks
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": CAPITAL_QUESTION}]
+    before = _scrape(live)
+    for _ in range(2):  # the second finds the first's prompt blocks
+        oai.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8)
+    after = _scrape(live)
+    assert after["swarm_batch_slots"] == 8
+    assert after["swarm_batch_rows_in_use"] == 0  # both requests are done
+    assert after["swarm_batch_steps_total"] >= before.get("swarm_batch_steps_total", 0) + 2
+    assert after["swarm_batch_rows_total"] >= after["swarm_batch_steps_total"]
+    assert after["swarm_prefix_cache_hits_total"] >= before.get("swarm_prefix_cache_hits_total", 0) + 1
+    assert (
+        after["swarm_prefix_cache_reused_tokens_total"]
+        >= before.get("swarm_prefix_cache_reused_tokens_total", 0) + 64
+    )
+    assert after["swarm_prefix_cache_bytes"] > 0
+
+
 def test_openai_tool_round_trip(oai):
     messages = [{"role": "user", "content": "What's the weather in Paris?"}]
     first = oai.chat.completions.create(

@@ -91,6 +91,27 @@ export function render(view) {
     refresh();
   }
 
+  // How busy the served model is: its shared decode batch, and what its prefix cache saves.
+  function load(model) {
+    const parts = [];
+    const batch = model.batch;
+    if (batch) {
+      parts.push(t("models.batch", { busy: batch.in_use, slots: batch.slots }));
+      if (batch.steps) parts.push(t("models.batch_rows", { rows: batch.mean_rows.toFixed(1) }));
+    }
+    const prefix = model.prefix_cache;
+    if (prefix) {
+      parts.push(
+        t("models.prefix_cache", {
+          size: formatBytes(prefix.bytes),
+          budget: formatBytes(prefix.budget_bytes),
+          tokens: formatNumber(prefix.reused_tokens),
+        }),
+      );
+    }
+    return parts.length ? h("p", { class: "hint", "data-field": "load" }, parts.join(" · ")) : null;
+  }
+
   function card(model) {
     const badges = [];
     if (model.served) badges.push(h("span", { class: `badge ${model.state || ""}` }, t(`models.serving.${model.state || "unknown"}`)));
@@ -122,6 +143,7 @@ export function render(view) {
       model.description ? h("p", { class: "hint" }, model.description) : null,
       model.error ? notice(model.error) : null,
       facts.length ? h("p", { class: "facts-line" }, facts.join(" · ")) : null,
+      load(model),
       coverageBar(model),
       holders(model),
       shards(model),
