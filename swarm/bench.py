@@ -105,8 +105,11 @@ def _measure_swarm(engine, prompt: list[int], options: BenchOptions) -> dict[str
 
 
 def _measure_llama_cpp(
-    path: str, prompt: list[int], gen_tokens: int, runs: int, threads: int
+    path: str, prompt: list[int], gen_tokens: int, runs: int, threads: int, sampled: bool = False
 ) -> dict[str, Any]:
+    """Greedy decode (argmax of each step's logits), or with `sampled` llama.cpp's own
+    sampler chain at the defaults a swarm node samples with (top-k 40, top-p 0.95,
+    min-p 0.05, temperature 0.8), so that its sampling cost counts as ours does."""
     import llama_cpp
 
     llm = llama_cpp.Llama(
@@ -126,8 +129,11 @@ def _measure_llama_cpp(
         prefill = time.perf_counter() - began
         began = time.perf_counter()
         for _ in range(gen_tokens):
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
-            llm.eval([int(np.argmax(logits))])
+            if sampled:
+                token = llm.sample(top_k=40, top_p=0.95, min_p=0.05, temp=0.8)
+            else:
+                token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+            llm.eval([token])
         return prefill, time.perf_counter() - began
 
     one_run()
@@ -138,6 +144,7 @@ def _measure_llama_cpp(
         "peak_rss_mb": _peak_rss_mb(),
         "version": llama_cpp.__version__,
         "threads": threads,
+        "sampled": sampled,
     }
 
 
@@ -151,16 +158,23 @@ def weight_bytes(weights: Any) -> int:
 
 
 def llama_cpp_baseline(
-    path: str, prompt: list[int], gen_tokens: int, runs: int, threads: int | None = None
+    path: str,
+    prompt: list[int],
+    gen_tokens: int,
+    runs: int,
+    threads: int | None = None,
+    sampled: bool = False,
 ) -> dict[str, Any]:
     """llama.cpp's prefill and decode speed on the same model and prompt, measured in a
-    child process (its peak RSS its own); SwarmError if it cannot run."""
+    child process (its peak RSS its own); SwarmError if it cannot run. Decode is greedy,
+    or with `sampled` through llama.cpp's sampler chain at a node's default settings."""
     job = {
         "path": path,
         "prompt": prompt,
         "gen_tokens": gen_tokens,
         "runs": runs,
         "threads": threads or os.cpu_count() or 1,
+        "sampled": sampled,
     }
     child = subprocess.run(
         [sys.executable, "-m", "swarm.bench", "--llama-cpp-child", json.dumps(job)],
@@ -235,7 +249,9 @@ if __name__ == "__main__":
         job = json.loads(sys.argv[2])
         print(
             json.dumps(
-                _measure_llama_cpp(job["path"], job["prompt"], job["gen_tokens"], job["runs"], job["threads"])
+                _measure_llama_cpp(
+                    job["path"], job["prompt"], job["gen_tokens"], job["runs"], job["threads"], job["sampled"]
+                )
             )
         )
     else:

@@ -21,7 +21,8 @@ Long prompt: while N-1 requests decode, one with a long prompt arrives; the othe
 longest gap between two tokens is measured with chunked prefill
 (inference.prefill_chunk) and with the prompt prefilled whole. With --baseline
 llama-cpp, llama.cpp's single-stream decode on the same model and prompt is measured in
-the same run (a child process) for the ratio. Prints JSON.
+the same run (a child process) for the ratio: greedy, or with `--sampling default`
+through llama.cpp's own sampler chain at the same settings. Prints JSON.
 """
 
 from __future__ import annotations
@@ -246,7 +247,9 @@ def main() -> int:
     finally:
         scheduler.stop()
     if args.baseline == "llama-cpp":
-        baseline = llama_cpp_baseline(str(model.path), base, args.gen_tokens, 3)
+        baseline = llama_cpp_baseline(
+            str(model.path), base, args.gen_tokens, 3, sampled=args.sampling == "default"
+        )
         report["llama_cpp_single_tok_s"] = baseline["decode_tok_s"]
         report["single_over_llama_cpp"] = report["single_tok_s"] / report["llama_cpp_single_tok_s"]
         report["aggregate_over_llama_cpp"] = report["aggregate_tok_s"] / report["llama_cpp_single_tok_s"]
