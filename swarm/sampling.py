@@ -157,12 +157,14 @@ class Sampler:
     def sample(
         self, logits: np.ndarray, history: Sequence[int] = (), allowed: np.ndarray | None = None
     ) -> int:
-        """logits: f32[vocab] -> token id. With `allowed` (token ids, most likely first),
-        only those can be drawn: the chain runs over their logits alone, as it would
+        """logits: f32[vocab] -> token id. With `allowed` (token ids), only those can be drawn: the chain runs over their logits alone, as it would
         over logits with every other token at -inf."""
         params = self.params
         logits = self._penalize(np.asarray(logits, np.float32), history)
         if allowed is not None:
+            # In token order, so that equal logits (the penalty can make them) go by
+            # token id, as they would in the whole vocabulary.
+            allowed = np.sort(np.asarray(allowed, np.int64))
             logits = logits[allowed]
         if params.greedy:
             chosen = int(np.argmax(logits))
@@ -220,12 +222,16 @@ class Sampler:
         stride = max(1, logits.shape[0] // _SAMPLE_STRIDE_FOR)
         sample = -np.sort(-probs[::stride])
         rank = int(np.searchsorted(np.cumsum(sample, dtype=np.float64) * stride, need))
+        if rank >= sample.shape[0]:
+            rank = 0  # the sample missed a dominant token: widen from the top instead
         while True:
             rank = 2 * rank + _SAMPLE_RANK_MARGIN
             if stride == 1 or rank >= sample.shape[0]:
                 candidates = np.arange(logits.shape[0])
             else:
-                candidates = np.flatnonzero(probs >= sample[rank])
+                # Probabilities that underflowed to zero hold no mass: never a reason to sort them.
+                floor = max(sample[rank], np.finfo(np.float32).tiny)
+                candidates = np.flatnonzero(probs >= floor)
                 if probs[candidates].sum(dtype=np.float64) < need:
                     continue
             order = np.argsort(-values[candidates], kind="stable")

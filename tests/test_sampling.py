@@ -102,6 +102,21 @@ def test_largest_with_nan_and_minus_infinity():
     assert largest(logits, 40).tolist() == np.argsort(-logits, kind="stable")[:40].tolist()
 
 
+def test_allowed_tokens_tie_by_token_id_after_the_penalty():
+    logits = np.array([0, 0, 0, 2.0, 0, 3.0], np.float32)
+    params = SamplingParams(temperature=0, repetition_penalty=1.5)  # 3.0 / 1.5 ties with 2.0
+    masked = np.where(np.isin(np.arange(6), [3, 5]), logits, -np.inf).astype(np.float32)
+    assert Sampler(params).sample(logits, [5], allowed=np.array([5, 3])) == 3
+    assert Sampler(params).sample(masked, [5]) == 3
+
+
+def test_top_p_finds_a_dominant_token_the_strided_sample_misses():
+    logits = (np.random.default_rng(1).standard_normal(262_144) * 2).astype(np.float32)
+    logits[7] += 25  # off the strided sample, and alone past p
+    tokens, probs = Sampler(SamplingParams(top_k=0)).distribution(logits)
+    assert tokens.tolist() == [7] and probs.tolist() == [1.0]
+
+
 def test_largest_in_flat_and_masked_logits():
     flat = np.zeros(262_144, np.float32)
     flat[[9, 70_000, 200_000]] = 1.0
