@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from swarm.errors import SwarmError
+from swarm.sampling import SamplingParams
 
 BENCH_TEXT = (
     "The history of computing is a story of people finding new ways to pool their effort. "
@@ -108,8 +109,8 @@ def _measure_llama_cpp(
     path: str, prompt: list[int], gen_tokens: int, runs: int, threads: int, sampled: bool = False
 ) -> dict[str, Any]:
     """Greedy decode (argmax of each step's logits), or with `sampled` llama.cpp's own
-    sampler chain at the defaults a swarm node samples with (top-k 40, top-p 0.95,
-    min-p 0.05, temperature 0.8), so that its sampling cost counts as ours does."""
+    sampler chain at the defaults a swarm node samples with (`SamplingParams()`), so
+    that its sampling cost counts as ours does."""
     import llama_cpp
 
     llm = llama_cpp.Llama(
@@ -121,6 +122,7 @@ def _measure_llama_cpp(
         verbose=False,
     )
     n_vocab = llm.n_vocab()
+    chain = SamplingParams()  # the node's defaults, for `sampled`
 
     def one_run() -> tuple[float, float]:
         llm.reset()
@@ -130,7 +132,9 @@ def _measure_llama_cpp(
         began = time.perf_counter()
         for _ in range(gen_tokens):
             if sampled:
-                token = llm.sample(top_k=40, top_p=0.95, min_p=0.05, temp=0.8)
+                token = llm.sample(
+                    top_k=chain.top_k, top_p=chain.top_p, min_p=chain.min_p, temp=chain.temperature
+                )
             else:
                 token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
             llm.eval([token])

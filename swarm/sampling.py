@@ -116,11 +116,6 @@ def largest(values: np.ndarray, count: int) -> np.ndarray:
     return candidates[order]
 
 
-def top_logprobs(logprobs: np.ndarray, count: int) -> list[tuple[int, float]]:
-    """The `count` most likely tokens of f64[vocab] log-probabilities, best first."""
-    return [(int(i), float(logprobs[i])) for i in largest(logprobs, count)]
-
-
 def token_logprobs(logits: np.ndarray, token: int, count: int) -> tuple[float, list[tuple[int, float]]]:
     """The log-probability of `token` under f32[vocab] logits, and the `count` most
     likely tokens with theirs (what `log_softmax` and `top_logprobs` give, without
@@ -157,8 +152,9 @@ class Sampler:
     def sample(
         self, logits: np.ndarray, history: Sequence[int] = (), allowed: np.ndarray | None = None
     ) -> int:
-        """logits: f32[vocab] -> token id. With `allowed` (token ids), only those can be drawn: the chain runs over their logits alone, as it would
-        over logits with every other token at -inf."""
+        """logits: f32[vocab] -> token id. With `allowed` (token ids), only those can be
+        drawn: the chain runs over their logits alone, as it would over logits with every
+        other token at -inf."""
         params = self.params
         logits = self._penalize(np.asarray(logits, np.float32), history)
         if allowed is not None:

@@ -629,13 +629,13 @@ class StageServer:
         with self._sessions_lock:
             self._generations_total += 1
         try:
+            # A row of a batch that embeds token ids itself (a whole-model node's own
+            # batch) takes the id: its steps then need no mixing with the node's requests.
+            embeds = session.slot is not None and getattr(session.batch.engine, "is_first", False)
             for _ in range(message.max_tokens):
                 with session.lock:
                     session.last_used = time.monotonic()
                     token = session.sampled[-1]
-                    # A row of a batch that embeds token ids itself (a whole-model node's own
-                    # batch) takes the id: its step then needs no mixing with the node's requests.
-                    embeds = session.slot is not None and getattr(session.batch.engine, "is_first", False)
                     step = np.asarray([token], np.int32) if embeds else self.embed([token])
                     logits = self._advance(session, step)
                     result = self._sample(session, logits, session.next_position)

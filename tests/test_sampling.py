@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from swarm.errors import InvalidRequestError
-from swarm.sampling import Sampler, SamplingParams, largest, log_softmax, token_logprobs, top_logprobs
+from swarm.sampling import Sampler, SamplingParams, largest, log_softmax, token_logprobs
 
 LOGITS = np.array([1.0, 3.0, 2.5, -1.0, 0.0, 2.9], np.float32)
 
@@ -55,10 +55,11 @@ def test_repetition_penalty_discourages_recent_tokens():
 
 def test_top_logprobs_are_sorted_and_normalized():
     logprobs = log_softmax(LOGITS)
-    top = top_logprobs(logprobs, 3)
+    logprob, top = token_logprobs(LOGITS, 1, 3)
     assert [token for token, _ in top] == [1, 5, 2]
     assert np.isclose(np.exp(logprobs).sum(), 1.0)
     assert top[0][1] == pytest.approx(float(logprobs[1]))
+    assert logprob == pytest.approx(float(logprobs[1]))
 
 
 def _vocabulary(size: int, seed: int) -> np.ndarray:
@@ -175,9 +176,9 @@ def test_token_logprobs_match_the_whole_array():
     logprob, alternatives = token_logprobs(logits, 17, 5)
     logprobs = log_softmax(logits)
     assert logprob == pytest.approx(float(logprobs[17]), abs=1e-6)
-    expected = top_logprobs(logprobs, 5)
-    assert [token for token, _ in alternatives] == [token for token, _ in expected]
-    assert [value for _, value in alternatives] == pytest.approx([value for _, value in expected], abs=1e-6)
+    expected = np.argsort(-logprobs, kind="stable")[:5]
+    assert [token for token, _ in alternatives] == expected.tolist()
+    assert [value for _, value in alternatives] == pytest.approx(logprobs[expected].tolist(), abs=1e-6)
 
 
 @pytest.mark.parametrize(
