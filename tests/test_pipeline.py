@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from swarm import wire
-from swarm.batching import SlotBatch
+from swarm.batching import SlotBatch, Ticket
 from swarm.engine import EngineSettings
 from swarm.generate import Generator
 from swarm.identity import Identity
@@ -187,22 +187,24 @@ def test_a_whole_model_node_s_requests_and_peers_sessions_share_its_steps(llama)
         name: threading.Thread(target=lambda name=name: results.__setitem__(name, runs[name]().token_ids))
         for name in runs
     }
-    flush = batch.flush
+    submit = batch.submit
 
-    def coalescing() -> None:
-        # While both decode, a step waits (briefly) for the other's row: which of two
-        # threads reaches the batch first is the machine's timing, not what is tested.
+    def coalescing(slot: int, inputs: np.ndarray, position: int) -> Ticket:
+        # While both decode, a queued step waits (briefly) for the other's row before it
+        # can run: which of two threads reaches the batch first is the machine's timing,
+        # not what is tested.
+        ticket = submit(slot, inputs, position)
         deadline = time.monotonic() + 0.05
         while len(batch._queued) < 2 and threads["local"].is_alive() and time.monotonic() < deadline:
             time.sleep(0.0005)
-        flush()
+        return ticket
 
     try:
         threads["peer"].start()
         deadline = time.monotonic() + 30
         while len(widths) < 3 and time.monotonic() < deadline:
             time.sleep(0.001)  # the peer's session decodes in the batch
-        batch.flush = coalescing
+        batch.submit = coalescing
         threads["local"].start()
         for thread in threads.values():
             thread.join(60)
