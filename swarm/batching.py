@@ -55,6 +55,8 @@ class BatchEngine(Protocol):
 
     def cache_rows(self, cache: Any, start: int, stop: int, slot: int = 0) -> Any: ...
 
+    def takes_token_ids(self, inputs: np.ndarray) -> bool: ...
+
     def embed_tokens(self, token_ids: np.ndarray) -> np.ndarray: ...
 
 
@@ -291,7 +293,7 @@ def _step_inputs(engine: BatchEngine, inputs: list[np.ndarray], width: int) -> n
     both kinds share a step (a node's own requests and peers' pipeline sessions, which
     arrive embedded): then the token ids are embedded here, in one call padded to the
     batch's `width` (one compiled shape), to the very rows the step's own embedding gives."""
-    ids = [index for index, value in enumerate(inputs) if np.issubdtype(value.dtype, np.integer)]
+    ids = [index for index, value in enumerate(inputs) if engine.takes_token_ids(value)]
     if ids and len(ids) < len(inputs):
         tokens = np.zeros(max(width, len(ids)), np.int32)
         tokens[: len(ids)] = [inputs[index] for index in ids]

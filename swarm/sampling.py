@@ -175,24 +175,23 @@ class Sampler:
         return self._distribution(self._penalize(np.asarray(logits, np.float32), history))
 
     def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        candidates, values = self._candidates(logits)
-        top = values.max()
+        candidates, values, top = self._candidates(logits)
         if self.params.min_p > 0:
             keep = np.exp(values - top) >= self.params.min_p
             candidates, values = candidates[keep], values[keep]
         probs = np.exp((values - top) / self.params.temperature)
         return candidates, probs / probs.sum()
 
-    def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The tokens that top-k and top-p keep, and their logits in f64; best first
-        where top-p needs the order."""
+    def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.float64]:
+        """The tokens that top-k and top-p keep, their logits in f64 (best first where
+        top-p needs the order), and the best logit (always among them)."""
         params = self.params
         vocab = logits.shape[0]
         top = np.float64(np.max(logits))
         if 0 < params.top_k < vocab:
             candidates = largest(logits, params.top_k)
         elif params.top_p < 1.0:
-            return self._nucleus(logits, top)
+            return (*self._nucleus(logits, top), top)
         elif params.min_p > 0:
             # min-p alone drops every token below min_p times the best one's
             # probability: only those at or above that logit can stay.
@@ -204,7 +203,7 @@ class Sampler:
             probs = np.exp(values - top)
             cut = int(np.searchsorted(np.cumsum(probs / probs.sum()), params.top_p)) + 1
             candidates, values = candidates[:cut], values[:cut]
-        return candidates, values
+        return candidates, values, top
 
     def _nucleus(self, logits: np.ndarray, top: np.float64) -> tuple[np.ndarray, np.ndarray]:
         """top-p over the whole vocabulary: the shortest best-first run of tokens whose

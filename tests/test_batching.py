@@ -72,6 +72,9 @@ class StandInEngine:
         cache[row, start : start + len(inputs)] = inputs
         return answer(cache[row, : start + len(inputs)]), cache
 
+    def takes_token_ids(self, inputs):
+        return np.issubdtype(np.asarray(inputs).dtype, np.integer)
+
     def step(self, inputs, positions, slots, cache):
         if self.fail_next:
             self.fail_next = False

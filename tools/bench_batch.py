@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from swarm.batching import SlotBatch
 from swarm.bench import bench_prompt, llama_cpp_baseline
+from swarm.engine import enable_compilation_cache
 from swarm.generate import Generator, Prefilling
 from swarm.loader import open_model
 from swarm.node_server import Job, Scheduler
@@ -55,6 +56,47 @@ SAMPLING = {
     "greedy": SamplingParams(temperature=0.0, ignore_eos=True),
     "default": SamplingParams(ignore_eos=True, seed=0),
 }
+
+
+class TimedEngine:
+    """The engine, with each decode step and prompt forward's wall time kept in `calls`
+    as (kind, began, ended, rows): where a concurrent run's time goes."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.calls: list[tuple[str, float, float, int]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def step(self, inputs, positions, slots, cache):
+        began = time.perf_counter()
+        out = self._engine.step(inputs, positions, slots, cache)
+        self.calls.append(("step", began, time.perf_counter(), len(slots)))
+        return out
+
+    def forward(self, inputs, start, cache, **options):
+        began = time.perf_counter()
+        out = self._engine.forward(inputs, start, cache, **options)
+        self.calls.append(("prompt", began, time.perf_counter(), len(inputs)))
+        return out
+
+
+def time_spent(calls: list[tuple[str, float, float, int]], width: int, start: float, end: float) -> dict:
+    """Of one run's engine calls: the median step of `width` rows, the host's median time
+    between two such steps (sampling, detokenizing, scheduling), the median prompt
+    forward, and how much of [start, end] passed before the first step of `width` rows."""
+    full = [(began, ended) for kind, began, ended, rows in calls if kind == "step" and rows == width]
+    prompts = [ended - began for kind, began, ended, _ in calls if kind == "prompt"]
+    between = [b[0] - a[1] for a, b in itertools.pairwise(full)]
+    ramp = (full[0][0] - start) if full else end - start
+    return {
+        "step_ms": statistics.median(e - b for b, e in full) * 1000 if full else float("nan"),
+        "host_between_steps_ms": statistics.median(between) * 1000 if between else float("nan"),
+        "prompt_forward_ms": statistics.median(prompts) * 1000 if prompts else float("nan"),
+        "ramp_ms": ramp * 1000,
+        "ramp_share": ramp / (end - start),
+    }
 
 
 def events(generator: Generator, prompt: list[int], params: SamplingParams, chunk: int | None):
@@ -148,19 +190,28 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--long-prompt", type=int, default=1024)
+    parser.add_argument(
+        "--long-prompt", type=int, default=1024, help="its length in tokens; 0 leaves that part out"
+    )
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5, help="alternated single and concurrent runs")
     parser.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy")
     parser.add_argument("--baseline", choices=["llama-cpp"])
     args = parser.parse_args()
+    for name in ("streams", "gen_tokens", "prompt_tokens", "runs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.long_prompt < 0 or args.chunk < 1:
+        parser.error("--long-prompt must be 0 or more and --chunk at least 1")
     sampling = SAMPLING[args.sampling]
 
     def params(tokens: int) -> SamplingParams:
         return dataclasses.replace(sampling, max_tokens=tokens)
 
-    model = open_model(args.model, default_data_dir(os.environ))
-    engine = model.engine()
+    data_dir = default_data_dir(os.environ)
+    enable_compilation_cache(data_dir / "cache" / "xla")  # as a node keeps its programs
+    model = open_model(args.model, data_dir)
+    engine = TimedEngine(model.engine())
     vocab = model.config.vocab_size
     base = bench_prompt(model.tokenizer, args.prompt_tokens)
 
@@ -191,16 +242,21 @@ def main() -> int:
         batch.stop_preparing()  # no compile in the background while timing
         singles, aggregates, steadies, first_tokens, burst_gaps = [], [], [], [], []
         singles_whole, aggregates_whole = [], []
+        spent_single, spent_together = [], []
         for run in range(args.runs):  # alternated, so a noisy spell of the machine hits both alike
+            engine.calls.clear()
             began, (times,) = run_together(
                 scheduler, generator, [prompt(100 + run)], params(args.gen_tokens), args.chunk
             )
             singles.append((len(times) - 1) / (times[-1] - times[0]))
             singles_whole.append(len(times) / (times[-1] - began))
+            spent_single.append(time_spent(engine.calls, 1, times[0], times[-1]))
+            engine.calls.clear()
             prompts = [prompt(200 + run * args.streams + i) for i in range(args.streams)]
             began, times = run_together(scheduler, generator, prompts, params(args.gen_tokens), args.chunk)
             start = min(t[0] for t in times)
             end = max(t[-1] for t in times)
+            spent_together.append(time_spent(engine.calls, args.streams, start, end))
             aggregates.append(sum(len(t) - 1 for t in times) / (end - start))
             aggregates_whole.append(sum(len(t) for t in times) / (end - began))
             # While every stream decodes: from the last first token to the first last token.
@@ -234,9 +290,23 @@ def main() -> int:
             "max": max(middle),
         }
         report["burst_longest_gap_ms"] = statistics.median(burst_gaps)
+        # Where the time goes (medians over the runs): the concurrent run's first-to-last
+        # window is its ramp (the other prompts' forwards, one per round) plus its steps
+        # of every stream and the host's work between them.
+        report["time_spent"] = {
+            "single": {
+                key: statistics.median(s[key] for s in spent_single)
+                for key in ("step_ms", "host_between_steps_ms")
+            },
+            "concurrent": {
+                key: statistics.median(s[key] for s in spent_together) for key in spent_together[0]
+            },
+        }
         report["batch"] = batch.stats.as_dict()
         tokens = args.gen_tokens * 2
         for label, chunk in (("long_prompt_chunked", args.chunk), ("long_prompt_whole", None)):
+            if not args.long_prompt:
+                break
             for run in range(2):  # the first compiles the long prompt's shapes
                 others = [prompt(300 + 10 * run + i) for i in range(args.streams - 1)]
                 long_prompt = prompt(900 + run + (chunk is None) * 50, args.long_prompt)
