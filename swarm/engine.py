@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,48 @@ from swarm.weights import load_range_weights
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 MIN_CACHE = 256
+# What one more forward call costs on CPU, in prompt rows: the fixed part of a call
+# (streaming every weight once, the dispatch) measured 5-9 ms against about 0.5 ms a row
+# for SmolLM2 and Gemma 3 on two cores. On a GPU a call's rows are nearly free, so
+# padding a chunk to its bucket beats any extra call.
+CPU_CALL_ROWS = 16
+
+
+def chunk_plan(total: int, buckets: tuple[int, ...], call_rows: int) -> list[tuple[int, int]]:
+    """How `total` prompt tokens go through the compiled buckets: (tokens, bucket) per
+    call, in order. Whole largest buckets go first; the rest is cut to the fewest padded
+    rows plus `call_rows` per call (a single token runs as a one-row call). A 129-token
+    prompt then runs as 128 + 1 instead of one call padded to 256, which cost twice the
+    compute on CPU."""
+    largest = buckets[-1]
+    plan = [(largest, largest)] * ((total - 1) // largest)
+    rest = total - largest * len(plan)
+    choices = _remainder_choices(buckets, call_rows)
+    while rest > 0:
+        take, bucket = choices[rest]
+        plan.append((take, bucket))
+        rest -= take
+    return plan
+
+
+@lru_cache(maxsize=8)
+def _remainder_choices(buckets: tuple[int, ...], call_rows: int) -> list[tuple[int, int]]:
+    """For n in [0, largest bucket], the first call of n tokens' cheapest plan (cost:
+    bucket rows plus call_rows per call; among equal costs, fewer calls, and the longest
+    call first)."""
+    largest = buckets[-1]
+    best: list[tuple[int, int]] = [(0, 0)]  # (cost, calls) of n tokens
+    first: list[tuple[int, int]] = [(0, 0)]
+    for n in range(1, largest + 1):
+        options = [(1, 1)] + [(min(bucket, n), bucket) for bucket in buckets]
+        scored = []
+        for take, bucket in options:
+            cost, calls = best[n - take]
+            scored.append((cost + bucket + call_rows, calls + 1, -take, bucket))
+        cost, calls, take, bucket = min(scored)
+        best.append((cost, calls))
+        first.append((-take, bucket))
+    return first
 
 
 @dataclass(frozen=True)
@@ -49,6 +91,10 @@ class EngineSettings:
     kv_cache: str = "f16"  # "f16" (as llama.cpp's default, half the memory) or "f32"
     layers: str = "auto"
     prefill_buckets: tuple[int, ...] = PREFILL_BUCKETS
+    # What one more prefill call costs, in padded rows, when a prompt is cut to the
+    # buckets (chunk_plan); None: CPU_CALL_ROWS on CPU, and on a GPU each chunk in one
+    # call padded to its bucket.
+    prefill_call_rows: int | None = None
     max_context: int | None = None  # cap below the model's context length (memory)
     # Which products and attention the forward traces: "auto" (the fastest for the
     # device) or any of kernels.ops.IMPLS ("reference": the jnp twins every kernel is
@@ -61,6 +107,11 @@ class EngineSettings:
         if self.layers == "auto":
             return jax.default_backend() == "cpu"
         return self.layers == "unroll"
+
+    def call_rows(self) -> int:
+        if self.prefill_call_rows is not None:
+            return self.prefill_call_rows
+        return CPU_CALL_ROWS if jax.default_backend() == "cpu" else 1 << 30
 
     def packed_weights(self) -> bool:
         if self.weights not in ("auto", "f32", "packed"):
@@ -213,12 +264,6 @@ class Engine:
         dtype = jnp.float16 if self.settings.kv_cache == "f16" else jnp.float32
         return model.new_cache(self.config, self.last - self.first, batch, capacity, dtype)
 
-    def _bucket(self, steps: int) -> int:
-        for bucket in self.settings.prefill_buckets:
-            if steps <= bucket:
-                return bucket
-        return self.settings.prefill_buckets[-1]
-
     def _run(
         self,
         all_logits: bool,
@@ -368,9 +413,8 @@ class Engine:
         outputs = []
         done = 0
         window = () if slot is None else (np.int32(slot),)
-        while done < total:
-            chunk = inputs[done : done + self.settings.prefill_buckets[-1]]
-            steps = 1 if len(chunk) == 1 else self._bucket(len(chunk))
+        for take, steps in chunk_plan(total, self.settings.prefill_buckets, self.settings.call_rows()):
+            chunk = inputs[done : done + take]
             padded = np.zeros((1, steps, *chunk.shape[1:]), chunk.dtype)
             padded[0, : len(chunk)] = chunk
             is_final_chunk = done + len(chunk) == total

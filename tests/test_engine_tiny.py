@@ -16,7 +16,7 @@ import pytest
 from kernels import cpu
 from kernels.qtensor import PANELS, QuantTensor
 from swarm.batching import SlotBatch
-from swarm.engine import Engine, EngineSettings
+from swarm.engine import PREFILL_BUCKETS, Engine, EngineSettings, chunk_plan
 from swarm.gguf_file import GGUFFile
 from swarm.model_config import ModelConfig
 from tests.conftest import load_fixture
@@ -118,6 +118,35 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def _plan_rows(plan: list[tuple[int, int]], call_rows: int) -> int:
+    return sum(bucket + call_rows for _, bucket in plan)
+
+
+def test_a_prompt_just_past_a_bucket_is_not_padded_to_the_next():
+    """On CPU a 129-token prompt ran as one call padded to 256 rows: twice the compute."""
+    assert chunk_plan(129, PREFILL_BUCKETS, 16) == [(128, 128), (1, 1)]
+    assert chunk_plan(300, PREFILL_BUCKETS, 16) == [(256, 256), (44, 64)]
+    assert chunk_plan(128, PREFILL_BUCKETS, 16) == [(128, 128)]
+    assert chunk_plan(100, PREFILL_BUCKETS, 16) == [(100, 128)]  # a little padding beats a call
+    # Where calls cost far more than rows (a GPU), each chunk stays one padded call.
+    assert chunk_plan(129, PREFILL_BUCKETS, 1 << 30) == [(129, 256)]
+    assert chunk_plan(1100, PREFILL_BUCKETS, 1 << 30) == [(512, 512), (512, 512), (76, 128)]
+
+
+@pytest.mark.parametrize("call_rows", [0, 3, 16, 1 << 30])
+def test_a_chunk_plan_covers_the_prompt_in_order_at_the_least_cost(call_rows):
+    buckets = (4, 8, 16)
+    for total in range(1, 60):
+        plan = chunk_plan(total, buckets, call_rows)
+        assert sum(take for take, _ in plan) == total
+        assert all(0 < take <= bucket and bucket in (1, *buckets) for take, bucket in plan)
+        assert all(take == bucket for take, bucket in plan if bucket == 1)
+        # Never dearer than padding each largest-bucket piece to its bucket, as before.
+        pieces = [min(16, total - start) for start in range(0, total, 16)]
+        padded = [(piece, 1 if piece == 1 else min(b for b in buckets if b >= piece)) for piece in pieces]
+        assert _plan_rows(plan, call_rows) <= _plan_rows(padded, call_rows)
+
+
 @pytest.mark.skipif(not cpu.available(), reason=f"{cpu.unavailable_reason()}")
 @pytest.mark.parametrize("spec_name", ["llama-tiny", "gemma3-tiny"])
 def test_kernel_engine_gives_a_position_the_same_logits_in_any_chunk(tiny_model, spec_name):
@@ -130,6 +159,26 @@ def test_kernel_engine_gives_a_position_the_same_logits_in_any_chunk(tiny_model,
     chunked = Engine.load(gguf, config, settings=EngineSettings(prefill_buckets=(4, 8)))
     logits, _ = chunked.forward(prompt, 0, chunked.new_cache(256), all_logits=True)
     np.testing.assert_array_equal(logits, expected)
+
+
+@pytest.mark.skipif(not cpu.available(), reason=f"{cpu.unavailable_reason()}")
+def test_a_prompt_cut_to_its_buckets_gives_the_logits_of_one_padded_call(tiny_model):
+    """Rows of whole buckets are the same bits; a one-row call (the decode step's
+    program) may round its last bits otherwise, as a one-token prefix-cache suffix did."""
+    gguf, config = _open(tiny_model("llama-tiny"))
+    prompt = np.asarray(load_fixture("tiny-llama-tiny")["prompt_token_ids"], np.int32)[:9]
+    results = []
+    for call_rows in (1 << 30, 0):  # [(9, 16)], then [(8, 8), (1, 1)]
+        settings = EngineSettings(prefill_buckets=(4, 8, 16), prefill_call_rows=call_rows)
+        engine = Engine.load(gguf, config, settings=settings)
+        logits, cache = engine.forward(prompt, 0, engine.new_cache(256), all_logits=True)
+        results.append((logits, np.asarray(cache.keys[:, 0, :9], np.float32)))
+    assert chunk_plan(9, (4, 8, 16), 0) == [(8, 8), (1, 1)]
+    np.testing.assert_array_equal(results[1][0][:8], results[0][0][:8])
+    np.testing.assert_array_equal(results[1][1][:, :8], results[0][1][:, :8])
+    np.testing.assert_allclose(results[1][0][8], results[0][0][8], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-3, atol=1e-3)
+    assert np.argmax(results[1][0][8]) == np.argmax(results[0][0][8])
 
 
 @pytest.mark.parametrize("spec_name", ["llama-tiny", "gemma3-tiny"])
