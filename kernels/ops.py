@@ -60,6 +60,15 @@ def _resolve(impl: str) -> str:
     return impl
 
 
+def attention_reads_visible_keys(impl: str = "auto") -> bool:
+    """Whether cache attention under `impl` reads only the keys each query sees, whatever
+    its static bound (the CPU kernel path): a wider bound then costs nothing, and one
+    compiled bound serves every position."""
+    if impl == "auto":
+        impl = _chosen.get() or "auto"
+    return _use_cpu_kernels(impl)
+
+
 def _use_cpu_kernels(impl: str) -> bool:
     """Whether `impl` runs on the `kernels.cpu` custom calls: "cpu" (raising if they
     could not be built), or "auto" on the CPU backend where they could."""

@@ -209,6 +209,9 @@ class Engine:
         self._rope_scales = (weights.rope_theta_scale, weights.rope_freq_scale)
         leaves, self._weight_tree = jax.tree_util.tree_flatten(weights)
         self._weight_leaves = tuple(leaves)
+        # Where attention reads only the visible keys, the bound is always the whole cache:
+        # one compiled program per chunk size or step width instead of one per bound.
+        self._whole_bound = ops.attention_reads_visible_keys(settings.kernels)
 
     @classmethod
     def load(
@@ -371,15 +374,15 @@ class Engine:
             self._compiled[key] = compiled
         return compiled
 
-    @staticmethod
-    def _kv_bound(end: int, steps: int, capacity: int) -> int:
+    def _kv_bound(self, end: int, steps: int, capacity: int) -> int:
         """Cache slots a chunk's attention reads: a power of two past its last position.
 
         Prompt chunks read only the slots that can be filled (a 128-token prompt in
         a 512-slot cache scores 128 keys, not 512); single decode steps read the
-        whole cache so that a generation never stops to compile a larger bound.
+        whole cache so that a generation never stops to compile a larger bound. On the
+        CPU kernels, which read only the visible keys, every chunk takes the whole cache.
         """
-        if steps == 1:
+        if steps == 1 or self._whole_bound:
             return capacity
         bound = steps
         while bound < end:
@@ -470,13 +473,14 @@ class Engine:
         out = out[:count] if in_order else out[offsets]
         return (out if self.is_last else out[:, 0]), cache
 
-    @staticmethod
-    def step_shape(count: int, position: int, capacity: int, total: int) -> tuple[int, int]:
+    def step_shape(self, count: int, position: int, capacity: int, total: int) -> tuple[int, int]:
         """(rows, attention bound) of a step over `count` consecutive rows of a `total`-row
-        cache, reaching `position`."""
+        cache, reaching `position` (the whole cache on the CPU kernels: see _kv_bound)."""
         rows = 1
         while rows < count:
             rows *= 2
+        if self._whole_bound:
+            return min(rows, total), capacity
         bound = MIN_CACHE
         while bound <= position:
             bound *= 2
