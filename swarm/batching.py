@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import weakref
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,6 +51,8 @@ class BatchEngine(Protocol):
     def step_shape(self, count: int, position: int, capacity: int, total: int) -> tuple[int, int]: ...
 
     def prepare_step(self, count: int, position: int, cache: Any) -> bool: ...
+
+    def prepare_prefill(self, steps: int, cache: Any) -> bool: ...
 
     def with_rows(self, cache: Any, keys: np.ndarray, values: np.ndarray, slot: int = 0) -> Any: ...
 
@@ -121,8 +124,8 @@ class SlotBatch:
         self._queued: dict[int, Ticket] = {}
         self._lock = threading.Lock()  # the free rows and the queue
         self._device = threading.Lock()  # one engine call on the shared cache at a time
-        self._prepared: set[tuple[int, int]] = set()  # step shapes compiled or asked for
-        self._to_prepare: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        self._prepared: set[Hashable] = set()  # step shapes and chunk sizes compiled or asked for
+        self._to_prepare: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._preparer: threading.Thread | None = None
 
     @property
@@ -186,9 +189,10 @@ class SlotBatch:
         with self._device:
             return self.engine.cache_rows(self._cache, start, stop, slot)
 
-    def warm_up(self) -> None:
+    def warm_up(self, chunks: Sequence[int] = ()) -> None:
         """Compiles the one-session step now and, on a background thread, the steps of
-        every wider batch (2, 4, ... slots), before any session joins."""
+        every wider batch (2, 4, ... slots), then the prompt chunks of each size in
+        `chunks` (the engine's buckets a prompt is cut to), before sessions need them."""
         self._reserve()
         self.engine.prepare_step(1, 0, self._cache)
         self._prepared.add(self.engine.step_shape(1, 0, self._capacity, self.slots))
@@ -196,17 +200,22 @@ class SlotBatch:
         while width < 2 * self.slots:
             self._prepare(min(width, self.slots), 0)
             width *= 2
+        for steps in chunks:
+            self._enqueue(("prefill", steps), ("prefill", steps))
 
     def _prepare(self, count: int, position: int) -> None:
         """Has the step of `count` sessions reaching `position` compiled in the background,
         once, so that sessions reaching a new attention bound or a wider batch never wait
         for a compile."""
         shape = self.engine.step_shape(count, position, self._capacity, self.slots)
+        self._enqueue(shape, ("step", count, position))
+
+    def _enqueue(self, shape: Hashable, item: tuple) -> None:
         with self._lock:  # flushes on several threads (a stage's sessions) ask at once
             if shape in self._prepared:
                 return
             self._prepared.add(shape)
-            self._to_prepare.put((count, position))
+            self._to_prepare.put(item)
             if self._preparer is None:
                 self._preparer = threading.Thread(
                     target=self._prepare_loop, name="batch-compile", daemon=True
@@ -219,10 +228,12 @@ class SlotBatch:
             item = self._to_prepare.get()
             if item is None:
                 return
-            count, position = item
             try:
-                self.engine.prepare_step(count, position, self._cache)
-            except Exception:  # the step compiles when first run instead
+                if item[0] == "prefill":
+                    self.engine.prepare_prefill(item[1], self._cache)
+                else:
+                    self.engine.prepare_step(item[1], item[2], self._cache)
+            except Exception:  # the program compiles when first run instead
                 log.exception("compiling a batch step ahead of time failed")
 
     def stop_preparing(self) -> None:

@@ -512,6 +512,28 @@ class Engine:
         )
         return True
 
+    def prepare_prefill(self, steps: int, cache: KVCache) -> bool:
+        """Compiles (without running) a prompt chunk of `steps` token ids into one row of
+        the many-session `cache`, from position 0; False if compiled already (or not a
+        first range). Safe on another thread while steps run, as prepare_step is: a
+        batch compiles its chunk sizes ahead so that no request waits for them."""
+        if not self.is_first:
+            return False
+        bound = self._kv_bound(steps, steps, cache.capacity)
+        inputs, rope = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), self._prologue((1, steps)).out_info
+        )
+        key = (inputs.shape, inputs.dtype, cache.keys.shape, False, bound, False, True)
+        if key in self._compiled:
+            return False
+        vector = jax.ShapeDtypeStruct((1,), jnp.int32)
+        abstract_cache = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), cache)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        self._compiled_for(
+            False, bound, (self._weight_leaves, inputs, vector, vector, rope, abstract_cache, scalar)
+        )
+        return True
+
     def cache_rows(
         self, cache: KVCache, start: int, stop: int, slot: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -190,7 +190,8 @@ class ModelBackend:
 
     def _warm_up(self, max_tokens: int) -> None:
         """Compiles what a first short chat needs before saying ready: its prompt bucket
-        and the decode step, at the cache size the default max_tokens gives."""
+        and the decode step, at the cache size the default max_tokens gives; a batch
+        then compiles its other programs in the background."""
         from swarm.sampling import SamplingParams
 
         text = self.opened.chat_template.render([{"role": "user", "content": "Hello!"}])
@@ -201,7 +202,11 @@ class ModelBackend:
             pass
         steps.close()
         if self.generator.batch is not None:
-            self.generator.batch.warm_up()
+            # In the background: the wider steps, and every chunk size a prompt is cut to.
+            chunk = self.config.inference.prefill_chunk
+            buckets = self.engine.settings.prefill_buckets
+            largest = next((b for b in buckets if b >= chunk), buckets[-1]) if chunk else buckets[-1]
+            self.generator.batch.warm_up([b for b in buckets if b <= largest])
 
     @property
     def model_id(self) -> str:

@@ -96,6 +96,10 @@ class StandInEngine:
         self.prepared.append(self.step_shape(count, position, cache.shape[1], cache.shape[0]))
         return True
 
+    def prepare_prefill(self, steps, cache):
+        self.prepared.append(("prefill", steps))
+        return True
+
     def with_rows(self, cache, keys, values, slot=0):
         cache[slot, : keys.shape[1]] = keys[0]
         return cache
@@ -169,14 +173,15 @@ def test_the_shared_cache_is_allocated_once_when_the_first_session_joins():
 def test_the_steps_sessions_will_need_next_are_compiled_ahead_in_the_background():
     engine = StandInEngine()  # its step shapes: (sessions, position // 256)
     batch = SlotBatch(engine, slots=4, max_capacity=1024)
-    batch.warm_up()
+    batch.warm_up([16, 32])
     assert engine.prepared[0] == (1, 0)  # the lone session's step, before returning
     slot, logits = prefilled(batch, list(range(1, 180)))
     token = int(np.argmax(logits))
     for position in range(179, 200):
         token = int(np.argmax(batch.run(slot, token, position)))
     deadline = time.monotonic() + 5
-    wanted = {(1, 0), (2, 0), (4, 0), (1, 1)}  # widths at start; the next bound coming up
+    # Widths at start, the prompt chunk sizes, and the next bound coming up.
+    wanted = {(1, 0), (2, 0), (4, 0), ("prefill", 16), ("prefill", 32), (1, 1)}
     while not wanted <= set(engine.prepared) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert wanted <= set(engine.prepared)

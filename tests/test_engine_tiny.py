@@ -201,6 +201,24 @@ def test_a_prepared_step_runs_without_compiling(tiny_model, spec_name):
         assert engine.compile_seconds == compiled, layers
 
 
+def test_a_prepared_prompt_chunk_runs_without_compiling(tiny_model):
+    """What a batch compiles ahead for prompts (prepare_prefill) is what a chunk of that
+    size needs in any row and from any position, prologue included."""
+    gguf, config = _open(tiny_model("llama-tiny"))
+    engine = Engine.load(gguf, config, settings=EngineSettings(prefill_buckets=(4, 8)))
+    cache = engine.new_cache(256, 4)
+    assert engine.prepare_prefill(8, cache) and engine.prepare_prefill(4, cache)
+    assert not engine.prepare_prefill(8, cache)  # once
+    compiled = engine.compile_seconds
+    out, cache = engine.forward(np.arange(1, 13, dtype=np.int32), 0, cache, slot=2)  # 8 + 4
+    assert np.isfinite(out).all()
+    if engine._whole_bound:  # on other paths a chunk further on reads a wider bound
+        out, cache = engine.forward(np.arange(1, 9, dtype=np.int32), 40, cache, slot=1)
+    assert engine.compile_seconds == compiled
+    split = Engine.load(gguf, config, (1, config.n_layers))
+    assert not split.prepare_prefill(8, split.new_cache(256, 4))  # hidden states come from peers
+
+
 @pytest.mark.parametrize("spec_name", SPECS)
 def test_scanned_and_unrolled_layers_agree(tiny_model, spec_name):
     """The scan (GPU default) and the unrolled loop (CPU default) compute the same model.
