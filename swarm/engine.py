@@ -9,6 +9,7 @@ returns hidden states.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,7 +204,10 @@ class Engine:
         self.settings = settings
         self.max_context = min(config.context_length, settings.max_context or config.context_length)
         self.compile_seconds = 0.0
+        self.compiles = 0  # forward programs compiled (not counting prologues)
         self._compiled: dict[tuple, object] = {}
+        self._compiling: dict[tuple, threading.Event] = {}  # keys being compiled, by any thread
+        self._compile_lock = threading.Lock()
         self._prologues: dict[tuple[int, int, bool], object] = {}  # per [B, T], embedding or not
         self._embed_tokens: Any = None  # compiled on first use
         self._rope_scales = (weights.rope_theta_scale, weights.rope_freq_scale)
@@ -346,12 +350,24 @@ class Engine:
         return compiled
 
     def _compiled_for(self, all_logits: bool, kv_bound: int, args: tuple, hidden: bool = False):
-        """The compiled forward for these arguments (arrays or ShapeDtypeStructs alike)."""
+        """The compiled forward for these arguments (arrays or ShapeDtypeStructs alike).
+
+        Compiled once: a caller asking for a program another thread is compiling (a
+        batch's background compile) waits for it instead of compiling it again."""
         inputs, cache = args[1], args[5]
         windowed = len(args) > 6
         key = (inputs.shape, inputs.dtype, cache.keys.shape, all_logits, kv_bound, hidden, windowed)
-        compiled = self._compiled.get(key)
-        if compiled is None:
+        while True:
+            with self._compile_lock:
+                compiled = self._compiled.get(key)
+                if compiled is not None:
+                    return compiled
+                underway = self._compiling.get(key)
+                if underway is None:
+                    underway = self._compiling[key] = threading.Event()
+                    break
+            underway.wait()  # then take its program, or compile here if that one failed
+        try:
             began = time.perf_counter()
             produces_logits = self.is_last and not hidden
             with ops.implementation(self.settings.kernels):
@@ -370,9 +386,15 @@ class Engine:
                     .lower(*args)
                     .compile()
                 )
-            self.compile_seconds += time.perf_counter() - began
-            self._compiled[key] = compiled
-        return compiled
+            with self._compile_lock:
+                self.compile_seconds += time.perf_counter() - began
+                self.compiles += 1
+                self._compiled[key] = compiled
+            return compiled
+        finally:
+            with self._compile_lock:
+                del self._compiling[key]
+            underway.set()
 
     def _kv_bound(self, end: int, steps: int, capacity: int) -> int:
         """Cache slots a chunk's attention reads: a power of two past its last position.

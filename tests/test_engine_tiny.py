@@ -8,6 +8,7 @@ rebuild the same GGUF, run our engine on the same token ids, and compare.
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import jax
 import numpy as np
@@ -217,6 +218,30 @@ def test_a_prepared_prompt_chunk_runs_without_compiling(tiny_model):
     assert engine.compile_seconds == compiled
     split = Engine.load(gguf, config, (1, config.n_layers))
     assert not split.prepare_prefill(8, split.new_cache(256, 4))  # hidden states come from peers
+
+
+def test_a_program_two_threads_want_at_once_compiles_once(tiny_model):
+    """A request needing the chunk a batch is compiling in the background waits for
+    that compile instead of running a second one beside it."""
+    gguf, config = _open(tiny_model("llama-tiny"))
+    engine = Engine.load(gguf, config, settings=EngineSettings(prefill_buckets=(4, 8)))
+    cache = engine.new_cache(256, 4)
+    engine.prepare_prefill(4, cache)  # the prologues, so that both threads race for the layers only
+    start = threading.Barrier(3)
+    results = []
+
+    def want() -> None:
+        start.wait()
+        results.append(engine.prepare_prefill(8, cache))
+
+    threads = [threading.Thread(target=want) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert engine.compiles == 2  # the 4-row chunk, then the 8-row one once
+    out, cache = engine.forward(np.arange(1, 9, dtype=np.int32), 0, cache, slot=0)
+    assert engine.compiles == 2 and np.isfinite(out).all()
 
 
 @pytest.mark.parametrize("spec_name", SPECS)
