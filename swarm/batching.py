@@ -190,18 +190,19 @@ class SlotBatch:
             return self.engine.cache_rows(self._cache, start, stop, slot)
 
     def warm_up(self, chunks: Sequence[int] = ()) -> None:
-        """Compiles the one-session step now and, on a background thread, the steps of
-        every wider batch (2, 4, ... slots), then the prompt chunks of each size in
-        `chunks` (the engine's buckets a prompt is cut to), before sessions need them."""
+        """Compiles the one-session step now and, on a background thread, the prompt
+        chunks of each size in `chunks` (the engine's buckets a prompt is cut to: every
+        request needs some), then the steps of every wider batch (2, 4, ... slots),
+        before sessions need them."""
         self._reserve()
         self.engine.prepare_step(1, 0, self._cache)
         self._prepared.add(self.engine.step_shape(1, 0, self._capacity, self.slots))
+        for steps in chunks:
+            self._enqueue(("prefill", steps), ("prefill", steps))
         width = 2
         while width < 2 * self.slots:
             self._prepare(min(width, self.slots), 0)
             width *= 2
-        for steps in chunks:
-            self._enqueue(("prefill", steps), ("prefill", steps))
 
     def _prepare(self, count: int, position: int) -> None:
         """Has the step of `count` sessions reaching `position` compiled in the background,
