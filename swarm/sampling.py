@@ -101,6 +101,10 @@ def largest(values: np.ndarray, count: int) -> np.ndarray:
     count = min(count, n)
     if count <= 0:
         return np.zeros(0, np.int64)
+    if count <= _GROUPED_COUNT and n >= _GROUPED_MIN:
+        found = _largest_by_groups(values, count)
+        if found is not None:
+            return found
     candidates = None
     if n > _SAMPLE_STRIDE_FOR:
         sample = values[:: n // _SAMPLE_STRIDE_FOR]
@@ -114,6 +118,44 @@ def largest(values: np.ndarray, count: int) -> np.ndarray:
         candidates = np.arange(n) if np.isnan(kth) else np.flatnonzero(values >= kth)
     order = np.argsort(-values[candidates], kind="stable")[:count]
     return candidates[order]
+
+
+# A few largest of a large vocabulary (the default top-k, logprobs) come from its groups'
+# maxima: one pass that reads the logits (fresh from the device, so from memory) once.
+_GROUPED_COUNT = 64
+_GROUPED_MIN = 16_384
+_GROUP_ROWS = 64
+
+
+def _largest_by_groups(values: np.ndarray, count: int) -> np.ndarray | None:
+    """`largest` from groups' maxima, or None where another way suits better.
+
+    The values are cut into groups (group j: positions j, j + c, j + 2c, ..., c =
+    n // _GROUP_ROWS; the last n % _GROUP_ROWS values stay apart). The count-th largest
+    group maximum t is at most the count-th largest value, so every value of the cut is
+    at least t, and lies in a group whose maximum is at least t: only those groups, and
+    the values apart, are compared with t, and the few that pass sorted. NaNs never
+    pass (a group's maximum ignores them), as they rank last in the sort.
+    """
+    n = values.shape[0]
+    columns = n // _GROUP_ROWS
+    if count > columns:
+        return None
+    head = values[: _GROUP_ROWS * columns].reshape(_GROUP_ROWS, columns)
+    maxima = np.fmax.reduce(head, axis=0)
+    if np.isnan(maxima).any():
+        return None  # a group of NaNs alone, which the selection would rank first
+    cut = np.partition(maxima, columns - count)[columns - count]
+    groups = np.flatnonzero(maxima >= cut)
+    if groups.shape[0] > 4 * count:
+        return None  # a flat run of equal values: a selection over all suits better
+    rows, at = np.nonzero(head[:, groups] >= cut)
+    candidates = rows * columns + groups[at]
+    if _GROUP_ROWS * columns < n:
+        rest = np.flatnonzero(values[_GROUP_ROWS * columns :] >= cut) + _GROUP_ROWS * columns
+        candidates = np.concatenate([candidates, rest])
+    candidates.sort()  # by index, so that the stable sort below ties by index
+    return candidates[np.argsort(-values[candidates], kind="stable")[:count]]
 
 
 def token_logprobs(logits: np.ndarray, token: int, count: int) -> tuple[float, list[tuple[int, float]]]:
@@ -187,16 +229,21 @@ class Sampler:
         top-p needs the order), and the best logit (always among them)."""
         params = self.params
         vocab = logits.shape[0]
-        top = np.float64(np.max(logits))
         if 0 < params.top_k < vocab:
+            # The best logit is the first of the top k: no pass over the logits (fresh
+            # from the device, so read from memory) to find it. NaNs rank last there.
             candidates = largest(logits, params.top_k)
+            top = np.float64(logits[candidates[0]])
         elif params.top_p < 1.0:
+            top = np.float64(np.max(logits))
             return (*self._nucleus(logits, top), top)
         elif params.min_p > 0:
+            top = np.float64(np.max(logits))
             # min-p alone drops every token below min_p times the best one's
             # probability: only those at or above that logit can stay.
             candidates = np.flatnonzero(logits >= top + np.log(params.min_p) - 1e-6)
         else:
+            top = np.float64(np.max(logits))
             candidates = np.arange(vocab)
         values = logits[candidates].astype(np.float64)
         if params.top_p < 1.0:

@@ -103,6 +103,30 @@ def test_largest_with_nan_and_minus_infinity():
     assert largest(logits, 40).tolist() == np.argsort(-logits, kind="stable")[:40].tolist()
 
 
+@pytest.mark.parametrize("size", [16_384, 20_000, 50_000, 262_144])
+@pytest.mark.parametrize(
+    "pattern", ["plain", "ties", "nan", "nan group", "minus infinity", "best in the tail"]
+)
+def test_largest_of_a_large_vocabulary_by_groups(size, pattern):
+    """The few largest of a large vocabulary come from groups' maxima: the same stable
+    cut, whatever ties, NaNs (alone in a group too) and -inf the logits hold."""
+    logits = _vocabulary(size, seed=size)
+    columns = size // 64
+    if pattern == "ties":
+        logits = np.round(logits).astype(np.float32)  # long runs of equal values
+    elif pattern == "nan":
+        logits[::97] = np.nan
+    elif pattern == "nan group":
+        logits[5 : 64 * columns : columns] = np.nan  # every value of one group
+    elif pattern == "minus infinity":
+        logits[np.arange(size) % 5 != 0] = -np.inf
+    elif pattern == "best in the tail":
+        logits[-3:] = logits.max() + np.array([1, 3, 1], np.float32)
+    expected = np.argsort(-logits, kind="stable")
+    for count in (1, 7, 40, 64):
+        assert largest(logits, count).tolist() == expected[:count].tolist(), count
+
+
 def test_allowed_tokens_tie_by_token_id_after_the_penalty():
     logits = np.array([0, 0, 0, 2.0, 0, 3.0], np.float32)
     params = SamplingParams(temperature=0, repetition_penalty=1.5)  # 3.0 / 1.5 ties with 2.0
