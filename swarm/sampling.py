@@ -92,9 +92,10 @@ def largest(values: np.ndarray, count: int) -> np.ndarray:
     """Indices of the `count` largest of f32|f64[n] values, largest first, equal values
     by index: a stable sort of -values, cut to `count`.
 
-    One pass over the values compares them with a cut taken from a strided sample, low
-    enough that usually somewhat more than `count` values pass it; only those are
-    sorted. When too few pass (NaNs, or a sample that missed the top) or far too many
+    A few of a large vocabulary come from groups' maxima (`_largest_by_groups`).
+    Otherwise one pass over the values compares them with a cut taken from a strided
+    sample, low enough that usually somewhat more than `count` values pass it; only
+    those are sorted. When too few pass (NaNs, or a sample that missed the top) or far too many
     (a flat run of equal values), a selection over all of them finds the cut instead.
     """
     n = values.shape[0]
