@@ -9,6 +9,7 @@ returns hidden states.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,11 +33,13 @@ from swarm.weights import load_range_weights
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 MIN_CACHE = 256
-# What one more forward call costs on CPU, in prompt rows: the fixed part of a call
-# (streaming every weight once, the dispatch) measured 5-9 ms against about 0.5 ms a row
-# for SmolLM2 and Gemma 3 on two cores. On a GPU a call's rows are nearly free, so
-# padding a chunk to its bucket beats any extra call.
-CPU_CALL_ROWS = 16
+# What one more forward call costs on CPU, in prompt rows, per core: the fixed part of a
+# call (streaming every weight once, the dispatch) measured 5-9 ms against about 0.5 ms
+# a row for SmolLM2 and Gemma 3 on two cores, so 16 rows there. A row's compute spreads
+# over the cores while the weights stream no faster, so more cores make a call dearer in
+# rows. On a GPU a call's rows are nearly free: padding a chunk to its bucket beats any
+# extra call.
+CPU_CALL_ROWS_PER_CORE = 8
 
 
 def chunk_plan(total: int, buckets: tuple[int, ...], call_rows: int) -> list[tuple[int, int]]:
@@ -93,8 +96,8 @@ class EngineSettings:
     layers: str = "auto"
     prefill_buckets: tuple[int, ...] = PREFILL_BUCKETS
     # What one more prefill call costs, in padded rows, when a prompt is cut to the
-    # buckets (chunk_plan); None: CPU_CALL_ROWS on CPU, and on a GPU each chunk in one
-    # call padded to its bucket.
+    # buckets (chunk_plan); None: CPU_CALL_ROWS_PER_CORE times the usable cores on CPU,
+    # and on a GPU each chunk in one call padded to its bucket.
     prefill_call_rows: int | None = None
     max_context: int | None = None  # cap below the model's context length (memory)
     # Which products and attention the forward traces: "auto" (the fastest for the
@@ -112,7 +115,9 @@ class EngineSettings:
     def call_rows(self) -> int:
         if self.prefill_call_rows is not None:
             return self.prefill_call_rows
-        return CPU_CALL_ROWS if jax.default_backend() == "cpu" else 1 << 30
+        if jax.default_backend() != "cpu":
+            return 1 << 30
+        return CPU_CALL_ROWS_PER_CORE * len(os.sched_getaffinity(0))
 
     def packed_weights(self) -> bool:
         if self.weights not in ("auto", "f32", "packed"):

@@ -134,6 +134,18 @@ def test_a_prompt_just_past_a_bucket_is_not_padded_to_the_next():
     assert chunk_plan(1100, PREFILL_BUCKETS, 1 << 30) == [(512, 512), (512, 512), (76, 128)]
 
 
+def test_a_call_costs_more_rows_on_more_cores(monkeypatch):
+    """A row's compute spreads over the cores, a call's weight streaming does not: on two
+    cores a 200-token prompt runs as 128 + 64 + 16, on sixteen as one call of 256."""
+    settings = EngineSettings()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(2)))
+    assert settings.call_rows() == 16
+    assert chunk_plan(200, PREFILL_BUCKETS, settings.call_rows()) == [(128, 128), (64, 64), (8, 16)]
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert chunk_plan(200, PREFILL_BUCKETS, settings.call_rows()) == [(200, 256)]
+    assert EngineSettings(prefill_call_rows=0).call_rows() == 0
+
+
 @pytest.mark.parametrize("call_rows", [0, 3, 16, 1 << 30])
 def test_a_chunk_plan_covers_the_prompt_in_order_at_the_least_cost(call_rows):
     buckets = (4, 8, 16)
