@@ -172,6 +172,11 @@ def _forward_leaves(
     return _forward(config, is_last, all_logits, kv_bound, jax.tree_util.tree_unflatten(tree, leaves), *args)
 
 
+def _abstract(tree: Any) -> Any:
+    """The shapes and dtypes of a tree of arrays, to compile for without any data."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), tree)
+
+
 def enable_compilation_cache(directory: Path) -> None:
     """Keep compiled programs on disk so the next start skips the XLA compile.
 
@@ -354,14 +359,20 @@ class Engine:
         self._prologues[(batch, steps, embeds)] = compiled
         return compiled
 
+    @staticmethod
+    def _program_key(all_logits: bool, kv_bound: int, args: tuple, hidden: bool = False) -> tuple:
+        """What tells one compiled forward from another: its arguments' shapes and the
+        options traced into it."""
+        inputs, cache = args[1], args[5]
+        windowed = len(args) > 6
+        return (inputs.shape, inputs.dtype, cache.keys.shape, all_logits, kv_bound, hidden, windowed)
+
     def _compiled_for(self, all_logits: bool, kv_bound: int, args: tuple, hidden: bool = False):
         """The compiled forward for these arguments (arrays or ShapeDtypeStructs alike).
 
         Compiled once: a caller asking for a program another thread is compiling (a
         batch's background compile) waits for it instead of compiling it again."""
-        inputs, cache = args[1], args[5]
-        windowed = len(args) > 6
-        key = (inputs.shape, inputs.dtype, cache.keys.shape, all_logits, kv_bound, hidden, windowed)
+        key = self._program_key(all_logits, kv_bound, args, hidden)
         while True:
             with self._compile_lock:
                 compiled = self._compiled.get(key)
@@ -521,22 +532,22 @@ class Engine:
         if self.is_first:  # a step of hidden states too (a peer's session among local ones)
             self._prologue((rows, 1), embeds=False)
         # The layers take what the prologue produces: its output shapes are their inputs'.
-        produced = jax.tree.map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), self._prologue((rows, 1)).out_info
-        )
+        produced = _abstract(self._prologue((rows, 1)).out_info)
         if self.is_first:
             inputs, rope = produced
         else:
             inputs, rope = jax.ShapeDtypeStruct((rows, 1, self.config.d_model), jnp.float32), produced
-        vector = jax.ShapeDtypeStruct((rows,), jnp.int32)
-        abstract_cache = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), cache)
-        key = (inputs.shape, inputs.dtype, cache.keys.shape, False, bound, False, True)
-        if key in self._compiled:
-            return False
+        return self._prepare_windowed(inputs, rope, bound, cache)
+
+    def _prepare_windowed(self, inputs: Any, rope: Any, bound: int, cache: KVCache) -> bool:
+        """Compiles the forward of `inputs` (f32[B, T, d] as a ShapeDtypeStruct) over a
+        window of `cache`'s rows, as `_run` calls it; False if compiled already."""
+        vector = jax.ShapeDtypeStruct((inputs.shape[0],), jnp.int32)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        self._compiled_for(
-            False, bound, (self._weight_leaves, inputs, vector, vector, rope, abstract_cache, scalar)
-        )
+        args = (self._weight_leaves, inputs, vector, vector, rope, _abstract(cache), scalar)
+        if self._program_key(False, bound, args) in self._compiled:
+            return False
+        self._compiled_for(False, bound, args)
         return True
 
     def prepare_prefill(self, steps: int, cache: KVCache) -> bool:
@@ -547,19 +558,8 @@ class Engine:
         if not self.is_first:
             return False
         bound = self._kv_bound(steps, steps, cache.capacity)
-        inputs, rope = jax.tree.map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), self._prologue((1, steps)).out_info
-        )
-        key = (inputs.shape, inputs.dtype, cache.keys.shape, False, bound, False, True)
-        if key in self._compiled:
-            return False
-        vector = jax.ShapeDtypeStruct((1,), jnp.int32)
-        abstract_cache = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), cache)
-        scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        self._compiled_for(
-            False, bound, (self._weight_leaves, inputs, vector, vector, rope, abstract_cache, scalar)
-        )
-        return True
+        inputs, rope = _abstract(self._prologue((1, steps)).out_info)
+        return self._prepare_windowed(inputs, rope, bound, cache)
 
     def cache_rows(
         self, cache: KVCache, start: int, stop: int, slot: int = 0

@@ -235,17 +235,16 @@ class Sampler:
             # from the device, so read from memory) to find it. NaNs rank last there.
             candidates = largest(logits, params.top_k)
             top = np.float64(logits[candidates[0]])
-        elif params.top_p < 1.0:
-            top = np.float64(np.max(logits))
-            return (*self._nucleus(logits, top), top)
-        elif params.min_p > 0:
-            top = np.float64(np.max(logits))
-            # min-p alone drops every token below min_p times the best one's
-            # probability: only those at or above that logit can stay.
-            candidates = np.flatnonzero(logits >= top + np.log(params.min_p) - 1e-6)
         else:
             top = np.float64(np.max(logits))
-            candidates = np.arange(vocab)
+            if params.top_p < 1.0:
+                return (*self._nucleus(logits, top), top)
+            if params.min_p > 0:
+                # min-p alone drops every token below min_p times the best one's
+                # probability: only those at or above that logit can stay.
+                candidates = np.flatnonzero(logits >= top + np.log(params.min_p) - 1e-6)
+            else:
+                candidates = np.arange(vocab)
         values = logits[candidates].astype(np.float64)
         if params.top_p < 1.0:
             probs = np.exp(values - top)
