@@ -42,6 +42,14 @@ MIN_CACHE = 256
 CPU_CALL_ROWS_PER_CORE = 8
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (which containers narrow) where
+    the OS has one (not macOS), else every CPU."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def chunk_plan(total: int, buckets: tuple[int, ...], call_rows: int) -> list[tuple[int, int]]:
     """How `total` prompt tokens go through the compiled buckets: (tokens, bucket) per
     call, in order. Whole largest buckets go first; the rest is cut to the fewest padded
@@ -117,7 +125,7 @@ class EngineSettings:
             return self.prefill_call_rows
         if jax.default_backend() != "cpu":
             return 1 << 30
-        return CPU_CALL_ROWS_PER_CORE * len(os.sched_getaffinity(0))
+        return CPU_CALL_ROWS_PER_CORE * usable_cpus()
 
     def packed_weights(self) -> bool:
         if self.weights not in ("auto", "f32", "packed"):

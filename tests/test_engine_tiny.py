@@ -144,6 +144,10 @@ def test_a_call_costs_more_rows_on_more_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     assert chunk_plan(200, PREFILL_BUCKETS, settings.call_rows()) == [(200, 256)]
     assert EngineSettings(prefill_call_rows=0).call_rows() == 0
+    # Where the OS has no affinity mask (macOS), every CPU counts.
+    monkeypatch.delattr("os.sched_getaffinity")
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert settings.call_rows() == 32
 
 
 @pytest.mark.parametrize("call_rows", [0, 3, 16, 1 << 30])
