@@ -70,13 +70,20 @@ def attention_reads_visible_keys(impl: str = "auto") -> bool:
 
 
 def _use_cpu_kernels(impl: str) -> bool:
-    """Whether `impl` runs on the `kernels.cpu` custom calls: "cpu" (raising if they
-    could not be built), or "auto" on the CPU backend where they could."""
+    """Whether `impl` runs its packed products on the `kernels.cpu` custom call: "cpu"
+    (raising if it could not be built), or "auto" on the CPU backend where it could."""
     if impl == "cpu":
         if not cpu.available():
             raise RuntimeError(cpu.unavailable_reason())
         return True
     return impl == "auto" and jax.default_backend() == "cpu" and cpu.available()
+
+
+def _use_cpu_fused(impl: str) -> bool:
+    """Whether `impl` runs RMS norms and SwiGLU on the `kernels.cpu` custom calls too:
+    where the products do and the CPU has the AVX-512 build, which holds them (elsewhere
+    they run in jnp beside the portable matmul and attention)."""
+    return _use_cpu_kernels(impl) and cpu.fused_available()
 
 
 def _use_cpu_kernel(impl: str, w: QuantTensor) -> bool:
@@ -91,7 +98,12 @@ def arrange(w: jax.Array | QuantTensor, *, impl: str = "auto") -> jax.Array | Qu
     run on are permuted once here, at load time; every other path and weight is
     returned as it is.  Any layout gives the same products on every path.
     """
-    if isinstance(w, QuantTensor) and _use_cpu_kernel(impl, w) and w.can_use_panels():
+    if (
+        isinstance(w, QuantTensor)
+        and _use_cpu_kernel(impl, w)
+        and cpu.fused_available()
+        and w.can_use_panels()
+    ):
         return w.to_panels()
     return w
 
@@ -172,6 +184,7 @@ def matmuls(x: jax.Array, ws: list[jax.Array | QuantTensor], *, impl: str = "aut
     that quantizes x once; every other path multiplies them one by one."""
     if impl == "auto":
         impl = _chosen.get() or "auto"
+    x = jnp.asarray(x, jnp.float32)
     outputs: list[jax.Array] = []
     index = 0
     while index < len(ws):
@@ -183,7 +196,6 @@ def matmuls(x: jax.Array, ws: list[jax.Array | QuantTensor], *, impl: str = "aut
             outputs.append(matmul(x, ws[index], impl=impl))
         else:
             group = ws[index : index + run]
-            x = jnp.asarray(x, jnp.float32)
             for w in group:
                 _check_fits(x, w)
             outputs.extend(_cpu_products(x, group))
@@ -283,7 +295,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, impl: str = "auto")
         impl = _chosen.get() or "auto"
     x = jnp.asarray(x, jnp.float32)
     weight = jnp.asarray(weight, jnp.float32)
-    if _use_cpu_kernels(impl):
+    if _use_cpu_fused(impl):
         return cpu.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
@@ -299,7 +311,7 @@ def gated(activation: str, gate: jax.Array, up: jax.Array, *, impl: str = "auto"
     gate = jnp.asarray(gate, jnp.float32)
     up = jnp.asarray(up, jnp.float32)
     if activation == "silu":
-        if _use_cpu_kernels(impl):
+        if _use_cpu_fused(impl):
             return cpu.swiglu(gate, up)
         return jax.nn.silu(gate) * up
     if activation == "gelu_tanh":

@@ -161,6 +161,19 @@ def weight_bytes(weights: Any) -> int:
     return sum(int(leaf.nbytes) for leaf in unique.values())
 
 
+def kernels_in_use() -> str:
+    """What runs the products: "cpu avx512-vnni", "cpu portable", "cpu xla" (no kernel
+    library could be built), or the accelerator backend's name."""
+    import jax
+
+    from kernels import cpu
+
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return backend
+    return f"cpu {cpu.isa() or 'xla'}"
+
+
 def llama_cpp_baseline(
     path: str,
     prompt: list[int],
@@ -205,6 +218,7 @@ def run_bench(model_name: str, data_dir: Path, settings, options: BenchOptions) 
     report["weights_mb"] = weight_bytes(engine.weights) / 2**20
     report["gguf_tensor_mb"] = sum(t.nbytes for t in model.gguf.tensors.values()) / 2**20
     report["weights_over_gguf"] = report["weights_mb"] / report["gguf_tensor_mb"]
+    report["kernels"] = kernels_in_use()
     report["prompt_tokens"] = len(prompt)
     report["gen_tokens"] = options.gen_tokens
     report["runs"] = options.runs
@@ -225,6 +239,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"model {report['model']}: {report['prompt_tokens']}-token prompt, "
         f"{report['gen_tokens']} generated, median of {report['runs']} runs"
+        + (f", kernels {report['kernels']}" if "kernels" in report else "")
     ]
     header = f"{'':<12}{'prefill tok/s':>15}{'decode tok/s':>15}{'peak RSS MB':>13}"
     lines.append(header)

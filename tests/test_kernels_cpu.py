@@ -37,6 +37,9 @@ from tests.quant_blocks import F16_FIELDS, random_blocks
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED = sorted(cpu.SUPPORTED)
 needs_kernel = pytest.mark.skipif(not cpu.available(), reason=f"{cpu.unavailable_reason()}")
+needs_panels = pytest.mark.skipif(
+    not cpu.fused_available(), reason="the panels layout needs the AVX-512 VNNI build of kernels.cpu"
+)
 
 # (m, n, k) per test case: every m in (1, 3, 8, 64, 300), n off the 16-row panel size,
 # k = 256 .. 2048 (the K-quants only take multiples of 256).
@@ -265,7 +268,7 @@ def test_qmatmul_checks_its_inputs() -> None:
 @needs_kernel
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda q: FORMATS[q].name)
 @pytest.mark.parametrize("m", [1, 8, 64])
-@pytest.mark.parametrize("panels", [False, True], ids=["rows", "panels"])
+@pytest.mark.parametrize("panels", [False, pytest.param(True, marks=needs_panels)], ids=["rows", "panels"])
 def test_one_call_over_several_weights_equals_one_call_each(qtype: int, m: int, panels: bool) -> None:
     """A layer's q, k and v (different heights) in one call: each product bit for bit
     what its own call gives, in either layout; ops.matmuls groups them only then."""
@@ -287,7 +290,7 @@ def test_one_call_over_several_weights_equals_one_call_each(qtype: int, m: int, 
 @needs_kernel
 @pytest.mark.parametrize("qtype", [GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K], ids=lambda q: q.name)
 @pytest.mark.parametrize("m", [1, 8, 64])
-@pytest.mark.parametrize("panels", [False, True], ids=["rows", "panels"])
+@pytest.mark.parametrize("panels", [False, pytest.param(True, marks=needs_panels)], ids=["rows", "panels"])
 def test_a_residual_added_as_stored_equals_adding_afterwards(qtype: int, m: int, panels: bool) -> None:
     """A layer's output projection with its residual: the kernel adds it as it stores the
     product, the same f32 sums bit for bit as an add afterwards, on the register path
@@ -378,3 +381,23 @@ def test_nan_activations_give_nan_rows() -> None:
     x[2, 100] = np.nan
     got = np.asarray(cpu.qmatmul(x, w))
     assert np.isnan(got[2]).all() and np.isfinite(got[[0, 1]]).all()
+
+
+@needs_kernel
+def test_the_build_names_its_kernels_and_arrange_follows_them() -> None:
+    """The AVX-512 VNNI build holds every kernel and reads panels; the portable build
+    (any other CPU) holds the matmul alone, reads the GGUF's rows, and the engine keeps
+    them so (a panels weight gets a clear error instead of wrong products)."""
+    w = _weight(GGMLType.Q4_1, 32, 256, seed=21)
+    x = _activations(2, 256, seed=22)
+    if cpu.isa() == "avx512-vnni":
+        assert cpu.fused_available()
+        assert ops.arrange(w, impl="cpu").layout == "panels"
+        return
+    assert cpu.isa() == "portable" and not cpu.fused_available()
+    assert ops.arrange(w, impl="cpu") is w
+    assert cpu.FFI_TARGET in jax.jit(lambda x: ops.matmul(x, w, impl="cpu")).lower(x).as_text()
+    with pytest.raises(ValueError, match="portable CPU kernel reads the GGUF's rows"):
+        cpu.qmatmul(x, w.to_panels())
+    with pytest.raises(RuntimeError, match="need AVX-512 VNNI"):
+        cpu.rms_norm(x, np.ones(256, np.float32), 1e-6)

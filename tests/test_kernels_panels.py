@@ -18,7 +18,10 @@ from kernels.quant_types import FORMATS, GGMLType, quant_format
 from tests.quant_blocks import random_blocks
 
 PANEL_TYPES = sorted(PANEL_FIELDS)
-needs_kernel = pytest.mark.skipif(not cpu.available(), reason=f"{cpu.unavailable_reason()}")
+needs_kernel = pytest.mark.skipif(
+    not cpu.fused_available(),
+    reason="needs the AVX-512 VNNI build of kernels.cpu (norms, SwiGLU, the panels layout)",
+)
 
 
 def _weight(qtype: int, n: int, k: int, seed: int) -> QuantTensor:
@@ -143,8 +146,8 @@ def test_kernel_reads_a_scrambled_panel_differently() -> None:
 
 
 @pytest.mark.skipif(
-    not cpu.available() or jax.default_backend() != "cpu",
-    reason="arrange picks panels for the CPU kernel only",
+    not cpu.fused_available() or jax.default_backend() != "cpu",
+    reason="arrange picks panels for the AVX-512 CPU kernel only",
 )
 def test_arrange_picks_panels_only_for_the_cpu_kernel() -> None:
     w = _weight(GGMLType.Q5_0, 32, 640, seed=10)

@@ -8,9 +8,13 @@ blocks of 32 as llama.cpp's CPU backend does, so results differ from
 `dequant_matmul_reference` by that rounding (about 1e-3 of |x| @ |w|.T).
 
 `kernels.ops.matmul` routes to it (impl "cpu", or "auto" on the CPU backend) for
-the types in `SUPPORTED`; everything else stays on the reference path.  The same
-library holds `cache_attention` (attention.cc), `rms_norm` (norm.cc) and `swiglu`
-(glu.cc), which `kernels.ops` routes to on the same terms.
+the types in `SUPPORTED`; everything else stays on the reference path.  On a CPU
+with AVX-512 VNNI (`isa()` "avx512-vnni") the same library holds `cache_attention`
+(attention.cc), `rms_norm` (norm.cc) and `swiglu` (glu.cc), which `kernels.ops`
+routes to on the same terms, and the matmul reads the panels layout; on any other
+CPU (`isa()` "portable": AVX2, ARM, ...) the library holds the portable matmul
+(portable.h), which reads the GGUF's rows, and a portable `cache_attention`, while
+RMS norms and SwiGLU run in jnp (`fused_available()` is False).
 
 Imports only jax, numpy and the standard library: never gguf, never swarm.
 """
@@ -70,15 +74,16 @@ def _load_locked() -> str | None:
         library = ctypes.CDLL(str(path))
     except OSError as error:
         return f"CPU qmatmul kernel {path} could not be loaded: {error}"
-    if not library.swarm_qmatmul_simd():
-        return "CPU qmatmul kernel needs AVX-512 BW/VL/VNNI, which this CPU lacks"
     jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(library.SwarmQMatmul), platform="cpu")
     jax.ffi.register_ffi_target(
         ATTENTION_TARGET, jax.ffi.pycapsule(library.SwarmCacheAttention), platform="cpu"
     )
-    jax.ffi.register_ffi_target(NORM_TARGET, jax.ffi.pycapsule(library.SwarmRmsNorm), platform="cpu")
-    jax.ffi.register_ffi_target(SWIGLU_TARGET, jax.ffi.pycapsule(library.SwarmSwiGlu), platform="cpu")
+    simd = bool(library.swarm_qmatmul_simd())
+    if simd:
+        jax.ffi.register_ffi_target(NORM_TARGET, jax.ffi.pycapsule(library.SwarmRmsNorm), platform="cpu")
+        jax.ffi.register_ffi_target(SWIGLU_TARGET, jax.ffi.pycapsule(library.SwarmSwiGlu), platform="cpu")
     _state["library"] = library
+    _state["simd"] = simd
     return None
 
 
@@ -92,12 +97,27 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
+def fused_available() -> bool:
+    """True if the library also holds the RMS norm and SwiGLU kernels, and its matmul
+    reads the panels layout: the AVX-512 VNNI build."""
+    return available() and bool(_state["simd"])
+
+
+def isa() -> str | None:
+    """Which build runs: "avx512-vnni", "portable", or None when none is available."""
+    if not available():
+        return None
+    return "avx512-vnni" if _state["simd"] else "portable"
+
+
 def _ffi_call(target: str, results):
     """`jax.ffi.ffi_call` of one of the library's targets, building and registering the
     library first; raises RuntimeError saying why when it is unavailable."""
     reason = _load()
     if reason is not None:
         raise RuntimeError(reason)
+    if target in (NORM_TARGET, SWIGLU_TARGET) and not _state["simd"]:
+        raise RuntimeError("the CPU RMS norm and SwiGLU kernels need AVX-512 VNNI, which this CPU lacks")
     return jax.ffi.ffi_call(target, results, vmap_method="sequential")
 
 
@@ -155,6 +175,8 @@ def qmatmuls(
             raise ValueError(f"the CPU kernel does not support {quant_format(w.qtype).name} weights")
         if w.layout == PANELS and not w.can_use_panels():
             raise ValueError(f"a panels-layout weight needs a multiple of 16 rows; got {w.out_features}")
+        if w.layout == PANELS and available() and not fused_available():
+            raise ValueError("the portable CPU kernel reads the GGUF's rows layout; pass w.to_rows()")
     if not can_share_call(ws):
         raise ValueError(
             f"one call takes 1 to {MAX_MATRICES} weights of one type, layout and input width; got "

@@ -20,10 +20,13 @@
 // of query heads against every visible key (one pass over the keys), takes the softmax with a
 // vectorized exp, and accumulates the values (one pass per 64 output features).
 //
-// Built with qmatmul.cc by kernels/cpu/build.py; without AVX-512 the handler only
-// reports why, and Python keeps the reference path.
+// Built with qmatmul.cc by kernels/cpu/build.py.  Without AVX-512 the same handler
+// runs a portable version (plain C++ the compiler vectorizes: AVX2, ARM, ...) of the
+// same passes, with libm's exp; either way each query's result depends on its own
+// keys only, whatever else shares the call.
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -33,13 +36,61 @@
 
 namespace ffi = xla::ffi;
 
+#include "thread_pool.h"
+
+namespace swarm_cpu {
+namespace {
+
+struct Problem {
+  const float* q;
+  const void* keys;
+  const void* values;
+  const int32_t* positions;
+  const int32_t* kv_length;
+  float* out;
+  int64_t batch, steps, q_heads, kv_heads, head_dim, value_dim, rows, capacity;
+  int64_t layer, first_row, window, bound;
+  float scale, softcap;
+};
+
+// Where query `query` (step query % T of sequence query / T) reads for kv head h: its
+// visible keys' and values' first slot and how many there are (0: none, or a padding
+// row), its group of query heads and their output.
+template <typename T>
+struct Span {
+  int64_t count = 0;
+  const T* key = nullptr;
+  const T* value = nullptr;
+  const float* q = nullptr;
+  float* out = nullptr;
+};
+
+template <typename T>
+Span<T> Locate(const Problem& p, int64_t query, int64_t h) {
+  const int64_t group = p.q_heads / p.kv_heads, b = query / p.steps;
+  Span<T> span;
+  span.out = p.out + (query * p.q_heads + h * group) * p.value_dim;
+  const int64_t row = p.first_row + b;
+  const int64_t position = p.positions[query];
+  const int64_t end = std::min({static_cast<int64_t>(p.kv_length[b]), position + 1, p.bound, p.capacity});
+  const int64_t begin = std::max<int64_t>(0, position - p.window + 1);
+  if (row < 0 || row >= p.rows || position >= p.capacity || begin >= end) return span;
+  span.count = end - begin;
+  const int64_t slot = (p.layer * p.rows + row) * p.capacity + begin;
+  span.key = static_cast<const T*>(p.keys) + (slot * p.kv_heads + h) * p.head_dim;
+  span.value = static_cast<const T*>(p.values) + (slot * p.kv_heads + h) * p.value_dim;
+  span.q = p.q + (query * p.q_heads + h * group) * p.head_dim;
+  return span;
+}
+
+}  // namespace
+}  // namespace swarm_cpu
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 
 #include <immintrin.h>
 
 #include <cmath>
-
-#include "thread_pool.h"
 
 namespace swarm_cpu {
 namespace {
@@ -90,17 +141,6 @@ inline __mmask16 LaneMask(int64_t lanes) {
   return lanes >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << lanes) - 1u);
 }
 
-struct Problem {
-  const float* q;
-  const void* keys;
-  const void* values;
-  const int32_t* positions;
-  const int32_t* kv_length;
-  float* out;
-  int64_t batch, steps, q_heads, kv_heads, head_dim, value_dim, rows, capacity;
-  int64_t layer, first_row, window, bound;
-  float scale, softcap;
-};
 
 // The sums of four vectors' lanes, in lanes 0, 4, 8 and 12 (the others hold copies):
 // 13 instructions where four separate reductions take about 32.
@@ -247,21 +287,16 @@ void HeadBlock(const Problem& p, const float* q, const T* key, const T* value, i
 // passes find it in cache.
 template <typename T, int kDim>
 void PairOf(const Problem& p, int64_t query, int64_t h, bool whole) {
-  const int64_t group = p.q_heads / p.kv_heads, b = query / p.steps;
-  float* out = p.out + (query * p.q_heads + h * group) * p.value_dim;
-  const int64_t row = p.first_row + b;
-  const int64_t position = p.positions[query];
-  const int64_t end = std::min({static_cast<int64_t>(p.kv_length[b]), position + 1, p.bound, p.capacity});
-  const int64_t begin = std::max<int64_t>(0, position - p.window + 1);
-  if (row < 0 || row >= p.rows || position >= p.capacity || begin >= end) {
+  const int64_t group = p.q_heads / p.kv_heads;
+  const Span<T> span = Locate<T>(p, query, h);
+  float* out = span.out;
+  if (span.count == 0) {
     std::memset(out, 0, sizeof(float) * group * p.value_dim);
     return;
   }
-  const int64_t count = end - begin;
-  const int64_t slot = (p.layer * p.rows + row) * p.capacity + begin;
-  const T* key = static_cast<const T*>(p.keys) + (slot * p.kv_heads + h) * p.head_dim;
-  const T* value = static_cast<const T*>(p.values) + (slot * p.kv_heads + h) * p.value_dim;
-  const float* q = p.q + (query * p.q_heads + h * group) * p.head_dim;
+  const int64_t count = span.count;
+  const T *key = span.key, *value = span.value;
+  const float* q = span.q;
   thread_local std::vector<float> scores;
   if (scores.size() < static_cast<size_t>(kHeadBlock * count)) scores.resize(kHeadBlock * count);
   for (int64_t g = 0; g < group; g += kHeadBlock) {
@@ -313,6 +348,118 @@ void Run(const Problem& p) {
   auto task = [&](int index) { Pair<T>(p, index / p.kv_heads, index % p.kv_heads); };
   Pool().Run(tasks, task);
 }
+
+}  // namespace
+}  // namespace swarm_cpu
+
+#else  // no AVX-512: the portable passes
+
+#include <cmath>
+
+namespace swarm_cpu {
+namespace {
+
+// f32 partial sums kept per lane: the loops below vectorize without reassociating.
+constexpr int kLanes = 8;
+
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(uint16_t h) {
+#if defined(__FLT16_MAX__)
+  return static_cast<float>(std::bit_cast<_Float16>(h));
+#else
+  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+  if (exponent == 0) {
+    const float magnitude = static_cast<float>(mantissa) * (1.0f / 16777216.0f);
+    return sign ? -magnitude : magnitude;
+  }
+  const uint32_t bits = exponent == 0x1F ? sign | 0x7F800000u | mantissa << 13 : sign | (exponent + 112) << 23 | mantissa << 13;
+  return std::bit_cast<float>(bits);
+#endif
+}
+
+template <typename T>
+inline void ToFloats(const T* from, int64_t count, float* to) {
+  for (int64_t i = 0; i < count; ++i) to[i] = ToFloat(from[i]);
+}
+
+// a . b over `dim` elements, in kLanes partial sums added pairwise at the end.
+inline float DotLanes(const float* a, const float* b, int64_t dim) {
+  float lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[d + l] * b[d + l];
+  }
+  for (int l = 0; d + l < dim; ++l) lanes[l] += a[d + l] * b[d + l];
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// Softmax of scores[0, count) in place (after the soft cap, if any), normalized.
+void Softmax(float* scores, int64_t count, float softcap) {
+  if (softcap > 0.0f) {
+    for (int64_t i = 0; i < count; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
+  }
+  float top = -INFINITY;
+  for (int64_t i = 0; i < count; ++i) top = std::max(top, scores[i]);
+  float total = 0.0f;
+  for (int64_t i = 0; i < count; ++i) {
+    scores[i] = std::exp(scores[i] - top);
+    total += scores[i];
+  }
+  const float inverse = 1.0f / total;
+  for (int64_t i = 0; i < count; ++i) scores[i] *= inverse;
+}
+
+// Every query head of kv head h of query `query`: scores against each visible key (each
+// key converted once for the group), softmax, then the weighted values summed.
+template <typename T>
+void Pair(const Problem& p, int64_t query, int64_t h) {
+  const int64_t group = p.q_heads / p.kv_heads, dim = p.head_dim, value_dim = p.value_dim;
+  const Span<T> span = Locate<T>(p, query, h);
+  std::fill(span.out, span.out + group * value_dim, 0.0f);
+  if (span.count == 0) return;
+  const int64_t count = span.count;
+  thread_local std::vector<float> scores, row;
+  scores.resize(group * count);
+  row.resize(std::max(dim, value_dim));
+  const int64_t key_stride = p.kv_heads * dim, value_stride = p.kv_heads * value_dim;
+  for (int64_t i = 0; i < count; ++i) {
+    ToFloats(span.key + i * key_stride, dim, row.data());
+    for (int64_t g = 0; g < group; ++g) scores[g * count + i] = DotLanes(span.q + g * dim, row.data(), dim) * p.scale;
+  }
+  for (int64_t g = 0; g < group; ++g) Softmax(scores.data() + g * count, count, p.softcap);
+  for (int64_t i = 0; i < count; ++i) {
+    ToFloats(span.value + i * value_stride, value_dim, row.data());
+    for (int64_t g = 0; g < group; ++g) {
+      const float weight = scores[g * count + i];
+      float* out = span.out + g * value_dim;
+      for (int64_t d = 0; d < value_dim; ++d) out[d] += weight * row[d];
+    }
+  }
+}
+
+template <typename T>
+void Run(const Problem& p) {
+  // One task per query when there are enough to keep every thread busy (its kv heads
+  // interleave in each cached position), else one per (query, kv head).
+  const int64_t queries = p.batch * p.steps;
+  if (p.kv_heads > 1 && queries >= 2 * Pool().threads()) {
+    auto task = [&](int query) {
+      for (int64_t h = 0; h < p.kv_heads; ++h) Pair<T>(p, query, h);
+    };
+    Pool().Run(static_cast<int>(queries), task);
+    return;
+  }
+  auto task = [&](int index) { Pair<T>(p, index / p.kv_heads, index % p.kv_heads); };
+  Pool().Run(static_cast<int>(queries * p.kv_heads), task);
+}
+
+}  // namespace
+}  // namespace swarm_cpu
+
+#endif
+
+namespace swarm_cpu {
+namespace {
 
 int64_t Scalar(ffi::Buffer<ffi::S32> buffer) { return buffer.typed_data()[0]; }
 
@@ -373,15 +520,6 @@ static ffi::Error CacheAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer key
   return ffi::Error::Success();
 }
 
-#else  // no AVX-512: a handler that only reports why
-
-static ffi::Error CacheAttentionImpl(ffi::Buffer<ffi::F32>, ffi::AnyBuffer, ffi::AnyBuffer, ffi::Buffer<ffi::S32>,
-                                      ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>,
-                                      ffi::Buffer<ffi::S32>, ffi::ResultBuffer<ffi::F32>, float, float, int64_t) {
-  return ffi::Error::Internal("cache_attention was built for a CPU without AVX-512");
-}
-
-#endif
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmCacheAttention, CacheAttentionImpl,
                               ffi::Ffi::Bind()

@@ -3,7 +3,8 @@
 Owns the compiler command and the build cache: the library lands in
 `kernels/cpu/_build/` under a name keyed by a hash of the sources, the flags, the
 jaxlib version (its FFI headers) and the CPU (the code is built with
-`-march=native` for the machine that runs it).  Each build writes a private
+`-march=native` for the machine that runs it, or for the `-march` named by the
+SWARM_CPU_ARCH environment variable: `x86-64-v3` builds what an AVX2 machine runs).  Each build writes a private
 temporary file and renames it into place, so concurrent processes never load a
 half-written library.  A missing compiler or a failed build is reported and
 yields None; nothing here raises for those.
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -30,12 +32,25 @@ import jaxlib
 
 SOURCE_DIR = Path(__file__).resolve().parent
 BUILD_DIR = SOURCE_DIR / "_build"
-SOURCES = ("qmatmul.cc", "attention.cc", "norm.cc", "glu.cc", "gemm.h", "panel.h", "thread_pool.h")
+SOURCES = (
+    "qmatmul.cc",
+    "attention.cc",
+    "norm.cc",
+    "glu.cc",
+    "gemm.h",
+    "panel.h",
+    "portable.h",
+    "thread_pool.h",
+)
 UNITS = ("qmatmul.cc", "attention.cc", "norm.cc", "glu.cc")  # compiled; the headers come in through them
-FLAGS = ("-O3", "-march=native", "-std=c++20", "-fPIC", "-shared", "-fno-math-errno")
+FLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-fno-math-errno")
+ARCH_VARIABLE = "SWARM_CPU_ARCH"  # the -march to build for, instead of "native"
 COMPILERS = ("c++", "g++", "clang++")
 # Compiling takes a few seconds; a stuck compiler must not hang the caller forever.
 COMPILE_TIMEOUT_S = 300
+# Libraries of other sources or targets are removed once this old: a process built for
+# another -march (SWARM_CPU_ARCH) may still be loading its own.
+STALE_AFTER_S = 24 * 3600
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +70,18 @@ def _cpu_identity() -> str:
     return "\n".join(picked)
 
 
+def target_arch() -> str:
+    """The `-march` the library is built for: SWARM_CPU_ARCH, or "native"."""
+    arch = os.environ.get(ARCH_VARIABLE, "").strip() or "native"
+    if not all(c.isalnum() or c in "-_.+" for c in arch):
+        raise BuildError(f"{ARCH_VARIABLE}={arch!r} is not a -march value")
+    return arch
+
+
+def _flags() -> tuple[str, ...]:
+    return (*FLAGS, f"-march={target_arch()}")
+
+
 def find_compiler() -> str | None:
     """Path of the first C++ compiler on PATH, or None."""
     for name in COMPILERS:
@@ -69,7 +96,7 @@ def library_path(compiler: str) -> Path:
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes() + b"\0")
-    for part in (*FLAGS, compiler, jaxlib.__version__, _cpu_identity()):
+    for part in (*_flags(), compiler, jaxlib.__version__, _cpu_identity()):
         digest.update(part.encode() + b"\0")
     return BUILD_DIR / f"qmatmul-{digest.hexdigest()[:16]}.so"
 
@@ -80,7 +107,7 @@ def _compile(compiler: str, target: Path) -> None:
     os.close(handle)
     command = [
         compiler,
-        *FLAGS,
+        *_flags(),
         "-isystem",
         jax.ffi.include_dir(),
         *(str(SOURCE_DIR / unit) for unit in UNITS),
@@ -99,7 +126,7 @@ def _compile(compiler: str, target: Path) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
     for stale in BUILD_DIR.glob("qmatmul-*.so"):
-        if stale != target:
+        if stale != target and stale.stat().st_mtime < time.time() - STALE_AFTER_S:
             stale.unlink(missing_ok=True)
 
 

@@ -21,8 +21,9 @@
 // connection): the same f32 sum as adding afterwards, without another pass.
 //
 // Built by kernels/cpu/build.py for the machine it runs on (-march=native).  On a
-// CPU without AVX-512 BW/VL/VNNI the library still builds, reports
-// swarm_qmatmul_simd() == 0, and Python uses the reference path.
+// CPU without AVX-512 BW/VL/VNNI the same handler runs the portable kernel
+// (portable.h: AVX2 code where the CPU has it, plain C++ elsewhere, ARM included) on
+// the GGUF's rows layout, and the library reports swarm_qmatmul_simd() == 0.
 
 #include <algorithm>
 #include <cstdint>
@@ -40,11 +41,51 @@ namespace ffi = xla::ffi;
 #define SWARM_QMATMUL_SIMD 0
 #endif
 
+#include "thread_pool.h"
+
+namespace swarm_cpu {
+namespace {
+
+// Weights one call multiplies at most (a layer's q, k and v take three).
+constexpr int kMaxMatrices = 8;
+
+// One weight of a call and the output it fills.
+struct Matrix {
+  const uint8_t* weights;  // u8[n, row_bytes]
+  int64_t n;
+  float* out;        // f32[m, n]
+  const float* add;  // f32[m, n] added to the product, or null
+};
+
+// Activation rows one pass over a weight panel or row multiplies at most.
+constexpr int kRowsPerTile = 8;
+
+// Calls fn(std::integral_constant<int, C>{}) with C = rows, for rows in 1..kRowsPerTile.
+template <typename Fn>
+void WithRows(int64_t rows, Fn&& fn) {
+  static_assert(kRowsPerTile == 8, "one case per tile height");
+  switch (rows) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 6: return fn(std::integral_constant<int, 6>{});
+    case 7: return fn(std::integral_constant<int, 7>{});
+    default: return fn(std::integral_constant<int, 8>{});
+  }
+}
+
+// Rows per panel of the panels layout (panel.h's kPanelRows).
+constexpr int64_t kLayoutPanelRows = 16;
+
+}  // namespace
+}  // namespace swarm_cpu
+
 #if SWARM_QMATMUL_SIMD
 
 #include "gemm.h"
 #include "panel.h"
-#include "thread_pool.h"
 
 namespace swarm_cpu {
 namespace {
@@ -75,27 +116,12 @@ class Scratch {
 // Up to one tile of activation rows multiplies each decoded group straight from the
 // registers; more rows decode the panel into a buffer once and reuse it per tile.
 constexpr int64_t kFusedMaxRows = kTileRows;
+static_assert(kTileRows == kRowsPerTile, "WithRows covers a tile");
 // The buffered path decodes this many elements of the panel's rows at a time: 16 rows
 // x 512 elements take at most 10 KiB decoded (640 bytes per 32 elements, GroupBytes),
 // well inside L1 beside a tile's activations.
 constexpr int64_t kChunkElements = 512;
 constexpr int64_t kPanelBufferBytes = kChunkElements / 32 * 640;
-
-// Calls fn(std::integral_constant<int, C>{}) with C = rows, for rows in 1..kTileRows.
-template <typename Fn>
-void WithRows(int64_t rows, Fn&& fn) {
-  static_assert(kTileRows == 8, "one case per tile height");
-  switch (rows) {
-    case 1: return fn(std::integral_constant<int, 1>{});
-    case 2: return fn(std::integral_constant<int, 2>{});
-    case 3: return fn(std::integral_constant<int, 3>{});
-    case 4: return fn(std::integral_constant<int, 4>{});
-    case 5: return fn(std::integral_constant<int, 5>{});
-    case 6: return fn(std::integral_constant<int, 6>{});
-    case 7: return fn(std::integral_constant<int, 7>{});
-    default: return fn(std::integral_constant<int, 8>{});
-  }
-}
 
 // One panel's share of the next panel's bytes, fetched while this one decodes: the
 // hardware prefetchers do not follow 16 interleaved row streams far enough ahead, nor a
@@ -118,17 +144,6 @@ struct NextPanel {
       _mm_prefetch(reinterpret_cast<const char*>(bytes + at), _MM_HINT_T0);
     }
   }
-};
-
-// Weights one call multiplies at most (a layer's q, k and v take three).
-constexpr int kMaxMatrices = 8;
-
-// One weight of a call and the output it fills.
-struct Matrix {
-  const uint8_t* weights;  // u8[n, row_bytes]
-  int64_t n;
-  float* out;        // f32[m, n]
-  const float* add;  // f32[m, n] added to the product, or null
 };
 
 template <class F>
@@ -229,6 +244,98 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
   return ffi::Error::Success();
 }
 
+}  // namespace
+}  // namespace swarm_cpu
+
+namespace formats = swarm_cpu;
+
+#else  // no AVX-512 VNNI: the portable kernel (portable.h)
+
+#include "portable.h"
+
+namespace swarm_cpu {
+namespace {
+
+// Weight rows a task decodes and multiplies, one after another.
+constexpr int64_t kRowsPerRun = 16;
+// How far ahead of the row it multiplies a task asks for the weight bytes: the hardware
+// prefetchers alone leave a one-row product waiting on memory.
+constexpr int64_t kPrefetchBytes = 4096;
+// Quantizing activations is spread over the pool only when there are this many.
+constexpr int64_t kParallelQuantizeElements = 1 << 16;
+
+template <class F>
+ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices, int count, bool panels) {
+  if (panels) {
+    return ffi::Error::InvalidArgument("qmatmul: the panels layout needs the AVX-512 kernel; pass the GGUF's rows");
+  }
+  static thread_local std::vector<int8_t> codes;
+  static thread_local std::vector<float> scales, weighted;
+  codes.resize(m * k);
+  scales.resize(m * (k / 32));
+  if (F::kAffine) weighted.resize(m * (k / 32));
+  const portable::Activations act{k, codes.data(), scales.data(), F::kAffine ? weighted.data() : nullptr};
+  auto quantize = [&](int row) {
+    portable::QuantizeRow(x + row * k, k, act.codes + row * k, act.scale + row * (k / 32),
+                          F::kAffine ? act.weighted + row * (k / 32) : nullptr);
+  };
+  Pool().RunIf(m * k >= kParallelQuantizeElements, static_cast<int>(m), quantize);
+
+  const int64_t row_bytes = k / F::kBlock * F::kBlockBytes;
+  // Runs are numbered through the weights in order: weight j holds [starts[j], starts[j + 1]).
+  int64_t starts[kMaxMatrices + 1] = {0};
+  for (int j = 0; j < count; ++j) starts[j + 1] = starts[j] + (matrices[j].n + kRowsPerRun - 1) / kRowsPerRun;
+  auto run = [&](int64_t index) {
+    int j = 0;
+    while (index >= starts[j + 1]) ++j;
+    const Matrix& matrix = matrices[j];
+    const int64_t n = matrix.n, first = (index - starts[j]) * kRowsPerRun, end = std::min(n, first + kRowsPerRun);
+#if SWARM_PORTABLE_AVX2
+    // Up to kRowsPerTile activation rows per pass over a weight row, its codes in registers.
+    for (int64_t r = first; r < end; ++r) {
+      // This row's share of the bytes kPrefetchBytes ahead (up to the matrix's end).
+      const int64_t from = r * row_bytes + kPrefetchBytes, to = std::min(n * row_bytes, from + row_bytes);
+      for (int64_t at = from; at < to; at += 64) __builtin_prefetch(matrix.weights + at);
+      for (int64_t tile = 0; tile < m; tile += kRowsPerTile) {
+        const float* add = matrix.add == nullptr ? nullptr : matrix.add + tile * n + r;
+        WithRows(std::min<int64_t>(kRowsPerTile, m - tile), [&](auto rows) {
+          portable::RowsProduct<F, decltype(rows)::value>(matrix.weights + r * row_bytes, act, tile,
+                                                           matrix.out + tile * n + r, n, add);
+        });
+      }
+    }
+#else
+    static thread_local portable::DecodedRow decoded;
+    for (int64_t r = first; r < end; ++r) {
+      portable::DecodeRow<F>(matrix.weights + r * row_bytes, k, decoded);
+      for (int64_t c = 0; c < m; ++c) {
+        const float sum = portable::RowDot<F>(decoded, act, c);
+        matrix.out[c * n + r] = matrix.add == nullptr ? sum : sum + matrix.add[c * n + r];
+      }
+    }
+#endif
+  };
+  // A few tasks per thread balance the load when another process takes a core.
+  const int64_t total = starts[count];
+  const int64_t per_task = std::max<int64_t>(1, total / (4 * Pool().threads()));
+  auto task = [&](int index) {
+    const int64_t end = std::min(total, (index + 1) * per_task);
+    for (int64_t p = index * per_task; p < end; ++p) run(p);
+  };
+  Pool().Run(static_cast<int>((total + per_task - 1) / per_task), task);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace swarm_cpu
+
+namespace formats = swarm_cpu::portable;
+
+#endif  // SWARM_QMATMUL_SIMD
+
+namespace swarm_cpu {
+namespace {
+
 template <class F>
 ffi::Error Checked(const float* x, int64_t m, int64_t k, const Matrix* matrices, const int64_t* row_bytes, int count,
                    bool panels) {
@@ -238,7 +345,7 @@ ffi::Error Checked(const float* x, int64_t m, int64_t k, const Matrix* matrices,
                                          std::to_string(row_bytes[j]) + " bytes of GGML type " +
                                          std::to_string(F::kType));
     }
-    if (panels && matrices[j].n % kPanelRows != 0) {
+    if (panels && matrices[j].n % kLayoutPanelRows != 0) {
       return ffi::Error::InvalidArgument("qmatmul: the panels layout needs a multiple of 16 rows; got " +
                                          std::to_string(matrices[j].n));
     }
@@ -253,6 +360,7 @@ ffi::Error Checked(const float* x, int64_t m, int64_t k, const Matrix* matrices,
 static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets outs,
                               int32_t qtype, int32_t layout, int32_t add) {
   using namespace swarm_cpu;
+  using namespace formats;
   if (layout != 0 && layout != 1) {
     return ffi::Error::InvalidArgument("qmatmul: layout must be 0 (rows) or 1 (panels); got " +
                                        std::to_string(layout));
@@ -308,17 +416,8 @@ static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, 
 
 extern "C" int swarm_qmatmul_threads() { return swarm_cpu::Pool().threads(); }
 
-#else  // no AVX-512 VNNI: a handler that only reports why
-
-static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32>, ffi::RemainingArgs, ffi::RemainingRets, int32_t, int32_t,
-                              int32_t) {
-  return ffi::Error::Internal("qmatmul was built for a CPU without AVX-512 BW/VL/VNNI");
-}
-
-extern "C" int swarm_qmatmul_threads() { return 0; }
-
-#endif  // SWARM_QMATMUL_SIMD
-
+// 1: the AVX-512 VNNI kernel (and the attention, norm and SwiGLU kernels beside it);
+// 0: the portable kernel, on which only the matmul runs.
 extern "C" int swarm_qmatmul_simd() { return SWARM_QMATMUL_SIMD; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmQMatmul, QMatmulImpl,

@@ -22,17 +22,31 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 namespace swarm_cpu {
 
-// CPUs this process may run on (the affinity mask, which containers narrow).
+// A hint to the core that this thread spins on a flag (x86 `pause`, ARM `yield`).
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+  asm volatile("yield");
+#endif
+}
+
+// CPUs this process may run on (the affinity mask, which containers narrow, where the
+// OS has one).
 inline int UsableCpuCount() {
+#ifdef __linux__
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) {
     const int count = CPU_COUNT(&set);
     if (count > 0) return count;
   }
+#endif
   const unsigned hardware = std::thread::hardware_concurrency();
   return hardware > 0 ? static_cast<int>(hardware) : 1;
 }
@@ -86,7 +100,7 @@ class ThreadPool {
     if (sleepers_.load(std::memory_order_seq_cst) > 0) epoch_.notify_all();
     while (TryRunOne(epoch, tasks, invoke, &fn)) {
     }
-    while (done_.load(std::memory_order_acquire) != tasks) _mm_pause();
+    while (done_.load(std::memory_order_acquire) != tasks) CpuRelax();
   }
 
  private:
@@ -118,7 +132,7 @@ class ThreadPool {
       const uint32_t epoch = epoch_.load(std::memory_order_acquire);
       if (epoch != seen) return epoch;
       if (polls % 64 != 0) {
-        _mm_pause();
+        CpuRelax();
         continue;
       }
       const auto waited = std::chrono::steady_clock::now() - start;
