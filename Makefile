@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 MODEL ?= smollm2-135m
 BENCH_MODELS ?= smollm2-135m gemma3-270m
 
-.PHONY: install install-dev system-deps browser models run chat test lint bench clean
+.PHONY: install install-dev system-deps browser cross-compiler models run chat test lint bench clean
 
 # What a node needs (runtime dependencies and the default model): kept lean so that
 # `make run` on a fresh clone serves its first reply within about a minute.
@@ -42,8 +42,15 @@ browser:
 		apt-get update -qq && apt-get install -y -qq chromium; } || \
 		echo "note: chromium not installed; tests/test_browser.py will skip"
 
+# An ARM cross compiler, with which the tests check that the CPU kernels build for ARM
+# machines. Where it cannot be installed that test skips.
+cross-compiler:
+	@command -v aarch64-linux-gnu-g++ > /dev/null || { command -v apt-get > /dev/null && \
+		apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu; } || \
+		echo "note: g++-aarch64-linux-gnu not installed; the ARM build test will skip"
+
 # Both real models: the default one and Gemma 3 270M, used by the real-model tests.
-models: install-dev browser
+models: install-dev browser cross-compiler
 	$(SWARM) pull smollm2-135m > /dev/null
 	$(SWARM) pull gemma3-270m --data-dir .test-data > /dev/null
 

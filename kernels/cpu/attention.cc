@@ -364,8 +364,12 @@ constexpr int kLanes = 8;
 
 inline float ToFloat(float v) { return v; }
 inline float ToFloat(uint16_t h) {
-#if defined(__FLT16_MAX__)
-  return static_cast<float>(std::bit_cast<_Float16>(h));
+#if defined(__aarch64__)
+  __fp16 half;  // ARM's half type: one fcvt, and vector conversions in loops
+  std::memcpy(&half, &h, sizeof(half));
+  return half;
+#elif defined(__x86_64__) && defined(__FLT16_MAX__)
+  return static_cast<float>(std::bit_cast<_Float16>(h));  // vcvtph2ps with F16C
 #else
   const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
   if (exponent == 0) {

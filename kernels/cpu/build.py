@@ -78,8 +78,22 @@ def target_arch() -> str:
     return arch
 
 
-def _flags() -> tuple[str, ...]:
-    return (*FLAGS, f"-march={target_arch()}")
+def _flags(arch: str | None = None) -> tuple[str, ...]:
+    return (*FLAGS, f"-march={arch or target_arch()}")
+
+
+def compile_command(compiler: str, output: str, arch: str | None = None) -> list[str]:
+    """The command that builds the library into `output` with `compiler` for `-march=arch`
+    (default: `target_arch()`); a cross compiler builds it for another CPU family."""
+    return [
+        compiler,
+        *_flags(arch),
+        "-isystem",
+        jax.ffi.include_dir(),
+        *(str(SOURCE_DIR / unit) for unit in UNITS),
+        "-o",
+        output,
+    ]
 
 
 def find_compiler() -> str | None:
@@ -105,15 +119,7 @@ def _compile(compiler: str, target: Path) -> None:
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=BUILD_DIR)
     os.close(handle)
-    command = [
-        compiler,
-        *_flags(),
-        "-isystem",
-        jax.ffi.include_dir(),
-        *(str(SOURCE_DIR / unit) for unit in UNITS),
-        "-o",
-        temporary,
-    ]
+    command = compile_command(compiler, temporary)
     try:
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)

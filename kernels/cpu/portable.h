@@ -39,6 +39,10 @@ inline float ReadHalf(const uint8_t* at) {
   const uint32_t h = static_cast<uint32_t>(at[0]) | static_cast<uint32_t>(at[1]) << 8;
 #if defined(__F16C__)
   return _cvtsh_ss(static_cast<uint16_t>(h));
+#elif defined(__aarch64__)
+  __fp16 half;
+  std::memcpy(&half, at, sizeof(half));
+  return half;
 #endif
   const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
   if (exponent == 0) {
