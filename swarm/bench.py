@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -199,6 +200,15 @@ def llama_cpp_baseline(
         text=True,
         check=False,
     )
+    if child.returncode < 0:
+        name = signal.Signals(-child.returncode).name
+        hint = (
+            ": it ran an instruction this CPU (or its VM) does not allow; rebuild llama-cpp-python "
+            "for it (CMAKE_ARGS, for example -DGGML_AMX_TILE=OFF where AMX is listed but not enabled)"
+            if name == "SIGILL"
+            else ""
+        )
+        raise SwarmError(f"llama.cpp baseline crashed with {name}{hint}")
     if child.returncode != 0:
         last = (child.stderr.strip().splitlines() or ["no output"])[-1]
         raise SwarmError(f"llama.cpp baseline failed (install the bench extra): {last}")

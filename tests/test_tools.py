@@ -57,3 +57,25 @@ def test_bench_batch_refuses_bad_arguments_before_loading_anything(args, complai
     done = _run(["tools/bench_batch.py", *args], tmp_path)
     assert done.returncode == 2
     assert complaint in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr", "expected"),
+    [
+        (-4, "", "crashed with SIGILL: it ran an instruction this CPU"),
+        (-9, "", "crashed with SIGKILL"),
+        (1, "Traceback ...\nModuleNotFoundError: No module named 'llama_cpp'", "install the bench extra"),
+    ],
+)
+def test_a_failing_llama_cpp_baseline_says_why(monkeypatch, returncode, stderr, expected):
+    """A llama.cpp build that dies on an instruction the CPU or VM refuses (AMX listed but
+    not enabled) is named as such, not as a missing install."""
+    from swarm import bench
+    from swarm.errors import SwarmError
+
+    def fake_run(command, **kwargs):
+        return subprocess.CompletedProcess(command, returncode, stdout="", stderr=stderr)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    with pytest.raises(SwarmError, match=expected):
+        bench.llama_cpp_baseline("model.gguf", [1, 2, 3], gen_tokens=4, runs=1)
