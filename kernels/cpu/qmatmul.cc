@@ -76,6 +76,27 @@ void WithRows(int64_t rows, Fn&& fn) {
   }
 }
 
+// Calls fn(matrix, first) for every run of `rows` consecutive output rows of the weights
+// (a panel, or a portable task's rows), numbered through the weights in order, over the
+// pool: a task is a few consecutive runs, a few tasks per thread, which balances the load
+// when another process takes a core.
+template <typename Fn>
+void ForEachRun(const Matrix* matrices, int count, int64_t rows, Fn&& fn) {
+  // Weight j holds runs [starts[j], starts[j + 1]).
+  int64_t starts[kMaxMatrices + 1] = {0};
+  for (int j = 0; j < count; ++j) starts[j + 1] = starts[j] + (matrices[j].n + rows - 1) / rows;
+  const int64_t total = starts[count];
+  const int64_t per_task = std::max<int64_t>(1, total / (4 * Pool().threads()));
+  auto task = [&](int index) {
+    const int64_t end = std::min(total, (index + 1) * per_task);
+    for (int64_t run = index * per_task, j = 0; run < end; ++run) {
+      while (run >= starts[j + 1]) ++j;
+      fn(matrices[j], (run - starts[j]) * rows);
+    }
+  };
+  Pool().Run(static_cast<int>((total + per_task - 1) / per_task), task);
+}
+
 // Rows per panel of the panels layout (panel.h's kPanelRows).
 constexpr int64_t kLayoutPanelRows = 16;
 
@@ -211,14 +232,8 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
       }
     }
   };
-  // Panels are numbered through the weights in order: weight j holds [starts[j], starts[j + 1]).
-  int64_t starts[kMaxMatrices + 1] = {0};
-  for (int j = 0; j < count; ++j) starts[j + 1] = starts[j] + (matrices[j].n + kPanelRows - 1) / kPanelRows;
-  auto panel = [&](int64_t index) {
-    int j = 0;
-    while (index >= starts[j + 1]) ++j;
-    const Matrix& matrix = matrices[j];
-    const int64_t first = (index - starts[j]) * kPanelRows;
+  // Panels run in order (in the rows layout each prefetches the next).
+  ForEachRun(matrices, count, kPanelRows, [&](const Matrix& matrix, int64_t first) {
     if (panels) {
       // One row streams at memory speed on the hardware prefetchers alone; with more, the
       // products take as long as the loads and the prefetchers fall behind, so the next
@@ -231,16 +246,7 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
               NextPanel(matrix.weights, row_bytes, first + kPanelRows, matrix.n, blocks), first, matrix.n,
               matrix.out, matrix.add);
     }
-  };
-  // A task is a run of consecutive panels (in the rows layout each prefetches the next); a few tasks per
-  // thread balance the load when another process takes a core.
-  const int64_t total = starts[count];
-  const int64_t per_task = std::max<int64_t>(1, total / (4 * Pool().threads()));
-  auto task = [&](int index) {
-    const int64_t end = std::min(total, (index + 1) * per_task);
-    for (int64_t p = index * per_task; p < end; ++p) panel(p);
-  };
-  Pool().Run(static_cast<int>((total + per_task - 1) / per_task), task);
+  });
   return ffi::Error::Success();
 }
 
@@ -282,14 +288,8 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
   Pool().RunIf(m * k >= kParallelQuantizeElements, static_cast<int>(m), quantize);
 
   const int64_t row_bytes = k / F::kBlock * F::kBlockBytes;
-  // Runs are numbered through the weights in order: weight j holds [starts[j], starts[j + 1]).
-  int64_t starts[kMaxMatrices + 1] = {0};
-  for (int j = 0; j < count; ++j) starts[j + 1] = starts[j] + (matrices[j].n + kRowsPerRun - 1) / kRowsPerRun;
-  auto run = [&](int64_t index) {
-    int j = 0;
-    while (index >= starts[j + 1]) ++j;
-    const Matrix& matrix = matrices[j];
-    const int64_t n = matrix.n, first = (index - starts[j]) * kRowsPerRun, end = std::min(n, first + kRowsPerRun);
+  ForEachRun(matrices, count, kRowsPerRun, [&](const Matrix& matrix, int64_t first) {
+    const int64_t n = matrix.n, end = std::min(n, first + kRowsPerRun);
 #if SWARM_PORTABLE_AVX2
     // Up to kRowsPerTile activation rows per pass over a weight row, its codes in registers.
     for (int64_t r = first; r < end; ++r) {
@@ -314,15 +314,7 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
       }
     }
 #endif
-  };
-  // A few tasks per thread balance the load when another process takes a core.
-  const int64_t total = starts[count];
-  const int64_t per_task = std::max<int64_t>(1, total / (4 * Pool().threads()));
-  auto task = [&](int index) {
-    const int64_t end = std::min(total, (index + 1) * per_task);
-    for (int64_t p = index * per_task; p < end; ++p) run(p);
-  };
-  Pool().Run(static_cast<int>((total + per_task - 1) / per_task), task);
+  });
   return ffi::Error::Success();
 }
 
