@@ -349,6 +349,30 @@ def test_build_reports_a_missing_compiler(monkeypatch: pytest.MonkeyPatch) -> No
         build.build_or_raise()
 
 
+@pytest.mark.parametrize("value", ["skylake; rm -rf ~", "x86-64 -O0"])
+def test_build_refuses_a_cpu_arch_that_is_not_a_march_value(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # The variable ends up on the compiler's command line: anything but a -march word is
+    # refused, and named, before a compiler runs.
+    monkeypatch.setenv(build.ARCH_VARIABLE, value)
+    monkeypatch.setattr(build, "_compile", lambda *args: pytest.fail("compiled an invalid -march"))
+    with pytest.raises(build.BuildError, match=f"{build.ARCH_VARIABLE}=.*is not a -march value"):
+        build.build_or_raise()
+    assert build.build() is None  # the engine then keeps XLA, with the reason logged
+
+
+@pytest.mark.skipif(build.find_compiler() is None, reason="no C++ compiler")
+def test_build_reports_a_cpu_arch_the_compiler_does_not_know(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(build.ARCH_VARIABLE, "no-such-cpu")
+    monkeypatch.setattr(build, "BUILD_DIR", tmp_path)
+    with pytest.raises(build.BuildError, match="no-such-cpu"):
+        build.build_or_raise()
+    assert not list(tmp_path.iterdir())  # no library, no temporary file left behind
+
+
 @needs_kernel
 def test_build_entry_point_prints_the_cached_library() -> None:
     result = subprocess.run(

@@ -36,6 +36,7 @@
 
 namespace ffi = xla::ffi;
 
+#include "half.h"
 #include "thread_pool.h"
 
 namespace swarm_cpu {
@@ -363,23 +364,7 @@ namespace {
 constexpr int kLanes = 8;
 
 inline float ToFloat(float v) { return v; }
-inline float ToFloat(uint16_t h) {
-#if defined(__aarch64__)
-  __fp16 half;  // ARM's half type: one fcvt, and vector conversions in loops
-  std::memcpy(&half, &h, sizeof(half));
-  return half;
-#elif defined(__x86_64__) && defined(__FLT16_MAX__)
-  return static_cast<float>(std::bit_cast<_Float16>(h));  // vcvtph2ps with F16C
-#else
-  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
-  if (exponent == 0) {
-    const float magnitude = static_cast<float>(mantissa) * (1.0f / 16777216.0f);
-    return sign ? -magnitude : magnitude;
-  }
-  const uint32_t bits = exponent == 0x1F ? sign | 0x7F800000u | mantissa << 13 : sign | (exponent + 112) << 23 | mantissa << 13;
-  return std::bit_cast<float>(bits);
-#endif
-}
+inline float ToFloat(uint16_t h) { return HalfToFloat(h); }
 
 template <typename T>
 inline void ToFloats(const T* from, int64_t count, float* to) {

@@ -38,6 +38,7 @@ SOURCES = (
     "norm.cc",
     "glu.cc",
     "gemm.h",
+    "half.h",
     "panel.h",
     "portable.h",
     "thread_pool.h",

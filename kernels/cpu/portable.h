@@ -28,7 +28,9 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__) || defined(__F16C__)
+#include "half.h"
+
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -36,23 +38,7 @@ namespace swarm_cpu::portable {
 
 // IEEE half (little-endian bytes at `at`) as f32, exactly.
 inline float ReadHalf(const uint8_t* at) {
-  const uint32_t h = static_cast<uint32_t>(at[0]) | static_cast<uint32_t>(at[1]) << 8;
-#if defined(__F16C__)
-  return _cvtsh_ss(static_cast<uint16_t>(h));
-#elif defined(__aarch64__)
-  __fp16 half;
-  std::memcpy(&half, at, sizeof(half));
-  return half;
-#endif
-  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
-  if (exponent == 0) {
-    const float magnitude = static_cast<float>(mantissa) * (1.0f / 16777216.0f);  // 2^-24 units
-    return sign ? -magnitude : magnitude;
-  }
-  const uint32_t bits = exponent == 0x1F ? sign | 0x7F800000u | mantissa << 13 : sign | (exponent + 112) << 23 | mantissa << 13;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
+  return HalfToFloat(static_cast<uint16_t>(at[0] | at[1] << 8));
 }
 
 // a * b + c, fused where the CPU has the instruction (then the same rounding as the
