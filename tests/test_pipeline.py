@@ -405,11 +405,11 @@ def test_split_command_matches_one_engine(tiny_model, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "stages", "prompt"),
+    # Three stages (a middle stage relays) on one model, two on the other; the tiny models
+    # above split both architectures in process.
     [
-        ("smollm2-135m", 2, "The three primary colors are"),
         ("smollm2-135m", 3, "def fibonacci(n):"),
         ("gemma3-270m", 2, "The history of the Roman Empire"),
-        ("gemma3-270m", 3, "Water boils at"),
     ],
 )
 def test_split_real_models_match_one_engine(data_dir, opened_models, model, stages, prompt):
