@@ -203,8 +203,9 @@ def llama_cpp_baseline(
     if child.returncode < 0:
         name = signal.Signals(-child.returncode).name
         hint = (
-            ": it ran an instruction this CPU (or its VM) does not allow; rebuild llama-cpp-python "
-            "for it (CMAKE_ARGS, for example -DGGML_AMX_TILE=OFF where AMX is listed but not enabled)"
+            ": it ran an instruction this CPU (or its VM) does not allow, such as AMX listed but "
+            "not enabled; rebuild llama-cpp-python with CMAKE_ARGS=-DGGML_NATIVE=OFF and the "
+            "instruction sets named (README: swarm bench)"
             if name == "SIGILL"
             else ""
         )
