@@ -125,6 +125,24 @@ def test_matches_the_integer_scheme(qtype: int) -> None:
         )
 
 
+@needs_kernel
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda q: FORMATS[q].name)
+def test_a_products_bits_do_not_depend_on_the_rows_beside_it(qtype: int) -> None:
+    """A batched row gets the bits of its lone run, and a weight row the same bits wherever
+    it stands in the matrix (the portable kernel pairs weight rows, the AVX-512 kernel
+    takes them 16 at a time): what keeps batched decoding and the prefix cache exact."""
+    n, k = 45, 512 if FORMATS[qtype].block_size == 256 else 576
+    blocks = random_blocks(qtype, rows=n, blocks=k // FORMATS[qtype].block_size, seed=7, scale=0.05)
+    x = _activations(11, k, seed=8)
+    full = np.asarray(cpu.qmatmul(x, QuantTensor.from_packed(blocks, qtype, (n, k))))
+    for row in (0, 3, 4, 10):
+        alone = np.asarray(cpu.qmatmul(x[row : row + 1], QuantTensor.from_packed(blocks, qtype, (n, k))))
+        np.testing.assert_array_equal(alone[0], full[row])
+    for start in (1, 43, 44):
+        rest = QuantTensor.from_packed(np.ascontiguousarray(blocks[start:]), qtype, (n - start, k))
+        np.testing.assert_array_equal(np.asarray(cpu.qmatmul(x, rest)), full[:, start:])
+
+
 def _swap_nibbles(data: np.ndarray, qtype: int) -> np.ndarray:
     """Every byte's nibbles exchanged outside the f16 fields: a wrong nibble order."""
     fmt = quant_format(qtype)

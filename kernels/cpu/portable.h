@@ -1,19 +1,20 @@
 // The quantized matmul for CPUs without AVX-512 VNNI: AVX2 and AVX-VNNI x86 machines,
 // ARM (NEON, dot-product extensions) and anything else a C++20 compiler targets.
 //
-// The same arithmetic as the AVX-512 kernel (gemm.h, panel.h), written in plain C++ that
-// the compiler vectorizes for the machine it builds for (-march=native): activation rows
-// are quantized to 8-bit blocks of 32 as ggml's quantize_row_q8_0 does, each weight row
-// is decoded block by block into signed 8-bit codes (the format's offset taken out) with
-// one f32 scale (and minimum, for the affine formats) per group, and every group's
-// integer dot product is scaled into an f32 sum, group after group.  The integer sums
-// are those of the AVX-512 kernel, and with hardware FMA the f32 steps are the same
-// fused multiply-adds in the same order, so both give the same bits.
+// The integer scheme of the AVX-512 kernel (gemm.h, panel.h): activation rows are
+// quantized to 8-bit blocks of 32 as ggml's quantize_row_q8_0 does, each weight row is
+// decoded block by block into 8-bit codes with one f32 scale (and minimum, for the
+// affine formats) per group, and every group's integer dot product is scaled into f32
+// sums. The integer sums are the AVX-512 kernel's; how the f32 sums are grouped differs
+// per build (last bits only), and within a build every row count and every position of a
+// row runs the same steps, so a batched row keeps its lone run's bits.
 //
-// Rows, not panels: each task decodes a run of weight rows (GGUF rows layout) once and
-// multiplies every activation row with each, so decoding is paid once per call whatever
-// m is.  The signed-times-signed 8-bit dot is the shape compilers turn into `vpmaddwd`
-// (AVX2), `vpdpbusd`/`vpdpwssd` (AVX-VNNI) or `sdot` (ARM).
+// Rows, not panels: each task decodes a run of weight rows (GGUF rows layout) and
+// multiplies activation rows with each while its codes are in registers.
+// - AVX2 (and AVX-VNNI): two weight rows at a time, up to 8 activation rows per pass,
+//   with ggml's sign-trick product (`vpmaddubsw`, `vpmaddwd`; `vpdpbusd` with AVX-VNNI).
+// - elsewhere: plain C++ over a decoded row, the signed-times-signed 8-bit dot that
+//   compilers turn into `sdot` (ARM's dot-product extension) or their own vector code.
 //
 // Bit layouts follow the `dequantize_row_*` functions of ggml-quants.c, as
 // kernels/dequant.py does.
@@ -420,58 +421,87 @@ struct Units<Q6_K> {
   }
 };
 
-SWARM_PORTABLE_INLINE float Sum8(__m256 v) {
-  __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
-  return _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
-}
-
-// Activation rows first .. first + C - 1 times one packed weight row, into
-// out[c * out_stride] (plus add[c * out_stride] when given).  Each unit is decoded once
-// for the C rows; its dot with a row is ggml's AVX2 product: |w| (unsigned) times q with
-// w's sign, summed in pairs to i16 (at most 2 * 128 * 127, never saturated) and in fours
-// to i32 lanes (one `vpdpbusd` with AVX-VNNI), then scaled into 8 f32 lanes summed at
-// the end.  The affine formats' codes are unsigned already (at most 31).
+// Activation rows first .. first + C - 1 times two packed weight rows, a and b, into
+// out_a[c * out_stride] and out_b[c * out_stride] (plus add_*[c * out_stride] when
+// given; out_b null: row a alone, b then only a stand-in). Each unit is decoded once for
+// the C rows, and each activation unit is loaded once for both weight rows.
+//
+// A unit's dot with a row is ggml's AVX2 product: |w| (unsigned) times q with w's sign,
+// summed in pairs to i16 (at most 2 * 128 * 127, never saturated) and in fours to i32
+// lanes (one `vpdpbusd` with AVX-VNNI); the affine formats' codes are unsigned already
+// (at most 31). Rows a and b's lanes are then folded into one register, a's in the even
+// lanes and b's in the odd ones (integer adds, exact), so one conversion, one scale
+// product and one fused multiply-add serve both rows. Lanes 0..3 hold elements 0..15 of
+// a unit, lanes 4..7 elements 16..31: Q6_K's two groups.
+//
+// Both slots run the same arithmetic on their own lanes and sum them in the same order,
+// so a row's values depend neither on its partner nor on how many activation rows share
+// the pass: a batched row keeps its lone run's bits.
 template <class F, int C>
-void RowsProduct(const uint8_t* row, const Activations& act, int64_t first, float* out, int64_t out_stride,
-                 const float* add) {
+void RowPairProduct(const uint8_t* row_a, const uint8_t* row_b, const Activations& act, int64_t first,
+                    float* out_a, float* out_b, int64_t out_stride, const float* add_a, const float* add_b) {
+  constexpr int kUnits = Units<F>::kPerBlock;
   const int64_t k = act.cols, blocks = k / F::kBlock;
   const int8_t* codes[C];
   const float *scales[C], *weighted[C];
   __m256 acc[C];
-  float minimum_acc[C];
+  __m128 minimum_acc[C];
   for (int c = 0; c < C; ++c) {
     codes[c] = act.codes + (first + c) * k;
     scales[c] = act.scale + (first + c) * (k / 32);
     weighted[c] = F::kAffine ? act.weighted + (first + c) * (k / 32) : nullptr;
     acc[c] = _mm256_setzero_ps();
-    minimum_acc[c] = 0.0f;
+    minimum_acc[c] = _mm_setzero_ps();
   }
+#if !defined(__AVXVNNI__)
   const __m256i ones = _mm256_set1_epi16(1);
+#endif
   for (int64_t b = 0; b < blocks; ++b) {
-    Units<F>::Each(row + b * F::kBlockBytes, [&](int u, __m256i w, float scale, float scale_high, float minimum) {
-      const int64_t unit = b * Units<F>::kPerBlock + u;
-      const __m256i magnitude = F::kAffine ? w : _mm256_sign_epi8(w, w);
+    __m256i codes_a[kUnits];
+    float scale_a[kUnits], high_a[kUnits], minimum_a[kUnits];
+    Units<F>::Each(row_a + b * F::kBlockBytes, [&](int u, __m256i w, float scale, float scale_high, float minimum) {
+      codes_a[u] = w;
+      scale_a[u] = scale;
+      high_a[u] = F::kGroup == 32 ? scale : scale_high;
+      minimum_a[u] = minimum;
+    });
+    Units<F>::Each(row_b + b * F::kBlockBytes, [&](int u, __m256i w_b, float scale_b, float scale_high, float minimum_b) {
+      const int64_t unit = b * kUnits + u;
+      const __m256i w_a = codes_a[u];
+      const __m256i magnitude_a = F::kAffine ? w_a : _mm256_sign_epi8(w_a, w_a);
+      const __m256i magnitude_b = F::kAffine ? w_b : _mm256_sign_epi8(w_b, w_b);
+      const float high_b = F::kGroup == 32 ? scale_b : scale_high;
+      const __m256 weight_scale =
+          _mm256_setr_ps(scale_a[u], scale_b, scale_a[u], scale_b, high_a[u], high_b, high_a[u], high_b);
+      const __m128 weight_minimum = _mm_setr_ps(minimum_a[u], minimum_b, 0.0f, 0.0f);
       for (int c = 0; c < C; ++c) {
         const __m256i q = Load32(reinterpret_cast<const uint8_t*>(codes[c] + 32 * unit));
-        const __m256i signed_q = F::kAffine ? q : _mm256_sign_epi8(q, w);
+        const __m256i signed_a = F::kAffine ? q : _mm256_sign_epi8(q, w_a);
+        const __m256i signed_b = F::kAffine ? q : _mm256_sign_epi8(q, w_b);
 #if defined(__AVXVNNI__)
-        const __m256i dot = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), magnitude, signed_q);
+        const __m256i dot_a = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), magnitude_a, signed_a);
+        const __m256i dot_b = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), magnitude_b, signed_b);
 #else
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_q), ones);
+        const __m256i dot_a = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude_a, signed_a), ones);
+        const __m256i dot_b = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude_b, signed_b), ones);
 #endif
-        const float x_scale = scales[c][unit];
-        // Lanes 0..3 sum elements 0..15, lanes 4..7 elements 16..31: Q6_K's two groups.
-        const __m256 factor = F::kGroup == 32 ? _mm256_set1_ps(scale * x_scale)
-                                              : _mm256_set_m128(_mm_set1_ps(scale_high * x_scale), _mm_set1_ps(scale * x_scale));
-        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), factor, acc[c]);
-        if constexpr (F::kAffine) minimum_acc[c] = MulAdd(minimum, weighted[c][unit], minimum_acc[c]);
+        // [a0+a2, b0+b2, a1+a3, b1+b3 | a4+a6, b4+b6, a5+a7, b5+b7]
+        const __m256i dots = _mm256_add_epi32(_mm256_unpacklo_epi32(dot_a, dot_b), _mm256_unpackhi_epi32(dot_a, dot_b));
+        const __m256 factor = _mm256_mul_ps(weight_scale, _mm256_broadcast_ss(scales[c] + unit));
+        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), factor, acc[c]);
+        if constexpr (F::kAffine) {
+          minimum_acc[c] = _mm_fmadd_ps(weight_minimum, _mm_broadcast_ss(weighted[c] + unit), minimum_acc[c]);
+        }
       }
     });
   }
   for (int c = 0; c < C; ++c) {
-    const float sum = Sum8(acc[c]) + minimum_acc[c];
-    out[c * out_stride] = add == nullptr ? sum : sum + add[c * out_stride];
+    // [(a0+a4) + (a2+a6), (b1+b5) + (b3+b7), ...]: the same order for both slots.
+    __m128 sums = _mm_add_ps(_mm256_castps256_ps128(acc[c]), _mm256_extractf128_ps(acc[c], 1));
+    sums = _mm_add_ps(_mm_add_ps(sums, _mm_movehl_ps(sums, sums)), minimum_acc[c]);
+    const float sum_a = _mm_cvtss_f32(sums), sum_b = _mm_cvtss_f32(_mm_shuffle_ps(sums, sums, 1));
+    out_a[c * out_stride] = add_a == nullptr ? sum_a : sum_a + add_a[c * out_stride];
+    if (out_b != nullptr) out_b[c * out_stride] = add_b == nullptr ? sum_b : sum_b + add_b[c * out_stride];
   }
 }
 #endif  // AVX2

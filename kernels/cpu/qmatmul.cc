@@ -264,6 +264,7 @@ namespace {
 
 // Weight rows a task decodes and multiplies, one after another.
 constexpr int64_t kRowsPerRun = 16;
+static_assert(kRowsPerRun % 2 == 0, "runs start at even rows, where weight-row pairs start");
 // How far ahead of the row it multiplies a task asks for the weight bytes: the hardware
 // prefetchers alone leave a one-row product waiting on memory.
 constexpr int64_t kPrefetchBytes = 4096;
@@ -291,16 +292,22 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
   ForEachRun(matrices, count, kRowsPerRun, [&](const Matrix& matrix, int64_t first) {
     const int64_t n = matrix.n, end = std::min(n, first + kRowsPerRun);
 #if SWARM_PORTABLE_AVX2
-    // Up to kRowsPerTile activation rows per pass over a weight row, its codes in registers.
-    for (int64_t r = first; r < end; ++r) {
-      // This row's share of the bytes kPrefetchBytes ahead (up to the matrix's end).
-      const int64_t from = r * row_bytes + kPrefetchBytes, to = std::min(n * row_bytes, from + row_bytes);
+    // Weight rows in pairs (first is even, so a row always has the same partner) times up
+    // to kRowsPerTile activation rows per pass, the codes in registers (8 rows measured
+    // 10-25 % faster than 4 on prompt chunks, the pair's decoding shared by more rows).
+    for (int64_t r = first; r < end; r += 2) {
+      const bool pair = r + 1 < end;
+      // These rows' share of the bytes kPrefetchBytes ahead (up to the matrix's end).
+      const int64_t from = r * row_bytes + kPrefetchBytes, to = std::min(n * row_bytes, from + 2 * row_bytes);
       for (int64_t at = from; at < to; at += 64) __builtin_prefetch(matrix.weights + at);
+      const uint8_t* row_a = matrix.weights + r * row_bytes;
       for (int64_t tile = 0; tile < m; tile += kRowsPerTile) {
-        const float* add = matrix.add == nullptr ? nullptr : matrix.add + tile * n + r;
+        const int64_t at = tile * n + r;
+        const float* add = matrix.add == nullptr ? nullptr : matrix.add + at;
         WithRows(std::min<int64_t>(kRowsPerTile, m - tile), [&](auto rows) {
-          portable::RowsProduct<F, decltype(rows)::value>(matrix.weights + r * row_bytes, act, tile,
-                                                           matrix.out + tile * n + r, n, add);
+          portable::RowPairProduct<F, decltype(rows)::value>(
+              row_a, pair ? row_a + row_bytes : row_a, act, tile, matrix.out + at, pair ? matrix.out + at + 1 : nullptr,
+              n, add, pair && add != nullptr ? add + 1 : nullptr);
         });
       }
     }
