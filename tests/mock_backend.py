@@ -131,7 +131,9 @@ class MockBackend:
         match = re.search(r"stop_after=(\d+)", " ".join(prepared.words))
         stop_after = int(match.group(1)) if match and not request.sampling.ignore_eos else None
         scanner = StopScanner(request.sampling.stop)
-        for step in range(request.sampling.max_tokens):
+        # As the engine does, generation ends where the context window does.
+        budget = min(request.sampling.max_tokens, CONTEXT - len(prepared.words))
+        for step in range(budget):
             self._pause()
             word = f"w{step}"
             if stop_after is not None and step == stop_after:
@@ -150,7 +152,7 @@ class MockBackend:
                 stop = next(s for s in request.sampling.stop if s)
                 yield {**done, "finish_reason": "stop", "completion_tokens": step + 1, "stop_sequence": stop}
                 return
-        yield {**done, "finish_reason": "length", "completion_tokens": request.sampling.max_tokens}
+        yield {**done, "finish_reason": "length", "completion_tokens": budget}
 
     def embed(self, model: str, inputs: list[Any]) -> Iterator[dict[str, Any]]:
         self._resolve(model)

@@ -404,6 +404,14 @@ def test_context_overflow(http):
     assert "5000" in error["message"]
 
 
+def test_an_integer_beyond_64_bits_is_refused_by_name(http):
+    # 1e300 is an integer-valued float; taken as max_tokens it would never end.
+    for field, path in (("max_tokens", "/v1/chat/completions"), ("seed", "/v1/completions")):
+        body = {"model": "mock-1", "messages": USER, "prompt": "x", field: 1e300}
+        error = error_of(http.post(path, json=body), 400)
+        assert error["param"] == field and "out of range" in error["message"]
+
+
 def test_node_down_is_503(http, node_server, client):
     node_server.close()
     response = http.post("/v1/chat/completions", json={"model": "mock-1", "messages": USER})
