@@ -92,9 +92,8 @@ def get_int(
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(400, f"'{name}' must be an integer", param=name)
     if not -(2**63) <= value < 2**63:  # 1e300 is an integer too; nothing downstream takes it
-        raise ApiError(
-            400, f"'{name}' is out of range (a signed 64-bit integer), got {value:.3g}", param=name
-        )
+        # The value is not echoed: an integer of hundreds of digits has no float to show.
+        raise ApiError(400, f"'{name}' is out of range: it must fit a signed 64-bit integer", param=name)
     _check_range(name, value, low, high)
     return value
 

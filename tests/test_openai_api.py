@@ -410,6 +410,12 @@ def test_an_integer_beyond_64_bits_is_refused_by_name(http):
         body = {"model": "mock-1", "messages": USER, "prompt": "x", field: 1e300}
         error = error_of(http.post(path, json=body), 400)
         assert error["param"] == field and "out of range" in error["message"]
+    # A JSON integer literal of 400 digits, too large for any float.
+    raw = '{"model": "mock-1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1%s}' % (
+        "0" * 400
+    )
+    error = error_of(http.post("/v1/chat/completions", content=raw), 400)
+    assert error["param"] == "max_tokens" and "out of range" in error["message"]
 
 
 def test_node_down_is_503(http, node_server, client):

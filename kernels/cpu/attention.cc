@@ -26,7 +26,6 @@
 // keys only, whatever else shares the call.
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <string>
