@@ -42,12 +42,14 @@ browser:
 		apt-get update -qq && apt-get install -y -qq chromium; } || \
 		echo "note: chromium not installed; tests/test_browser.py will skip"
 
-# An ARM cross compiler, with which the tests check that the CPU kernels build for ARM
-# machines. Where it cannot be installed that test skips.
+# An ARM cross compiler and qemu's user-mode emulator, with which the tests build the CPU
+# kernels for ARM machines and run them (tests/test_kernels_arm.py). Where they cannot
+# be installed those tests skip.
 cross-compiler:
-	@command -v aarch64-linux-gnu-g++ > /dev/null || { command -v apt-get > /dev/null && \
-		apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu; } || \
-		echo "note: g++-aarch64-linux-gnu not installed; the ARM build test will skip"
+	@{ command -v aarch64-linux-gnu-g++ > /dev/null && command -v qemu-aarch64 > /dev/null; } || \
+		{ command -v apt-get > /dev/null && apt-get update -qq && \
+		apt-get install -y -qq g++-aarch64-linux-gnu qemu-user; } || \
+		echo "note: g++-aarch64-linux-gnu or qemu-user not installed; the ARM kernel tests will skip"
 
 # Both real models: the default one and Gemma 3 270M, used by the real-model tests.
 models: install-dev browser cross-compiler

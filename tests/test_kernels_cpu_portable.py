@@ -131,8 +131,9 @@ ARM_COMPILER = "aarch64-linux-gnu-g++"
 @pytest.mark.parametrize("arch", ["armv8-a", "armv8.2-a+dotprod+fp16"])
 def test_the_library_builds_for_arm(arch: str, tmp_path: Path) -> None:
     """ARM machines (Apple silicon under Linux, Graviton, Raspberry Pi 5) run the
-    portable kernels; this machine cannot run them, but it checks that they compile, and
-    that with the dot-product extension the 8-bit dot products become `sdot`."""
+    portable kernels: the library builds for them with the build's own command, and with
+    the dot-product extension the 8-bit dot products become `sdot`. tests/test_kernels_arm.py
+    runs the kernels themselves on an emulated ARM CPU."""
     output = tmp_path / "kernels-arm.so"
     result = subprocess.run(
         build.compile_command(ARM_COMPILER, str(output), arch),

@@ -1,0 +1,36 @@
+// The library's cache attention (kernels/cpu/attention.cc) behind a plain function, for main.cc.
+#include <cstdio>
+
+#include "attention.cc"
+
+// Fields as attention.cc's Problem; `half`: the caches are f16 (else f32).
+void DriverAttention(const int64_t* shape, const float* q, const void* keys, const void* values,
+                     const int32_t* positions, const int32_t* kv_length, float* out, float scale, float softcap,
+                     bool half) {
+  swarm_cpu::Problem p{};
+  p.batch = shape[0];
+  p.steps = shape[1];
+  p.q_heads = shape[2];
+  p.head_dim = shape[3];
+  p.value_dim = shape[4];
+  p.rows = shape[5];
+  p.capacity = shape[6];
+  p.kv_heads = shape[7];
+  p.layer = shape[8];
+  p.first_row = shape[9];
+  p.window = shape[10];
+  p.bound = shape[11];
+  p.scale = scale;
+  p.softcap = softcap;
+  p.q = q;
+  p.keys = keys;
+  p.values = values;
+  p.positions = positions;
+  p.kv_length = kv_length;
+  p.out = out;
+  if (half) {
+    swarm_cpu::Run<uint16_t>(p);
+  } else {
+    swarm_cpu::Run<float>(p);
+  }
+}
