@@ -19,6 +19,12 @@ the same matrix, so small ones are cache-resident.  The `step` rows are every
 matrix of the model once (all layers and the vocabulary head, m rows each): the
 weights stream from DRAM as in a decode step, the number to hold against
 llama.cpp's per-token time.  For m = 1 the table gives GB/s of packed weight bytes.
+
+The run starts and ends by measuring the machine's peak rate of the 8-bit dot-product
+instruction the kernels are built on (tools/int8_peak.cc, on as many threads as the
+kernels use), and each product's multiply-adds per second are given as a share of the
+first: where a product stands against the hardware.  On a shared machine the peak
+itself moves (a busy sibling hyperthread halves it), hence the second measurement.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import argparse
 import dataclasses
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +49,7 @@ import numpy as np
 from jax import lax
 
 from kernels import cpu, ops
+from kernels.cpu import build
 from kernels.matmul import dequant_matmul_reference
 from kernels.qtensor import QuantTensor
 from kernels.quant_types import type_name
@@ -72,6 +81,42 @@ class Row:
     @property
     def packed_gb_s(self) -> float:
         return self.packed_bytes / self.ours_us / 1e3
+
+    @property
+    def gmac_s(self) -> float | None:
+        """Multiply-adds per second of ours (None for the whole-step rows)."""
+        if self.matrix == "step":
+            return None
+        return self.rows * self.shape[0] * self.shape[1] / self.ours_us / 1e3
+
+
+def int8_peak(threads: int) -> dict | None:
+    """tools/int8_peak.cc built for the kernels' -march and run on `threads` threads:
+    {"instruction", "threads", "gmac_s"}, or None where it cannot be built or run."""
+    compiler = build.find_compiler()
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        program = Path(directory) / "int8_peak"
+        source = REPO_ROOT / "tools" / "int8_peak.cc"
+        command = [
+            compiler,
+            "-O2",
+            f"-march={build.target_arch()}",
+            "-pthread",
+            str(source),
+            "-o",
+            str(program),
+        ]
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=build.COMPILE_TIMEOUT_S)
+            result = subprocess.run(
+                [str(program), str(threads), "0.5"], check=True, capture_output=True, text=True, timeout=60
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+    peak = json.loads(result.stdout)
+    return peak if peak["gmac_s"] > 0 else None
 
 
 def _quant_tensor(tensor) -> QuantTensor:
@@ -199,20 +244,37 @@ def bench_step(model: str, reader: gguf.GGUFReader, rows: int, runs: int) -> Row
     )
 
 
-def _format(row: Row) -> str:
+def _format(row: Row, peak: dict | None) -> str:
     shape = f"{row.shape[0]} matrices" if row.matrix == "step" else f"{row.shape[0]}x{row.shape[1]}"
     ref = "-" if row.reference_us is None else f"{row.reference_us:,.1f}"
     ref_ratio = "-" if row.reference_us is None else f"{row.reference_us / row.ours_us:.1f}x"
     gbps = f"{row.packed_gb_s:.1f}" if row.rows == 1 else "-"
+    gmac = "-" if row.gmac_s is None else f"{row.gmac_s:,.1f}"
+    share = "-" if row.gmac_s is None or peak is None else f"{100 * row.gmac_s / peak['gmac_s']:.0f} %"
     return (
         f"| {row.model} | {row.matrix} | {row.qtype} | {shape} | {row.rows} | {row.ours_us:,.1f} | "
         f"{row.rows_layout_us:,.1f} | "
-        f"{row.xla_f32_us:,.1f} | {ref} | {row.xla_f32_us / row.ours_us:.1f}x | {ref_ratio} | {gbps} |"
+        f"{row.xla_f32_us:,.1f} | {ref} | {row.xla_f32_us / row.ours_us:.1f}x | {ref_ratio} | {gbps} | "
+        f"{gmac} | {share} |"
     )
 
 
-def _print(row: Row, as_json: bool) -> None:
-    print(json.dumps(dataclasses.asdict(row)) if as_json else _format(row), flush=True)
+def _print(row: Row, as_json: bool, peak: dict | None) -> None:
+    if as_json:
+        print(json.dumps({**dataclasses.asdict(row), "gmac_s": row.gmac_s}), flush=True)
+    else:
+        print(_format(row, peak), flush=True)
+
+
+def _print_peak(peak: dict | None, when: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"int8_peak": peak, "when": when}), flush=True)
+    elif peak is None:
+        print(f"int8 peak ({when}): not measured (no C++ compiler, or no 8-bit dot product on this build)")
+    else:
+        print(
+            f"int8 peak ({when}): {peak['gmac_s']:,.1f} GMAC/s, {peak['instruction']} on {peak['threads']} threads"
+        )
 
 
 def main() -> int:
@@ -230,10 +292,15 @@ def main() -> int:
     row_counts = [int(r) for r in args.rows.split(",")]
     header = (
         "| model | matrix | type | n x k | m | ours us | rows us | xla_f32 us | reference us | f32/ours | ref/ours "
-        "| GB/s m=1 |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| GB/s m=1 | GMAC/s | of peak |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
+    peak = int8_peak(cpu.threads())
     if not args.json:
-        print(f"jax {jax.__version__}, {jax.default_backend()}, kernel threads: {cpu.threads()}")
+        print(
+            f"jax {jax.__version__}, {jax.default_backend()}, kernel threads: {cpu.threads()}, kernels: {cpu.isa()}"
+        )
+    _print_peak(peak, "start", args.json)
+    if not args.json:
         print(header)
     for model in args.models.split(","):
         reader = gguf.GGUFReader(resolve_model(model, args.data_dir, install_missing=False))
@@ -241,10 +308,13 @@ def main() -> int:
             for rows in row_counts:
                 if label == "head" and rows > HEAD_MAX_ROWS:
                     continue
-                _print(bench_matrix(model, label, w, rows, args.runs, reference=label != "head"), args.json)
+                _print(
+                    bench_matrix(model, label, w, rows, args.runs, reference=label != "head"), args.json, peak
+                )
         if not args.no_step:
             for rows in (r for r in row_counts if r <= HEAD_MAX_ROWS):
-                _print(bench_step(model, reader, rows, max(3, args.runs // 2)), args.json)
+                _print(bench_step(model, reader, rows, max(3, args.runs // 2)), args.json, peak)
+    _print_peak(int8_peak(cpu.threads()), "end", args.json)
     return 0
 
 
