@@ -21,7 +21,7 @@ Long prompt: while N-1 requests decode, one with a long prompt arrives; the othe
 longest gap between two tokens is measured with chunked prefill
 (inference.prefill_chunk) and with the prompt prefilled whole. With --baseline
 llama-cpp, llama.cpp's single-stream decode on the same model and prompt is measured in
-the same run (a child process) for the ratio: greedy, or with `--sampling default`
+the same run (a child process, before the rest) for the ratio: greedy, or with `--sampling default`
 through llama.cpp's own sampler chain at the same settings. Prints JSON.
 """
 
@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from swarm.batching import SlotBatch
 from swarm.bench import bench_prompt, llama_cpp_baseline
 from swarm.engine import enable_compilation_cache
+from swarm.errors import SwarmError
 from swarm.generate import Generator, Prefilling
 from swarm.loader import open_model
 from swarm.node_server import Job, Scheduler
@@ -219,6 +220,15 @@ def main() -> int:
         text = bench_prompt(model.tokenizer, length)
         return [(text[0] + 1 + index) % vocab, *text[1:]]
 
+    baseline = None
+    if args.baseline == "llama-cpp":  # first: a baseline that cannot run fails before the long part
+        try:
+            baseline = llama_cpp_baseline(
+                str(model.path), base, args.gen_tokens, 3, sampled=args.sampling == "default"
+            )
+        except SwarmError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     batch = SlotBatch(engine, args.streams, 4096)
     batch.warm_up()
     generator = Generator(engine, model.tokenizer, batch=batch)
@@ -316,10 +326,7 @@ def main() -> int:
                 batch.stop_preparing()
     finally:
         scheduler.stop()
-    if args.baseline == "llama-cpp":
-        baseline = llama_cpp_baseline(
-            str(model.path), base, args.gen_tokens, 3, sampled=args.sampling == "default"
-        )
+    if baseline is not None:
         report["llama_cpp_single_tok_s"] = baseline["decode_tok_s"]
         report["single_over_llama_cpp"] = report["single_tok_s"] / report["llama_cpp_single_tok_s"]
         report["aggregate_over_llama_cpp"] = report["aggregate_tok_s"] / report["llama_cpp_single_tok_s"]
