@@ -74,7 +74,13 @@ class QuantTensor:
         fmt = quant_format(qtype)
         out_features, in_features = (int(d) for d in shape)
         expected = (out_features, row_bytes(qtype, in_features))
-        data = jnp.asarray(data)
+        if isinstance(data, np.ndarray) and not data.flags.writeable:
+            # Read-only host bytes (a GGUF's memory map): on CPU the array holds them in
+            # place where they are 64-byte aligned, served from the page cache as
+            # llama.cpp serves its weights; elsewhere device_put copies them.
+            data = jax.device_put(data)
+        else:
+            data = jnp.asarray(data)
         if data.dtype != jnp.uint8 or data.ndim < 2 or tuple(data.shape[-2:]) != expected:
             raise ValueError(
                 f"{fmt.name} weight of shape {(out_features, in_features)} needs data "
@@ -110,6 +116,12 @@ class QuantTensor:
                 f"with a multiple of {PANEL_ROWS} rows; this is {quant_format(self.qtype).name} "
                 f"with {self.out_features}"
             )
+        if not isinstance(self.data, jax.core.Tracer):
+            # A weight being loaded: permuted on the host a few panels at a time, into the
+            # one buffer the device array then holds (JAX's op-by-op copies of a whole
+            # vocabulary table took 6 times its size at once).
+            data = jax.device_put(_panels_of_rows(np.asarray(self.data), self.qtype, self.out_features))
+            return QuantTensor(data, self.qtype, self.shape, PANELS)
         lead, panels, blocks, block_bytes = self._panel_grid()
         grid = self.data.reshape(*lead, panels, PANEL_ROWS, blocks, block_bytes)
         grid = jnp.swapaxes(grid, -3, -2)  # [..., panel, block, row, byte]
@@ -165,6 +177,43 @@ class QuantTensor:
     def dequantize(self) -> jax.Array:
         """The weights as f32[..., out, in] (leading stacked axes kept)."""
         return dequantize(self.to_rows().data, self.qtype, self.shape[1])
+
+
+# JAX's CPU arrays hold host bytes in place (no copy) where they start at a multiple of this.
+HOST_ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialized u8 array starting at a multiple of HOST_ALIGNMENT bytes."""
+    size = int(np.prod(shape))
+    raw = np.empty(size + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start : start + size].reshape(shape)
+
+
+# Bytes of rows one step of `_panels_of_rows` permutes: its temporaries stay this small.
+_PANEL_CHUNK_BYTES = 1 << 20
+
+
+def _panels_of_rows(rows: np.ndarray, qtype: int, out_features: int) -> np.ndarray:
+    """`QuantTensor.to_panels` on host bytes u8[..., out, row_bytes]: the same permutation,
+    done a few panels at a time into one new array."""
+    block_bytes = quant_format(qtype).block_bytes
+    blocks = rows.shape[-1] // block_bytes
+    panels = out_features // PANEL_ROWS
+    source = rows.reshape(-1, panels, PANEL_ROWS, blocks, block_bytes)
+    target = aligned_empty((source.shape[0], panels, blocks, PANEL_ROWS * block_bytes))
+    step = max(1, _PANEL_CHUNK_BYTES // (PANEL_ROWS * rows.shape[-1]))
+    for layer in range(source.shape[0]):
+        for first in range(0, panels, step):
+            grid = source[layer, first : first + step].swapaxes(-3, -2)  # [panel, block, row, byte]
+            at = 0
+            for offset, length, unit in PANEL_FIELDS[qtype]:
+                field = grid[..., offset : offset + length].reshape(*grid.shape[:-1], length // unit, unit)
+                chunk = field.swapaxes(-3, -2).reshape(*grid.shape[:-2], PANEL_ROWS * length)
+                target[layer, first : first + step, :, at : at + PANEL_ROWS * length] = chunk
+                at += PANEL_ROWS * length
+    return target.reshape(rows.shape)
 
 
 jax.tree_util.register_dataclass(QuantTensor, data_fields=["data"], meta_fields=["qtype", "shape", "layout"])

@@ -7,16 +7,22 @@ the bytes must give what it gives on the GGUF's own rows: the round trip, row lo
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kernels import cpu, ops
-from kernels.qtensor import PANEL_FIELDS, PANEL_ROWS, PANELS, ROWS, QuantTensor, stack
+from kernels.qtensor import PANEL_FIELDS, PANEL_ROWS, PANELS, ROWS, QuantTensor, aligned_empty, stack
 from kernels.quant_types import FORMATS, GGMLType, quant_format
 from tests.quant_blocks import random_blocks
 
+REPO = Path(__file__).resolve().parents[1]
 PANEL_TYPES = sorted(PANEL_FIELDS)
 needs_kernel = pytest.mark.skipif(
     not cpu.fused_available(),
@@ -101,6 +107,74 @@ def test_stacked_layers_convert_layer_by_layer() -> None:
     np.testing.assert_array_equal(np.asarray(stacked.to_rows().data), np.asarray(stack(layers).data))
     with pytest.raises(ValueError, match=r"rows\) with tensor 0 .*panels"):
         stack([layers[0].to_panels(), layers[1]])
+
+
+@pytest.mark.parametrize("qtype", PANEL_TYPES, ids=lambda q: FORMATS[q].name)
+def test_loading_and_tracing_permute_alike(qtype: int) -> None:
+    """A loaded weight is permuted on the host a few panels at a time; under jit the
+    same permutation runs in XLA. Both give the same bytes, stacked layers too, and
+    over more panels than one host step takes."""
+    for weight in (
+        _weight(qtype, 48, _k(qtype), seed=6),
+        stack([_weight(qtype, 32, _k(qtype), seed=seed) for seed in (7, 8)]),
+        _weight(qtype, 16 * 200, 4 * FORMATS[qtype].block_size, seed=9),
+    ):
+        host = weight.to_panels()
+        traced = jax.jit(lambda w: w.to_panels())(weight)
+        assert host.layout == traced.layout == PANELS
+        np.testing.assert_array_equal(np.asarray(host.data), np.asarray(traced.data))
+
+
+def test_permuting_a_large_weight_takes_little_memory_beside_it() -> None:
+    """Loading a model permutes its vocabulary table (Gemma 3's is 178 MB of Q8_0): the
+    permutation takes one new array and small pieces, not the several whole-size copies
+    that op-by-op array code makes (6 times the table's size for that table, measured)."""
+    script = """
+import numpy as np
+from kernels.qtensor import QuantTensor
+from kernels.quant_types import GGMLType
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS", "VmHWM")):
+            yield int(line.split()[1]) * 1024
+
+rows = np.random.default_rng(0).integers(0, 256, (16 * 4096, 34 * 30), dtype=np.uint8)
+weight = QuantTensor.from_packed(rows, GGMLType.Q8_0, (16 * 4096, 32 * 30))
+weight.data.block_until_ready()
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # the peak RSS starts again from here
+before, _ = rss()
+panels = weight.to_panels()
+panels.data.block_until_ready()
+_, peak = rss()
+print((peak - before) / rows.nbytes)
+"""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    growth = float(result.stdout.split()[-1])
+    assert growth < 1.3, f"permuting took {growth:.2f} times the weight's size beside it"
+
+
+def test_read_only_bytes_are_held_in_place_and_writable_ones_copied() -> None:
+    """A GGUF's tensors are read-only memory-mapped bytes: on CPU a weight wraps them
+    without a copy where they are 64-byte aligned (served from the page cache). Bytes a
+    caller may still change are copied, so changing them later does not change the weight."""
+    blocks = random_blocks(GGMLType.Q4_0, rows=16, blocks=2, seed=10)
+    frozen = aligned_empty(blocks.shape)  # GGUF tensors at a 64-byte boundary
+    frozen[:] = blocks
+    frozen.flags.writeable = False
+    held = QuantTensor.from_packed(frozen, GGMLType.Q4_0, (16, 64))
+    if jax.default_backend() == "cpu":
+        assert np.shares_memory(np.asarray(held.data), frozen)
+    np.testing.assert_array_equal(np.asarray(held.data), blocks)
+    copied = QuantTensor.from_packed(blocks, GGMLType.Q4_0, (16, 64))
+    blocks[:] = 0
+    np.testing.assert_array_equal(np.asarray(copied.data), frozen)
 
 
 def test_to_panels_names_what_it_cannot_take() -> None:
