@@ -258,6 +258,13 @@ def _attention_cases():
         cases.append((f"window {window}", (decode, keys, values, 0, 0, *map(np.asarray, steps)), arguments))
     arguments = dict(window=NO_WINDOW, bound=96, scale=1.0, softcap=2.0)
     cases.append(("soft cap", (decode, keys, values, 0, 0, *map(np.asarray, steps)), arguments))
+    # A batch wide enough that a thread takes whole sequences (every kv head) at a time.
+    wide = rng.standard_normal((8, 1, 9, 64)).astype(np.float32)
+    wide_cache = [rng.standard_normal((1, 9, 96, 3, 64)).astype(np.float16) for _ in range(2)]
+    positions = rng.integers(0, 96, 8)
+    kv_length = np.minimum(positions + 1, rng.integers(1, 97, 8))
+    arguments = dict(window=NO_WINDOW, bound=96, scale=0.125, softcap=0.0)
+    cases.append(("wide batch", (wide, *wide_cache, 0, 1, positions[:, None], kv_length), arguments))
     # A prompt chunk: 7 queries of 2 sequences, the second row offset into the cache.
     chunk = rng.standard_normal((2, 7, 9, 64)).astype(np.float32)
     positions = np.asarray([np.arange(30, 37), np.arange(0, 7)])
