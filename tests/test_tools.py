@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from kernels import cpu
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,3 +82,60 @@ def test_a_failing_llama_cpp_baseline_says_why(monkeypatch, returncode, stderr, 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     with pytest.raises(SwarmError, match=expected):
         bench.llama_cpp_baseline("model.gguf", [1, 2, 3], gen_tokens=4, runs=1)
+
+
+def _perf_can_record() -> bool:
+    """Whether `perf record` may sample a process of ours here (installed, and allowed by
+    perf_event_paranoid or root)."""
+    if shutil.which("perf") is None:
+        return False
+    done = subprocess.run(
+        ["perf", "record", "-o", os.devnull, "--", "true"], capture_output=True, text=True, timeout=60
+    )
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+def test_profile_step_splits_a_step_into_its_parts(smollm2_path, data_dir):
+    if not _perf_can_record():
+        pytest.skip("needs Linux perf, allowed to sample this user's processes")
+    done = _run(
+        ["tools/profile_step.py", "--rows", "1,4", "--position", "32", "--seconds", "2", "--json"], data_dir
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    profiles = json.loads(done.stdout)
+    assert [p["rows"] for p in profiles] == [1, 4]
+    for profile in profiles:
+        parts = profile["parts"]
+        assert profile["step_ms"] > 0 and profile["cpu_ms_per_step"] > 0
+        assert sum(part["share"] for part in parts.values()) == pytest.approx(1.0)
+        assert sum(part["cpu_ms_per_step"] for part in parts.values()) == pytest.approx(
+            profile["cpu_ms_per_step"]
+        )
+        if cpu.available():  # the products run on the kernels, and are most of a step
+            assert parts["layer matmuls"]["share"] > 0.2
+            assert "vocabulary head (Q8_0 matmul)" in parts and "attention" in parts
+
+
+def test_bench_kernels_sets_each_product_against_the_cpus_peak(smollm2_path, data_dir):
+    if not cpu.available():
+        pytest.skip(cpu.unavailable_reason())
+    done = _run(
+        [
+            "tools/bench_kernels.py", "--models", "smollm2-135m", "--rows", "1", "--runs", "1",
+            "--no-step", "--json", "--data-dir", str(data_dir),
+        ],
+        data_dir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    peaks = [line for line in lines if "int8_peak" in line]
+    assert [peak["when"] for peak in peaks] == ["start", "end"]
+    for peak in peaks:
+        if peak["int8_peak"] is not None:  # a C++ compiler and an 8-bit dot product on this build
+            assert peak["int8_peak"]["gmac_s"] > 0 and peak["int8_peak"]["threads"] == cpu.threads()
+    rows = [line for line in lines if "int8_peak" not in line]
+    assert {row["matrix"] for row in rows} >= {"ffn_down", "head"}
+    for row in rows:
+        n, k = row["shape"]
+        assert row["gmac_s"] == pytest.approx(row["rows"] * n * k / row["ours_us"] / 1e3)
