@@ -124,12 +124,7 @@ class QuantTensor:
             return QuantTensor(data, self.qtype, self.shape, PANELS)
         lead, panels, blocks, block_bytes = self._panel_grid()
         grid = self.data.reshape(*lead, panels, PANEL_ROWS, blocks, block_bytes)
-        grid = jnp.swapaxes(grid, -3, -2)  # [..., panel, block, row, byte]
-        parts = []
-        for offset, length, unit in PANEL_FIELDS[self.qtype]:
-            field = grid[..., offset : offset + length].reshape(*grid.shape[:-1], length // unit, unit)
-            parts.append(jnp.swapaxes(field, -3, -2).reshape(*grid.shape[:-2], PANEL_ROWS * length))
-        data = jnp.concatenate(parts, axis=-1).reshape(self.data.shape)
+        data = _panel_blocks(jnp, grid, self.qtype).reshape(self.data.shape)
         return QuantTensor(data, self.qtype, self.shape, PANELS)
 
     def _panel_fields(self, grid: jax.Array) -> list[jax.Array]:
@@ -206,14 +201,22 @@ def _panels_of_rows(rows: np.ndarray, qtype: int, out_features: int) -> np.ndarr
     step = max(1, _PANEL_CHUNK_BYTES // (PANEL_ROWS * rows.shape[-1]))
     for layer in range(source.shape[0]):
         for first in range(0, panels, step):
-            grid = source[layer, first : first + step].swapaxes(-3, -2)  # [panel, block, row, byte]
-            at = 0
-            for offset, length, unit in PANEL_FIELDS[qtype]:
-                field = grid[..., offset : offset + length].reshape(*grid.shape[:-1], length // unit, unit)
-                chunk = field.swapaxes(-3, -2).reshape(*grid.shape[:-2], PANEL_ROWS * length)
-                target[layer, first : first + step, :, at : at + PANEL_ROWS * length] = chunk
-                at += PANEL_ROWS * length
+            target[layer, first : first + step] = _panel_blocks(
+                np, source[layer, first : first + step], qtype
+            )
     return target.reshape(rows.shape)
+
+
+def _panel_blocks(xp, grid, qtype: int):
+    """Panels of rows grid [..., panel, row, block, byte] as [..., panel, block, 16 *
+    block_bytes], each block's fields with the 16 rows' units side by side; `xp` is numpy
+    (host bytes) or jax.numpy (traced)."""
+    grid = xp.swapaxes(grid, -3, -2)  # [..., panel, block, row, byte]
+    parts = []
+    for offset, length, unit in PANEL_FIELDS[qtype]:
+        field = grid[..., offset : offset + length].reshape(*grid.shape[:-1], length // unit, unit)
+        parts.append(xp.swapaxes(field, -3, -2).reshape(*grid.shape[:-2], PANEL_ROWS * length))
+    return xp.concatenate(parts, axis=-1)
 
 
 jax.tree_util.register_dataclass(QuantTensor, data_fields=["data"], meta_fields=["qtype", "shape", "layout"])
