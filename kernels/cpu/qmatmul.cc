@@ -353,13 +353,29 @@ ffi::Error Checked(const float* x, int64_t m, int64_t k, const Matrix* matrices,
   return Product<F>(x, m, k, matrices, count, panels);
 }
 
+// The product of `count` weights of GGML type `qtype` with x f32[m, k], checked.
+ffi::Error QMatmulOfType(int32_t qtype, const float* x, int64_t m, int64_t k, const Matrix* matrices,
+                         const int64_t* row_bytes, int count, bool panels) {
+  using namespace formats;
+  switch (qtype) {
+    case Q4_0::kType: return Checked<Q4_0>(x, m, k, matrices, row_bytes, count, panels);
+    case Q4_1::kType: return Checked<Q4_1>(x, m, k, matrices, row_bytes, count, panels);
+    case Q5_0::kType: return Checked<Q5_0>(x, m, k, matrices, row_bytes, count, panels);
+    case Q5_1::kType: return Checked<Q5_1>(x, m, k, matrices, row_bytes, count, panels);
+    case Q8_0::kType: return Checked<Q8_0>(x, m, k, matrices, row_bytes, count, panels);
+    case Q4_K::kType: return Checked<Q4_K>(x, m, k, matrices, row_bytes, count, panels);
+    case Q5_K::kType: return Checked<Q5_K>(x, m, k, matrices, row_bytes, count, panels);
+    case Q6_K::kType: return Checked<Q6_K>(x, m, k, matrices, row_bytes, count, panels);
+    default: return ffi::Error::InvalidArgument("qmatmul: unsupported GGML type " + std::to_string(qtype));
+  }
+}
+
 }  // namespace
 }  // namespace swarm_cpu
 
 static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets outs,
                               int32_t qtype, int32_t layout, int32_t add) {
   using namespace swarm_cpu;
-  using namespace formats;
   if (layout != 0 && layout != 1) {
     return ffi::Error::InvalidArgument("qmatmul: layout must be 0 (rows) or 1 (panels); got " +
                                        std::to_string(layout));
@@ -399,18 +415,7 @@ static ffi::Error QMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, 
     matrices[j] = Matrix{w->typed_data(), w_dims[0], (*out)->typed_data(), addend};
     row_bytes[j] = w_dims[1];
   }
-  const float* xs = x.typed_data();
-  switch (qtype) {
-    case Q4_0::kType: return Checked<Q4_0>(xs, m, k, matrices, row_bytes, count, panels);
-    case Q4_1::kType: return Checked<Q4_1>(xs, m, k, matrices, row_bytes, count, panels);
-    case Q5_0::kType: return Checked<Q5_0>(xs, m, k, matrices, row_bytes, count, panels);
-    case Q5_1::kType: return Checked<Q5_1>(xs, m, k, matrices, row_bytes, count, panels);
-    case Q8_0::kType: return Checked<Q8_0>(xs, m, k, matrices, row_bytes, count, panels);
-    case Q4_K::kType: return Checked<Q4_K>(xs, m, k, matrices, row_bytes, count, panels);
-    case Q5_K::kType: return Checked<Q5_K>(xs, m, k, matrices, row_bytes, count, panels);
-    case Q6_K::kType: return Checked<Q6_K>(xs, m, k, matrices, row_bytes, count, panels);
-    default: return ffi::Error::InvalidArgument("qmatmul: unsupported GGML type " + std::to_string(qtype));
-  }
+  return QMatmulOfType(qtype, x.typed_data(), m, k, matrices, row_bytes, count, panels);
 }
 
 extern "C" int swarm_qmatmul_threads() { return swarm_cpu::Pool().threads(); }
