@@ -90,31 +90,33 @@ class Row:
         return self.rows * self.shape[0] * self.shape[1] / self.ours_us / 1e3
 
 
-def int8_peak(threads: int) -> dict | None:
-    """tools/int8_peak.cc built for the kernels' -march and run on `threads` threads:
-    {"instruction", "threads", "gmac_s"}, or None where it cannot be built or run."""
+def build_int8_peak(directory: Path) -> Path | None:
+    """tools/int8_peak.cc built into `directory` for the kernels' -march, or None where
+    it cannot be built."""
     compiler = build.find_compiler()
     if compiler is None:
         return None
-    with tempfile.TemporaryDirectory() as directory:
-        program = Path(directory) / "int8_peak"
-        source = REPO_ROOT / "tools" / "int8_peak.cc"
-        command = [
-            compiler,
-            "-O2",
-            f"-march={build.target_arch()}",
-            "-pthread",
-            str(source),
-            "-o",
-            str(program),
-        ]
-        try:
-            subprocess.run(command, check=True, capture_output=True, timeout=build.COMPILE_TIMEOUT_S)
-            result = subprocess.run(
-                [str(program), str(threads), "0.5"], check=True, capture_output=True, text=True, timeout=60
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
+    program = directory / "int8_peak"
+    source = REPO_ROOT / "tools" / "int8_peak.cc"
+    command = [compiler, "-O2", f"-march={build.target_arch()}", "-pthread", str(source), "-o", str(program)]
+    try:
+        subprocess.run(command, check=True, capture_output=True, timeout=build.COMPILE_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return program
+
+
+def int8_peak(program: Path | None, threads: int) -> dict | None:
+    """The peak `program` (build_int8_peak) measures on `threads` threads:
+    {"instruction", "threads", "gmac_s"}, or None where it was not built or cannot run."""
+    if program is None:
+        return None
+    try:
+        result = subprocess.run(
+            [str(program), str(threads), "0.5"], check=True, capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
     peak = json.loads(result.stdout)
     return peak if peak["gmac_s"] > 0 else None
 
@@ -289,12 +291,18 @@ def main() -> int:
     if not cpu.available():
         print(f"error: {cpu.unavailable_reason()}", file=sys.stderr)
         return 1
+    with tempfile.TemporaryDirectory() as directory:
+        program = build_int8_peak(Path(directory))  # built once, run at the start and the end
+        return _bench(args, program)
+
+
+def _bench(args: argparse.Namespace, program: Path | None) -> int:
     row_counts = [int(r) for r in args.rows.split(",")]
     header = (
         "| model | matrix | type | n x k | m | ours us | rows us | xla_f32 us | reference us | f32/ours | ref/ours "
         "| GB/s m=1 | GMAC/s | of peak |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
-    peak = int8_peak(cpu.threads())
+    peak = int8_peak(program, cpu.threads())
     if not args.json:
         print(
             f"jax {jax.__version__}, {jax.default_backend()}, kernel threads: {cpu.threads()}, kernels: {cpu.isa()}"
@@ -314,7 +322,7 @@ def main() -> int:
         if not args.no_step:
             for rows in (r for r in row_counts if r <= HEAD_MAX_ROWS):
                 _print(bench_step(model, reader, rows, max(3, args.runs // 2)), args.json, peak)
-    _print_peak(int8_peak(cpu.threads()), "end", args.json)
+    _print_peak(int8_peak(program, cpu.threads()), "end", args.json)
     return 0
 
 

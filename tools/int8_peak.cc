@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -18,55 +19,45 @@ namespace {
 
 constexpr int kChains = 16;  // independent accumulators: more than latency x throughput
 
+// Per build: the vector type, its multiply-adds per instruction, and one dot step.
 #if defined(__AVX512VNNI__)
 constexpr const char* kInstruction = "vpdpbusd zmm";
 constexpr int kMacs = 64;
-int64_t Spin(int64_t rounds) {
-  __m512i acc[kChains];
-  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_epi32(i);
-  __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(5);
-  for (int64_t r = 0; r < rounds; ++r) {
-#pragma GCC unroll 16
-    for (int i = 0; i < kChains; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
-    __asm__ volatile("" : "+v"(a));
-  }
-  int64_t sum = 0;
-  for (int i = 0; i < kChains; ++i) sum += _mm512_reduce_add_epi32(acc[i]);
-  return sum;
-}
+using Vector = __m512i;
+Vector Splat(int value) { return _mm512_set1_epi32(value); }
+Vector Dot(Vector acc, Vector a, Vector b) { return _mm512_dpbusd_epi32(acc, a, b); }
 #elif defined(__AVXVNNI__)
 constexpr const char* kInstruction = "vpdpbusd ymm (AVX-VNNI)";
 constexpr int kMacs = 32;
-int64_t Spin(int64_t rounds) {
-  __m256i acc[kChains];
-  for (int i = 0; i < kChains; ++i) acc[i] = _mm256_set1_epi32(i);
-  __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(5);
-  for (int64_t r = 0; r < rounds; ++r) {
-#pragma GCC unroll 16
-    for (int i = 0; i < kChains; ++i) acc[i] = _mm256_dpbusd_avx_epi32(acc[i], a, b);
-    __asm__ volatile("" : "+v"(a));
-  }
-  int64_t sum = 0;
-  for (int i = 0; i < kChains; ++i) sum += _mm256_extract_epi32(acc[i], 0);
-  return sum;
-}
+using Vector = __m256i;
+Vector Splat(int value) { return _mm256_set1_epi32(value); }
+Vector Dot(Vector acc, Vector a, Vector b) { return _mm256_dpbusd_avx_epi32(acc, a, b); }
 #elif defined(__AVX2__)
 constexpr const char* kInstruction = "vpmaddubsw + vpmaddwd ymm";
 constexpr int kMacs = 32;
+using Vector = __m256i;
+Vector Splat(int value) { return _mm256_set1_epi32(value); }
+Vector Dot(Vector acc, Vector a, Vector b) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+}
+#endif
+
+#if defined(__AVX2__)
 int64_t Spin(int64_t rounds) {
-  __m256i acc[kChains];
-  for (int i = 0; i < kChains; ++i) acc[i] = _mm256_set1_epi32(i);
-  __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(5);
-  const __m256i ones = _mm256_set1_epi16(1);
+  Vector acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = Splat(i);
+  Vector a = Splat(0x03030303), b = Splat(0x05050505);
   for (int64_t r = 0; r < rounds; ++r) {
 #pragma GCC unroll 16
-    for (int i = 0; i < kChains; ++i) {
-      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
-    }
-    __asm__ volatile("" : "+v"(a));
+    for (int i = 0; i < kChains; ++i) acc[i] = Dot(acc[i], a, b);
+    __asm__ volatile("" : "+v"(a));  // a new value each round: nothing is hoisted
   }
   int64_t sum = 0;
-  for (int i = 0; i < kChains; ++i) sum += _mm256_extract_epi32(acc[i], 0);
+  for (int i = 0; i < kChains; ++i) {
+    int32_t lane;
+    std::memcpy(&lane, &acc[i], sizeof(lane));
+    sum += lane;
+  }
   return sum;
 }
 #else
