@@ -12,11 +12,12 @@
 // multiplied against the decoded panel (gemm.h): decoding is paid once per call
 // whatever m is, and no horizontal sums are needed.
 //
-// Two paths per panel: up to 8 activation rows (decode) multiply each decoded group
-// straight from the registers; more rows (prefill, big batches) decode 512 columns
-// of the panel at a time into an L1-sized buffer and run every 8-row tile over it.
-// Panels are spread over a persistent thread pool (thread_pool.h) in runs of
-// consecutive panels, each prefetching the next one's bytes while it decodes.
+// Two paths: up to 8 activation rows (decode) multiply each decoded group of a panel
+// straight from the registers; more rows (prefill, big batches) decode 512 columns of
+// three panels at a time into L1-sized buffers and run the rows over them four at a
+// time (gemm.h, TileProduct).  Panels are spread over a persistent thread pool
+// (thread_pool.h) in runs of consecutive panels, each prefetching the next one's bytes
+// while it decodes.
 // With `add`, each product is stored plus an f32[m, n_j] addend (a residual
 // connection): the same f32 sum as adding afterwards, without another pass.
 //
@@ -135,12 +136,14 @@ class Scratch {
 };
 
 // Up to one tile of activation rows multiplies each decoded group straight from the
-// registers; more rows decode the panel into a buffer once and reuse it per tile.
+// registers; more rows decode kTilePanels panels into buffers once and reuse them for
+// every tile.
 constexpr int64_t kFusedMaxRows = kTileRows;
 static_assert(kTileRows == kRowsPerTile, "WithRows covers a tile");
-// The buffered path decodes this many elements of the panel's rows at a time: 16 rows
+// The buffered path decodes this many elements of each panel's rows at a time: 16 rows
 // x 512 elements take at most 10 KiB decoded (640 bytes per 32 elements, GroupBytes),
-// well inside L1 beside a tile's activations.
+// 30 KiB for the three panels, inside L1 beside a tile's activations (256 measured no
+// faster).
 constexpr int64_t kChunkElements = 512;
 constexpr int64_t kPanelBufferBytes = kChunkElements / 32 * 640;
 
@@ -196,12 +199,13 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
   };
   Pool().RunIf(m * k >= kParallelQuantizeElements, static_cast<int>(act.tiles), quantize);
 
-  // The panel of rows [first, first + 16) of a weight with n rows, read through `source`.
-  auto product = [&](const auto& source, const NextPanel& next, int64_t first, int64_t n, float* out,
-                     const float* add) {
-    const int64_t valid = n - first < kPanelRows ? n - first : kPanelRows;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
-    if (m <= kFusedMaxRows) {
+  if (m <= kFusedMaxRows) {
+    // The panel of rows [first, first + 16) of a weight with n rows, read through
+    // `source`: each group multiplies the rows straight from the registers it decodes into.
+    auto product = [&](const auto& source, const NextPanel& next, int64_t first, int64_t n, float* out,
+                       const float* add) {
+      const int64_t valid = n - first < kPanelRows ? n - first : kPanelRows;
+      const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
       WithRows(m, [&](auto rows_constant) {
         RowsProduct<F, decltype(rows_constant)::value> sink(act);
         for (int64_t block = 0; block < blocks; ++block) {
@@ -210,41 +214,72 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
         }
         sink.Store(out + first, n, mask, add == nullptr ? nullptr : add + first);
       });
-      return;
+    };
+    // Panels run in order (in the rows layout each prefetches the next).
+    ForEachRun(matrices, count, kPanelRows, [&](const Matrix& matrix, int64_t first) {
+      if (panels) {
+        // One row streams at memory speed on the hardware prefetchers alone; with more, the
+        // products take as long as the loads and the prefetchers fall behind, so the next
+        // panel is asked for ahead (measured: 9 % faster at 8 rows, 5 % slower at 1).
+        const NextPanel next = m > 1 ? NextPanel(matrix.weights, row_bytes, first + kPanelRows, matrix.n, blocks)
+                                     : NextPanel();
+        product(PanelsSource<F>{matrix.weights + first * row_bytes}, next, first, matrix.n, matrix.out,
+                matrix.add);
+      } else {
+        product(RowsSource<F>{PanelRows(matrix.weights, row_bytes, first, matrix.n)},
+                NextPanel(matrix.weights, row_bytes, first + kPanelRows, matrix.n, blocks), first, matrix.n,
+                matrix.out, matrix.add);
+      }
+    });
+    return ffi::Error::Success();
+  }
+
+  // More rows (prefill, big batches): runs of kTilePanels panels.  k goes in chunks whose
+  // decoded panels stay in L1 while every tile's rows run over them, kSubTileRows at a time.
+  static_assert(kChunkBlocks * kGroupsPerBlock * GroupBytes<F>() <= kPanelBufferBytes);
+  alignas(64) static thread_local uint8_t buffers[kTilePanels][kPanelBufferBytes];
+  ForEachRun(matrices, count, kPanelRows * kTilePanels, [&](const Matrix& matrix, int64_t first) {
+    const int64_t n = matrix.n;
+    const uint8_t* decoded[kTilePanels];
+    __mmask16 masks[kTilePanels];
+    int present = 0;
+    for (int p = 0; p < kTilePanels; ++p) {
+      const int64_t rows = std::clamp<int64_t>(n - first - p * kPanelRows, 0, kPanelRows);
+      masks[p] = static_cast<__mmask16>((1u << rows) - 1);
+      present += rows > 0;
+      decoded[p] = buffers[rows > 0 ? p : 0];
     }
-    // k in chunks whose decoded panel stays in L1 while every tile runs over it.
-    static_assert(kChunkBlocks * kGroupsPerBlock * GroupBytes<F>() <= kPanelBufferBytes);
-    alignas(64) static thread_local uint8_t buffer[kPanelBufferBytes];
     for (int64_t chunk = 0; chunk < blocks; chunk += kChunkBlocks) {
       const int64_t end = std::min(blocks, chunk + kChunkBlocks);
-      const PanelStore<F> sink{buffer, chunk * kGroupsPerBlock};
-      for (int64_t block = chunk; block < end; ++block) {
-        next.Prefetch(block);
-        F::Decode(source, block, sink);
+      for (int p = 0; p < present; ++p) {
+        // Panels in order, each asking ahead for the next one's bytes of this chunk.
+        const int64_t at = first + p * kPanelRows;
+        const PanelStore<F> sink{buffers[p], chunk * kGroupsPerBlock};
+        const NextPanel next(matrix.weights, row_bytes, at + kPanelRows, n, blocks);
+        auto decode = [&](const auto& source) {
+          for (int64_t block = chunk; block < end; ++block) {
+            next.Prefetch(block);
+            F::Decode(source, block, sink);
+          }
+        };
+        if (panels) {
+          decode(PanelsSource<F>{matrix.weights + at * row_bytes});
+        } else {
+          decode(RowsSource<F>{PanelRows(matrix.weights, row_bytes, at, n)});
+        }
       }
-      for (int64_t tile = 0; tile < act.tiles; ++tile) {
-        const int64_t first_row = tile * act.tile_rows;
-        WithRows(m - first_row, [&](auto rows_constant) {
-          const float* finish = add != nullptr && end == blocks ? add + first_row * n + first : nullptr;
-          TileProduct<F, decltype(rows_constant)::value>(sink, end * kGroupsPerBlock, act, tile,
-                                                         out + first_row * n + first, n, mask, finish);
+      for (int64_t row = 0; row < m; row += kSubTileRows) {
+        const int64_t tile = row / act.tile_rows, lane = row % act.tile_rows;
+        const float* add = matrix.add != nullptr && end == blocks ? matrix.add + row * n + first : nullptr;
+        WithRows(std::min<int64_t>(kSubTileRows, m - row), [&](auto rows_constant) {
+          constexpr int kRows = decltype(rows_constant)::value;
+          if constexpr (kRows <= kSubTileRows) {
+            TileProduct<F, kRows>(decoded, chunk * kGroupsPerBlock, end * kGroupsPerBlock,
+                                  act.TileCodes(tile) + lane, act.TileScale(tile) + lane,
+                                  act.TileAux(tile, F::kGroup) + lane, matrix.out + row * n + first, n, masks, add);
+          }
         });
       }
-    }
-  };
-  // Panels run in order (in the rows layout each prefetches the next).
-  ForEachRun(matrices, count, kPanelRows, [&](const Matrix& matrix, int64_t first) {
-    if (panels) {
-      // One row streams at memory speed on the hardware prefetchers alone; with more, the
-      // products take as long as the loads and the prefetchers fall behind, so the next
-      // panel is asked for ahead (measured: 9 % faster at 8 rows, 5 % slower at 1).
-      const NextPanel next = m > 1 ? NextPanel(matrix.weights, row_bytes, first + kPanelRows, matrix.n, blocks)
-                                   : NextPanel();
-      product(PanelsSource<F>{matrix.weights + first * row_bytes}, next, first, matrix.n, matrix.out, matrix.add);
-    } else {
-      product(RowsSource<F>{PanelRows(matrix.weights, row_bytes, first, matrix.n)},
-              NextPanel(matrix.weights, row_bytes, first + kPanelRows, matrix.n, blocks), first, matrix.n,
-              matrix.out, matrix.add);
     }
   });
   return ffi::Error::Success();
