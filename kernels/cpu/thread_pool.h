@@ -165,13 +165,17 @@ class ThreadPool {
 
   std::vector<std::thread> workers_;
   std::mutex run_mutex_;
-  std::atomic<uint32_t> epoch_{0};
-  std::atomic<uint64_t> claim_{0};
-  std::atomic<int> done_{0};
-  std::atomic<int> tasks_{0};
-  std::atomic<int> sleepers_{0};
+  // The words every thread writes during a run each have a cache line of their own: the
+  // caller spinning on done_ while workers claim tasks on the same line would take it
+  // from them on every poll (measured: a matmul of 4 panels and 8 rows took 4.7 us on
+  // two threads against 2.4 us on one).  The run's fields, written once per run, share one.
+  alignas(64) std::atomic<uint32_t> epoch_{0};
+  alignas(64) std::atomic<uint64_t> claim_{0};
+  alignas(64) std::atomic<int> done_{0};
+  alignas(64) std::atomic<int> tasks_{0};
   std::atomic<TaskFn> fn_{nullptr};
   std::atomic<void*> context_{nullptr};
+  std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
 };
 
