@@ -284,6 +284,72 @@ def cache_attention(
     )
 
 
+def attention_writes_cache(impl: str = "auto") -> bool:
+    """Whether `cache_write_attention` runs under `impl` (the CPU kernel path): there one
+    call rotates a layer's step, writes it into the cache and attends; elsewhere the
+    caller rotates, writes and calls `cache_attention`."""
+    if impl == "auto":
+        impl = _chosen.get() or "auto"
+    return _use_cpu_kernels(impl)
+
+
+def cache_write_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    table: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    layer: jax.Array,
+    first_row: jax.Array,
+    q_positions: jax.Array,
+    kv_length: jax.Array,
+    *,
+    rope_style: str,
+    kv_bound: int,
+    scale: float,
+    sliding_window: int | jax.Array | None = None,
+    logit_softcap: float | None = None,
+    impl: str = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The rotary embedding of q and k (before it: f32[B, T, H, D]; angles: table `table`
+    of cos, sin f32[tables, B, T, dims / 2], pairs (2i, 2i + 1) for rope_style "norm",
+    (i, i + dims / 2) for "neox"), k and v written at q_positions of cache rows first_row + b of `layer`, then
+    `cache_attention` of the rotated q: (out, keys, values), the caches updated in place.
+
+    Only where `attention_writes_cache(impl)` (`kernels.cpu.cache_write_attention`).
+    """
+    if impl == "auto":
+        impl = _chosen.get() or "auto"
+    if not _use_cpu_kernels(impl):
+        raise ValueError(
+            f"cache_write_attention runs on the CPU kernel path only; impl {impl!r} does not take it"
+        )
+    if rope_style not in ("norm", "neox"):
+        raise ValueError(f"rope_style must be 'norm' or 'neox'; got {rope_style!r}")
+    return cpu.cache_write_attention(
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        table,
+        keys,
+        values,
+        layer,
+        first_row,
+        window_array(sliding_window)[0],
+        q_positions,
+        kv_length,
+        neox=rope_style == "neox",
+        scale=scale,
+        logit_softcap=logit_softcap,
+        bound=kv_bound,
+    )
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, impl: str = "auto") -> jax.Array:
     """RMS norm of each row of x f32[..., d], times weight f32[d] (ggml_rms_norm then ggml_mul).
 

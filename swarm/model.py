@@ -139,14 +139,14 @@ def _layer(
     cache: KVCache,
     layer: jax.Array,
     window: jax.Array,
-    cos: jax.Array,
-    sin: jax.Array,
+    rope_angles: tuple[jax.Array, jax.Array, jax.Array],
     kv_bound: int,
     first_row: jax.Array | None,
 ) -> tuple[jax.Array, KVCache]:
     """One decoder layer. hidden: f32[B, T, d]; positions: i32[B, T]; kv_length: i32[B].
 
-    first_row: i32[], batch row b is cache row first_row + b (None: cache row b).
+    rope_angles: cos and sin of every rotary table (`rope_tables`) and the layer's table
+    (i32[]). first_row: i32[], batch row b is cache row first_row + b (None: cache row b).
     """
     batch, steps, _ = hidden.shape
     normed = rms_norm(hidden, params["attn_norm"], config.rms_eps)
@@ -159,29 +159,50 @@ def _layer(
     if config.qk_norm:
         q = rms_norm(q, params["q_norm"], config.rms_eps)
         k = rms_norm(k, params["k_norm"], config.rms_eps)
-    q = rope(q, cos, sin, config)
-    k = rope(k, cos, sin, config)
-
     # Write this step's keys and values at their positions; padded steps past the
     # capacity are dropped, padded steps inside it are overwritten later and masked
-    # by kv_length meanwhile.
+    # by kv_length meanwhile. Attention reads only these sequences' rows, up to the bound
+    # (a window of a many-session cache).
     base = jnp.int32(0) if first_row is None else first_row
-    rows = (base + jnp.arange(batch, dtype=jnp.int32))[:, None]
-    keys = cache.keys.at[layer, rows, positions].set(k.astype(cache.keys.dtype), mode="drop")
-    values = cache.values.at[layer, rows, positions].set(v.astype(cache.values.dtype), mode="drop")
-    # Read only these sequences' rows, up to the bound (a window of a many-session cache).
-    attended = ops.cache_attention(
-        q,
-        keys,
-        values,
-        layer,
-        base,
-        positions,
-        kv_length,
-        kv_bound=kv_bound,
-        scale=config.attention_scale,
-        sliding_window=window,
-    )
+    if ops.attention_writes_cache():
+        # One kernel call rotates, writes and attends (XLA would run a rotation, a
+        # conversion and two scatters around the attention call, each step and layer).
+        attended, keys, values = ops.cache_write_attention(
+            q,
+            k,
+            v,
+            *rope_angles,
+            cache.keys,
+            cache.values,
+            layer,
+            base,
+            positions,
+            kv_length,
+            rope_style=config.rope_style,
+            kv_bound=kv_bound,
+            scale=config.attention_scale,
+            sliding_window=window,
+        )
+    else:
+        cos_tables, sin_tables, table = rope_angles
+        cos, sin = cos_tables[table], sin_tables[table]
+        q = rope(q, cos, sin, config)
+        k = rope(k, cos, sin, config)
+        rows = (base + jnp.arange(batch, dtype=jnp.int32))[:, None]
+        keys = cache.keys.at[layer, rows, positions].set(k.astype(cache.keys.dtype), mode="drop")
+        values = cache.values.at[layer, rows, positions].set(v.astype(cache.values.dtype), mode="drop")
+        attended = ops.cache_attention(
+            q,
+            keys,
+            values,
+            layer,
+            base,
+            positions,
+            kv_length,
+            kv_bound=kv_bound,
+            scale=config.attention_scale,
+            sliding_window=window,
+        )
     attended = attended.reshape(batch, steps, -1)
     if config.post_norms:
         attn_out = ops.matmul(attended, params["wo"])
@@ -244,8 +265,7 @@ def run_layers(
                 cache,
                 index,
                 window,
-                cos_tables[table],
-                sin_tables[table],
+                (cos_tables, sin_tables, table),
                 kv_bound,
                 first_row,
             )

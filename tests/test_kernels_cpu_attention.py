@@ -264,3 +264,117 @@ def test_checks_its_inputs() -> None:
         np.asarray(
             cpu.cache_attention(q, keys, values, jnp.int32(5), zero, zero, positions, kv_length, **common)
         )
+
+
+def _rope_config(style: str, dims: int, head_dim: int):
+    from swarm.model_config import ModelConfig
+
+    fields = {f: None for f in ModelConfig.__dataclass_fields__}
+    return type("RopeOnly", (), {**fields, "rope_style": style, "rope_dims": dims, "head_dim": head_dim})()
+
+
+def _written_by_xla(q, k, v, cos, sin, table, keys, values, layer, first_row, positions, config):
+    """The XLA path the kernel replaces (swarm/model.py): rotate, convert, scatter."""
+    from swarm.model import rope
+
+    q = rope(q, cos[table], sin[table], config)
+    k = rope(k, cos[table], sin[table], config)
+    rows = (first_row + jnp.arange(q.shape[0], dtype=jnp.int32))[:, None]
+    keys = keys.at[layer, rows, positions].set(k.astype(keys.dtype), mode="drop")
+    values = values.at[layer, rows, positions].set(v.astype(values.dtype), mode="drop")
+    return q, keys, values
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["f16", "f32"])
+@pytest.mark.parametrize(
+    ("style", "dims", "dim", "group", "kv_heads", "steps"),
+    [
+        ("norm", 64, 64, 3, 3, 1),  # SmolLM2's decode step
+        ("neox", 256, 256, 4, 1, 1),  # Gemma 3's
+        ("norm", 64, 64, 3, 3, 40),  # a prompt chunk (written on the pool)
+        ("neox", 32, 64, 2, 2, 7),  # rotating part of each head
+        ("norm", 16, 40, 5, 2, 33),
+    ],
+    ids=["smollm2-step", "gemma3-step", "smollm2-chunk", "partial-neox", "partial-norm-chunk"],
+)
+def test_writing_the_cache_in_the_call_equals_writing_it_in_xla(
+    dtype, style, dims, dim, group, kv_heads, steps
+):
+    """One call rotates q and k, writes k and v into the cache and attends: the caches it
+    leaves are the bits XLA's rotation, conversion and scatters leave (every slot, the
+    untouched ones too), its output the attention of the XLA-rotated queries over them;
+    a row past the cache and a position past it (padding) write nothing."""
+    rng = np.random.default_rng(dims + steps)
+    layers, rows, capacity, batch = 2, 4, 96, 3
+    shape = (layers, rows, capacity, kv_heads, dim)
+    keys = jnp.asarray(rng.standard_normal(shape).astype(dtype))
+    values = jnp.asarray(rng.standard_normal(shape).astype(dtype))
+    q = jnp.asarray(rng.standard_normal((batch, steps, kv_heads * group, dim)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((batch, steps, kv_heads, dim)).astype(np.float32) * 3)
+    v = jnp.asarray(rng.standard_normal((batch, steps, kv_heads, dim)).astype(np.float32))
+    angles = rng.uniform(-40, 40, (2, batch, steps, dims // 2)).astype(np.float32)
+    cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+    start = np.array([0, 30, capacity - steps // 2 - 1])  # the last sequence runs past the cache
+    positions = jnp.asarray(start[:, None] + np.arange(steps), jnp.int32)
+    kv_length = jnp.asarray(np.minimum(start + steps, capacity), jnp.int32)
+    config = _rope_config(style, dims, dim)
+    # first_row 2: the last sequence's row is past the cache (its writes are dropped).
+    options = dict(kv_bound=capacity, scale=dim**-0.5)
+    for layer, first_row, table in ((1, 1, 0), (0, 0, 1), (0, 2, 1)):
+        # Compiled, as the model runs it: XLA fuses each product into the next add (FMA).
+        rotated, want_keys, want_values = jax.jit(
+            lambda q, k, v, keys, values, layer=layer, first_row=first_row, table=table: _written_by_xla(
+                q, k, v, cos, sin, table, keys, values, layer, first_row, positions, config
+            )
+        )(q, k, v, keys, values)
+        out, got_keys, got_values = jax.jit(
+            lambda q, k, v, keys, values, layer=layer, first_row=first_row, table=table: (
+                ops.cache_write_attention(
+                    q,
+                    k,
+                    v,
+                    cos,
+                    sin,
+                    jnp.int32(table),
+                    keys,
+                    values,
+                    jnp.int32(layer),
+                    jnp.int32(first_row),
+                    positions,
+                    kv_length,
+                    rope_style=style,
+                    impl="cpu",
+                    **options,
+                )
+            )
+        )(q, k, v, keys, values)
+        np.testing.assert_array_equal(np.asarray(got_keys), np.asarray(want_keys))
+        np.testing.assert_array_equal(np.asarray(got_values), np.asarray(want_values))
+        if first_row + batch > rows:
+            continue  # the reference reads a window of rows that fits the cache only
+        want = ops.cache_attention(
+            rotated,
+            want_keys,
+            want_values,
+            jnp.int32(layer),
+            jnp.int32(first_row),
+            positions,
+            kv_length,
+            impl="reference",
+            **options,
+        )
+        live = np.asarray(positions) < capacity  # rows past the cache get unspecified values
+        assert _close(np.asarray(out)[live], np.asarray(want)[live], values), (layer, first_row)
+
+
+def test_writing_the_cache_needs_the_kernel_path_and_a_known_rope_style() -> None:
+    q = jnp.zeros((1, 1, 2, 64), jnp.float32)
+    kv = jnp.zeros((1, 1, 1, 64), jnp.float32)
+    angles = jnp.zeros((1, 1, 1, 32), jnp.float32)
+    cache = jnp.zeros((1, 1, 8, 1, 64), jnp.float16)
+    args = (q, kv, kv, angles, angles, jnp.int32(0), cache, cache, jnp.int32(0), jnp.int32(0))
+    rest = (jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32))
+    with pytest.raises(ValueError, match="CPU kernel path only"):
+        ops.cache_write_attention(*args, *rest, rope_style="norm", kv_bound=8, scale=0.125, impl="reference")
+    with pytest.raises(ValueError, match="rope_style"):
+        ops.cache_write_attention(*args, *rest, rope_style="yarn", kv_bound=8, scale=0.125, impl="cpu")

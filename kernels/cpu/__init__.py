@@ -36,6 +36,7 @@ from kernels.quant_types import GGMLType, quant_format
 FFI_TARGET = "swarm_qmatmul_cpu"
 MAX_MATRICES = 8  # weights one qmatmul call takes at most (kMaxMatrices in qmatmul.cc)
 ATTENTION_TARGET = "swarm_cache_attention_cpu"
+WRITE_ATTENTION_TARGET = "swarm_cache_write_attention_cpu"
 NORM_TARGET = "swarm_rms_norm_cpu"
 SWIGLU_TARGET = "swarm_swiglu_cpu"
 
@@ -78,6 +79,9 @@ def _load_locked() -> str | None:
     jax.ffi.register_ffi_target(
         ATTENTION_TARGET, jax.ffi.pycapsule(library.SwarmCacheAttention), platform="cpu"
     )
+    jax.ffi.register_ffi_target(
+        WRITE_ATTENTION_TARGET, jax.ffi.pycapsule(library.SwarmCacheWriteAttention), platform="cpu"
+    )
     simd = bool(library.swarm_qmatmul_simd())
     if simd:
         jax.ffi.register_ffi_target(NORM_TARGET, jax.ffi.pycapsule(library.SwarmRmsNorm), platform="cpu")
@@ -110,15 +114,15 @@ def isa() -> str | None:
     return "avx512-vnni" if _state["simd"] else "portable"
 
 
-def _ffi_call(target: str, results):
-    """`jax.ffi.ffi_call` of one of the library's targets, building and registering the
-    library first; raises RuntimeError saying why when it is unavailable."""
+def _ffi_call(target: str, results, **options):
+    """`jax.ffi.ffi_call` of one of the library's targets (with `options`), building and
+    registering the library first; raises RuntimeError saying why when it is unavailable."""
     reason = _load()
     if reason is not None:
         raise RuntimeError(reason)
     if target in (NORM_TARGET, SWIGLU_TARGET) and not _state["simd"]:
         raise RuntimeError("the CPU RMS norm and SwiGLU kernels need AVX-512 VNNI, which this CPU lacks")
-    return jax.ffi.ffi_call(target, results, vmap_method="sequential")
+    return jax.ffi.ffi_call(target, results, vmap_method="sequential", **options)
 
 
 def supports(qtype: int) -> bool:
@@ -259,6 +263,86 @@ def cache_attention(
         softcap=np.float32(logit_softcap or 0.0),
         bound=np.int64(bound),
     )
+
+
+def cache_write_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    table: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    layer: jax.Array,
+    first_row: jax.Array,
+    window: jax.Array,
+    positions: jax.Array,
+    kv_length: jax.Array,
+    *,
+    neox: bool,
+    scale: float,
+    logit_softcap: float | None,
+    bound: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A layer's step written into the cache, then `cache_attention` over it: (out
+    f32[B, T, Hq, Dv], keys, values), the caches updated in place.
+
+    q f32[B, T, Hq, D], k f32[B, T, Hkv, D] and v f32[B, T, Hkv, Dv] are the step's
+    projections before the rotary embedding; cos and sin f32[tables, B, T, dims / 2] the
+    angles of every rotary table, of which table `table` (i32[]) rotates the first `dims`
+    features of each head in pairs (2i, 2i + 1), or (i, i + dims / 2) with `neox`. Query (b, t)'s rotated keys and its values go to position
+    positions[b, t] of cache row first_row + b of layer `layer` (as the cache's dtype,
+    rounded to nearest even; nothing for a row or position outside the cache), and its
+    rotated query attends as `cache_attention` says. One call does what would otherwise
+    take XLA a rotation, a conversion and two scatters per layer.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or cos.ndim != 4 or cos.shape != sin.shape:
+        raise ValueError(
+            f"need q, k, v f32[B, T, H, D] and cos, sin f32[tables, B, T, dims / 2]; got q {list(q.shape)}, "
+            f"k {list(k.shape)}, v {list(v.shape)}, cos {list(cos.shape)}, sin {list(sin.shape)}"
+        )
+    if (
+        keys.ndim != 5
+        or values.ndim != 5
+        or keys.dtype != values.dtype
+        or keys.dtype not in (jnp.float16, jnp.float32)
+    ):
+        raise ValueError(
+            f"the caches must be f16 or f32 [L, R, C, Hkv, D] of one dtype; got keys {keys.dtype}{list(keys.shape)}, "
+            f"values {values.dtype}{list(values.shape)}"
+        )
+    batch, steps, q_heads = q.shape[:3]
+    call = _ffi_call(
+        WRITE_ATTENTION_TARGET,
+        (
+            jax.ShapeDtypeStruct((batch, steps, q_heads, values.shape[4]), jnp.float32),
+            jax.ShapeDtypeStruct(keys.shape, keys.dtype),
+            jax.ShapeDtypeStruct(values.shape, values.dtype),
+        ),
+        input_output_aliases={6: 1, 7: 2},
+    )
+    scalar = lambda value: jnp.asarray(value, jnp.int32).reshape(())  # noqa: E731
+    out, keys, values = call(
+        jnp.asarray(q, jnp.float32),
+        jnp.asarray(k, jnp.float32),
+        jnp.asarray(v, jnp.float32),
+        jnp.asarray(cos, jnp.float32),
+        jnp.asarray(sin, jnp.float32),
+        scalar(table),
+        keys,
+        values,
+        scalar(layer),
+        scalar(first_row),
+        scalar(window),
+        jnp.asarray(positions, jnp.int32).reshape(batch, steps),
+        jnp.asarray(kv_length, jnp.int32),
+        scale=np.float32(scale),
+        softcap=np.float32(logit_softcap or 0.0),
+        bound=np.int64(bound),
+        neox=np.int32(neox),
+    )
+    return out, keys, values
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

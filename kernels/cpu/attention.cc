@@ -26,6 +26,7 @@
 // keys only, whatever else shares the call.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -451,15 +452,12 @@ namespace {
 
 int64_t Scalar(ffi::Buffer<ffi::S32> buffer) { return buffer.typed_data()[0]; }
 
-}  // namespace
-}  // namespace swarm_cpu
-
-static ffi::Error CacheAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
-                                      ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> first_row,
-                                      ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> positions,
-                                      ffi::Buffer<ffi::S32> kv_length, ffi::ResultBuffer<ffi::F32> out, float scale,
-                                      float softcap, int64_t bound) {
-  using namespace swarm_cpu;
+// Fills `p` from the handler's arguments, checked: q f32[B, T, Hq, D], caches
+// [L, R, C, Hkv, D] and [L, R, C, Hkv, Dv] of one type (f16 or f32), out f32[B, T, Hq, Dv].
+ffi::Error Describe(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> layer,
+                    ffi::Buffer<ffi::S32> first_row, ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> positions,
+                    ffi::Buffer<ffi::S32> kv_length, ffi::ResultBuffer<ffi::F32>& out, float scale,
+                    float softcap, int64_t bound, Problem& p) {
   const auto q_dims = q.dimensions(), k_dims = keys.dimensions(), v_dims = values.dimensions();
   const auto out_dims = out->dimensions();
   if (q_dims.size() != 4 || k_dims.size() != 5 || v_dims.size() != 5 || out_dims.size() != 4) {
@@ -469,7 +467,7 @@ static ffi::Error CacheAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer key
       (keys.element_type() != ffi::DataType::F16 && keys.element_type() != ffi::DataType::F32)) {
     return ffi::Error::InvalidArgument("cache_attention: the caches must both be f16 or both f32");
   }
-  Problem p{};
+  p = Problem{};
   p.batch = q_dims[0];
   p.steps = q_dims[1];
   p.q_heads = q_dims[2];
@@ -499,8 +497,12 @@ static ffi::Error CacheAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer key
   p.positions = positions.typed_data();
   p.kv_length = kv_length.typed_data();
   p.out = out->typed_data();
+  return ffi::Error::Success();
+}
+
+ffi::Error Attend(const Problem& p, bool half) {
   if (p.batch == 0 || p.steps == 0 || p.q_heads == 0) return ffi::Error::Success();
-  if (keys.element_type() == ffi::DataType::F16) {
+  if (half) {
     Run<uint16_t>(p);
   } else {
     Run<float>(p);
@@ -508,6 +510,133 @@ static ffi::Error CacheAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer key
   return ffi::Error::Success();
 }
 
+// Rotary embedding of `heads` vectors of `width` features from `from` into `to`: the
+// first `dims` features in pairs (2i, 2i + 1), or (i, i + dims / 2) for `neox`, by the
+// angles whose cosines and sines are cos[i], sin[i]; the rest copied.  Each pair is
+// (fma(a, c, -(b s)), fma(a, s, b c)), the operations XLA's fusion of the jnp rotation
+// in kernels' callers (swarm/model.py, rope) runs on this CPU.
+void Rotate(const float* from, float* to, int64_t heads, int64_t width, const float* cos, const float* sin,
+            int64_t dims, bool neox) {
+  const int64_t half = dims / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* x = from + h * width;
+    float* y = to + h * width;
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t first = neox ? i : 2 * i, second = neox ? i + half : 2 * i + 1;
+      const float a = x[first], b = x[second], c = cos[i], s = sin[i];
+      y[first] = std::fma(a, c, -(b * s));
+      y[second] = std::fma(a, s, b * c);
+    }
+    for (int64_t d = dims; d < width; ++d) y[d] = x[d];
+  }
+}
+
+inline void Store(const float* from, int64_t count, float* to) { std::memcpy(to, from, count * sizeof(float)); }
+inline void Store(const float* from, int64_t count, uint16_t* to) {
+  for (int64_t i = 0; i < count; ++i) to[i] = FloatToHalf(from[i]);
+}
+
+// Writes query (b, t)'s rotated keys and its values at its position in cache row
+// first_row + b of the layer (nothing for a row or position outside the cache: a
+// padding row), and its rotated query heads into `queries`.
+template <typename T>
+void Write(const Problem& p, int64_t query, const float* q, const float* k, const float* v, const float* cos,
+           const float* sin, int64_t dims, bool neox, float* queries) {
+  const int64_t half = dims / 2, b = query / p.steps;
+  cos += query * half;
+  sin += query * half;
+  Rotate(q + query * p.q_heads * p.head_dim, queries + query * p.q_heads * p.head_dim, p.q_heads, p.head_dim, cos,
+         sin, dims, neox);
+  const int64_t row = p.first_row + b, position = p.positions[query];
+  if (row < 0 || row >= p.rows || position < 0 || position >= p.capacity) return;
+  thread_local std::vector<float> rotated;
+  rotated.resize(p.kv_heads * p.head_dim);
+  Rotate(k + query * p.kv_heads * p.head_dim, rotated.data(), p.kv_heads, p.head_dim, cos, sin, dims, neox);
+  const int64_t slot = (p.layer * p.rows + row) * p.capacity + position;
+  Store(rotated.data(), p.kv_heads * p.head_dim,
+        static_cast<T*>(const_cast<void*>(p.keys)) + slot * p.kv_heads * p.head_dim);
+  Store(v + query * p.kv_heads * p.value_dim, p.kv_heads * p.value_dim,
+        static_cast<T*>(const_cast<void*>(p.values)) + slot * p.kv_heads * p.value_dim);
+}
+
+// Prompt chunks write this many queries or more on the pool; decode steps on the caller.
+constexpr int64_t kParallelWrites = 32;
+
+}  // namespace
+}  // namespace swarm_cpu
+
+static ffi::Error CacheAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer keys, ffi::AnyBuffer values,
+                                      ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> first_row,
+                                      ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> positions,
+                                      ffi::Buffer<ffi::S32> kv_length, ffi::ResultBuffer<ffi::F32> out, float scale,
+                                      float softcap, int64_t bound) {
+  using namespace swarm_cpu;
+  Problem p;
+  const ffi::Error error =
+      Describe(q, keys, values, layer, first_row, window, positions, kv_length, out, scale, softcap, bound, p);
+  if (error.failure()) return error;
+  return Attend(p, keys.element_type() == ffi::DataType::F16);
+}
+
+// The step's keys and values written into the cache (rotated keys, as f16 or f32), then
+// attention over it with the rotated queries: what a layer otherwise runs as XLA's
+// rotation, conversion and two scatters before `CacheAttentionImpl`.  The caches come
+// back as results aliased to the cache arguments (XLA hands over one buffer for both).
+static ffi::Error CacheWriteAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                           ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                                           ffi::Buffer<ffi::S32> table, ffi::AnyBuffer keys_in,
+                                           ffi::AnyBuffer values_in,
+                                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> first_row,
+                                           ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> positions,
+                                           ffi::Buffer<ffi::S32> kv_length, ffi::ResultBuffer<ffi::F32> out,
+                                           ffi::Result<ffi::AnyBuffer> keys, ffi::Result<ffi::AnyBuffer> values,
+                                           float scale, float softcap, int64_t bound, int32_t neox) {
+  using namespace swarm_cpu;
+  if (keys->untyped_data() != keys_in.untyped_data() || values->untyped_data() != values_in.untyped_data() ||
+      keys->element_type() != keys_in.element_type() || values->element_type() != values_in.element_type()) {
+    return ffi::Error::InvalidArgument("cache_write_attention: the caches must be aliased to their results");
+  }
+  Problem p;
+  const ffi::Error error =
+      Describe(q, *keys, *values, layer, first_row, window, positions, kv_length, out, scale, softcap, bound, p);
+  if (error.failure()) return error;
+  const auto k_dims = k.dimensions(), v_dims = v.dimensions(), c_dims = cos.dimensions();
+  if (k_dims.size() != 4 || v_dims.size() != 4 || c_dims.size() != 4 || k_dims[0] != p.batch ||
+      k_dims[1] != p.steps || k_dims[2] != p.kv_heads || k_dims[3] != p.head_dim || v_dims[0] != p.batch ||
+      v_dims[1] != p.steps || v_dims[2] != p.kv_heads || v_dims[3] != p.value_dim || c_dims[1] != p.batch ||
+      c_dims[2] != p.steps || 2 * c_dims[3] > p.head_dim || sin.dimensions().size() != 4 ||
+      sin.element_count() != cos.element_count() || (neox != 0 && neox != 1)) {
+    return ffi::Error::InvalidArgument(
+        "cache_write_attention: need k f32[B, T, Hkv, D], v f32[B, T, Hkv, Dv], cos and sin "
+        "f32[tables, B, T, <= D / 2], neox 0 or 1");
+  }
+  const int64_t which = Scalar(table);
+  if (which < 0 || which >= c_dims[0]) {
+    return ffi::Error::InvalidArgument("cache_write_attention: table " + std::to_string(which) + " of " +
+                                       std::to_string(c_dims[0]));
+  }
+  const int64_t queries = p.batch * p.steps, dims = 2 * c_dims[3];
+  const float* cos_table = cos.typed_data() + which * queries * c_dims[3];
+  const float* sin_table = sin.typed_data() + which * queries * c_dims[3];
+  // The caller's buffer, by its address: inside the tasks the name would be each pool
+  // thread's own (thread_local storage is not captured).
+  thread_local std::vector<float> rotated_queries;
+  rotated_queries.resize(queries * p.q_heads * p.head_dim);
+  float* const rotated = rotated_queries.data();
+  const bool half = keys->element_type() == ffi::DataType::F16;
+  auto write = [&](int query) {
+    if (half) {
+      Write<uint16_t>(p, query, q.typed_data(), k.typed_data(), v.typed_data(), cos_table, sin_table, dims,
+                      neox == 1, rotated);
+    } else {
+      Write<float>(p, query, q.typed_data(), k.typed_data(), v.typed_data(), cos_table, sin_table, dims,
+                   neox == 1, rotated);
+    }
+  };
+  Pool().RunIf(queries >= kParallelWrites, static_cast<int>(queries), write);
+  p.q = rotated;
+  return Attend(p, half);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmCacheAttention, CacheAttentionImpl,
                               ffi::Ffi::Bind()
@@ -523,3 +652,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmCacheAttention, CacheAttentionImpl,
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<int64_t>("bound"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmCacheWriteAttention, CacheWriteAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q f32[B, T, Hq, D], before the rotation
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k f32[B, T, Hkv, D], before the rotation
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v f32[B, T, Hkv, Dv]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos f32[tables, B, T, dims / 2]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin f32[tables, B, T, dims / 2]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // table i32[]: the layer's
+                                  .Arg<ffi::AnyBuffer>()         // keys f16|f32[L, R, C, Hkv, D]
+                                  .Arg<ffi::AnyBuffer>()         // values f16|f32[L, R, C, Hkv, Dv]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer i32[]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // first_row i32[]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // window i32[]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions i32[B, T]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_length i32[B]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out f32[B, T, Hq, Dv]
+                                  .Ret<ffi::AnyBuffer>()         // keys, the argument's buffer
+                                  .Ret<ffi::AnyBuffer>()         // values, the argument's buffer
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("bound")
+                                  .Attr<int32_t>("neox"));  // 0: pairs (2i, 2i + 1); 1: (i, i + dims / 2)
