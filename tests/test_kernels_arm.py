@@ -40,6 +40,7 @@ from tests.test_kernels_cpu import (
     _weight,
     _within_rounding_bound,
 )
+from tests.test_kernels_cpu_attention import written_by_xla
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DRIVER_SOURCES = sorted((REPO_ROOT / "tests" / "kernel_driver").glob("*.cc"))
@@ -95,8 +96,15 @@ def _result_bytes(record: bytes) -> int:
     if kind == 1:
         _, m, _, n, _ = struct.unpack_from("<5q", record, 8)
         return 4 * m * n
-    batch, steps, q_heads, _, value_dim = struct.unpack_from("<5q", record, 8)
-    return 4 * batch * steps * q_heads * value_dim
+    batch, steps, q_heads, head_dim, value_dim, rows, capacity, kv_heads = struct.unpack_from(
+        "<8q", record, 8
+    )
+    out = 4 * batch * steps * q_heads * value_dim
+    if kind == 2:
+        return out
+    layers, half = struct.unpack_from("<2q", record, 8 + 8 * 12)
+    # The caches as written come back after the attention.
+    return out + (2 if half else 4) * layers * rows * capacity * kv_heads * (head_dim + value_dim)
 
 
 @pytest.fixture(scope="module", params=["armv8-a", "armv8.2-a+dotprod+fp16"])
@@ -298,3 +306,62 @@ def test_attention_gives_zeros_to_a_row_that_sees_nothing(arm: ArmKernels, tmp_p
     assert not got[0].any() and not got[1].any()
     want = _attention_reference(*args, **options)
     assert np.max(np.abs(got[2] - want[2])) <= 1e-5 * float(np.max(np.abs(values)))
+
+
+def _write_record(
+    q, k, v, cos, sin, keys, values, layer, first_row, positions, kv_length, *, neox, **options
+):
+    """A step written into the cache, then attention (record kind 3)."""
+    record = _attention_record(q, keys, values, layer, first_row, positions, kv_length, **options)
+    return (
+        struct.pack("<q", 3)
+        + record[8:]
+        + struct.pack("<2q", 2 * cos.shape[-1], int(neox))
+        + b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in (k, v, cos, sin))
+    )
+
+
+def test_writing_the_cache_leaves_the_bits_xla_does(arm: ArmKernels, tmp_path: Path) -> None:
+    """The step's rotated keys and its values written by the kernel (ARM's fused
+    multiply-adds and half conversions) are the bits the x86 XLA path writes, every
+    slot; the attention of the rotated queries matches the reference; a position past
+    the cache writes nothing."""
+    cases = []
+    for dtype, neox, dims, dim, group, kv_heads, steps in [
+        (np.float16, False, 64, 64, 3, 3, 1),  # SmolLM2's decode step
+        (np.float16, True, 256, 256, 4, 1, 1),  # Gemma 3's
+        (np.float32, False, 64, 64, 3, 3, 40),  # a prompt chunk, written on the pool
+        (np.float16, True, 32, 64, 2, 2, 7),  # rotating part of each head
+    ]:
+        rng = np.random.default_rng(dims + steps)
+        shape = (2, 4, 96, kv_heads, dim)
+        keys, values = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+        q = rng.standard_normal((3, steps, kv_heads * group, dim)).astype(np.float32)
+        k = (rng.standard_normal((3, steps, kv_heads, dim)) * 3).astype(np.float32)
+        v = rng.standard_normal((3, steps, kv_heads, dim)).astype(np.float32)
+        angles = rng.uniform(-40, 40, (3, steps, dims // 2)).astype(np.float32)
+        start = np.asarray([0, 30, 96 - steps // 2 - 1])  # the last runs past the cache
+        positions = start[:, None] + np.arange(steps)
+        kv_length = np.minimum(start + steps, 96)
+        args = (q, k, v, np.cos(angles), np.sin(angles), keys, values, 1, 1, positions, kv_length)
+        cases.append((f"{np.dtype(dtype).name} dims={dims} d={dim} T={steps}", args, neox))
+    options = dict(window=NO_WINDOW, bound=96, scale=0.125, softcap=0.0)
+    answers = arm.run([_write_record(*args, neox=neox, **options) for _, args, neox in cases], tmp_path)
+    for (label, args, neox), (status, payload) in zip(cases, answers, strict=True):
+        q, k, v, cos, sin, keys, values, layer, first_row, positions, kv_length = args
+        out_bytes = 4 * q.shape[0] * q.shape[1] * q.shape[2] * values.shape[4]
+        got = np.frombuffer(payload[:out_bytes], np.float32).reshape(*q.shape[:3], values.shape[4])
+        got_keys = np.frombuffer(payload[out_bytes : out_bytes + keys.nbytes], keys.dtype).reshape(keys.shape)
+        got_values = np.frombuffer(payload[out_bytes + keys.nbytes :], values.dtype).reshape(values.shape)
+        rotated, want_keys, want_values = written_by_xla(
+            q, k, v, cos, sin, keys, values, layer, first_row, positions, neox=neox
+        )
+        assert status == 0, (arm.arch, label)
+        np.testing.assert_array_equal(got_keys, want_keys, err_msg=f"{arm.arch} {label}")
+        np.testing.assert_array_equal(got_values, want_values, err_msg=f"{arm.arch} {label}")
+        want = _attention_reference(
+            rotated, want_keys, want_values, layer, first_row, positions, kv_length, **options
+        )
+        live = positions < 96  # steps past the cache get unspecified values
+        error = float(np.max(np.abs(got[live] - want[live])))
+        assert error <= 1e-5 * float(np.max(np.abs(values))), (arm.arch, label, error)

@@ -10,6 +10,8 @@ values), which a key off by one position, a wrong head or a wrong row breaks.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,23 +268,25 @@ def test_checks_its_inputs() -> None:
         )
 
 
-def _rope_config(style: str, dims: int, head_dim: int):
-    from swarm.model_config import ModelConfig
-
-    fields = {f: None for f in ModelConfig.__dataclass_fields__}
-    return type("RopeOnly", (), {**fields, "rope_style": style, "rope_dims": dims, "head_dim": head_dim})()
-
-
-def _written_by_xla(q, k, v, cos, sin, table, keys, values, layer, first_row, positions, config):
-    """The XLA path the kernel replaces (swarm/model.py): rotate, convert, scatter."""
+def written_by_xla(q, k, v, cos, sin, keys, values, layer, first_row, positions, *, neox):
+    """What a layer runs in XLA where the kernel does not write the cache (swarm/model.py),
+    compiled as the model is (XLA fuses each product into the next add): the rotated q
+    and the caches. cos, sin f32[B, T, dims / 2]."""
     from swarm.model import rope
 
-    q = rope(q, cos[table], sin[table], config)
-    k = rope(k, cos[table], sin[table], config)
-    rows = (first_row + jnp.arange(q.shape[0], dtype=jnp.int32))[:, None]
-    keys = keys.at[layer, rows, positions].set(k.astype(keys.dtype), mode="drop")
-    values = values.at[layer, rows, positions].set(v.astype(values.dtype), mode="drop")
-    return q, keys, values
+    config = SimpleNamespace(
+        rope_style="neox" if neox else "norm", rope_dims=2 * cos.shape[-1], head_dim=q.shape[-1]
+    )
+
+    @jax.jit
+    def run(q, k, v, keys, values):
+        q, k = rope(q, cos, sin, config), rope(k, cos, sin, config)
+        rows = (first_row + jnp.arange(q.shape[0], dtype=jnp.int32))[:, None]
+        keys = keys.at[layer, rows, positions].set(k.astype(keys.dtype), mode="drop")
+        values = values.at[layer, rows, positions].set(v.astype(values.dtype), mode="drop")
+        return q, keys, values
+
+    return run(q, k, v, keys, values)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["f16", "f32"])
@@ -317,16 +321,12 @@ def test_writing_the_cache_in_the_call_equals_writing_it_in_xla(
     start = np.array([0, 30, capacity - steps // 2 - 1])  # the last sequence runs past the cache
     positions = jnp.asarray(start[:, None] + np.arange(steps), jnp.int32)
     kv_length = jnp.asarray(np.minimum(start + steps, capacity), jnp.int32)
-    config = _rope_config(style, dims, dim)
     # first_row 2: the last sequence's row is past the cache (its writes are dropped).
     options = dict(kv_bound=capacity, scale=dim**-0.5)
     for layer, first_row, table in ((1, 1, 0), (0, 0, 1), (0, 2, 1)):
-        # Compiled, as the model runs it: XLA fuses each product into the next add (FMA).
-        rotated, want_keys, want_values = jax.jit(
-            lambda q, k, v, keys, values, layer=layer, first_row=first_row, table=table: _written_by_xla(
-                q, k, v, cos, sin, table, keys, values, layer, first_row, positions, config
-            )
-        )(q, k, v, keys, values)
+        rotated, want_keys, want_values = written_by_xla(
+            q, k, v, cos[table], sin[table], keys, values, layer, first_row, positions, neox=style == "neox"
+        )
         out, got_keys, got_values = jax.jit(
             lambda q, k, v, keys, values, layer=layer, first_row=first_row, table=table: (
                 ops.cache_write_attention(

@@ -562,6 +562,15 @@ void Write(const Problem& p, int64_t query, const float* q, const float* k, cons
 // Prompt chunks write this many queries or more on the pool; decode steps on the caller.
 constexpr int64_t kParallelWrites = 32;
 
+// Write for every query of `p`: the rotated queries go to `rotated` (f32[B, T, Hq, D]).
+template <typename T>
+void WriteAll(const Problem& p, const float* q, const float* k, const float* v, const float* cos, const float* sin,
+              int64_t dims, bool neox, float* rotated) {
+  const int64_t queries = p.batch * p.steps;
+  auto write = [&](int query) { Write<T>(p, query, q, k, v, cos, sin, dims, neox, rotated); };
+  Pool().RunIf(queries >= kParallelWrites, static_cast<int>(queries), write);
+}
+
 }  // namespace
 }  // namespace swarm_cpu
 
@@ -618,23 +627,19 @@ static ffi::Error CacheWriteAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const int64_t queries = p.batch * p.steps, dims = 2 * c_dims[3];
   const float* cos_table = cos.typed_data() + which * queries * c_dims[3];
   const float* sin_table = sin.typed_data() + which * queries * c_dims[3];
-  // The caller's buffer, by its address: inside the tasks the name would be each pool
-  // thread's own (thread_local storage is not captured).
-  thread_local std::vector<float> rotated_queries;
-  rotated_queries.resize(queries * p.q_heads * p.head_dim);
-  float* const rotated = rotated_queries.data();
+  // The caller's buffer, passed by its address: a pool task naming it would get its own
+  // thread's (thread_local storage is not captured).
+  thread_local std::vector<float> rotated;
+  rotated.resize(queries * p.q_heads * p.head_dim);
   const bool half = keys->element_type() == ffi::DataType::F16;
-  auto write = [&](int query) {
-    if (half) {
-      Write<uint16_t>(p, query, q.typed_data(), k.typed_data(), v.typed_data(), cos_table, sin_table, dims,
-                      neox == 1, rotated);
-    } else {
-      Write<float>(p, query, q.typed_data(), k.typed_data(), v.typed_data(), cos_table, sin_table, dims,
-                   neox == 1, rotated);
-    }
-  };
-  Pool().RunIf(queries >= kParallelWrites, static_cast<int>(queries), write);
-  p.q = rotated;
+  if (half) {
+    WriteAll<uint16_t>(p, q.typed_data(), k.typed_data(), v.typed_data(), cos_table, sin_table, dims, neox == 1,
+                       rotated.data());
+  } else {
+    WriteAll<float>(p, q.typed_data(), k.typed_data(), v.typed_data(), cos_table, sin_table, dims, neox == 1,
+                    rotated.data());
+  }
+  p.q = rotated.data();
   return Attend(p, half);
 }
 

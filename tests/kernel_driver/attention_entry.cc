@@ -3,10 +3,12 @@
 
 #include "attention.cc"
 
-// Fields as attention.cc's Problem; `half`: the caches are f16 (else f32).
-void DriverAttention(const int64_t* shape, const float* q, const void* keys, const void* values,
-                     const int32_t* positions, const int32_t* kv_length, float* out, float scale, float softcap,
-                     bool half) {
+namespace {
+
+// Fields as attention.cc's Problem.
+swarm_cpu::Problem MakeProblem(const int64_t* shape, const float* q, const void* keys, const void* values,
+                               const int32_t* positions, const int32_t* kv_length, float* out, float scale,
+                               float softcap) {
   swarm_cpu::Problem p{};
   p.batch = shape[0];
   p.steps = shape[1];
@@ -28,6 +30,37 @@ void DriverAttention(const int64_t* shape, const float* q, const void* keys, con
   p.positions = positions;
   p.kv_length = kv_length;
   p.out = out;
+  return p;
+}
+
+}  // namespace
+
+// `half`: the caches are f16 (else f32).
+void DriverAttention(const int64_t* shape, const float* q, const void* keys, const void* values,
+                     const int32_t* positions, const int32_t* kv_length, float* out, float scale, float softcap,
+                     bool half) {
+  const swarm_cpu::Problem p = MakeProblem(shape, q, keys, values, positions, kv_length, out, scale, softcap);
+  if (half) {
+    swarm_cpu::Run<uint16_t>(p);
+  } else {
+    swarm_cpu::Run<float>(p);
+  }
+}
+
+// As CacheWriteAttentionImpl: q and k rotated by cos, sin f32[B, T, dims / 2], k and v
+// written into the caches (updated in place), then the attention of the rotated q.
+void DriverWriteAttention(const int64_t* shape, const float* q, const float* k, const float* v, const float* cos,
+                          const float* sin, int64_t dims, bool neox, void* keys, void* values,
+                          const int32_t* positions, const int32_t* kv_length, float* out, float scale, float softcap,
+                          bool half) {
+  swarm_cpu::Problem p = MakeProblem(shape, q, keys, values, positions, kv_length, out, scale, softcap);
+  std::vector<float> rotated(static_cast<size_t>(p.batch * p.steps * p.q_heads * p.head_dim));
+  if (half) {
+    swarm_cpu::WriteAll<uint16_t>(p, q, k, v, cos, sin, dims, neox, rotated.data());
+  } else {
+    swarm_cpu::WriteAll<float>(p, q, k, v, cos, sin, dims, neox, rotated.data());
+  }
+  p.q = rotated.data();
   if (half) {
     swarm_cpu::Run<uint16_t>(p);
   } else {

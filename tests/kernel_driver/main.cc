@@ -11,9 +11,13 @@
 //                   keys and values (f16 if half, else f32) [layers, rows, capacity,
 //                   kv_heads, head_dim or value_dim]; i32 positions[batch * steps];
 //                   i32 kv_length[batch]
+//   3, the step written into the cache, then attention: as 2, then i64 dims, neox;
+//                   f32 k[batch * steps * kv_heads * head_dim], v[... * value_dim],
+//                   cos[batch * steps * dims / 2], sin[the same]
 // OUTPUTS gets, per record, an i64 status: 0 and the f32 result (matmul f32[m, n],
-// attention f32[batch, steps, q_heads, value_dim]), or 1, an i64 length and the
-// kernel's error message.  Malformed requests end the run with exit status 2.
+// attention f32[batch, steps, q_heads, value_dim]; for 3, then the keys and values as
+// written), or 1, an i64 length and the kernel's error message.  Malformed requests end
+// the run with exit status 2.
 
 #include <cstdint>
 #include <cstdio>
@@ -25,6 +29,10 @@ int DriverMatmul(int qtype, const float* x, int64_t m, int64_t k, const uint8_t*
 void DriverAttention(const int64_t* shape, const float* q, const void* keys, const void* values,
                      const int32_t* positions, const int32_t* kv_length, float* out, float scale, float softcap,
                      bool half);
+void DriverWriteAttention(const int64_t* shape, const float* q, const float* k, const float* v, const float* cos,
+                          const float* sin, int64_t dims, bool neox, void* keys, void* values,
+                          const int32_t* positions, const int32_t* kv_length, float* out, float scale, float softcap,
+                          bool half);
 
 namespace {
 
@@ -81,7 +89,7 @@ int main(int argc, char** argv) {
         Write(out, &length, sizeof(length));
         Write(out, error, length);
       }
-    } else if (kind == 2) {
+    } else if (kind == 2 || kind == 3) {
       int64_t shape[14];
       float scalars[2];
       if (!reader.Read(shape, sizeof(shape)) || !reader.Read(scalars, sizeof(scalars))) {
@@ -100,11 +108,29 @@ int main(int argc, char** argv) {
         return Fail("bad attention arrays");
       }
       std::vector<float> result(static_cast<size_t>(batch * steps * q_heads * value_dim));
-      DriverAttention(shape, q.data(), keys.data(), values.data(), positions.data(), kv_length.data(),
-                      result.data(), scalars[0], scalars[1], shape[13] != 0);
+      if (kind == 2) {
+        DriverAttention(shape, q.data(), keys.data(), values.data(), positions.data(), kv_length.data(),
+                        result.data(), scalars[0], scalars[1], shape[13] != 0);
+      } else {
+        int64_t rope[2];
+        std::vector<float> k, v, cos, sin;
+        if (!reader.Read(rope, sizeof(rope)) || rope[0] < 0 || rope[0] / 2 * 2 > head_dim ||
+            !reader.Array(k, batch * steps * kv_heads * head_dim) ||
+            !reader.Array(v, batch * steps * kv_heads * value_dim) || !reader.Array(cos, batch * steps * (rope[0] / 2)) ||
+            !reader.Array(sin, batch * steps * (rope[0] / 2))) {
+          return Fail("bad write-attention arrays");
+        }
+        DriverWriteAttention(shape, q.data(), k.data(), v.data(), cos.data(), sin.data(), rope[0], rope[1] != 0,
+                             keys.data(), values.data(), positions.data(), kv_length.data(), result.data(),
+                             scalars[0], scalars[1], shape[13] != 0);
+      }
       const int64_t status = 0;
       Write(out, &status, sizeof(status));
       Write(out, result.data(), static_cast<int64_t>(result.size()) * 4);
+      if (kind == 3) {
+        Write(out, keys.data(), static_cast<int64_t>(keys.size()));
+        Write(out, values.data(), static_cast<int64_t>(values.size()));
+      }
     } else {
       return Fail("unknown record kind");
     }
