@@ -357,6 +357,10 @@ void Run(const Problem& p) {
 
 #include <cmath>
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 namespace swarm_cpu {
 namespace {
 
@@ -401,7 +405,7 @@ void Softmax(float* scores, int64_t count, float softcap) {
 // Every query head of kv head h of query `query`: scores against each visible key (each
 // key converted once for the group), softmax, then the weighted values summed.
 template <typename T>
-void Pair(const Problem& p, int64_t query, int64_t h) {
+void GenericPair(const Problem& p, int64_t query, int64_t h) {
   const int64_t group = p.q_heads / p.kv_heads, dim = p.head_dim, value_dim = p.value_dim;
   const Span<T> span = Locate<T>(p, query, h);
   std::fill(span.out, span.out + group * value_dim, 0.0f);
@@ -425,6 +429,144 @@ void Pair(const Problem& p, int64_t query, int64_t h) {
     }
   }
 }
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// --- AVX2 (with F16C and FMA): the same passes on 8 lanes, keys and values converted
+// once per 8 features for every query head of the group, and exp as the AVX-512 build's.
+
+inline __m256 Load8(const uint16_t* at) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+}
+inline __m256 Load8(const float* at) { return _mm256_loadu_ps(at); }
+
+inline float Sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// exp(x) for x <= 0: the AVX-512 build's polynomial, 2^n put in the exponent bits (x is
+// clamped at -87, so n >= -126 and 2^n is a normal float).
+inline __m256 Exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.3981999507e-3f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(8.3334519073e-3f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(4.1665795894e-2f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.6666665459e-1f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(poly, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
+}
+
+// Softmax of scores[0, count) in place (after the soft cap, if any), normalized.
+void Softmax8(float* scores, int64_t count, float softcap) {
+  if (softcap > 0.0f) {
+    for (int64_t i = 0; i < count; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
+  }
+  float top = -INFINITY;
+  for (int64_t i = 0; i < count; ++i) top = std::max(top, scores[i]);
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 total = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + i), shift));
+    _mm256_storeu_ps(scores + i, e);
+    total = _mm256_add_ps(total, e);
+  }
+  if (i < count) {
+    alignas(32) float tail[8];
+    for (int j = 0; j < 8; ++j) tail[j] = i + j < count ? scores[i + j] - top : -INFINITY;
+    const __m256 e = Exp8(_mm256_load_ps(tail));
+    _mm256_store_ps(tail, e);
+    for (int j = 0; i + j < count; ++j) scores[i + j] = tail[j];
+    total = _mm256_add_ps(total, _mm256_blendv_ps(_mm256_setzero_ps(), e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                                                          _mm256_set1_epi32(static_cast<int>(count - i)),
+                                                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)))));
+  }
+  const float inverse = 1.0f / Sum8(total);
+  for (int64_t j = 0; j < count; ++j) scores[j] *= inverse;
+}
+
+// scores[g * count + i] = scale * q_g . key(i) for kHeads query heads from `q`.
+template <typename T, int kHeads>
+void Scores8(const float* q, const T* key, int64_t stride, int64_t count, int64_t dim, float scale, float* scores) {
+  for (int64_t i = 0; i < count; ++i, key += stride) {
+    __m256 acc[kHeads];
+    for (int g = 0; g < kHeads; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 8) {
+      const __m256 k = Load8(key + d);
+      for (int g = 0; g < kHeads; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * dim + d), k, acc[g]);
+    }
+    for (int g = 0; g < kHeads; ++g) scores[g * count + i] = Sum8(acc[g]) * scale;
+  }
+}
+
+// out[g] = sum_i weights[g * count + i] * value(i) for kHeads heads, 16 features at a time.
+template <typename T, int kHeads>
+void Values8(const float* weights, const T* value, int64_t stride, int64_t count, int64_t dim, float* out) {
+  for (int64_t d = 0; d < dim; d += 16) {
+    __m256 acc[kHeads][2];
+    for (int g = 0; g < kHeads; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+    const T* row = value + d;
+    for (int64_t i = 0; i < count; ++i, row += stride) {
+      const __m256 low = Load8(row), high = Load8(row + 8);
+      for (int g = 0; g < kHeads; ++g) {
+        const __m256 w = _mm256_broadcast_ss(weights + g * count + i);
+        acc[g][0] = _mm256_fmadd_ps(w, low, acc[g][0]);
+        acc[g][1] = _mm256_fmadd_ps(w, high, acc[g][1]);
+      }
+    }
+    for (int g = 0; g < kHeads; ++g) {
+      _mm256_storeu_ps(out + g * dim + d, acc[g][0]);
+      _mm256_storeu_ps(out + g * dim + d + 8, acc[g][1]);
+    }
+  }
+}
+
+template <typename T, int kHeads>
+void HeadBlock8(const Problem& p, const Span<T>& span, int64_t g, float* scores) {
+  const int64_t count = span.count;
+  Scores8<T, kHeads>(span.q + g * p.head_dim, span.key, p.kv_heads * p.head_dim, count, p.head_dim, p.scale, scores);
+  for (int j = 0; j < kHeads; ++j) Softmax8(scores + j * count, count, p.softcap);
+  Values8<T, kHeads>(scores, span.value, p.kv_heads * p.value_dim, count, p.value_dim, span.out + g * p.value_dim);
+}
+
+// Every query head of kv head h of query `query`, four heads per pass over the keys and values.
+template <typename T>
+void Pair(const Problem& p, int64_t query, int64_t h) {
+  if (p.head_dim % 8 != 0 || p.value_dim % 16 != 0) return GenericPair<T>(p, query, h);
+  const int64_t group = p.q_heads / p.kv_heads;
+  const Span<T> span = Locate<T>(p, query, h);
+  if (span.count == 0) {
+    std::fill(span.out, span.out + group * p.value_dim, 0.0f);
+    return;
+  }
+  thread_local std::vector<float> scores;
+  scores.resize(4 * span.count);
+  for (int64_t g = 0; g < group; g += 4) {
+    switch (std::min<int64_t>(4, group - g)) {
+      case 1: HeadBlock8<T, 1>(p, span, g, scores.data()); break;
+      case 2: HeadBlock8<T, 2>(p, span, g, scores.data()); break;
+      case 3: HeadBlock8<T, 3>(p, span, g, scores.data()); break;
+      default: HeadBlock8<T, 4>(p, span, g, scores.data()); break;
+    }
+  }
+}
+
+#else
+
+template <typename T>
+void Pair(const Problem& p, int64_t query, int64_t h) {
+  GenericPair<T>(p, query, h);
+}
+
+#endif
 
 template <typename T>
 void Run(const Problem& p) {
