@@ -10,11 +10,12 @@ blocks of 32 as llama.cpp's CPU backend does, so results differ from
 `kernels.ops.matmul` routes to it (impl "cpu", or "auto" on the CPU backend) for
 the types in `SUPPORTED`; everything else stays on the reference path.  On a CPU
 with AVX-512 VNNI (`isa()` "avx512-vnni") the same library holds `cache_attention`
-(attention.cc), `rms_norm` (norm.cc) and `swiglu` (glu.cc), which `kernels.ops`
-routes to on the same terms, and the matmul reads the panels layout; on any other
-CPU (`isa()` "portable": AVX2, ARM, ...) the library holds the portable matmul
-(portable.h), which reads the GGUF's rows, and a portable `cache_attention`, while
-RMS norms and SwiGLU run in jnp (`fused_available()` is False).
+and `cache_write_attention` (attention.cc), `rms_norm` (norm.cc) and `swiglu`
+(glu.cc), which `kernels.ops` routes to on the same terms, and the matmul reads the
+panels layout; on any other CPU (`isa()` "portable": AVX2, ARM, ...) the library holds
+the portable matmul (portable.h), which reads the GGUF's rows, and portable versions of
+both attention calls, while RMS norms and SwiGLU run in jnp (`fused_available()` is
+False).
 
 Imports only jax, numpy and the standard library: never gguf, never swarm.
 """
