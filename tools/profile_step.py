@@ -38,7 +38,12 @@ PARTS: list[tuple[str, re.Pattern]] = [
     ("vocabulary head (Q8_0 matmul)", re.compile(r"(Product|Checked)<swarm_cpu::(portable::)?Q8_0>")),
     ("activation quantizer", re.compile(r"Checked<|QuantizeRow")),
     ("layer matmuls", re.compile(r"Product<|RowPairProduct<")),
-    ("attention", re.compile(r"PairOf|Pair<|Softmax|CacheAttention")),
+    (
+        "attention",
+        re.compile(
+            r"PairOf|Pair<|Softmax|CacheAttention|CacheWriteAttention|Rotate|Write(All)?<|Values8|Scores8"
+        ),
+    ),
     ("pool threads waiting", re.compile(r"ThreadPool")),
     ("RMS norm and SwiGLU kernels", re.compile(r"RmsNorm|SwiGlu")),
     ("XLA generated code", re.compile(r"^\[JIT\]")),
