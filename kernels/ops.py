@@ -64,6 +64,12 @@ def attention_reads_visible_keys(impl: str = "auto") -> bool:
     """Whether cache attention under `impl` reads only the keys each query sees, whatever
     its static bound (the CPU kernel path): a wider bound then costs nothing, and one
     compiled bound serves every position."""
+    return _cpu_attention(impl)
+
+
+def _cpu_attention(impl: str) -> bool:
+    """Whether attention under `impl` ("auto" meaning what `implementation` chose) runs
+    on the `kernels.cpu` calls, which read and write the cache in place."""
     if impl == "auto":
         impl = _chosen.get() or "auto"
     return _use_cpu_kernels(impl)
@@ -288,9 +294,7 @@ def attention_writes_cache(impl: str = "auto") -> bool:
     """Whether `cache_write_attention` runs under `impl` (the CPU kernel path): there one
     call rotates a layer's step, writes it into the cache and attends; elsewhere the
     caller rotates, writes and calls `cache_attention`."""
-    if impl == "auto":
-        impl = _chosen.get() or "auto"
-    return _use_cpu_kernels(impl)
+    return _cpu_attention(impl)
 
 
 def cache_write_attention(
@@ -316,8 +320,9 @@ def cache_write_attention(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The rotary embedding of q and k (before it: f32[B, T, H, D]; angles: table `table`
     of cos, sin f32[tables, B, T, dims / 2], pairs (2i, 2i + 1) for rope_style "norm",
-    (i, i + dims / 2) for "neox"), k and v written at q_positions of cache rows first_row + b of `layer`, then
-    `cache_attention` of the rotated q: (out, keys, values), the caches updated in place.
+    (i, i + dims / 2) for "neox"), k and v written at q_positions of cache rows
+    first_row + b of `layer`, then `cache_attention` of the rotated q: (out, keys,
+    values), the caches updated in place.
 
     Only where `attention_writes_cache(impl)` (`kernels.cpu.cache_write_attention`).
     """

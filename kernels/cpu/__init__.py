@@ -246,24 +246,33 @@ def cache_attention(
         )
     if keys.dtype not in (jnp.float16, jnp.float32):
         raise ValueError(f"the caches must be f16 or f32; got {keys.dtype}")
-    batch, steps, q_heads = q.shape[:3]
-    call = _ffi_call(
-        ATTENTION_TARGET, jax.ShapeDtypeStruct((batch, steps, q_heads, values.shape[4]), jnp.float32)
+    operands, attributes = _attention_tail(
+        q, layer, first_row, window, positions, kv_length, scale, logit_softcap, bound
     )
-    scalar = lambda value: jnp.asarray(value, jnp.int32).reshape(())  # noqa: E731
-    return call(
-        jnp.asarray(q, jnp.float32),
-        keys,
-        values,
-        scalar(layer),
-        scalar(first_row),
-        scalar(window),
+    call = _ffi_call(ATTENTION_TARGET, _attention_output(q, values))
+    return call(jnp.asarray(q, jnp.float32), keys, values, *operands, **attributes)
+
+
+def _attention_output(q: jax.Array, values: jax.Array) -> jax.ShapeDtypeStruct:
+    """The attention calls' output: f32[B, T, Hq, Dv]."""
+    return jax.ShapeDtypeStruct((*q.shape[:3], values.shape[4]), jnp.float32)
+
+
+def _attention_tail(
+    q, layer, first_row, window, positions, kv_length, scale, logit_softcap, bound
+) -> tuple[tuple[jax.Array, ...], dict[str, np.generic]]:
+    """The operands both attention calls take after the caches (layer, first_row and
+    window i32[], positions i32[B, T], kv_length i32[B]) and their attributes."""
+    batch, steps = q.shape[:2]
+    operands = (
+        *(jnp.asarray(value, jnp.int32).reshape(()) for value in (layer, first_row, window)),
         jnp.asarray(positions, jnp.int32).reshape(batch, steps),
         jnp.asarray(kv_length, jnp.int32),
-        scale=np.float32(scale),
-        softcap=np.float32(logit_softcap or 0.0),
-        bound=np.int64(bound),
     )
+    attributes = dict(
+        scale=np.float32(scale), softcap=np.float32(logit_softcap or 0.0), bound=np.int64(bound)
+    )
+    return operands, attributes
 
 
 def cache_write_attention(
@@ -292,10 +301,11 @@ def cache_write_attention(
     q f32[B, T, Hq, D], k f32[B, T, Hkv, D] and v f32[B, T, Hkv, Dv] are the step's
     projections before the rotary embedding; cos and sin f32[tables, B, T, dims / 2] the
     angles of every rotary table, of which table `table` (i32[]) rotates the first `dims`
-    features of each head in pairs (2i, 2i + 1), or (i, i + dims / 2) with `neox`. Query (b, t)'s rotated keys and its values go to position
-    positions[b, t] of cache row first_row + b of layer `layer` (as the cache's dtype,
-    rounded to nearest even; nothing for a row or position outside the cache), and its
-    rotated query attends as `cache_attention` says. One call does what would otherwise
+    features of each head in pairs (2i, 2i + 1), or (i, i + dims / 2) with `neox`. Query
+    (b, t)'s rotated keys and its values go to position positions[b, t] of cache row
+    first_row + b of layer `layer` (as the cache's dtype, rounded to nearest even; nothing
+    for a row or position outside the cache), and its rotated query attends as
+    `cache_attention` says. One call does what would otherwise
     take XLA a rotation, a conversion and two scatters per layer.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or cos.ndim != 4 or cos.shape != sin.shape:
@@ -313,34 +323,25 @@ def cache_write_attention(
             f"the caches must be f16 or f32 [L, R, C, Hkv, D] of one dtype; got keys {keys.dtype}{list(keys.shape)}, "
             f"values {values.dtype}{list(values.shape)}"
         )
-    batch, steps, q_heads = q.shape[:3]
+    operands, attributes = _attention_tail(
+        q, layer, first_row, window, positions, kv_length, scale, logit_softcap, bound
+    )
     call = _ffi_call(
         WRITE_ATTENTION_TARGET,
         (
-            jax.ShapeDtypeStruct((batch, steps, q_heads, values.shape[4]), jnp.float32),
+            _attention_output(q, values),
             jax.ShapeDtypeStruct(keys.shape, keys.dtype),
             jax.ShapeDtypeStruct(values.shape, values.dtype),
         ),
         input_output_aliases={6: 1, 7: 2},
     )
-    scalar = lambda value: jnp.asarray(value, jnp.int32).reshape(())  # noqa: E731
     out, keys, values = call(
-        jnp.asarray(q, jnp.float32),
-        jnp.asarray(k, jnp.float32),
-        jnp.asarray(v, jnp.float32),
-        jnp.asarray(cos, jnp.float32),
-        jnp.asarray(sin, jnp.float32),
-        scalar(table),
+        *(jnp.asarray(a, jnp.float32) for a in (q, k, v, cos, sin)),
+        jnp.asarray(table, jnp.int32).reshape(()),
         keys,
         values,
-        scalar(layer),
-        scalar(first_row),
-        scalar(window),
-        jnp.asarray(positions, jnp.int32).reshape(batch, steps),
-        jnp.asarray(kv_length, jnp.int32),
-        scale=np.float32(scale),
-        softcap=np.float32(logit_softcap or 0.0),
-        bound=np.int64(bound),
+        *operands,
+        **attributes,
         neox=np.int32(neox),
     )
     return out, keys, values

@@ -84,6 +84,17 @@ Span<T> Locate(const Problem& p, int64_t query, int64_t h) {
   return span;
 }
 
+// exp(x) for x <= 0 (scores minus their maximum), as the AVX-512 and AVX2 passes take it:
+// Cephes' expf polynomial on r = x - n ln2 (ln2 in two parts), scaled by 2^n; relative
+// error about 1e-7. x is clamped at kExpFloor first.
+constexpr float kExpFloor = -87.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+// p(r), highest power first: exp(r) = 1 + r + r^2 p(r).
+constexpr int kExpTerms = 6;
+constexpr float kExpPolynomial[kExpTerms] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                    4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 }  // namespace
 }  // namespace swarm_cpu
 
@@ -114,20 +125,15 @@ inline void PrefetchRow(const T* at, int64_t elements) {
   }
 }
 
-// exp(x) for x <= 0 (scores minus their maximum): Cephes' expf polynomial on
-// x - n ln2, scaled by 2^n; relative error about 1e-7, zero below about -87.
+// exp(x) for x <= 0 on 16 lanes (kExpPolynomial), 2^n applied by vscalefps.
 inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpFloor));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
+  __m512 p = _mm512_set1_ps(kExpPolynomial[0]);
+  for (int i = 1; i < kExpTerms; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPolynomial[i]));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(y, n);
 }
@@ -445,20 +451,16 @@ inline float Sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// exp(x) for x <= 0: the AVX-512 build's polynomial, 2^n put in the exponent bits (x is
-// clamped at -87, so n >= -126 and 2^n is a normal float).
+// exp(x) for x <= 0 on 8 lanes (kExpPolynomial), 2^n put in the exponent bits (x is
+// clamped at kExpFloor, so n >= -126 and 2^n is a normal float).
 inline __m256 Exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  x = _mm256_max_ps(x, _mm256_set1_ps(kExpFloor));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.3981999507e-3f));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(8.3334519073e-3f));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(4.1665795894e-2f));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.6666665459e-1f));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
+  __m256 poly = _mm256_set1_ps(kExpPolynomial[0]);
+  for (int i = 1; i < kExpTerms; ++i) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(kExpPolynomial[i]));
   const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(poly, r), r, r), _mm256_set1_ps(1.0f));
   const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
@@ -704,12 +706,18 @@ void Write(const Problem& p, int64_t query, const float* q, const float* k, cons
 // Prompt chunks write this many queries or more on the pool; decode steps on the caller.
 constexpr int64_t kParallelWrites = 32;
 
-// Write for every query of `p`: the rotated queries go to `rotated` (f32[B, T, Hq, D]).
-template <typename T>
-void WriteAll(const Problem& p, const float* q, const float* k, const float* v, const float* cos, const float* sin,
-              int64_t dims, bool neox, float* rotated) {
+// Write for every query of `p` into its f16 (`half`) or f32 caches: the rotated queries
+// go to `rotated` (f32[B, T, Hq, D]).
+void WriteAll(const Problem& p, bool half, const float* q, const float* k, const float* v, const float* cos,
+              const float* sin, int64_t dims, bool neox, float* rotated) {
   const int64_t queries = p.batch * p.steps;
-  auto write = [&](int query) { Write<T>(p, query, q, k, v, cos, sin, dims, neox, rotated); };
+  auto write = [&](int query) {
+    if (half) {
+      Write<uint16_t>(p, query, q, k, v, cos, sin, dims, neox, rotated);
+    } else {
+      Write<float>(p, query, q, k, v, cos, sin, dims, neox, rotated);
+    }
+  };
   Pool().RunIf(queries >= kParallelWrites, static_cast<int>(queries), write);
 }
 
@@ -774,13 +782,8 @@ static ffi::Error CacheWriteAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   thread_local std::vector<float> rotated;
   rotated.resize(queries * p.q_heads * p.head_dim);
   const bool half = keys->element_type() == ffi::DataType::F16;
-  if (half) {
-    WriteAll<uint16_t>(p, q.typed_data(), k.typed_data(), v.typed_data(), cos_table, sin_table, dims, neox == 1,
-                       rotated.data());
-  } else {
-    WriteAll<float>(p, q.typed_data(), k.typed_data(), v.typed_data(), cos_table, sin_table, dims, neox == 1,
-                    rotated.data());
-  }
+  WriteAll(p, half, q.typed_data(), k.typed_data(), v.typed_data(), cos_table, sin_table, dims, neox == 1,
+           rotated.data());
   p.q = rotated.data();
   return Attend(p, half);
 }

@@ -241,6 +241,7 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
   // More rows (prefill, big batches): runs of kTilePanels panels.  k goes in chunks whose
   // decoded panels stay in L1 while every tile's rows run over them, kSubTileRows at a time.
   static_assert(kChunkBlocks * kGroupsPerBlock * GroupBytes<F>() <= kPanelBufferBytes);
+  static_assert(kFusedMaxRows >= kTileRows, "here every tile but the last is full: TileProduct's stride");
   alignas(64) static thread_local uint8_t buffers[kTilePanels][kPanelBufferBytes];
   ForEachRun(matrices, count, kPanelRows * kTilePanels, [&](const Matrix& matrix, int64_t first) {
     const int64_t n = matrix.n;

@@ -39,12 +39,7 @@ swarm_cpu::Problem MakeProblem(const int64_t* shape, const float* q, const void*
 void DriverAttention(const int64_t* shape, const float* q, const void* keys, const void* values,
                      const int32_t* positions, const int32_t* kv_length, float* out, float scale, float softcap,
                      bool half) {
-  const swarm_cpu::Problem p = MakeProblem(shape, q, keys, values, positions, kv_length, out, scale, softcap);
-  if (half) {
-    swarm_cpu::Run<uint16_t>(p);
-  } else {
-    swarm_cpu::Run<float>(p);
-  }
+  swarm_cpu::Attend(MakeProblem(shape, q, keys, values, positions, kv_length, out, scale, softcap), half);
 }
 
 // As CacheWriteAttentionImpl: q and k rotated by cos, sin f32[B, T, dims / 2], k and v
@@ -55,15 +50,7 @@ void DriverWriteAttention(const int64_t* shape, const float* q, const float* k, 
                           bool half) {
   swarm_cpu::Problem p = MakeProblem(shape, q, keys, values, positions, kv_length, out, scale, softcap);
   std::vector<float> rotated(static_cast<size_t>(p.batch * p.steps * p.q_heads * p.head_dim));
-  if (half) {
-    swarm_cpu::WriteAll<uint16_t>(p, q, k, v, cos, sin, dims, neox, rotated.data());
-  } else {
-    swarm_cpu::WriteAll<float>(p, q, k, v, cos, sin, dims, neox, rotated.data());
-  }
+  swarm_cpu::WriteAll(p, half, q, k, v, cos, sin, dims, neox, rotated.data());
   p.q = rotated.data();
-  if (half) {
-    swarm_cpu::Run<uint16_t>(p);
-  } else {
-    swarm_cpu::Run<float>(p);
-  }
+  swarm_cpu::Attend(p, half);
 }
