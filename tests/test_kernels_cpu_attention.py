@@ -378,3 +378,27 @@ def test_writing_the_cache_needs_the_kernel_path_and_a_known_rope_style() -> Non
         ops.cache_write_attention(*args, *rest, rope_style="norm", kv_bound=8, scale=0.125, impl="reference")
     with pytest.raises(ValueError, match="rope_style"):
         ops.cache_write_attention(*args, *rest, rope_style="yarn", kv_bound=8, scale=0.125, impl="cpu")
+
+
+def test_writing_the_cache_refuses_inputs_that_do_not_fit() -> None:
+    """Angles of the wrong rank, mismatched caches and a rotary table that is not there get
+    a clear error, and the cache passed in is left as it was."""
+    q = jnp.zeros((1, 1, 2, 64), jnp.float32)
+    kv = jnp.ones((1, 1, 1, 64), jnp.float32)
+    angles = jnp.zeros((1, 1, 1, 32), jnp.float32)
+    cache = jnp.zeros((1, 1, 8, 1, 64), jnp.float16)
+    rest = (jnp.int32(0), jnp.int32(0), jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32))
+    options = dict(rope_style="norm", kv_bound=8, scale=0.125, impl="cpu")
+    with pytest.raises(ValueError, match=r"cos, sin f32\[tables, B, T, dims / 2\]"):
+        ops.cache_write_attention(
+            q, kv, kv, angles[0], angles[0], jnp.int32(0), cache, cache, *rest, **options
+        )
+    with pytest.raises(ValueError, match="of one dtype"):
+        ops.cache_write_attention(
+            q, kv, kv, angles, angles, jnp.int32(0), cache, cache.astype(jnp.float32), *rest, **options
+        )
+    with pytest.raises(Exception, match="table 1 of 1"):
+        jax.block_until_ready(
+            ops.cache_write_attention(q, kv, kv, angles, angles, jnp.int32(1), cache, cache, *rest, **options)
+        )
+    assert not np.asarray(cache).any()
