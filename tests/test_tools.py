@@ -117,6 +117,29 @@ def test_profile_step_splits_a_step_into_its_parts(smollm2_path, data_dir):
             assert "vocabulary head (Q8_0 matmul)" in parts and "attention" in parts
 
 
+@pytest.mark.slow
+def test_profile_step_splits_a_prompt_chunk_into_its_parts(smollm2_path, data_dir):
+    if not _perf_can_record():
+        pytest.skip("needs Linux perf, allowed to sample this user's processes")
+    done = _run(
+        ["tools/profile_step.py", "--prompt", "64", "--position", "0", "--seconds", "2", "--json"], data_dir
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (profile,) = json.loads(done.stdout)
+    parts = profile["parts"]
+    assert profile["step_ms"] > 0
+    assert sum(part["share"] for part in parts.values()) == pytest.approx(1.0)
+    if cpu.available():  # a prompt's time is its products' and its attention's
+        assert parts["layer matmuls"]["share"] > 0.3
+        assert "attention" in parts
+
+
+def test_profile_step_refuses_a_negative_prompt(data_dir):
+    done = _run(["tools/profile_step.py", "--prompt", "-1"], data_dir)
+    assert done.returncode == 2
+    assert "--prompt" in done.stderr
+
+
 def test_bench_kernels_sets_each_product_against_the_cpus_peak(smollm2_path, data_dir):
     if not cpu.available():
         pytest.skip(cpu.unavailable_reason())

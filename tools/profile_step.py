@@ -1,7 +1,7 @@
 """Where a decode step's time goes: the engine's step over N sessions, sampled by `perf`.
 
     .venv/bin/python tools/profile_step.py [--model smollm2-135m] [--rows 1,8]
-        [--position 192] [--seconds 10] [--data-dir .test-data] [--json]
+        [--position 192] [--prompt 0] [--seconds 10] [--data-dir .test-data] [--json]
 
 For each row count, a child process prefills that many sessions of a shared batch cache
 to `--position` and then runs their decode step in a loop; `perf record` samples it for
@@ -53,8 +53,11 @@ PARTS: list[tuple[str, re.Pattern]] = [
 ]
 
 
-def child(model: str, rows: int, position: int, seconds: float, ready: Path, data_dir: Path) -> None:
-    """Runs in the profiled process: the step loop, announced through `ready`."""
+def child(
+    model: str, rows: int, position: int, prompt: int, seconds: float, ready: Path, data_dir: Path
+) -> None:
+    """Runs in the profiled process: the step loop (or the prompt loop, with `prompt`
+    tokens a call), announced through `ready`."""
     import numpy as np
 
     from swarm.engine import enable_compilation_cache
@@ -63,8 +66,21 @@ def child(model: str, rows: int, position: int, seconds: float, ready: Path, dat
     enable_compilation_cache(data_dir / "cache" / "xla")
     engine = open_model(model, data_dir).engine()
     # A node's shared batch cache: 4096 positions per session (inference.batch_context).
-    cache = engine.new_cache(engine.cache_capacity(max(position + 64, min(4096, engine.max_context))), rows)
+    cache = engine.new_cache(
+        engine.cache_capacity(max(position + max(prompt, 64), min(4096, engine.max_context))), rows
+    )
     rng = np.random.default_rng(0)
+    if prompt:
+        chunk = rng.integers(100, 1000, prompt).astype(np.int32)
+        for _ in range(3):
+            _, cache = engine.forward(chunk, position, cache, slot=0)
+        ready.write_text("ready")
+        began, steps = time.perf_counter(), 0
+        while time.perf_counter() - began < seconds:
+            _, cache = engine.forward(chunk, position, cache, slot=0)
+            steps += 1
+        print(json.dumps({"step_ms": (time.perf_counter() - began) / steps * 1e3, "steps": steps}))
+        return
     for slot in range(rows):
         _, cache = engine.forward(rng.integers(100, 1000, position).astype(np.int32), 0, cache, slot=slot)
     tokens = rng.integers(100, 1000, rows).astype(np.int32)
@@ -163,27 +179,36 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rows", default="1,8", help="sessions in the step, one profile each")
     parser.add_argument("--position", type=int, default=192, help="tokens each session holds")
+    parser.add_argument(
+        "--prompt", type=int, default=0, help="profile a prompt chunk of this many tokens instead"
+    )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         rows, ready, seconds = int(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
         args = parser.parse_args(sys.argv[5:])
-        child(args.model, rows, args.position, seconds, ready, _data_dir(args))
+        child(args.model, rows, args.position, args.prompt, seconds, ready, _data_dir(args))
         return 0
     args = parser.parse_args()
+    try:
+        counts = [1] if args.prompt else [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        parser.error("--rows takes row counts separated by commas")
+    if any(r < 1 for r in counts) or args.prompt < 0 or args.seconds <= 0:
+        parser.error("--rows and --seconds must be positive, --prompt not negative")
+    if args.position < (0 if args.prompt else 1):
+        parser.error("--position must be positive (0 or more with --prompt)")
     if shutil.which("perf") is None:
         print("error: needs Linux perf (Debian: linux-perf)", file=sys.stderr)
         return 1
-    counts = [int(r) for r in args.rows.split(",")]
-    if any(r < 1 for r in counts) or args.position < 1 or args.seconds <= 0:
-        parser.error("--rows, --position and --seconds must be positive")
     results = [profile(args, rows) for rows in counts]
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     names = list(dict.fromkeys(name for result in results for name in result["parts"]))
-    print("| part | " + " | ".join(f"{r['rows']} rows: share, CPU ms/step" for r in results) + " |")
+    label = (lambda r: f"prompt of {args.prompt}") if args.prompt else (lambda r: f"{r['rows']} rows")
+    print("| part | " + " | ".join(f"{label(r)}: share, CPU ms/call" for r in results) + " |")
     print("|---|" + "---|" * len(results))
     for name in names:
         cells = []
