@@ -1,20 +1,22 @@
 """Opening a model by name or path: GGUF, config, tokenizer, chat template, engine.
 
 Owns `OpenedModel`, the bundle every front end (CLI, node, benchmarks) starts from,
-and the caches of derived data under `<data_dir>/cache` (parsed GGUF metadata, built
-tokenizers), so a second start does not pay for parsing a large vocabulary again.
+and the cache of parsed GGUF metadata under `<data_dir>/cache`, so a second start does
+not pay for parsing a large vocabulary again. Tokenizers are built from that metadata at
+every start: a built tokenizer restored from its saved JSON holds about twice the memory
+(Gemma 3: 468 MB of RSS after opening the model, against 225 MB built) and saved 0.1 s.
 Building an engine (which imports jax) is a separate step: `swarm info` needs none.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swarm.chat_template import ChatTemplate
-from swarm.files import atomic_write_text
 from swarm.gguf_file import GGUFFile
 from swarm.model_config import ModelConfig
 from swarm.models import resolve_model
@@ -44,17 +46,14 @@ class OpenedModel:
         return Engine.load(self.gguf, self.config, layer_range, settings, progress)
 
 
+# Where earlier versions saved built tokenizers as JSON (megabytes each, no longer read).
+_OLD_TOKENIZER_CACHE = "tokenizers"
+
+
 def _load_tokenizer(gguf: GGUFFile, cache_dir: Path | None) -> Tokenizer:
-    cache_path = cache_dir / "tokenizers" / f"{gguf.cache_key}.json" if cache_dir else None
-    if cache_path and cache_path.exists():
-        try:
-            return Tokenizer.from_json(cache_path.read_text(encoding="utf-8"))
-        except ValueError:
-            pass  # damaged cache entry: rebuild it below
-    tokenizer = Tokenizer.from_metadata(gguf.metadata)
-    if cache_path:
-        atomic_write_text(cache_path, tokenizer.to_json())
-    return tokenizer
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir / _OLD_TOKENIZER_CACHE, ignore_errors=True)
+    return Tokenizer.from_metadata(gguf.metadata)
 
 
 def open_model(name_or_path: str, data_dir: Path, *, install_missing: bool = True) -> OpenedModel:

@@ -1,8 +1,7 @@
 """Text <-> token ids for a GGUF model, matching llama.cpp's tokenizer.
 
 Owns building a tokenizer from GGUF metadata (`tokenizer.ggml.*`), encoding,
-decoding, streaming detokenization, the end-of-generation id set, and the JSON
-form used to cache a built tokenizer. The merge algorithm runs in the Hugging
+decoding, streaming detokenization and the end-of-generation id set. The merge algorithm runs in the Hugging
 Face `tokenizers` library; what this module adds is the translation of llama.cpp's
 rules (`src/llama-vocab.cpp`, `src/unicode.cpp`) into that library's terms:
 
@@ -25,10 +24,9 @@ Imports `tokenizers` and the standard library; never jax.
 from __future__ import annotations
 
 import codecs
-import json
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import tokenizers
@@ -48,7 +46,6 @@ SPACE_ESCAPE = "\u2581"  # SentencePiece's visible space, llama_escape_whitespac
 # Stands for a byte-level character missing from a gpt2 vocabulary; NUL never
 # occurs in byte-level text, so no input word can spell it.
 _MISSING_BYTE = "\x00missing byte"
-JSON_FORMAT = 1
 
 # Pre-tokenizer regexes, verbatim from llm_tokenizer_bpe's constructor. Each is
 # applied to every piece the previous one produced, keeping unmatched text as its
@@ -212,39 +209,6 @@ class Tokenizer:
             eog_ids=tuple(sorted(eog_ids)),
             special_types=special_types,
         )
-        return cls(backend, spec)
-
-    def to_json(self) -> str:
-        """The built tokenizer as one JSON string; `from_json` restores it."""
-        return json.dumps(
-            {"format": JSON_FORMAT, "spec": asdict(self._spec), "backend": self._backend.to_str()},
-            ensure_ascii=False,
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> Tokenizer:
-        """Restore a tokenizer saved by `to_json`.
-
-        Raises ValueError for anything else (a damaged cache entry), so the caller
-        can rebuild from the GGUF.
-        """
-        try:
-            data = json.loads(text)
-            if data.get("format") != JSON_FORMAT:
-                raise ValueError(f"format {data.get('format')!r}")
-            raw = data["spec"]
-            spec = TokenizerSpec(
-                model=raw["model"],
-                vocab_size=int(raw["vocab_size"]),
-                bos_id=raw["bos_id"],
-                eos_id=raw["eos_id"],
-                add_bos=bool(raw["add_bos"]),
-                eog_ids=tuple(raw["eog_ids"]),
-                special_types={int(k): list(v) for k, v in raw["special_types"].items()},
-            )
-            backend = tokenizers.Tokenizer.from_str(data["backend"])
-        except Exception as error:  # json, key and `tokenizers` parse errors alike
-            raise ValueError(f"not a saved tokenizer: {error}") from None
         return cls(backend, spec)
 
     # -- properties ------------------------------------------------------------

@@ -159,28 +159,6 @@ def test_stream_decoder_flushes_an_unfinished_character_as_replacement():
     assert decoder.flush() == "\ufffd"
 
 
-def test_json_round_trip_keeps_behaviour():
-    for metadata in (gpt2_metadata(), spm_metadata()):
-        tokenizer = Tokenizer.from_metadata(metadata)
-        restored = Tokenizer.from_json(tokenizer.to_json())
-        for text in ["hello hello", "<|im_start|>hé😀<end_of_turn>", ""]:
-            assert restored.encode(text) == tokenizer.encode(text)
-            assert restored.encode(text, parse_special=False) == tokenizer.encode(text, parse_special=False)
-        assert restored.eog_ids == tokenizer.eog_ids
-        assert (restored.bos_id, restored.eos_id, restored.vocab_size) == (
-            tokenizer.bos_id,
-            tokenizer.eos_id,
-            tokenizer.vocab_size,
-        )
-
-
-def test_damaged_json_is_a_value_error():
-    with pytest.raises(ValueError):
-        Tokenizer.from_json('{"format": 1, "spec": {}}')
-    with pytest.raises(ValueError):
-        Tokenizer.from_json("not json")
-
-
 def test_unknown_tokenizer_model_is_named():
     with pytest.raises(UnsupportedModelError, match="'rwkv'"):
         Tokenizer.from_metadata(spm_metadata(**{"tokenizer.ggml.model": "rwkv"}))
@@ -289,8 +267,22 @@ def test_gemma_user_defined_and_control_tokens(real_tokenizer):
 
 
 @pytest.mark.realmodel
-def test_real_json_round_trip(real_tokenizer):
-    tokenizer = real_tokenizer("smollm2-135m")
-    restored = Tokenizer.from_json(tokenizer.to_json())
-    for entry in load_fixture("smollm2-135m")["tokenize"]:
-        assert restored.encode(entry["text"]) == entry["token_ids"]
+def test_opening_gemma3_keeps_its_tokenizer_small(gemma3_path, data_dir):
+    """Gemma 3's 262K-token vocabulary is built from the GGUF at every start: restored from
+    a saved JSON form, the same tokenizer held twice the memory (the process at 468 MB
+    after opening the model, against 225 MB). Copies saved by earlier versions are removed."""
+    old = data_dir / "cache" / "tokenizers"
+    old.mkdir(parents=True, exist_ok=True)
+    (old / "0123456789abcdef.json").write_text("{}", encoding="utf-8")
+    script = (
+        "import sys; from pathlib import Path; from swarm.loader import open_model\n"
+        "model = open_model('gemma3-270m', Path(sys.argv[1]), install_missing=False)\n"
+        "assert model.tokenizer.encode('<start_of_turn>user', add_bos=False)[0] == 105\n"
+        "print(int(open('/proc/self/statm').read().split()[1]) * 4096)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(data_dir)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 350e6
+    assert not old.exists()
