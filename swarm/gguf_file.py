@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,27 @@ class TensorInfo:
         return tuple(reversed(self.ne))
 
 
+class MappedFile:
+    """A file's bytes mapped read-only, as u8[size]; pages it no longer needs can be handed
+    back to the OS."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        self.data = np.frombuffer(self._map, dtype=np.uint8)
+
+    def release(self, offset: int, size: int) -> None:
+        """Drops the pages of bytes [offset, offset + size) from this process (those it
+        shares with the bytes around included): they stop counting in its memory, and are
+        read from the file again if anything touches them. Nothing where the OS cannot."""
+        advise = getattr(self._map, "madvise", None)
+        if advise is None or not hasattr(mmap, "MADV_DONTNEED") or size <= 0:
+            return
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(self._map), offset + size)
+        advise(mmap.MADV_DONTNEED, start, end - start)
+
+
 class GGUFFile:
     """A GGUF file opened for reading: metadata dict, tensor table, memmapped bytes."""
 
@@ -89,7 +111,7 @@ class GGUFFile:
         self.cache_key = cache_key  # identifies this file's content for derived caches
         self.metadata = metadata
         self.tensors = tensors
-        self._mmap: np.memmap | None = None
+        self._mapped: MappedFile | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], cache_dir: Path | None = None) -> GGUFFile:
@@ -131,9 +153,17 @@ class GGUFFile:
 
     def _flat_bytes(self, info: TensorInfo) -> np.ndarray:
         """u8[nbytes] of one tensor. A shard set (swarm.shards) maps these from its shards."""
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mmap[info.offset : info.offset + info.nbytes]
+        if self._mapped is None:
+            self._mapped = MappedFile(self.path)
+        return self._mapped.data[info.offset : info.offset + info.nbytes]
+
+    def release(self, name: str) -> None:
+        """Drops tensor `name`'s mapped bytes from this process's memory, once what reads
+        them holds its own copy (an engine's weights): a loaded model then does not hold
+        its GGUF twice. They are read from the file again if touched."""
+        if self._mapped is not None:
+            info = self.tensor_info(name)
+            self._mapped.release(info.offset, info.nbytes)
 
     def tensor_info(self, name: str) -> TensorInfo:
         info = self.tensors.get(name)

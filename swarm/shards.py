@@ -36,6 +36,7 @@ from swarm.files import atomic_write_text, atomic_writer
 from swarm.gguf_file import (
     CACHE_FORMAT,
     GGUFFile,
+    MappedFile,
     TensorInfo,
     parse_header,
     read_header,
@@ -498,7 +499,7 @@ class ShardSet:
         self.manifest = manifest
         self._present = present
         self._quarantined = quarantined
-        self._maps: dict[int, np.memmap] = {}
+        self._maps: dict[int, MappedFile] = {}
 
     @classmethod
     def open(cls, directory: Path, *, verify: bool = True) -> ShardSet:
@@ -575,14 +576,19 @@ class ShardSet:
         for shard, offset, size in holders:
             if shard in self._present:
                 if shard not in self._maps:
-                    path = self.directory / self.manifest.shards[shard].file
-                    self._maps[shard] = np.memmap(path, dtype=np.uint8, mode="r")
-                return self._maps[shard][offset : offset + size]
+                    self._maps[shard] = MappedFile(self.directory / self.manifest.shards[shard].file)
+                return self._maps[shard].data[offset : offset + size]
         shard = holders[0][0]
         layer = layer_of(name)
         what = f"layer {layer}" if layer is not None else name
         why = "quarantined: its hash did not match" if shard in self._quarantined else "missing"
         raise ModelFileError(f"{self.directory}: {what} is not held here (shard {shard} {why})")
+
+    def release(self, name: str) -> None:
+        """Drops the mapped bytes tensor `name` was read from (see GGUFFile.release)."""
+        for shard, offset, size in self.manifest.holders(name) if name in self.manifest.tensors else ():
+            if shard in self._maps:
+                self._maps[shard].release(offset, size)
 
     def as_gguf(self, cache_dir: Path | None = None) -> ShardedGGUF:
         """The source GGUF as the engine sees it; tensors of absent shards raise on read."""
@@ -618,6 +624,9 @@ class ShardedGGUF(GGUFFile):
 
     def _flat_bytes(self, info: TensorInfo) -> np.ndarray:
         return self.shard_set.tensor_data(info.name)
+
+    def release(self, name: str) -> None:
+        self.shard_set.release(name)
 
 
 # ---------------------------------------------------------------------------- CLI

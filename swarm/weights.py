@@ -61,9 +61,12 @@ def _dequantize(gguf: GGUFFile, info: TensorInfo) -> jax.Array:
     """The tensor as an f32 device array in numpy row-major shape (reversed ne)."""
     raw = gguf.tensor_bytes(info.name)
     if info.qtype == GGMLType.F32:
-        return jnp.asarray(np.asarray(raw).view(np.float32).reshape(info.shape))
-    packed = QuantTensor.from_packed(np.asarray(raw), info.qtype, (info.rows, info.ne[0]))
-    return packed.dequantize().reshape(info.shape)
+        values = jnp.array(np.asarray(raw).view(np.float32).reshape(info.shape))
+    else:
+        packed = QuantTensor.from_packed(np.asarray(raw), info.qtype, (info.rows, info.ne[0]))
+        values = packed.dequantize().reshape(info.shape)
+    gguf.release(info.name)  # the values are a copy: the file's pages are not needed
+    return values
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,11 @@ class _Layout:
             tensor = QuantTensor.from_packed(
                 np.asarray(gguf.tensor_bytes(info.name)), info.qtype, (info.rows, info.ne[0])
             )
-            return ops.arrange(tensor, impl=self.kernels)
+            arranged = ops.arrange(tensor, impl=self.kernels)
+            # A permuted copy no longer reads the file's pages; bytes held in place (the
+            # rows layout) are read from the file again when first used.
+            gguf.release(info.name)
+            return arranged
         return _dequantize(gguf, info)
 
     def stacked(self, gguf: GGUFFile, infos: list[TensorInfo]) -> jax.Array | QuantTensor:
@@ -137,6 +144,9 @@ class _Counted:
         self.done += self.gguf.tensor_info(name).nbytes
         self.progress(min(self.done, self.total), self.total)
         return data
+
+    def release(self, name: str) -> None:
+        self.gguf.release(name)
 
 
 def _bytes_to_read(gguf: GGUFFile, config: ModelConfig, names: list[str], first: int, last: int) -> int:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from swarm.errors import ModelFileError
 from swarm.gguf_file import GGUFFile
+from tests.conftest import REPO
 
 
 def test_reads_metadata_and_tensor_bytes(tiny_model, tmp_path):
@@ -69,3 +74,58 @@ def test_missing_tensor_is_named(tiny_model):
     gguf = GGUFFile.open(tiny_model("llama-tiny"))
     with pytest.raises(ModelFileError, match=r"blk\.99\.attn_q\.weight"):
         gguf.tensor_bytes("blk.99.attn_q.weight")
+
+
+def _resident_bytes(path) -> int:
+    """Bytes of `path` mapped into this process and resident (Linux smaps), 0 if unmapped."""
+    total, current = 0, None
+    with open("/proc/self/smaps", encoding="utf-8") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                current = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "Rss:" and current == str(path):
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux /proc/self/smaps")
+def test_released_tensor_pages_leave_memory_and_read_back_the_same(smollm2_path):
+    gguf = GGUFFile.open(smollm2_path)
+    name = "token_embd.weight"
+    first = np.array(gguf.tensor_bytes(name))
+    assert _resident_bytes(smollm2_path) >= first.nbytes
+    gguf.release(name)
+    assert _resident_bytes(smollm2_path) < first.nbytes / 10
+    np.testing.assert_array_equal(gguf.tensor_bytes(name), first)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux /proc/self/smaps")
+def test_a_loaded_engine_does_not_keep_its_gguf_in_memory(smollm2_path):
+    """The engine holds its own copy of every weight (packed for the kernels): the GGUF's
+    mapped pages are handed back as each tensor is copied, so a loaded model is not held
+    twice (SmolLM2: 491 MB of RSS after a prompt and 20 steps before, 412 MB after)."""
+    script = (
+        "import sys, numpy as np\n"
+        "from swarm.gguf_file import GGUFFile\n"
+        "from swarm.model_config import ModelConfig\n"
+        "from swarm.engine import Engine\n"
+        "from tests.test_gguf_file import _resident_bytes\n"
+        "gguf = GGUFFile.open(sys.argv[1])\n"
+        "config = ModelConfig.from_metadata(gguf.metadata, tensor_names=frozenset(gguf.tensors))\n"
+        "engine = Engine.load(gguf, config)\n"
+        "cache = engine.new_cache(256)\n"
+        "logits, cache = engine.forward(np.arange(100, 140, dtype=np.int32), 0, cache)\n"
+        "assert np.all(np.isfinite(logits))\n"
+        "print(_resident_bytes(gguf.path), gguf.path.stat().st_size)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(smollm2_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    resident, size = map(int, done.stdout.split()[-2:])
+    assert resident < size / 10, (resident, size)
