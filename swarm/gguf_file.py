@@ -100,6 +100,10 @@ class MappedFile:
         end = min(len(self._map), offset + size)
         advise(mmap.MADV_DONTNEED, start, end - start)
 
+    def release_all(self) -> None:
+        """Drops every page of the file from this process (see `release`)."""
+        self.release(0, len(self._map))
+
 
 class GGUFFile:
     """A GGUF file opened for reading: metadata dict, tensor table, memmapped bytes."""
@@ -164,6 +168,13 @@ class GGUFFile:
         if self._mapped is not None:
             info = self.tensor_info(name)
             self._mapped.release(info.offset, info.nbytes)
+
+    def release_all(self) -> None:
+        """Drops every mapped page of the file from this process's memory. Reading a
+        tensor maps the pages around it too (the OS reads ahead), some of them of
+        tensors already released: a loader calls this once it is done."""
+        if self._mapped is not None:
+            self._mapped.release_all()
 
     def tensor_info(self, name: str) -> TensorInfo:
         info = self.tensors.get(name)

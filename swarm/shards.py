@@ -590,6 +590,11 @@ class ShardSet:
             if shard in self._maps:
                 self._maps[shard].release(offset, size)
 
+    def release_all(self) -> None:
+        """Drops every mapped page of the shards from this process (see GGUFFile.release_all)."""
+        for mapped in self._maps.values():
+            mapped.release_all()
+
     def as_gguf(self, cache_dir: Path | None = None) -> ShardedGGUF:
         """The source GGUF as the engine sees it; tensors of absent shards raise on read."""
         header = self.directory / HEADER_FILE
@@ -627,6 +632,9 @@ class ShardedGGUF(GGUFFile):
 
     def release(self, name: str) -> None:
         self.shard_set.release(name)
+
+    def release_all(self) -> None:
+        self.shard_set.release_all()
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -148,6 +148,9 @@ class _Counted:
     def release(self, name: str) -> None:
         self.gguf.release(name)
 
+    def release_all(self) -> None:
+        self.gguf.release_all()
+
 
 def _bytes_to_read(gguf: GGUFFile, config: ModelConfig, names: list[str], first: int, last: int) -> int:
     """The tensor bytes `load_range_weights` reads for layers [first, last)."""
@@ -202,6 +205,8 @@ def load_range_weights(
     if is_last:
         output_norm = jnp.asarray(_dequantize(gguf, gguf.tensor_info("output_norm.weight")))
         output = embedding if config.tied_output else layout.matrix(gguf, gguf.tensor_info("output.weight"))
+    # Every tensor is copied now: what the reads mapped around them goes too.
+    gguf.release_all()
     # Table 0 serves global layers, table 1 sliding ones (LayerGroup.rope_table).
     bases = np.asarray([config.rope_base, config.rope_base_sliding], np.float32)
     return RangeWeights(
