@@ -1,9 +1,9 @@
 """Text <-> token ids for a GGUF model, matching llama.cpp's tokenizer.
 
 Owns building a tokenizer from GGUF metadata (`tokenizer.ggml.*`), encoding,
-decoding, streaming detokenization and the end-of-generation id set. The merge algorithm runs in the Hugging
-Face `tokenizers` library; what this module adds is the translation of llama.cpp's
-rules (`src/llama-vocab.cpp`, `src/unicode.cpp`) into that library's terms:
+decoding, streaming detokenization and the end-of-generation id set. The merge
+algorithm runs in the Hugging Face `tokenizers` library; what this module adds is the
+translation of llama.cpp's rules (`src/llama-vocab.cpp`, `src/unicode.cpp`) into that library's terms:
 
 | `tokenizer.ggml.model` | llama.cpp vocab type | built here as |
 |---|---|---|

@@ -108,7 +108,7 @@ def test_released_tensor_pages_leave_memory_and_read_back_the_same(smollm2_path)
 def test_a_loaded_engine_does_not_keep_its_gguf_in_memory(smollm2_path):
     """The engine holds its own copy of every weight (packed for the kernels): the GGUF's
     mapped pages are handed back as each tensor is copied, so a loaded model is not held
-    twice (SmolLM2: 491 MB of RSS after a prompt and 20 steps before, 412 MB after)."""
+    twice (SmolLM2: 491 MB of RSS after a prompt and 20 steps before, 406 MB after)."""
     script = (
         "import sys, numpy as np\n"
         "from swarm.gguf_file import GGUFFile\n"

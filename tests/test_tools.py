@@ -95,16 +95,13 @@ def _perf_can_record() -> bool:
     return done.returncode == 0
 
 
-@pytest.mark.slow
-def test_profile_step_splits_a_step_into_its_parts(smollm2_path, data_dir):
+def _profiles(args: list[str], data_dir: Path) -> list[dict]:
+    """profile_step.py's JSON for `args`, each profile's parts checked to add up."""
     if not _perf_can_record():
         pytest.skip("needs Linux perf, allowed to sample this user's processes")
-    done = _run(
-        ["tools/profile_step.py", "--rows", "1,4", "--position", "32", "--seconds", "2", "--json"], data_dir
-    )
+    done = _run(["tools/profile_step.py", *args, "--seconds", "2", "--json"], data_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     profiles = json.loads(done.stdout)
-    assert [p["rows"] for p in profiles] == [1, 4]
     for profile in profiles:
         parts = profile["parts"]
         assert profile["step_ms"] > 0 and profile["cpu_ms_per_step"] > 0
@@ -112,6 +109,15 @@ def test_profile_step_splits_a_step_into_its_parts(smollm2_path, data_dir):
         assert sum(part["cpu_ms_per_step"] for part in parts.values()) == pytest.approx(
             profile["cpu_ms_per_step"]
         )
+    return profiles
+
+
+@pytest.mark.slow
+def test_profile_step_splits_a_step_into_its_parts(smollm2_path, data_dir):
+    profiles = _profiles(["--rows", "1,4", "--position", "32"], data_dir)
+    assert [p["rows"] for p in profiles] == [1, 4]
+    for profile in profiles:
+        parts = profile["parts"]
         if cpu.available():  # the products run on the kernels, and are most of a step
             assert parts["layer matmuls"]["share"] > 0.2
             assert "vocabulary head (Q8_0 matmul)" in parts and "attention" in parts
@@ -119,25 +125,21 @@ def test_profile_step_splits_a_step_into_its_parts(smollm2_path, data_dir):
 
 @pytest.mark.slow
 def test_profile_step_splits_a_prompt_chunk_into_its_parts(smollm2_path, data_dir):
-    if not _perf_can_record():
-        pytest.skip("needs Linux perf, allowed to sample this user's processes")
-    done = _run(
-        ["tools/profile_step.py", "--prompt", "64", "--position", "0", "--seconds", "2", "--json"], data_dir
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    (profile,) = json.loads(done.stdout)
+    (profile,) = _profiles(["--prompt", "64", "--position", "32"], data_dir)
     parts = profile["parts"]
-    assert profile["step_ms"] > 0
-    assert sum(part["share"] for part in parts.values()) == pytest.approx(1.0)
     if cpu.available():  # a prompt's time is its products' and its attention's
         assert parts["layer matmuls"]["share"] > 0.3
         assert "attention" in parts
 
 
-def test_profile_step_refuses_a_negative_prompt(data_dir):
-    done = _run(["tools/profile_step.py", "--prompt", "-1"], data_dir)
+@pytest.mark.parametrize(
+    "args, complaint",
+    [(["--prompt", "-1"], "--prompt"), (["--rows", "1,x"], "--rows"), (["--position", "0"], "--position")],
+)
+def test_profile_step_refuses_bad_arguments(args, complaint, data_dir):
+    done = _run(["tools/profile_step.py", *args], data_dir)
     assert done.returncode == 2
-    assert "--prompt" in done.stderr
+    assert complaint in done.stderr
 
 
 def test_bench_kernels_sets_each_product_against_the_cpus_peak(smollm2_path, data_dir):

@@ -56,8 +56,8 @@ PARTS: list[tuple[str, re.Pattern]] = [
 def child(
     model: str, rows: int, position: int, prompt: int, seconds: float, ready: Path, data_dir: Path
 ) -> None:
-    """Runs in the profiled process: the step loop (or the prompt loop, with `prompt`
-    tokens a call), announced through `ready`."""
+    """Runs in the profiled process: the step loop (or, with `prompt`, the loop of a prompt
+    chunk of that many tokens into session 0), announced through `ready`."""
     import numpy as np
 
     from swarm.engine import enable_compilation_cache
@@ -70,28 +70,29 @@ def child(
         engine.cache_capacity(max(position + max(prompt, 64), min(4096, engine.max_context))), rows
     )
     rng = np.random.default_rng(0)
+    # Every session (the prompt's one) holds `position` tokens first.
+    for slot in range(rows if position else 0):
+        _, cache = engine.forward(rng.integers(100, 1000, position).astype(np.int32), 0, cache, slot=slot)
     if prompt:
         chunk = rng.integers(100, 1000, prompt).astype(np.int32)
-        for _ in range(3):
-            _, cache = engine.forward(chunk, position, cache, slot=0)
-        ready.write_text("ready")
-        began, steps = time.perf_counter(), 0
-        while time.perf_counter() - began < seconds:
-            _, cache = engine.forward(chunk, position, cache, slot=0)
-            steps += 1
-        print(json.dumps({"step_ms": (time.perf_counter() - began) / steps * 1e3, "steps": steps}))
-        return
-    for slot in range(rows):
-        _, cache = engine.forward(rng.integers(100, 1000, position).astype(np.int32), 0, cache, slot=slot)
-    tokens = rng.integers(100, 1000, rows).astype(np.int32)
-    positions = np.full(rows, position, np.int32)
-    slots = np.arange(rows, dtype=np.int32)
+
+        def call(cache):
+            return engine.forward(chunk, position, cache, slot=0)[1]
+
+    else:
+        tokens = rng.integers(100, 1000, rows).astype(np.int32)
+        positions = np.full(rows, position, np.int32)
+        slots = np.arange(rows, dtype=np.int32)
+
+        def call(cache):
+            return engine.step(tokens, positions, slots, cache)[1]
+
     for _ in range(5):
-        _, cache = engine.step(tokens, positions, slots, cache)
+        cache = call(cache)
     ready.write_text("ready")
     began, steps = time.perf_counter(), 0
     while time.perf_counter() - began < seconds:
-        _, cache = engine.step(tokens, positions, slots, cache)
+        cache = call(cache)
         steps += 1
     print(json.dumps({"step_ms": (time.perf_counter() - began) / steps * 1e3, "steps": steps}))
 
