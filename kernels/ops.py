@@ -107,7 +107,7 @@ def arrange(w: jax.Array | QuantTensor, *, impl: str = "auto") -> jax.Array | Qu
     if (
         isinstance(w, QuantTensor)
         and _use_cpu_kernel(impl, w)
-        and cpu.fused_available()
+        and cpu.panels_available()
         and w.can_use_panels()
     ):
         return w.to_panels()

@@ -284,7 +284,7 @@ def test_scanned_and_unrolled_layers_agree(tiny_model, spec_name):
 
 
 @pytest.mark.skipif(
-    not cpu.fused_available() or jax.default_backend() != "cpu", reason="the CPU kernel's layout"
+    not cpu.panels_available() or jax.default_backend() != "cpu", reason="the CPU kernel's layout"
 )
 @pytest.mark.parametrize("spec_name", ["llama-tiny", "gemma3-tiny"])
 def test_kernel_engine_holds_panels_with_the_rows_results(tiny_model, spec_name):

@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED = sorted(cpu.SUPPORTED)
 needs_kernel = pytest.mark.skipif(not cpu.available(), reason=f"{cpu.unavailable_reason()}")
 needs_panels = pytest.mark.skipif(
-    not cpu.fused_available(), reason="the panels layout needs the AVX-512 VNNI build of kernels.cpu"
+    not cpu.panels_available(), reason="the panels layout needs the AVX-512 VNNI or AVX2 build of kernels.cpu"
 )
 
 # (m, n, k) per test case: every m in (1, 3, 8, 64, 300), n off the 16-row panel size,
@@ -427,16 +427,21 @@ def test_nan_activations_give_nan_rows() -> None:
 
 @needs_kernel
 def test_the_build_names_its_kernels_and_arrange_follows_them() -> None:
-    """The AVX-512 VNNI build holds every kernel and reads panels; the portable build
-    (any other CPU) holds the matmul alone, reads the GGUF's rows, and the engine keeps
-    them so (a panels weight gets a clear error instead of wrong products)."""
+    """The AVX-512 VNNI build holds every kernel and reads panels; the AVX2 build reads
+    panels with norms and SwiGLU left to jnp; the portable build (any other CPU) holds
+    the matmul alone, reads the GGUF's rows, and the engine keeps them so (a panels
+    weight gets a clear error instead of wrong products)."""
     w = _weight(GGMLType.Q4_1, 32, 256, seed=21)
     x = _activations(2, 256, seed=22)
-    if cpu.isa() == "avx512-vnni":
-        assert cpu.fused_available()
+    if cpu.isa() in ("avx512-vnni", "avx2"):
+        assert cpu.panels_available()
+        assert cpu.fused_available() == (cpu.isa() == "avx512-vnni")
         assert ops.arrange(w, impl="cpu").layout == "panels"
+        if cpu.isa() == "avx2":
+            with pytest.raises(RuntimeError, match="need AVX-512 VNNI"):
+                cpu.rms_norm(x, np.ones(256, np.float32), 1e-6)
         return
-    assert cpu.isa() == "portable" and not cpu.fused_available()
+    assert cpu.isa() == "portable" and not cpu.fused_available() and not cpu.panels_available()
     assert ops.arrange(w, impl="cpu") is w
     assert cpu.FFI_TARGET in jax.jit(lambda x: ops.matmul(x, w, impl="cpu")).lower(x).as_text()
     with pytest.raises(ValueError, match="portable CPU kernel reads the GGUF's rows"):

@@ -1,21 +1,23 @@
-"""kernels.cpu as CPUs without AVX-512 VNNI build it: the portable matmul.
+"""kernels.cpu as CPUs without AVX-512 VNNI build it.
 
 Most CPUs in a swarm lack AVX-512 VNNI (AVX2 laptops and desktops, ARM machines).
-There the library holds the portable matmul (kernels/cpu/portable.h), which reads the
-GGUF's rows so that weights stay packed, and a portable cache attention; RMS norms
-and SwiGLU run in jnp.
+On AVX2 CPUs the library's matmul reads the panels layout on 256-bit registers
+(kernels/cpu/gemm_avx2.h) and gives the AVX-512 build's bits; elsewhere it holds the
+portable matmul (kernels/cpu/portable.h), which reads the GGUF's rows so that weights
+stay packed.  Both hold a portable cache attention; RMS norms and SwiGLU run in jnp.
 
 On an x86-64 machine the library builds for such CPUs with SWARM_CPU_ARCH (the
 compiler then emits no instruction the target lacks):
 
-* x86-64-v3, an AVX2 machine: the portable kernel's AVX2 code;
-* alderlake, AVX2 with AVX-VNNI (where this CPU has it): its 256-bit VNNI dot products;
+* x86-64-v3, an AVX2 machine: `vpmaddubsw` products;
+* alderlake, AVX2 with AVX-VNNI (where this CPU has it): 256-bit `vpdpbusd`;
 * x86-64, the SSE2 baseline: the plain C++ that every other CPU (ARM included)
   compiles, vectorized by the compiler alone.
 
 Each build runs, in a process of its own, the kernel tests (products against the jnp
 reference and against the integer scheme the AVX-512 kernel computes; attention
-against its jnp reference), and the AVX2 build also the real models against
+against its jnp reference); the AVX2 builds' products are compared bit for bit with
+this process's AVX-512 ones, and the AVX2 build also runs the real models against
 llama.cpp's greedy tokens and logprobs.
 """
 
@@ -29,6 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kernels import cpu
@@ -69,12 +72,17 @@ def _pytest(arch: str, *targets: str, timeout: int = 900) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
-def test_the_portable_build_loads_and_names_itself(arch: str) -> None:
-    script = "from kernels import cpu; print(cpu.isa(), cpu.fused_available(), cpu.threads() > 0)"
+@pytest.mark.parametrize(
+    ("arch", "isa", "panels"), [("x86-64-v3", "avx2", "True"), ("x86-64", "portable", "False")]
+)
+def test_the_build_for_another_cpu_loads_and_names_itself(arch: str, isa: str, panels: str) -> None:
+    script = (
+        "from kernels import cpu; "
+        "print(cpu.isa(), cpu.fused_available(), cpu.panels_available(), cpu.threads() > 0)"
+    )
     result = _run(arch, "-c", script, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.split() == ["portable", "False", "True"]
+    assert result.stdout.split() == [isa, "False", panels, "True"]
 
 
 def _cpu_flags() -> set[str]:
@@ -95,24 +103,76 @@ _AVX_VNNI = pytest.param(
 
 
 @pytest.mark.parametrize("arch", ["x86-64-v3", _AVX_VNNI, "x86-64"])
-def test_the_portable_build_passes_the_kernel_tests(arch: str) -> None:
-    # The AVX2 build runs the attention and routing tests too; the other two differ from
-    # it in the matmul's dot products only.
+def test_the_build_for_another_cpu_passes_the_kernel_tests(arch: str) -> None:
+    # The AVX2 build runs the panels, attention and routing tests too; the other two
+    # differ from it in the matmul's dot products only.
     targets = ["tests/test_kernels_cpu.py"]
     if arch == "x86-64-v3":
-        targets += ["tests/test_kernels_ops.py", "tests/test_kernels_cpu_attention.py"]
+        targets += [
+            "tests/test_kernels_panels.py",
+            "tests/test_kernels_ops.py",
+            "tests/test_kernels_cpu_attention.py",
+        ]
     counts = _pytest(arch, *targets)
-    # Every product (and attention) test runs, the panels cases alone skip: the counts
-    # guard against a build that skipped everything.
-    assert counts.get("passed", 0) >= (120 if arch == "x86-64-v3" else 75), counts
-    assert counts.get("skipped", 0) <= 40, counts
+    # Every product (and attention) test runs, the portable build skipping the panels
+    # cases alone: the counts guard against a build that skipped everything.
+    assert counts.get("passed", 0) >= (200 if arch == "x86-64-v3" else 75), counts
+    assert counts.get("skipped", 0) <= (10 if arch == "x86-64-v3" else 40), counts
+
+
+# Products every build computes for the bit-for-bit comparison: each format, both
+# layouts, row counts on the register path (1, 3, 8) and the buffered one (9, 40), and
+# weights of whole panels (48 rows) and not (40: the rows layout's partial panel).
+_COMPARED_ROWS = (1, 3, 8, 9, 40)
+
+
+def write_products(path: str) -> None:
+    """Saves this process's kernel products of the cases above to `path` (.npz)."""
+    from kernels.qtensor import QuantTensor
+    from kernels.quant_types import FORMATS
+    from tests.quant_blocks import random_blocks
+
+    products = {}
+    for qtype in sorted(cpu.SUPPORTED):
+        block = FORMATS[qtype].block_size
+        k = 512 if block == 32 else 768
+        for n in (48, 40):
+            blocks = random_blocks(qtype, rows=n, blocks=k // block, seed=qtype + n, scale=0.05)
+            w = QuantTensor.from_packed(blocks, qtype, (n, k))
+            for m in _COMPARED_ROWS:
+                x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+                x[0, :32] = 0.0  # an all-zero activation block
+                products[f"{FORMATS[qtype].name} n={n} m={m} rows"] = np.asarray(cpu.qmatmul(x, w))
+                if w.can_use_panels():
+                    products[f"{FORMATS[qtype].name} n={n} m={m} panels"] = np.asarray(
+                        cpu.qmatmul(x, w.to_panels())
+                    )
+    np.savez(path, **products)
+
+
+@pytest.mark.parametrize("arch", ["x86-64-v3", _AVX_VNNI])
+def test_the_avx2_builds_give_the_avx512_builds_bits(arch: str, tmp_path: Path) -> None:
+    """A node on an AVX2 CPU computes every product bit for bit as one on AVX-512: the
+    same integer sums and float steps, so a pipeline or a prefix block does not depend
+    on which of them ran it."""
+    theirs_path, ours_path = tmp_path / "theirs.npz", tmp_path / "ours.npz"
+    script = (
+        f"from tests.test_kernels_cpu_portable import write_products; write_products({str(theirs_path)!r})"
+    )
+    result = _run(arch, "-c", script, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    write_products(str(ours_path))
+    theirs, ours = np.load(theirs_path), np.load(ours_path)
+    assert sorted(theirs.files) == sorted(ours.files) and len(ours.files) == 8 * 3 * len(_COMPARED_ROWS)
+    differing = [key for key in ours.files if not np.array_equal(theirs[key], ours[key])]
+    assert not differing, differing
 
 
 @pytest.mark.realmodel
 def test_the_avx2_build_matches_llama_cpp_on_the_real_models() -> None:
-    """The engine on an AVX2 machine (packed weights on the portable matmul and
-    attention, norms in jnp): greedy tokens and logprobs against llama.cpp as on
-    AVX-512, and a batched row's logits bit for bit those of the row alone."""
+    """The engine on an AVX2 machine (weights in panels on the AVX2 matmul, the
+    portable attention, norms in jnp): greedy tokens and logprobs against llama.cpp as
+    on AVX-512, and a batched row's logits bit for bit those of the row alone."""
     counts = _pytest(
         "x86-64-v3",
         "tests/test_fidelity.py::test_greedy_tokens_and_logprobs_match_llama_cpp",

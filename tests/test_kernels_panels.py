@@ -25,8 +25,8 @@ from tests.quant_blocks import random_blocks
 REPO = Path(__file__).resolve().parents[1]
 PANEL_TYPES = sorted(PANEL_FIELDS)
 needs_kernel = pytest.mark.skipif(
-    not cpu.fused_available(),
-    reason="needs the AVX-512 VNNI build of kernels.cpu (norms, SwiGLU, the panels layout)",
+    not cpu.panels_available(),
+    reason="needs a build of kernels.cpu that reads the panels layout (AVX-512 VNNI or AVX2)",
 )
 
 
@@ -220,8 +220,8 @@ def test_kernel_reads_a_scrambled_panel_differently() -> None:
 
 
 @pytest.mark.skipif(
-    not cpu.fused_available() or jax.default_backend() != "cpu",
-    reason="arrange picks panels for the AVX-512 CPU kernel only",
+    not cpu.panels_available() or jax.default_backend() != "cpu",
+    reason="arrange picks panels for the AVX-512 and AVX2 CPU kernels only",
 )
 def test_arrange_picks_panels_only_for_the_cpu_kernel() -> None:
     w = _weight(GGMLType.Q5_0, 32, 640, seed=10)

@@ -12,10 +12,11 @@ the types in `SUPPORTED`; everything else stays on the reference path.  On a CPU
 with AVX-512 VNNI (`isa()` "avx512-vnni") the same library holds `cache_attention`
 and `cache_write_attention` (attention.cc), `rms_norm` (norm.cc) and `swiglu`
 (glu.cc), which `kernels.ops` routes to on the same terms, and the matmul reads the
-panels layout; on any other CPU (`isa()` "portable": AVX2, ARM, ...) the library holds
-the portable matmul (portable.h), which reads the GGUF's rows, and portable versions of
-both attention calls, while RMS norms and SwiGLU run in jnp (`fused_available()` is
-False).
+panels layout.  On an AVX2 CPU (`isa()` "avx2") the matmul reads the same panels
+layout on 256-bit registers, with the AVX-512 build's bits (gemm_avx2.h); on any other
+CPU (`isa()` "portable": ARM, older x86, ...) the library holds the portable matmul
+(portable.h), which reads the GGUF's rows.  Both hold portable versions of the
+attention calls, while RMS norms and SwiGLU run in jnp (`fused_available()` is False).
 
 Imports only jax, numpy and the standard library: never gguf, never swarm.
 """
@@ -84,6 +85,7 @@ def _load_locked() -> str | None:
         WRITE_ATTENTION_TARGET, jax.ffi.pycapsule(library.SwarmCacheWriteAttention), platform="cpu"
     )
     simd = bool(library.swarm_qmatmul_simd())
+    _state["panels"] = bool(library.swarm_qmatmul_panels())
     if simd:
         jax.ffi.register_ffi_target(NORM_TARGET, jax.ffi.pycapsule(library.SwarmRmsNorm), platform="cpu")
         jax.ffi.register_ffi_target(SWIGLU_TARGET, jax.ffi.pycapsule(library.SwarmSwiGlu), platform="cpu")
@@ -108,11 +110,19 @@ def fused_available() -> bool:
     return available() and bool(_state["simd"])
 
 
+def panels_available() -> bool:
+    """True if the library's matmul reads the panels layout (what `kernels.ops.arrange`
+    stores weights in): the AVX-512 VNNI and the AVX2 builds."""
+    return available() and bool(_state["panels"])
+
+
 def isa() -> str | None:
-    """Which build runs: "avx512-vnni", "portable", or None when none is available."""
+    """Which build runs: "avx512-vnni", "avx2", "portable", or None when none is available."""
     if not available():
         return None
-    return "avx512-vnni" if _state["simd"] else "portable"
+    if _state["simd"]:
+        return "avx512-vnni"
+    return "avx2" if _state["panels"] else "portable"
 
 
 def _ffi_call(target: str, results, **options):
@@ -180,7 +190,7 @@ def qmatmuls(
             raise ValueError(f"the CPU kernel does not support {quant_format(w.qtype).name} weights")
         if w.layout == PANELS and not w.can_use_panels():
             raise ValueError(f"a panels-layout weight needs a multiple of 16 rows; got {w.out_features}")
-        if w.layout == PANELS and available() and not fused_available():
+        if w.layout == PANELS and available() and not panels_available():
             raise ValueError("the portable CPU kernel reads the GGUF's rows layout; pass w.to_rows()")
     if not can_share_call(ws):
         raise ValueError(

@@ -38,6 +38,7 @@ SOURCES = (
     "norm.cc",
     "glu.cc",
     "gemm.h",
+    "gemm_avx2.h",
     "half.h",
     "panel.h",
     "portable.h",

@@ -39,6 +39,8 @@ struct Activations {
   int32_t* TileAux(int64_t tile, int group) const { return aux + tile * (cols / group) * tile_rows; }
 };
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+
 // v[i] (i < 16) reduced to one vector whose lane i is op over v[i]'s lanes: 30 shuffles,
 // 15 ops and a permutation, where 16 separate reductions take about 130 instructions in
 // 16 chains.  `op` must be exact whatever the order (max, integer add on the lanes'
@@ -321,6 +323,8 @@ void TileProduct(const uint8_t* const panels[kTilePanels], int64_t first_group, 
     StoreRows<C>(rows, out + 16 * p, out_stride, masks[p], add == nullptr ? nullptr : add + 16 * p);
   }
 }
+
+#endif  // AVX-512
 
 }  // namespace swarm_cpu
 

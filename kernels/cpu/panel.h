@@ -24,6 +24,10 @@
 //                 lanes, so a read is a plain load, and a panel is one stream.
 //
 // Either way the unpacking is the same per-lane arithmetic as ggml's row-wise decoders.
+//
+// AVX2 CPUs read the same panels layout half a panel at a time (HalfPanelsSource: 8
+// rows, the low or high 32 bytes of each 64-byte unit), through the same decoders on
+// 256-bit registers (V256), so both builds decode the same codes and scales.
 
 #ifndef SWARM_KERNELS_CPU_PANEL_H_
 #define SWARM_KERNELS_CPU_PANEL_H_
@@ -48,6 +52,46 @@
 namespace swarm_cpu {
 
 constexpr int kPanelRows = 16;
+
+// The i32 word of the Q5 fifth-bit test (AddFifthBits below): for codes register j
+// (elements 4j..4j+3), byte b tests bit 4 * (j % 2) + b of the byte it picked.
+constexpr int32_t FifthBitsMask(int j) {
+  const int first = (j % 2) * 4;
+  return (1 << first) | (2 << first) << 8 | (4 << first) << 16 | (8 << first) << 24;
+}
+
+// The decoders below are written once for either register width: V512 (16 rows per
+// register, the whole panel) and V256 (8 rows, half a panel, for AVX2 CPUs) name the
+// few integer and float operations they take, lane for lane the same.
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+struct V512 {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kRows = 16;
+  static SWARM_INLINE I And(I a, I b) { return _mm512_and_si512(a, b); }
+  static SWARM_INLINE I Or(I a, I b) { return _mm512_or_si512(a, b); }
+  static SWARM_INLINE I Xor(I a, I b) { return _mm512_xor_si512(a, b); }
+  static SWARM_INLINE I ShiftRight(I v, int n) { return _mm512_srli_epi32(v, n); }  // per i32 lane
+  static SWARM_INLINE I ShiftLeft(I v, int n) { return _mm512_slli_epi32(v, n); }
+  static SWARM_INLINE I ShiftRightSigned(I v, int n) { return _mm512_srai_epi32(v, n); }
+  static SWARM_INLINE I Bytes(char c) { return _mm512_set1_epi8(c); }
+  static SWARM_INLINE I Words(int32_t w) { return _mm512_set1_epi32(w); }
+  static SWARM_INLINE F ToFloat(I v) { return _mm512_cvtepi32_ps(v); }
+  static SWARM_INLINE F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static SWARM_INLINE F Sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static SWARM_INLINE F Zero() { return _mm512_setzero_ps(); }
+
+  // Fifth bits of Q5_0/Q5_1: lane n of `high` is the little-endian u32 qh of row n, whose
+  // bit e belongs to element e.  Adds 16 to the elements 4j..4j+3 whose bit is set.
+  static SWARM_INLINE I AddFifthBits(I codes, I high, int j) {
+    // Every byte of dword p (of each 128-bit lane) picks byte j / 2 of that dword, then
+    // tests its own bit 4 * (j % 2) + (byte index).
+    const I dword_base = _mm512_set4_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0);
+    const I bytes = _mm512_shuffle_epi8(high, _mm512_add_epi8(dword_base, _mm512_set1_epi8(char(j / 2))));
+    return _mm512_mask_add_epi8(codes, _mm512_test_epi8_mask(bytes, Words(FifthBitsMask(j))), codes, Bytes(16));
+  }
+};
 
 // Byte addresses of the 16 rows of a panel; rows past the matrix repeat its last
 // row (their outputs are masked off), so every load stays inside the buffer.
@@ -87,12 +131,6 @@ struct PanelRows {
     t[3] = _mm512_unpackhi_epi64(rows01_high, rows23_high);
   }
 
-  // t[j] lane n: bytes 4j..4j+3 of the 32 bytes at row n + offset.
-  void Transpose32(int64_t offset, __m512i t[8]) const {
-    Transpose16(offset, t);
-    Transpose16(offset + 16, t + 4);
-  }
-
  private:
   __m128i Load(int n, int64_t offset) const {
     return _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[n] + offset));
@@ -104,6 +142,7 @@ struct PanelRows {
 // block of row n; Half(block, field) the f16 at `field` of each row, as f32.
 template <class F>
 struct RowsSource {
+  using V = V512;
   PanelRows rows;
 
   template <int kCount>
@@ -128,6 +167,7 @@ struct RowsSource {
 // 16 * field within them, its 16 rows' units side by side.
 template <class F>
 struct PanelsSource {
+  using V = V512;
   const uint8_t* panel;
 
   template <int kCount>
@@ -152,28 +192,94 @@ __m512 RowsSource<F>::Half(int64_t block, int field) const {
   // inside the block.
   return field + 4 <= F::kBlockBytes ? LowHalfF16(rows.Gather(at)) : HighHalfF16(rows.Gather(at - 2));
 }
+#endif  // AVX-512
+
+#if defined(__AVX2__) && defined(__F16C__)
+struct V256 {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int kRows = 8;
+  static SWARM_INLINE I And(I a, I b) { return _mm256_and_si256(a, b); }
+  static SWARM_INLINE I Or(I a, I b) { return _mm256_or_si256(a, b); }
+  static SWARM_INLINE I Xor(I a, I b) { return _mm256_xor_si256(a, b); }
+  static SWARM_INLINE I ShiftRight(I v, int n) { return _mm256_srli_epi32(v, n); }
+  static SWARM_INLINE I ShiftLeft(I v, int n) { return _mm256_slli_epi32(v, n); }
+  static SWARM_INLINE I ShiftRightSigned(I v, int n) { return _mm256_srai_epi32(v, n); }
+  static SWARM_INLINE I Bytes(char c) { return _mm256_set1_epi8(c); }
+  static SWARM_INLINE I Words(int32_t w) { return _mm256_set1_epi32(w); }
+  static SWARM_INLINE F ToFloat(I v) { return _mm256_cvtepi32_ps(v); }
+  static SWARM_INLINE F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static SWARM_INLINE F Sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static SWARM_INLINE F Zero() { return _mm256_setzero_ps(); }
+
+  // V512::AddFifthBits on 8 rows: the same byte picks, the bit test by comparison.
+  static SWARM_INLINE I AddFifthBits(I codes, I high, int j) {
+    const I dword_base = _mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C, 0, 0x04040404, 0x08080808,
+                                           0x0C0C0C0C);
+    const I bytes = _mm256_shuffle_epi8(high, _mm256_add_epi8(dword_base, Bytes(char(j / 2))));
+    const I bits = Words(FifthBitsMask(j));
+    const I set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bits), bits);
+    return _mm256_add_epi8(codes, _mm256_and_si256(set, Bytes(16)));
+  }
+};
+
+// Half a panel, rows 8 * half .. 8 * half + 7, in the panels layout (PanelsSource):
+// each field's unit is 64 bytes of 16 rows, of which these rows are the low or high 32.
+template <class F>
+struct HalfPanelsSource {
+  using V = V256;
+  const uint8_t* panel;
+  int half;
+
+  template <int kCount>
+  SWARM_INLINE void Words(int64_t block, int field, int unit, __m256i* out) const {
+    const uint8_t* at = panel + block * (kPanelRows * F::kBlockBytes) + kPanelRows * field + 64 * unit + 32 * half;
+    for (int j = 0; j < kCount; ++j) out[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 64 * j));
+  }
+  SWARM_INLINE __m256 Half(int64_t block, int field) const {
+    const uint8_t* at = panel + block * (kPanelRows * F::kBlockBytes) + kPanelRows * field + 16 * half;
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+  }
+};
+
+// The same 8 rows in the GGUF's rows layout, read a word of each row at a time (the
+// engine stores its weights as panels; this serves weights of other shapes).  Rows
+// past the matrix repeat its last row, as PanelRows does.
+template <class F>
+struct HalfRowsSource {
+  using V = V256;
+  const uint8_t* row[8];
+
+  HalfRowsSource(const uint8_t* weights, int64_t row_bytes, int64_t first, int64_t rows) {
+    for (int n = 0; n < 8; ++n) row[n] = weights + (first + n < rows ? first + n : rows - 1) * row_bytes;
+  }
+  template <int kCount>
+  SWARM_INLINE void Words(int64_t block, int field, int unit, __m256i* out) const {
+    const int64_t at = block * F::kBlockBytes + field + 4 * unit;
+    for (int j = 0; j < kCount; ++j) {
+      alignas(32) uint32_t words[8];
+      for (int n = 0; n < 8; ++n) std::memcpy(words + n, row[n] + at + 4 * j, 4);
+      out[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(words));
+    }
+  }
+  SWARM_INLINE __m256 Half(int64_t block, int field) const {
+    alignas(16) uint16_t halves[8];
+    for (int n = 0; n < 8; ++n) std::memcpy(halves + n, row[n] + block * F::kBlockBytes + field, 2);
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(halves)));
+  }
+};
+#endif  // AVX2
 
 // The low (high) nibble of every byte.
-SWARM_INLINE __m512i Nibbles(__m512i v, int high) {
-  const __m512i mask = _mm512_set1_epi8(0x0F);
-  return _mm512_and_si512(high ? _mm512_srli_epi32(v, 4) : v, mask);
+template <class V>
+SWARM_INLINE typename V::I Nibbles(typename V::I v, int high) {
+  return V::And(high ? V::ShiftRight(v, 4) : v, V::Bytes(0x0F));
 }
 
 // Byte `index` (0..3) of every i32 lane, unsigned, as f32.
-SWARM_INLINE __m512 ByteAsFloat(__m512i v, int index) {
-  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * index), _mm512_set1_epi32(0xFF)));
-}
-
-// Fifth bits of Q5_0/Q5_1: lane n of `high` is the little-endian u32 qh of row n, whose
-// bit e belongs to element e.  Adds 16 to the elements 4j..4j+3 whose bit is set.
-SWARM_INLINE __m512i AddFifthBits(__m512i codes, __m512i high, int j) {
-  // Every byte of dword p (of each 128-bit lane) picks byte j / 2 of that dword, then
-  // tests its own bit 4 * (j % 2) + (byte index).
-  const __m512i dword_base = _mm512_set4_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0);
-  const __m512i bytes = _mm512_shuffle_epi8(high, _mm512_add_epi8(dword_base, _mm512_set1_epi8(char(j / 2))));
-  const int first = (j % 2) * 4;
-  const __m512i bits = _mm512_set1_epi32((1 << first) | (2 << first) << 8 | (4 << first) << 16 | (8 << first) << 24);
-  return _mm512_mask_add_epi8(codes, _mm512_test_epi8_mask(bytes, bits), codes, _mm512_set1_epi8(16));
+template <class V>
+SWARM_INLINE typename V::F ByteAsFloat(typename V::I v, int index) {
+  return V::ToFloat(V::And(V::ShiftRight(v, 8 * index), V::Words(0xFF)));
 }
 
 // --- The formats -------------------------------------------------------------
@@ -190,13 +296,14 @@ struct Q4_0 {
   // block_q4_0 {f16 d; u8 qs[16]}: element j < 16 is qs[j] & 15, element j + 16 is qs[j] >> 4.
   template <class Source, class Sink>
   SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
-    __m512i packed[4], codes[8];
+    using V = typename Source::V;
+    typename V::I packed[4], codes[8];
     source.template Words<4>(block, 2, 0, packed);
     for (int j = 0; j < 4; ++j) {
-      codes[j] = Nibbles(packed[j], 0);
-      codes[j + 4] = Nibbles(packed[j], 1);
+      codes[j] = Nibbles<V>(packed[j], 0);
+      codes[j + 4] = Nibbles<V>(packed[j], 1);
     }
-    sink.Group(block, codes, source.Half(block, 0), _mm512_setzero_ps());
+    sink.Group(block, codes, source.Half(block, 0), V::Zero());
   }
 };
 
@@ -206,11 +313,12 @@ struct Q4_1 {
   // block_q4_1 {f16 d, m; u8 qs[16]}: y = d * q + m, nibbles as Q4_0.
   template <class Source, class Sink>
   SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
-    __m512i packed[4], codes[8];
+    using V = typename Source::V;
+    typename V::I packed[4], codes[8];
     source.template Words<4>(block, 4, 0, packed);
     for (int j = 0; j < 4; ++j) {
-      codes[j] = Nibbles(packed[j], 0);
-      codes[j + 4] = Nibbles(packed[j], 1);
+      codes[j] = Nibbles<V>(packed[j], 0);
+      codes[j + 4] = Nibbles<V>(packed[j], 1);
     }
     sink.Group(block, codes, source.Half(block, 0), source.Half(block, 2));
   }
@@ -222,14 +330,15 @@ struct Q5_0 {
   // block_q5_0 {f16 d; u8 qh[4]; u8 qs[16]}: element e = nibble | (bit e of qh) << 4.
   template <class Source, class Sink>
   SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
-    __m512i packed[4], codes[8], high;
+    using V = typename Source::V;
+    typename V::I packed[4], codes[8], high;
     source.template Words<4>(block, 6, 0, packed);
     source.template Words<1>(block, 2, 0, &high);
     for (int j = 0; j < 4; ++j) {
-      codes[j] = AddFifthBits(Nibbles(packed[j], 0), high, j);
-      codes[j + 4] = AddFifthBits(Nibbles(packed[j], 1), high, j + 4);
+      codes[j] = V::AddFifthBits(Nibbles<V>(packed[j], 0), high, j);
+      codes[j + 4] = V::AddFifthBits(Nibbles<V>(packed[j], 1), high, j + 4);
     }
-    sink.Group(block, codes, source.Half(block, 0), _mm512_setzero_ps());
+    sink.Group(block, codes, source.Half(block, 0), V::Zero());
   }
 };
 
@@ -239,12 +348,13 @@ struct Q5_1 {
   // block_q5_1 {f16 d, m; u8 qh[4]; u8 qs[16]}: y = d * q5 + m.
   template <class Source, class Sink>
   SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
-    __m512i packed[4], codes[8], high;
+    using V = typename Source::V;
+    typename V::I packed[4], codes[8], high;
     source.template Words<4>(block, 8, 0, packed);
     source.template Words<1>(block, 4, 0, &high);
     for (int j = 0; j < 4; ++j) {
-      codes[j] = AddFifthBits(Nibbles(packed[j], 0), high, j);
-      codes[j + 4] = AddFifthBits(Nibbles(packed[j], 1), high, j + 4);
+      codes[j] = V::AddFifthBits(Nibbles<V>(packed[j], 0), high, j);
+      codes[j + 4] = V::AddFifthBits(Nibbles<V>(packed[j], 1), high, j + 4);
     }
     sink.Group(block, codes, source.Half(block, 0), source.Half(block, 2));
   }
@@ -256,39 +366,39 @@ struct Q8_0 {
   // block_q8_0 {f16 d; i8 qs[32]}: u = q + 128 (the sign bit flipped) is what vpdpbusd multiplies.
   template <class Source, class Sink>
   SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
-    __m512i codes[8];
+    using V = typename Source::V;
+    typename V::I codes[8];
     source.template Words<8>(block, 2, 0, codes);
-    const __m512i sign = _mm512_set1_epi8(char(0x80));
-    for (int j = 0; j < 8; ++j) codes[j] = _mm512_xor_si512(codes[j], sign);
-    sink.Group(block, codes, source.Half(block, 0), _mm512_setzero_ps());
+    const typename V::I sign = V::Bytes(char(0x80));
+    for (int j = 0; j < 8; ++j) codes[j] = V::Xor(codes[j], sign);
+    sink.Group(block, codes, source.Half(block, 0), V::Zero());
   }
 };
 
 // get_scale_min_k4 of Q4_K/Q5_K, for all 8 sub-blocks of 16 rows at once, from the
 // block's {f16 d, dmin} and the 3 words of its u8 scales[12].
+template <class V>
 struct KQuantScales {
-  __m512 d, negative_dmin;
-  __m512i scale_low, min_low, scale_high, min_high;  // byte s: sub-block s (low) or s + 4 (high)
+  typename V::F d, negative_dmin;
+  typename V::I scale_low, min_low, scale_high, min_high;  // byte s: sub-block s (low) or s + 4 (high)
 
   template <class Source>
   KQuantScales(const Source& source, int64_t block) {
-    __m512i words[3];
+    typename V::I words[3];
     source.template Words<3>(block, 4, 0, words);
     d = source.Half(block, 0);
-    negative_dmin = _mm512_sub_ps(_mm512_setzero_ps(), source.Half(block, 2));
-    const __m512i low6 = _mm512_set1_epi8(0x3F), low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
+    negative_dmin = V::Sub(V::Zero(), source.Half(block, 2));
+    const typename V::I low6 = V::Bytes(0x3F), low4 = V::Bytes(0x0F), top2 = V::Bytes(0x30);
     // Sub-blocks 0..3: low 6 bits of scales[0..3] and scales[4..7].
-    scale_low = _mm512_and_si512(words[0], low6);
-    min_low = _mm512_and_si512(words[1], low6);
+    scale_low = V::And(words[0], low6);
+    min_low = V::And(words[1], low6);
     // Sub-blocks 4..7: nibbles of scales[8..11], top bits from the high 2 bits of scales[0..7].
-    scale_high = _mm512_or_si512(_mm512_and_si512(words[2], low4),
-                                 _mm512_and_si512(_mm512_srli_epi32(words[0], 2), top2));
-    min_high = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(words[2], 4), low4),
-                               _mm512_and_si512(_mm512_srli_epi32(words[1], 2), top2));
+    scale_high = V::Or(V::And(words[2], low4), V::And(V::ShiftRight(words[0], 2), top2));
+    min_high = V::Or(V::And(V::ShiftRight(words[2], 4), low4), V::And(V::ShiftRight(words[1], 2), top2));
   }
-  __m512 Scale(int s) const { return _mm512_mul_ps(d, ByteAsFloat(s < 4 ? scale_low : scale_high, s % 4)); }
-  __m512 Minimum(int s) const {
-    return _mm512_mul_ps(negative_dmin, ByteAsFloat(s < 4 ? min_low : min_high, s % 4));
+  typename V::F Scale(int s) const { return V::Mul(d, ByteAsFloat<V>(s < 4 ? scale_low : scale_high, s % 4)); }
+  typename V::F Minimum(int s) const {
+    return V::Mul(negative_dmin, ByteAsFloat<V>(s < 4 ? min_low : min_high, s % 4));
   }
 };
 
@@ -299,13 +409,14 @@ struct Q4_K {
   // of qs[32c + l], y = d * scale * q - dmin * min.
   template <class Source, class Sink>
   SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
-    const KQuantScales scales(source, block);
+    using V = typename Source::V;
+    const KQuantScales<V> scales(source, block);
     for (int chunk = 0; chunk < 4; ++chunk) {
-      __m512i packed[8], codes[8];
+      typename V::I packed[8], codes[8];
       source.template Words<8>(block, 16, 8 * chunk, packed);
       for (int h = 0; h < 2; ++h) {
         const int s = 2 * chunk + h;
-        for (int j = 0; j < 8; ++j) codes[j] = Nibbles(packed[j], h);
+        for (int j = 0; j < 8; ++j) codes[j] = Nibbles<V>(packed[j], h);
         sink.Group(8 * block + s, codes, scales.Scale(s), scales.Minimum(s));
       }
     }
@@ -319,18 +430,19 @@ struct Q5_K {
   // of qh[l] as the fifth bit of element l of sub-block s.
   template <class Source, class Sink>
   SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
-    const KQuantScales scales(source, block);
-    __m512i high[8];
+    using V = typename Source::V;
+    const KQuantScales<V> scales(source, block);
+    typename V::I high[8];
     source.template Words<8>(block, 16, 0, high);
-    const __m512i one = _mm512_set1_epi8(1);
+    const typename V::I one = V::Bytes(1);
     for (int chunk = 0; chunk < 4; ++chunk) {
-      __m512i packed[8], codes[8];
+      typename V::I packed[8], codes[8];
       source.template Words<8>(block, 48, 8 * chunk, packed);
       for (int h = 0; h < 2; ++h) {
         const int s = 2 * chunk + h;
         for (int j = 0; j < 8; ++j) {
-          const __m512i bit = _mm512_and_si512(_mm512_srli_epi32(high[j], s), one);
-          codes[j] = _mm512_or_si512(Nibbles(packed[j], h), _mm512_slli_epi32(bit, 4));
+          const typename V::I bit = V::And(V::ShiftRight(high[j], s), one);
+          codes[j] = V::Or(Nibbles<V>(packed[j], h), V::ShiftLeft(bit, 4));
         }
         sink.Group(8 * block + s, codes, scales.Scale(s), scales.Minimum(s));
       }
@@ -346,27 +458,28 @@ struct Q6_K {
   // times d * scales[8h + 2p + l / 16].
   template <class Source, class Sink>
   SWARM_INLINE static void Decode(const Source& source, int64_t block, Sink& sink) {
-    const __m512 d = source.Half(block, 208);
-    __m512i scales[4];
+    using V = typename Source::V;
+    const typename V::F d = source.Half(block, 208);
+    typename V::I scales[4];
     source.template Words<4>(block, 192, 0, scales);
-    const __m512i two_bits = _mm512_set1_epi8(0x03);
+    const typename V::I two_bits = V::Bytes(0x03);
     for (int h = 0; h < 2; ++h) {
-      __m512i low[2][8], high[8];
+      typename V::I low[2][8], high[8];
       source.template Words<8>(block, 0, 16 * h, low[0]);
       source.template Words<8>(block, 0, 16 * h + 8, low[1]);
       source.template Words<8>(block, 128, 8 * h, high);
       for (int p = 0; p < 4; ++p) {
-        __m512i codes[8];
+        typename V::I codes[8];
         for (int j = 0; j < 8; ++j) {
-          const __m512i top = _mm512_and_si512(_mm512_srli_epi32(high[j], 2 * p), two_bits);
-          codes[j] = _mm512_or_si512(Nibbles(low[p % 2][j], p / 2), _mm512_slli_epi32(top, 4));
+          const typename V::I top = V::And(V::ShiftRight(high[j], 2 * p), two_bits);
+          codes[j] = V::Or(Nibbles<V>(low[p % 2][j], p / 2), V::ShiftLeft(top, 4));
         }
         for (int half = 0; half < 2; ++half) {
           const int g = 8 * h + 2 * p + half;
           // Sign-extend byte g % 4 of the lane: scales are i8.
-          const __m512i scale = _mm512_srai_epi32(_mm512_slli_epi32(scales[g / 4], 24 - 8 * (g % 4)), 24);
-          sink.Group(16 * block + g, codes + 4 * half, _mm512_mul_ps(d, _mm512_cvtepi32_ps(scale)),
-                     _mm512_setzero_ps());
+          const typename V::I scale = V::ShiftRightSigned(V::ShiftLeft(scales[g / 4], 24 - 8 * (g % 4)), 24);
+          sink.Group(16 * block + g, codes + 4 * half, V::Mul(d, V::ToFloat(scale)),
+                     V::Zero());
         }
       }
     }

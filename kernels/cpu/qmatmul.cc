@@ -22,9 +22,11 @@
 // connection): the same f32 sum as adding afterwards, without another pass.
 //
 // Built by kernels/cpu/build.py for the machine it runs on (-march=native).  On a
-// CPU without AVX-512 BW/VL/VNNI the same handler runs the portable kernel
-// (portable.h: AVX2 code where the CPU has it, plain C++ elsewhere, ARM included) on
-// the GGUF's rows layout, and the library reports swarm_qmatmul_simd() == 0.
+// CPU without AVX-512 BW/VL/VNNI but with AVX2 the same panels product runs on 256-bit
+// registers, half a panel at a time (gemm_avx2.h), with the same bits; elsewhere (ARM
+// included) the handler runs the portable kernel (portable.h, plain C++) on the GGUF's
+// rows layout.  swarm_qmatmul_simd() says whether the AVX-512 build runs,
+// swarm_qmatmul_panels() whether the matmul reads panels.
 
 #include <algorithm>
 #include <cstdint>
@@ -40,6 +42,13 @@ namespace ffi = xla::ffi;
 #define SWARM_QMATMUL_SIMD 1
 #else
 #define SWARM_QMATMUL_SIMD 0
+#endif
+// AVX2 CPUs (with FMA and F16C: every one since 2013) run the panels product on 256-bit
+// registers (gemm_avx2.h).
+#if !SWARM_QMATMUL_SIMD && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SWARM_QMATMUL_AVX2 1
+#else
+#define SWARM_QMATMUL_AVX2 0
 #endif
 
 #include "thread_pool.h"
@@ -108,10 +117,13 @@ constexpr int64_t kLayoutPanelRows = 16;
 }  // namespace
 }  // namespace swarm_cpu
 
-#if SWARM_QMATMUL_SIMD
+#if SWARM_QMATMUL_SIMD || SWARM_QMATMUL_AVX2
 
 #include "gemm.h"
 #include "panel.h"
+#if SWARM_QMATMUL_AVX2
+#include "gemm_avx2.h"
+#endif
 
 namespace swarm_cpu {
 namespace {
@@ -139,17 +151,12 @@ class Scratch {
   size_t size_ = 0;
 };
 
-// Up to one tile of activation rows multiplies each decoded group straight from the
-// registers; more rows decode kTilePanels panels into buffers once and reuse them for
-// every tile.
-constexpr int64_t kFusedMaxRows = kTileRows;
 static_assert(kTileRows == kRowsPerTile, "WithRows covers a tile");
-// The buffered path decodes this many elements of each panel's rows at a time: 16 rows
-// x 512 elements take at most 10 KiB decoded (640 bytes per 32 elements, GroupBytes),
-// 30 KiB for the three panels, inside L1 beside a tile's activations (256 measured no
-// faster).
+// The buffered paths decode this many elements of each panel's rows at a time (AVX-512:
+// 16 rows x 512 elements take at most 10 KiB decoded, 640 bytes per 32 elements,
+// GroupBytes; 30 KiB for three panels, inside L1 beside a tile's activations; 256
+// measured no faster).
 constexpr int64_t kChunkElements = 512;
-constexpr int64_t kPanelBufferBytes = kChunkElements / 32 * 640;
 
 // One panel's share of the next panel's bytes, fetched while this one decodes: the
 // hardware prefetchers do not follow 16 interleaved row streams far enough ahead, nor a
@@ -174,17 +181,13 @@ struct NextPanel {
   }
 };
 
+// Activations for the product: x's m rows quantized into tiles (gemm.h) in the
+// thread's scratch buffer, with `tile_rows` rows per tile.
 template <class F>
-ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices, int count, bool panels) {
-  constexpr int64_t kGroupsPerBlock = F::kBlock / F::kGroup;
-  constexpr int64_t kChunkBlocks = kChunkElements / F::kBlock > 0 ? kChunkElements / F::kBlock : 1;
-  const int64_t row_bytes = k / F::kBlock * F::kBlockBytes;
-  const int64_t blocks = k / F::kBlock;
-
-  Activations act;
+ffi::Error QuantizeActivations(const float* x, int64_t m, int64_t k, int64_t tile_rows, Activations& act) {
   act.rows = m;
   act.cols = k;
-  act.tile_rows = m < kTileRows ? m : kTileRows;
+  act.tile_rows = tile_rows;
   act.tiles = (m + act.tile_rows - 1) / act.tile_rows;
   const int64_t slots = act.tiles * act.tile_rows;
   const size_t code_bytes = slots * k, scale_bytes = slots * (k / 32) * 4, aux_bytes = slots * (k / F::kGroup) * 4;
@@ -199,9 +202,45 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
   // quantizes a whole tile: threads writing lanes of one line would trade it back and forth.
   auto quantize = [&](int tile) {
     const int64_t first = tile * act.tile_rows, end = std::min(m, first + act.tile_rows);
-    for (int64_t row = first; row < end; ++row) QuantizeRow(x + row * k, row, act, F::kGroup, F::kOffset, F::kAffine);
+    for (int64_t row = first; row < end; ++row) {
+#if SWARM_QMATMUL_SIMD
+      QuantizeRow(x + row * k, row, act, F::kGroup, F::kOffset, F::kAffine);
+#else
+      QuantizeRow8(x + row * k, row, act, F::kGroup, F::kOffset, F::kAffine);
+#endif
+    }
   };
   Pool().RunIf(m * k >= kParallelQuantizeElements, static_cast<int>(act.tiles), quantize);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace swarm_cpu
+
+#endif  // SWARM_QMATMUL_SIMD || SWARM_QMATMUL_AVX2
+
+#if SWARM_QMATMUL_SIMD
+
+namespace swarm_cpu {
+namespace {
+
+// Up to one tile of activation rows multiplies each decoded group straight from the
+// registers; more rows decode kTilePanels panels into buffers once and reuse them for
+// every tile.
+constexpr int64_t kFusedMaxRows = kTileRows;
+constexpr int64_t kPanelBufferBytes = kChunkElements / 32 * 640;
+
+template <class F>
+ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices, int count, bool panels) {
+  constexpr int64_t kGroupsPerBlock = F::kBlock / F::kGroup;
+  constexpr int64_t kChunkBlocks = kChunkElements / F::kBlock > 0 ? kChunkElements / F::kBlock : 1;
+  const int64_t row_bytes = k / F::kBlock * F::kBlockBytes;
+  const int64_t blocks = k / F::kBlock;
+
+  Activations act;
+  if (ffi::Error error = QuantizeActivations<F>(x, m, k, m < kTileRows ? m : kTileRows, act); error.failure()) {
+    return error;
+  }
 
   if (m <= kFusedMaxRows) {
     // The panel of rows [first, first + 16) of a weight with n rows, read through
@@ -295,6 +334,116 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
 
 namespace formats = swarm_cpu;
 
+#elif SWARM_QMATMUL_AVX2
+
+namespace swarm_cpu {
+namespace {
+
+// Up to a tile of activation rows (8) multiply each decoded group of a half panel
+// straight from the registers (measured against the buffered path at 8 rows: SmolLM2's
+// head 1.95 ms against 2.4-2.5, its layers' products 2-10 % faster); more rows decode a
+// panel's two halves into buffers (kChunkElements of them at a time) and run over them
+// kHalfTileRows at a time.
+constexpr int64_t kRegisterRows = kTileRows;
+constexpr int kHalfTileRows = 4;
+constexpr int64_t kHalfBufferBytes = kChunkElements / 32 * 320;
+
+template <class F>
+ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices, int count, bool panels) {
+  constexpr int64_t kGroupsPerBlock = F::kBlock / F::kGroup;
+  constexpr int64_t kChunkBlocks = kChunkElements / F::kBlock > 0 ? kChunkElements / F::kBlock : 1;
+  const int64_t row_bytes = k / F::kBlock * F::kBlockBytes;
+  const int64_t blocks = k / F::kBlock;
+
+  Activations act;
+  // The buffered path reads whole tiles of kTileRows rows (a compile-time stride).
+  static_assert(kRegisterRows >= kTileRows);
+  if (ffi::Error error = QuantizeActivations<F>(x, m, k, m < kTileRows ? m : kTileRows, act); error.failure()) {
+    return error;
+  }
+  // Rows [start, start + 8) of a weight with n rows (a half panel; start < n), read
+  // through the panels or the rows layout.
+  auto with_half = [&](const Matrix& matrix, int64_t first, int half, auto&& fn) {
+    if (panels) {
+      fn(HalfPanelsSource<F>{matrix.weights + first * row_bytes, half});
+    } else {
+      fn(HalfRowsSource<F>(matrix.weights, row_bytes, first + 8 * half, matrix.n));
+    }
+  };
+
+  if (m <= kRegisterRows) {
+    ForEachRun(matrices, count, kPanelRows, [&](const Matrix& matrix, int64_t first) {
+      // The next panel is asked for ahead even for one row, unlike on AVX-512: the
+      // hardware prefetchers alone left a SmolLM2 decode step's products (weights from
+      // DRAM) at 6.6-7.0 ms, against 3.0-3.6 ms with it.
+      const NextPanel next(matrix.weights, row_bytes, first + kPanelRows, matrix.n, blocks);
+      for (int half = 0; half < 2 && first + 8 * half < matrix.n; ++half) {
+        const int64_t start = first + 8 * half;
+        const __m256i mask = LaneMask(static_cast<int>(std::min<int64_t>(8, matrix.n - start)));
+        with_half(matrix, first, half, [&](const auto& source) {
+          WithRows(m, [&](auto rows_constant) {
+            constexpr int kRows = decltype(rows_constant)::value;
+            if constexpr (kRows <= kRegisterRows) {
+              RowsProduct8<F, kRows> sink(act);
+              for (int64_t block = 0; block < blocks; ++block) {
+                if (half == 0) next.Prefetch(block);
+                F::Decode(source, block, sink);
+              }
+              sink.Store(matrix.out + start, matrix.n, mask, matrix.add == nullptr ? nullptr : matrix.add + start);
+            }
+          });
+        });
+      }
+    });
+    return ffi::Error::Success();
+  }
+
+  static_assert(kChunkBlocks * kGroupsPerBlock * HalfGroupBytes<F>() <= kHalfBufferBytes);
+  alignas(64) static thread_local uint8_t buffers[2][kHalfBufferBytes];
+  ForEachRun(matrices, count, kPanelRows, [&](const Matrix& matrix, int64_t first) {
+    const int64_t n = matrix.n;
+    const int halves = n - first > 8 ? 2 : 1;
+    const NextPanel next(matrix.weights, row_bytes, first + kPanelRows, n, blocks);
+    __m256i masks[2];
+    for (int half = 0; half < halves; ++half) {
+      masks[half] = LaneMask(static_cast<int>(std::min<int64_t>(8, n - first - 8 * half)));
+    }
+    for (int64_t chunk = 0; chunk < blocks; chunk += kChunkBlocks) {
+      const int64_t end = std::min(blocks, chunk + kChunkBlocks);
+      for (int half = 0; half < halves; ++half) {
+        const HalfPanelStore<F> sink{buffers[half], chunk * kGroupsPerBlock};
+        with_half(matrix, first, half, [&](const auto& source) {
+          for (int64_t block = chunk; block < end; ++block) {
+            if (half == 0) next.Prefetch(block);
+            F::Decode(source, block, sink);
+          }
+        });
+      }
+      for (int64_t row = 0; row < m; row += kHalfTileRows) {
+        const int64_t tile = row / kTileRows, lane = row % kTileRows;
+        WithRows(std::min<int64_t>(kHalfTileRows, m - row), [&](auto rows_constant) {
+          constexpr int kRows = decltype(rows_constant)::value;
+          if constexpr (kRows <= kHalfTileRows) {
+            for (int half = 0; half < halves; ++half) {
+              const int64_t at = row * n + first + 8 * half;
+              const float* add = matrix.add != nullptr && end == blocks ? matrix.add + at : nullptr;
+              HalfTileProduct<F, kRows>(buffers[half], chunk * kGroupsPerBlock, end * kGroupsPerBlock,
+                                        act.TileCodes(tile) + lane, act.TileScale(tile) + lane,
+                                        act.TileAux(tile, F::kGroup) + lane, matrix.out + at, n, masks[half], add);
+            }
+          }
+        });
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace swarm_cpu
+
+namespace formats = swarm_cpu;
+
 #else  // no AVX-512 VNNI: the portable kernel (portable.h)
 
 #include "portable.h"
@@ -304,17 +453,14 @@ namespace {
 
 // Weight rows a task decodes and multiplies, one after another.
 constexpr int64_t kRowsPerRun = 16;
-static_assert(kRowsPerRun % 2 == 0, "runs start at even rows, where weight-row pairs start");
-// How far ahead of the row it multiplies a task asks for the weight bytes: the hardware
-// prefetchers alone leave a one-row product waiting on memory.
-constexpr int64_t kPrefetchBytes = 4096;
 // Quantizing activations is spread over the pool only when there are this many.
 constexpr int64_t kParallelQuantizeElements = 1 << 16;
 
 template <class F>
 ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices, int count, bool panels) {
   if (panels) {
-    return ffi::Error::InvalidArgument("qmatmul: the panels layout needs the AVX-512 kernel; pass the GGUF's rows");
+    return ffi::Error::InvalidArgument(
+        "qmatmul: the panels layout needs the AVX-512 or AVX2 kernel; pass the GGUF's rows");
   }
   static thread_local std::vector<int8_t> codes;
   static thread_local std::vector<float> scales, weighted;
@@ -331,27 +477,6 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
   const int64_t row_bytes = k / F::kBlock * F::kBlockBytes;
   ForEachRun(matrices, count, kRowsPerRun, [&](const Matrix& matrix, int64_t first) {
     const int64_t n = matrix.n, end = std::min(n, first + kRowsPerRun);
-#if SWARM_PORTABLE_AVX2
-    // Weight rows in pairs (first is even, so a row always has the same partner) times up
-    // to kRowsPerTile activation rows per pass, the codes in registers (8 rows measured
-    // 10-25 % faster than 4 on prompt chunks, the pair's decoding shared by more rows).
-    for (int64_t r = first; r < end; r += 2) {
-      const bool pair = r + 1 < end;
-      // These rows' share of the bytes kPrefetchBytes ahead (up to the matrix's end).
-      const int64_t from = r * row_bytes + kPrefetchBytes, to = std::min(n * row_bytes, from + 2 * row_bytes);
-      for (int64_t at = from; at < to; at += 64) __builtin_prefetch(matrix.weights + at);
-      const uint8_t* row_a = matrix.weights + r * row_bytes;
-      for (int64_t tile = 0; tile < m; tile += kRowsPerTile) {
-        const int64_t at = tile * n + r;
-        const float* add = matrix.add == nullptr ? nullptr : matrix.add + at;
-        WithRows(std::min<int64_t>(kRowsPerTile, m - tile), [&](auto rows) {
-          portable::RowPairProduct<F, decltype(rows)::value>(
-              row_a, pair ? row_a + row_bytes : row_a, act, tile, matrix.out + at, pair ? matrix.out + at + 1 : nullptr,
-              n, add, pair && add != nullptr ? add + 1 : nullptr);
-        });
-      }
-    }
-#else
     static thread_local portable::DecodedRow decoded;
     for (int64_t r = first; r < end; ++r) {
       portable::DecodeRow<F>(matrix.weights + r * row_bytes, k, decoded);
@@ -360,7 +485,6 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
         matrix.out[c * n + r] = matrix.add == nullptr ? sum : sum + matrix.add[c * n + r];
       }
     }
-#endif
   });
   return ffi::Error::Success();
 }
@@ -370,7 +494,7 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
 
 namespace formats = swarm_cpu::portable;
 
-#endif  // SWARM_QMATMUL_SIMD
+#endif  // SWARM_QMATMUL_SIMD, SWARM_QMATMUL_AVX2
 
 namespace swarm_cpu {
 namespace {
@@ -463,6 +587,10 @@ extern "C" int swarm_qmatmul_threads() { return swarm_cpu::Pool().threads(); }
 // 1: the AVX-512 VNNI kernel (and the attention, norm and SwiGLU kernels beside it);
 // 0: the portable kernel, on which only the matmul runs.
 extern "C" int swarm_qmatmul_simd() { return SWARM_QMATMUL_SIMD; }
+
+// 1: the matmul reads the panels layout (the AVX-512 VNNI or the AVX2 kernel); 0: the
+// portable kernel, which reads the GGUF's rows.
+extern "C" int swarm_qmatmul_panels() { return SWARM_QMATMUL_SIMD || SWARM_QMATMUL_AVX2; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SwarmQMatmul, QMatmulImpl,
                               ffi::Ffi::Bind()
