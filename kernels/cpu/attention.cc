@@ -495,10 +495,63 @@ void Softmax8(float* scores, int64_t count, float softcap) {
   for (int64_t j = 0; j < count; ++j) scores[j] *= inverse;
 }
 
-// scores[g * count + i] = scale * q_g . key(i) for kHeads query heads from `q`.
+// The sums of four vectors' 8 lanes, in lanes 0..3.
+inline __m128 Sum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+}
+
+// scores[g * count + i] = scale * q_g . key(i) for kHeads query heads from `q`.  Up to
+// three heads score four keys per pass (four heads two), the heads' query features held
+// in registers and the keys' sums reduced together; the last keys go one at a time.  Which way a key goes depends on its index and count only, so
+// a query's scores are the same in every call.
 template <typename T, int kHeads>
 void Scores8(const float* q, const T* key, int64_t stride, int64_t count, int64_t dim, float scale, float* scores) {
-  for (int64_t i = 0; i < count; ++i, key += stride) {
+  int64_t i = 0;
+  if constexpr (kHeads <= 3) {
+    const __m128 scale4 = _mm_set1_ps(scale);
+    for (; i + 4 <= count; i += 4, key += 4 * stride) {
+      __m256 acc[4][kHeads];
+      for (int j = 0; j < 4; ++j) {
+        for (int g = 0; g < kHeads; ++g) acc[j][g] = _mm256_setzero_ps();
+      }
+      for (int64_t d = 0; d < dim; d += 8) {
+        __m256 queries[kHeads];
+        for (int g = 0; g < kHeads; ++g) queries[g] = _mm256_loadu_ps(q + g * dim + d);
+        for (int j = 0; j < 4; ++j) {
+          const __m256 k = Load8(key + j * stride + d);
+          for (int g = 0; g < kHeads; ++g) acc[j][g] = _mm256_fmadd_ps(queries[g], k, acc[j][g]);
+        }
+      }
+      for (int g = 0; g < kHeads; ++g) {
+        _mm_storeu_ps(scores + g * count + i, _mm_mul_ps(Sum4x8(acc[0][g], acc[1][g], acc[2][g], acc[3][g]), scale4));
+      }
+    }
+  }
+  if constexpr (kHeads == 4) {
+    for (; i + 2 <= count; i += 2, key += 2 * stride) {
+      __m256 acc[2][kHeads];
+      for (int j = 0; j < 2; ++j) {
+        for (int g = 0; g < kHeads; ++g) acc[j][g] = _mm256_setzero_ps();
+      }
+      for (int64_t d = 0; d < dim; d += 8) {
+        __m256 queries[kHeads];
+        for (int g = 0; g < kHeads; ++g) queries[g] = _mm256_loadu_ps(q + g * dim + d);
+        for (int j = 0; j < 2; ++j) {
+          const __m256 k = Load8(key + j * stride + d);
+          for (int g = 0; g < kHeads; ++g) acc[j][g] = _mm256_fmadd_ps(queries[g], k, acc[j][g]);
+        }
+      }
+      for (int g = 0; g < kHeads; ++g) {
+        const __m256 pairs = _mm256_hadd_ps(acc[0][g], acc[1][g]);
+        __m128 sums = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+        sums = _mm_hadd_ps(sums, sums);
+        scores[g * count + i] = _mm_cvtss_f32(sums) * scale;
+        scores[g * count + i + 1] = _mm_cvtss_f32(_mm_movehdup_ps(sums)) * scale;
+      }
+    }
+  }
+  for (; i < count; ++i, key += stride) {
     __m256 acc[kHeads];
     for (int g = 0; g < kHeads; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t d = 0; d < dim; d += 8) {
@@ -509,26 +562,38 @@ void Scores8(const float* q, const T* key, int64_t stride, int64_t count, int64_
   }
 }
 
-// out[g] = sum_i weights[g * count + i] * value(i) for kHeads heads, 16 features at a time.
-template <typename T, int kHeads>
-void Values8(const float* weights, const T* value, int64_t stride, int64_t count, int64_t dim, float* out) {
-  for (int64_t d = 0; d < dim; d += 16) {
-    __m256 acc[kHeads][2];
-    for (int g = 0; g < kHeads; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
-    const T* row = value + d;
-    for (int64_t i = 0; i < count; ++i, row += stride) {
-      const __m256 low = Load8(row), high = Load8(row + 8);
-      for (int g = 0; g < kHeads; ++g) {
-        const __m256 w = _mm256_broadcast_ss(weights + g * count + i);
-        acc[g][0] = _mm256_fmadd_ps(w, low, acc[g][0]);
-        acc[g][1] = _mm256_fmadd_ps(w, high, acc[g][1]);
-      }
-    }
+// out[g] = sum_i weights[g * count + i] * value(i) for kHeads heads, 8 * kVectors
+// features per pass over the values.
+template <typename T, int kHeads, int kVectors>
+void ValuesPass8(const float* weights, const T* value, int64_t stride, int64_t count, int64_t dim, int64_t d,
+                 float* out) {
+  __m256 acc[kHeads][kVectors];
+  for (int g = 0; g < kHeads; ++g) {
+    for (int v = 0; v < kVectors; ++v) acc[g][v] = _mm256_setzero_ps();
+  }
+  const T* row = value + d;
+  for (int64_t i = 0; i < count; ++i, row += stride) {
+    __m256 lanes[kVectors];
+    for (int v = 0; v < kVectors; ++v) lanes[v] = Load8(row + 8 * v);
     for (int g = 0; g < kHeads; ++g) {
-      _mm256_storeu_ps(out + g * dim + d, acc[g][0]);
-      _mm256_storeu_ps(out + g * dim + d + 8, acc[g][1]);
+      const __m256 w = _mm256_broadcast_ss(weights + g * count + i);
+      for (int v = 0; v < kVectors; ++v) acc[g][v] = _mm256_fmadd_ps(w, lanes[v], acc[g][v]);
     }
   }
+  for (int g = 0; g < kHeads; ++g) {
+    for (int v = 0; v < kVectors; ++v) _mm256_storeu_ps(out + g * dim + d + 8 * v, acc[g][v]);
+  }
+}
+
+// All of out[g]'s features: 32 per pass for up to three heads (their accumulators and a
+// value's four vectors fill the 16 registers), else 16.
+template <typename T, int kHeads>
+void Values8(const float* weights, const T* value, int64_t stride, int64_t count, int64_t dim, float* out) {
+  int64_t d = 0;
+  if constexpr (kHeads <= 3) {
+    for (; d + 32 <= dim; d += 32) ValuesPass8<T, kHeads, 4>(weights, value, stride, count, dim, d, out);
+  }
+  for (; d < dim; d += 16) ValuesPass8<T, kHeads, 2>(weights, value, stride, count, dim, d, out);
 }
 
 template <typename T, int kHeads>
