@@ -501,10 +501,27 @@ inline __m128 Sum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
 }
 
+// acc[j][g]: the 8 lane partials of q_g . key j for kKeys keys `stride` apart and
+// kHeads query heads, the heads' query features held in registers per 8 features.
+template <typename T, int kHeads, int kKeys>
+inline void KeyDots8(const float* q, const T* key, int64_t stride, int64_t dim, __m256 acc[kKeys][kHeads]) {
+  for (int j = 0; j < kKeys; ++j) {
+    for (int g = 0; g < kHeads; ++g) acc[j][g] = _mm256_setzero_ps();
+  }
+  for (int64_t d = 0; d < dim; d += 8) {
+    __m256 queries[kHeads];
+    for (int g = 0; g < kHeads; ++g) queries[g] = _mm256_loadu_ps(q + g * dim + d);
+    for (int j = 0; j < kKeys; ++j) {
+      const __m256 k = Load8(key + j * stride + d);
+      for (int g = 0; g < kHeads; ++g) acc[j][g] = _mm256_fmadd_ps(queries[g], k, acc[j][g]);
+    }
+  }
+}
+
 // scores[g * count + i] = scale * q_g . key(i) for kHeads query heads from `q`.  Up to
-// three heads score four keys per pass (four heads two), the heads' query features held
-// in registers and the keys' sums reduced together; the last keys go one at a time.  Which way a key goes depends on its index and count only, so
-// a query's scores are the same in every call.
+// three heads score four keys per pass (four heads two), and the keys' sums are reduced
+// together; the last keys go one at a time.  Which way a key goes depends on its index
+// and count only, so a query's scores are the same in every call.
 template <typename T, int kHeads>
 void Scores8(const float* q, const T* key, int64_t stride, int64_t count, int64_t dim, float scale, float* scores) {
   int64_t i = 0;
@@ -512,17 +529,7 @@ void Scores8(const float* q, const T* key, int64_t stride, int64_t count, int64_
     const __m128 scale4 = _mm_set1_ps(scale);
     for (; i + 4 <= count; i += 4, key += 4 * stride) {
       __m256 acc[4][kHeads];
-      for (int j = 0; j < 4; ++j) {
-        for (int g = 0; g < kHeads; ++g) acc[j][g] = _mm256_setzero_ps();
-      }
-      for (int64_t d = 0; d < dim; d += 8) {
-        __m256 queries[kHeads];
-        for (int g = 0; g < kHeads; ++g) queries[g] = _mm256_loadu_ps(q + g * dim + d);
-        for (int j = 0; j < 4; ++j) {
-          const __m256 k = Load8(key + j * stride + d);
-          for (int g = 0; g < kHeads; ++g) acc[j][g] = _mm256_fmadd_ps(queries[g], k, acc[j][g]);
-        }
-      }
+      KeyDots8<T, kHeads, 4>(q, key, stride, dim, acc);
       for (int g = 0; g < kHeads; ++g) {
         _mm_storeu_ps(scores + g * count + i, _mm_mul_ps(Sum4x8(acc[0][g], acc[1][g], acc[2][g], acc[3][g]), scale4));
       }
@@ -531,17 +538,7 @@ void Scores8(const float* q, const T* key, int64_t stride, int64_t count, int64_
   if constexpr (kHeads == 4) {
     for (; i + 2 <= count; i += 2, key += 2 * stride) {
       __m256 acc[2][kHeads];
-      for (int j = 0; j < 2; ++j) {
-        for (int g = 0; g < kHeads; ++g) acc[j][g] = _mm256_setzero_ps();
-      }
-      for (int64_t d = 0; d < dim; d += 8) {
-        __m256 queries[kHeads];
-        for (int g = 0; g < kHeads; ++g) queries[g] = _mm256_loadu_ps(q + g * dim + d);
-        for (int j = 0; j < 2; ++j) {
-          const __m256 k = Load8(key + j * stride + d);
-          for (int g = 0; g < kHeads; ++g) acc[j][g] = _mm256_fmadd_ps(queries[g], k, acc[j][g]);
-        }
-      }
+      KeyDots8<T, kHeads, 2>(q, key, stride, dim, acc);
       for (int g = 0; g < kHeads; ++g) {
         const __m256 pairs = _mm256_hadd_ps(acc[0][g], acc[1][g]);
         __m128 sums = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
@@ -552,13 +549,9 @@ void Scores8(const float* q, const T* key, int64_t stride, int64_t count, int64_
     }
   }
   for (; i < count; ++i, key += stride) {
-    __m256 acc[kHeads];
-    for (int g = 0; g < kHeads; ++g) acc[g] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < dim; d += 8) {
-      const __m256 k = Load8(key + d);
-      for (int g = 0; g < kHeads; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * dim + d), k, acc[g]);
-    }
-    for (int g = 0; g < kHeads; ++g) scores[g * count + i] = Sum8(acc[g]) * scale;
+    __m256 acc[1][kHeads];
+    KeyDots8<T, kHeads, 1>(q, key, stride, dim, acc);
+    for (int g = 0; g < kHeads; ++g) scores[g * count + i] = Sum8(acc[0][g]) * scale;
   }
 }
 

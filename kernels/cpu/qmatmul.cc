@@ -181,13 +181,20 @@ struct NextPanel {
   }
 };
 
-// Activations for the product: x's m rows quantized into tiles (gemm.h) in the
-// thread's scratch buffer, with `tile_rows` rows per tile.
+// Blocks of format F a buffered path decodes at a time (kChunkElements elements, at
+// least one block).
 template <class F>
-ffi::Error QuantizeActivations(const float* x, int64_t m, int64_t k, int64_t tile_rows, Activations& act) {
+constexpr int64_t ChunkBlocks() {
+  return kChunkElements / F::kBlock > 0 ? kChunkElements / F::kBlock : 1;
+}
+
+// Activations for the product: x's m rows quantized into tiles (gemm.h) of
+// min(m, kTileRows) rows in the thread's scratch buffer.
+template <class F>
+ffi::Error QuantizeActivations(const float* x, int64_t m, int64_t k, Activations& act) {
   act.rows = m;
   act.cols = k;
-  act.tile_rows = tile_rows;
+  act.tile_rows = m < kTileRows ? m : kTileRows;
   act.tiles = (m + act.tile_rows - 1) / act.tile_rows;
   const int64_t slots = act.tiles * act.tile_rows;
   const size_t code_bytes = slots * k, scale_bytes = slots * (k / 32) * 4, aux_bytes = slots * (k / F::kGroup) * 4;
@@ -233,12 +240,12 @@ constexpr int64_t kPanelBufferBytes = kChunkElements / 32 * 640;
 template <class F>
 ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices, int count, bool panels) {
   constexpr int64_t kGroupsPerBlock = F::kBlock / F::kGroup;
-  constexpr int64_t kChunkBlocks = kChunkElements / F::kBlock > 0 ? kChunkElements / F::kBlock : 1;
+  constexpr int64_t kChunkBlocks = ChunkBlocks<F>();
   const int64_t row_bytes = k / F::kBlock * F::kBlockBytes;
   const int64_t blocks = k / F::kBlock;
 
   Activations act;
-  if (ffi::Error error = QuantizeActivations<F>(x, m, k, m < kTileRows ? m : kTileRows, act); error.failure()) {
+  if (ffi::Error error = QuantizeActivations<F>(x, m, k, act); error.failure()) {
     return error;
   }
 
@@ -351,14 +358,14 @@ constexpr int64_t kHalfBufferBytes = kChunkElements / 32 * 320;
 template <class F>
 ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices, int count, bool panels) {
   constexpr int64_t kGroupsPerBlock = F::kBlock / F::kGroup;
-  constexpr int64_t kChunkBlocks = kChunkElements / F::kBlock > 0 ? kChunkElements / F::kBlock : 1;
+  constexpr int64_t kChunkBlocks = ChunkBlocks<F>();
   const int64_t row_bytes = k / F::kBlock * F::kBlockBytes;
   const int64_t blocks = k / F::kBlock;
 
   Activations act;
   // The buffered path reads whole tiles of kTileRows rows (a compile-time stride).
   static_assert(kRegisterRows >= kTileRows);
-  if (ffi::Error error = QuantizeActivations<F>(x, m, k, m < kTileRows ? m : kTileRows, act); error.failure()) {
+  if (ffi::Error error = QuantizeActivations<F>(x, m, k, act); error.failure()) {
     return error;
   }
   // Rows [start, start + 8) of a weight with n rows (a half panel; start < n), read
