@@ -39,6 +39,24 @@ struct Activations {
   int32_t* TileAux(int64_t tile, int group) const { return aux + tile * (cols / group) * tile_rows; }
 };
 
+// Stores block `block`'s scale d and what its weight groups take from the code sums
+// (Activations::aux) at the rows' lane pointers `scale` and `aux` (rows `stride` apart):
+// -offset * sum per group (groups of 16: `low` and `high`, the sums of the block's two
+// halves; else `sum`, the whole block's), or d * sum for the affine formats.
+SWARM_INLINE void StoreBlockSums(float* scale, int32_t* aux, int64_t stride, int64_t block, float d, int32_t low,
+                                 int32_t high, int32_t sum, int group, int offset, bool affine) {
+  scale[block * stride] = d;
+  if (group == 16) {
+    aux[2 * block * stride] = -offset * low;
+    aux[(2 * block + 1) * stride] = -offset * high;
+  } else if (affine) {
+    const float weighted = d * static_cast<float>(sum);
+    std::memcpy(aux + block * stride, &weighted, sizeof(float));
+  } else {
+    aux[block * stride] = -offset * sum;
+  }
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 
 // v[i] (i < 16) reduced to one vector whose lane i is op over v[i]'s lanes: 30 shuffles,
@@ -129,18 +147,9 @@ inline void QuantizeRow(const float* x, int64_t row, const Activations& act, int
       for (int b = 0; b < 16; ++b) low_sums[b] = add(low_sums[b], high_sums[b]);
       _mm512_store_ps(reinterpret_cast<float*>(low), ReduceSixteen(low_sums, add));
     }
+    // low: the halves' sums for groups of 16, else the whole block's.
     for (int b = 0; b < count; ++b) {
-      const int64_t block = first + b;
-      scale[block * stride] = scales[b];
-      if (group == 16) {
-        aux[2 * block * stride] = -offset * low[b];
-        aux[(2 * block + 1) * stride] = -offset * high[b];
-      } else if (affine) {
-        const float weighted = scales[b] * static_cast<float>(low[b]);
-        std::memcpy(aux + block * stride, &weighted, sizeof(float));
-      } else {
-        aux[block * stride] = -offset * low[b];
-      }
+      StoreBlockSums(scale, aux, stride, first + b, scales[b], low[b], high[b], low[b], group, offset, affine);
     }
   }
 }

@@ -76,16 +76,7 @@ inline void QuantizeRow8(const float* x, int64_t row, const Activations& act, in
     const __m128i halves = _mm_add_epi32(_mm256_castsi256_si128(quads), _mm256_extracti128_si256(quads, 1));
     const int32_t low_sum = _mm_cvtsi128_si32(halves), high_sum = _mm_extract_epi32(halves, 1);
     const int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(halves, _mm_srli_si128(halves, 4)));
-    scale[block * stride] = d;
-    if (group == 16) {
-      aux[2 * block * stride] = -offset * low_sum;
-      aux[(2 * block + 1) * stride] = -offset * high_sum;
-    } else if (affine) {
-      const float weighted = d * static_cast<float>(sum);
-      std::memcpy(aux + block * stride, &weighted, sizeof(float));
-    } else {
-      aux[block * stride] = -offset * sum;
-    }
+    StoreBlockSums(scale, aux, stride, block, d, low_sum, high_sum, sum, group, offset, affine);
   }
 }
 

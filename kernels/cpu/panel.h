@@ -68,7 +68,6 @@ constexpr int32_t FifthBitsMask(int j) {
 struct V512 {
   using I = __m512i;
   using F = __m512;
-  static constexpr int kRows = 16;
   static SWARM_INLINE I And(I a, I b) { return _mm512_and_si512(a, b); }
   static SWARM_INLINE I Or(I a, I b) { return _mm512_or_si512(a, b); }
   static SWARM_INLINE I Xor(I a, I b) { return _mm512_xor_si512(a, b); }
@@ -198,7 +197,6 @@ __m512 RowsSource<F>::Half(int64_t block, int field) const {
 struct V256 {
   using I = __m256i;
   using F = __m256;
-  static constexpr int kRows = 8;
   static SWARM_INLINE I And(I a, I b) { return _mm256_and_si256(a, b); }
   static SWARM_INLINE I Or(I a, I b) { return _mm256_or_si256(a, b); }
   static SWARM_INLINE I Xor(I a, I b) { return _mm256_xor_si256(a, b); }
