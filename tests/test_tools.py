@@ -39,6 +39,11 @@ def test_bench_batch_reports_throughput_and_where_its_time_goes(smollm2_path, da
     assert report["aggregate_over_single"] == pytest.approx(
         report["aggregate_tok_s"] / report["single_tok_s"]
     )
+    # Each stream's span lies inside the first-to-last window: their rates add up to more.
+    assert report["streams_summed_tok_s"] >= report["aggregate_tok_s"]
+    assert report["streams_summed_over_single"] == pytest.approx(
+        report["streams_summed_tok_s"] / report["single_tok_s"]
+    )
     assert len(report["first_token_ms"]) == 3
     assert report["batch"]["widest"] == 3  # the three streams shared steps
     spent = report["time_spent"]["concurrent"]
@@ -53,6 +58,7 @@ def test_bench_batch_reports_throughput_and_where_its_time_goes(smollm2_path, da
     ("args", "complaint"),
     [
         (["--runs", "0"], "--runs must be at least 1"),
+        (["--gen-tokens", "1"], "--gen-tokens must be at least 2"),
         (["--long-prompt", "-1"], "--long-prompt must be 0 or more"),
     ],
 )

@@ -8,8 +8,9 @@ and its shared batch, and how long a long prompt holds up the others' tokens.
 Single: one request alone (tok/s of its decode). Concurrent: N requests submitted at once,
 each with its own prompt; aggregate tok/s is every generated token over the wall time
 from the first token to the last (and, as all_decoding, over the span where every
-stream decodes: the ramp of N prefills left out); also each request's time to first
-token, and the longest wait between two tokens of a stream while the others' prompts go
+stream decodes: the ramp of N prefills left out; and, as streams_summed, the sum of each
+stream's own decode rate, its tokens over the span from its first token to its last, the
+way per-stream rates are often added up); also each request's time to first token, and the longest wait between two tokens of a stream while the others' prompts go
 in (burst_longest_gap_ms). Streams decode greedily, or with `--sampling default` through
 the node's default sampling chain (whose host-side cost then counts). The
 *_from_submission figures count from the submission instead, prefills included, on both
@@ -199,9 +200,11 @@ def main() -> int:
     parser.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy")
     parser.add_argument("--baseline", choices=["llama-cpp"])
     args = parser.parse_args()
-    for name in ("streams", "gen_tokens", "prompt_tokens", "runs"):
+    for name in ("streams", "prompt_tokens", "runs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.gen_tokens < 2:
+        parser.error("--gen-tokens must be at least 2 (a decode rate spans two tokens or more)")
     if args.long_prompt < 0 or args.chunk < 1:
         parser.error("--long-prompt must be 0 or more and --chunk at least 1")
     sampling = SAMPLING[args.sampling]
@@ -251,7 +254,7 @@ def main() -> int:
         run_together(scheduler, generator, [prompt(args.streams)], params(args.gen_tokens), args.chunk)
         batch.stop_preparing()  # no compile in the background while timing
         singles, aggregates, steadies, first_tokens, burst_gaps = [], [], [], [], []
-        singles_whole, aggregates_whole = [], []
+        singles_whole, aggregates_whole, summed = [], [], []
         spent_single, spent_together = [], []
         for run in range(args.runs):  # alternated, so a noisy spell of the machine hits both alike
             engine.calls.clear()
@@ -269,6 +272,7 @@ def main() -> int:
             spent_together.append(time_spent(engine.calls, args.streams, start, end))
             aggregates.append(sum(len(t) - 1 for t in times) / (end - start))
             aggregates_whole.append(sum(len(t) for t in times) / (end - began))
+            summed.append(sum((len(t) - 1) / (t[-1] - t[0]) for t in times))
             # While every stream decodes: from the last first token to the first last token.
             low, high = max(t[0] for t in times), min(t[-1] for t in times)
             inside = sum(sum(1 for x in t if low < x <= high) for t in times)
@@ -291,6 +295,8 @@ def main() -> int:
         report["from_submission_each_run"] = [
             round(a / s, 3) for a, s in zip(aggregates_whole, singles_whole, strict=True)
         ]
+        report["streams_summed_tok_s"] = statistics.median(summed)
+        report["streams_summed_over_single"] = report["streams_summed_tok_s"] / report["single_tok_s"]
         report["all_decoding_tok_s"] = statistics.median(steadies)
         report["all_decoding_over_single"] = report["all_decoding_tok_s"] / report["single_tok_s"]
         middle = first_tokens[len(first_tokens) // 2]
