@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from swarm.errors import InvalidRequestError
+from swarm.prefix_cache import Rows
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class BatchEngine(Protocol):
 
     def prepare_prefill(self, steps: int, cache: Any) -> bool: ...
 
-    def with_rows(self, cache: Any, keys: np.ndarray, values: np.ndarray, slot: int = 0) -> Any: ...
+    def with_rows(self, cache: Any, keys: Rows, values: Rows, slot: int = 0) -> Any: ...
 
     def cache_rows(self, cache: Any, start: int, stop: int, slot: int = 0) -> Any: ...
 
@@ -179,8 +180,9 @@ class SlotBatch:
             out, self._cache = self.engine.forward(inputs, start, self._cache, slot=slot, **options)
         return out
 
-    def load_rows(self, slot: int, keys: np.ndarray, values: np.ndarray) -> None:
-        """Puts cached keys and values at positions [0, n) of `slot` (a prefix-cache hit)."""
+    def load_rows(self, slot: int, keys: Rows, values: Rows) -> None:
+        """Puts cached keys and values at positions [0, n) of `slot` (a prefix-cache hit):
+        f[layers, n, ...] each, or sequences of such pieces (consecutive positions)."""
         with self._device:
             self._cache = self.engine.with_rows(self._cache, keys, values, slot)
 

@@ -29,6 +29,7 @@ from swarm.errors import ContextOverflowError, InvalidRequestError
 from swarm.gguf_file import GGUFFile
 from swarm.model import KVCache, RangeWeights
 from swarm.model_config import ModelConfig
+from swarm.prefix_cache import Rows
 from swarm.weights import load_range_weights
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -193,6 +194,25 @@ def enable_compilation_cache(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _parts(rows: Rows) -> list[np.ndarray]:
+    parts = [np.asarray(rows)] if isinstance(rows, np.ndarray) else [np.asarray(part) for part in rows]
+    if not parts:
+        raise InvalidRequestError("no cache rows to load")
+    return parts
+
+
+def _joined(parts: list[np.ndarray], padded: int) -> np.ndarray:
+    """`parts` one after another along positions (axis 1), zero-padded to `padded`."""
+    first = parts[0]
+    out = np.empty((first.shape[0], padded, *first.shape[2:]), first.dtype)
+    at = 0
+    for part in parts:
+        out[:, at : at + part.shape[1]] = part
+        at += part.shape[1]
+    out[:, at:] = 0
+    return out
 
 
 @partial(jax.jit, donate_argnums=0)
@@ -575,24 +595,29 @@ class Engine:
         """Host copies of the keys and values of positions [start, stop) of cache row `slot`."""
         return np.asarray(cache.keys[:, slot, start:stop]), np.asarray(cache.values[:, slot, start:stop])
 
-    def with_rows(self, cache: KVCache, keys: np.ndarray, values: np.ndarray, slot: int = 0) -> KVCache:
-        """`cache` with positions [0, len) of row `slot` set to `keys`/`values` (a cached prefix).
+    def with_rows(self, cache: KVCache, keys: Rows, values: Rows, slot: int = 0) -> KVCache:
+        """`cache` with positions [0, len) of row `slot` set to `keys`/`values` (a cached prefix):
+        f[layers, len, ...] arrays, or sequences of them for consecutive positions (a prefix
+        cache's blocks, joined here in the one copy that pads them).
 
         The cache is consumed (donated, updated in place). The rows pad with zeros to
         a power of two (fewer compiled shapes); the padding lands on positions the
         prompt's suffix overwrites before anything reads them.
         """
-        count = keys.shape[1]
+        keys_parts, values_parts = _parts(keys), _parts(values)
+        count = sum(part.shape[1] for part in keys_parts)
         if count > cache.capacity:
             raise ContextOverflowError(f"{count} cached positions exceed the cache of {cache.capacity}")
         padded = 64
         while padded < count:
             padded *= 2
         padded = min(padded, cache.capacity)
-        pad = ((0, 0), (0, padded - count), (0, 0), (0, 0))
-        keys = np.pad(np.asarray(keys), pad)[:, None]
-        values = np.pad(np.asarray(values), pad)[:, None]
-        return _set_rows(cache, keys, values, jnp.int32(slot))
+        return _set_rows(
+            cache,
+            _joined(keys_parts, padded)[:, None],
+            _joined(values_parts, padded)[:, None],
+            jnp.int32(slot),
+        )
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """A sentence embedding f32[d]: the mean of the final-normed hidden states, unit length.

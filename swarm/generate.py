@@ -19,7 +19,7 @@ from swarm.batching import SlotBatch, Ticket
 from swarm.engine import Engine
 from swarm.errors import ContextOverflowError, InvalidRequestError
 from swarm.model import KVCache
-from swarm.prefix_cache import BLOCK_TOKENS, Block, PrefixCache, segments
+from swarm.prefix_cache import BLOCK_TOKENS, Block, PrefixCache, Rows, segments
 from swarm.sampling import Sampler, SamplingParams, largest, token_logprobs
 from swarm.tokenizer import Tokenizer
 
@@ -160,7 +160,7 @@ class _OwnCache:
         out, self.cache = self.engine.forward(ids, start, self.cache)
         return out
 
-    def load_rows(self, keys: np.ndarray, values: np.ndarray) -> None:
+    def load_rows(self, keys: Rows, values: Rows) -> None:
         self.cache = self.engine.with_rows(self.cache, keys, values)
 
     def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +183,7 @@ class _BatchSeat:
     def prefill(self, ids: np.ndarray, start: int) -> np.ndarray:
         return self.batch.prefill(self.slot, ids, start)
 
-    def load_rows(self, keys: np.ndarray, values: np.ndarray) -> None:
+    def load_rows(self, keys: Rows, values: Rows) -> None:
         self.batch.load_rows(self.slot, keys, values)
 
     def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,10 +290,9 @@ class Generator:
             if self.prefix_fetcher is not None:
                 blocks += yield from self._fetch(prompt_ids, len(blocks), chunk is not None)
             if blocks:
-                keys = np.concatenate([block.keys for block in blocks], axis=1)
-                values = np.concatenate([block.values for block in blocks], axis=1)
-                seat.load_rows(keys, values)
-                position = keys.shape[1]
+                # The blocks go as they are: the engine joins them in the copy that pads them.
+                seat.load_rows([block.keys for block in blocks], [block.values for block in blocks])
+                position = sum(block.keys.shape[1] for block in blocks)
         step = chunk or len(prompt_ids)
         while True:
             piece = np.asarray(prompt_ids[position : position + step], np.int32)

@@ -24,6 +24,10 @@ import numpy as np
 
 BLOCK_TOKENS = 64
 
+# Cache rows from the host, as loaded into a session's cache: one array f[layers, n, ...],
+# or consecutive pieces of them (a hit's blocks, which the engine joins as it pads them).
+Rows = np.ndarray | Sequence[np.ndarray]
+
 
 @dataclass(frozen=True)
 class Block:

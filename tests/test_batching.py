@@ -101,6 +101,7 @@ class StandInEngine:
         return True
 
     def with_rows(self, cache, keys, values, slot=0):
+        keys = keys if isinstance(keys, np.ndarray) else np.concatenate(keys, axis=1)  # a hit's blocks
         cache[slot, : keys.shape[1]] = keys[0]
         return cache
 

@@ -8,6 +8,7 @@ rebuild the same GGUF, run our engine on the same token ids, and compare.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 
 import jax
@@ -18,6 +19,7 @@ from kernels import cpu
 from kernels.qtensor import PANELS, QuantTensor
 from swarm.batching import SlotBatch
 from swarm.engine import PREFILL_BUCKETS, Engine, EngineSettings, chunk_plan
+from swarm.errors import InvalidRequestError
 from swarm.gguf_file import GGUFFile
 from swarm.model_config import ModelConfig
 from tests.conftest import load_fixture
@@ -117,6 +119,31 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
     chunked = Engine.load(gguf, config, settings=settings)
     logits, _ = chunked.forward(prompt, 0, chunked.new_cache(256), all_logits=True)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_rows_loaded_in_pieces_equal_them_loaded_whole(tiny_model):
+    """A prefix hit's blocks go into the cache as they are (the engine joins them as it
+    pads them): the cache then holds what one joined array leaves, bit for bit, and the
+    next token's logits are the same; no rows at all is refused."""
+    gguf, config = _open(tiny_model("llama-tiny"))
+    engine = Engine.load(gguf, config)
+    prompt = np.asarray(load_fixture("tiny-llama-tiny")["prompt_token_ids"], np.int32)
+    _, source = engine.forward(prompt, 0, engine.new_cache(256, 2), slot=1)
+    keys, values = engine.cache_rows(source, 0, len(prompt), slot=1)
+    cut = [0, 3, 4, len(prompt)]  # uneven pieces, as a prompt's blocks and tail are
+    pieces = [(keys[:, a:b], values[:, a:b]) for a, b in itertools.pairwise(cut)]
+    whole = engine.with_rows(engine.new_cache(256, 2), keys, values, slot=1)
+    joined = engine.with_rows(
+        engine.new_cache(256, 2), [k for k, _ in pieces], [v for _, v in pieces], slot=1
+    )
+    np.testing.assert_array_equal(np.asarray(joined.keys), np.asarray(whole.keys))
+    np.testing.assert_array_equal(np.asarray(joined.values), np.asarray(whole.values))
+    token, position = np.asarray([5], np.int32), np.asarray([len(prompt)], np.int32)
+    expected, _ = engine.step(token, position, np.asarray([1], np.int32), whole)
+    got, _ = engine.step(token, position, np.asarray([1], np.int32), joined)
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(InvalidRequestError, match="no cache rows"):
+        engine.with_rows(engine.new_cache(256, 2), [], [], slot=1)
 
 
 def _plan_rows(plan: list[tuple[int, int]], call_rows: int) -> int:

@@ -54,6 +54,17 @@ def test_bench_batch_reports_throughput_and_where_its_time_goes(smollm2_path, da
         assert report[label]["long_prompt_first_token_ms"] > 0
 
 
+def test_bench_prefix_times_a_node_and_a_lone_request(smollm2_path, data_dir):
+    done = _run(["tools/bench_prefix.py", "--prompt-tokens", "140", "--runs", "1"], data_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["prompt_tokens"] == 140
+    for label in ("", "own_cache_"):  # a row of the node's batch cache, and a cache of its own
+        cold, cached = report[f"{label}cold_first_token_ms"], report[f"{label}cached_first_token_ms"]
+        assert cold > 0 and cached > 0
+        assert report[f"{label}speedup"] == pytest.approx(cold / cached)
+
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [

@@ -3,7 +3,10 @@
     .venv/bin/python tools/bench_prefix.py [--model smollm2-135m] [--prompt-tokens 512] [--runs 5]
 
 Cold: prompts of the same length that share no prefix (each starts with a different
-token), after one run to compile. Warm: the same prompt submitted again. From a peer
+token), after one run to compile. Warm: the same prompt submitted again. Both are timed
+as a node serves requests (a row of its shared batch cache, sized by the `inference`
+defaults), and again as a lone request with a cache of its own (`swarm generate`, and a
+node's request too long for its batch: the own_cache_* figures). From a peer
 (`--from-peer`): a second node in this process, sharing its prefix cache through its
 stage on loopback, first serves each prompt; this node, holding none of it, fetches the
 prefix's KV over the encrypted transport and prefills only the last token. Reports the
@@ -22,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from swarm.batching import SlotBatch
 from swarm.bench import bench_prompt
+from swarm.config import InferenceConfig
 from swarm.generate import Generator
 from swarm.identity import Identity
 from swarm.loader import open_model
@@ -42,8 +47,9 @@ def first_token_s(generator: Generator, prompt: list[int]) -> float:
     return elapsed
 
 
-def from_peer(model, engine, prompts: list[list[int]]) -> tuple[list[float], int]:
-    """First-token times of prompts whose prefix KV is fetched from a sharing peer."""
+def from_peer(model, engine, batch: SlotBatch, prompts: list[list[int]]) -> tuple[list[float], int]:
+    """First-token times of prompts whose prefix KV is fetched from a sharing peer, into a
+    row of `batch` (the node's shared cache)."""
     peer_cache = PrefixCache(1 << 30)
     peer = Generator(engine, model.tokenizer, peer_cache)
     stage_engine = StageEngine(engine.config, engine.weights, engine.first, engine.last, engine.settings)
@@ -60,7 +66,7 @@ def from_peer(model, engine, prompts: list[list[int]]) -> tuple[list[float], int
         times = []
         for index, prompt in enumerate(prompts):
             first_token_s(peer, prompt)  # the peer computes and keeps the prefix
-            node = Generator(engine, model.tokenizer, PrefixCache(512 << 20))
+            node = Generator(engine, model.tokenizer, PrefixCache(512 << 20), batch)
             node.prefix_fetcher = fetcher
             elapsed = first_token_s(node, prompt)
             if index:  # the first one compiles the fetched prefix's shapes
@@ -79,27 +85,33 @@ def main() -> int:
     args = parser.parse_args()
     model = open_model(args.model, default_data_dir(os.environ))
     engine = model.engine()
-    generator = Generator(engine, model.tokenizer, PrefixCache(512 << 20))
+    inference = InferenceConfig()
+    limit = min(inference.batch_context, engine.max_context)
+    batch = SlotBatch(engine, inference.max_concurrent_requests, limit)
     base = bench_prompt(model.tokenizer, args.prompt_tokens)
+    if len(base) + 1 > limit:
+        parser.error(f"--prompt-tokens must leave room for a token in the batch's {limit} positions")
 
     def variant(index: int) -> list[int]:
         return [(base[0] + 1 + index) % model.config.vocab_size, *base[1:]]
 
-    first_token_s(generator, variant(0))  # compile the shapes
-    cold = [first_token_s(generator, variant(i + 1)) for i in range(args.runs)]
-    warm = [first_token_s(generator, variant(1)) for _ in range(args.runs)]
-    report = {
-        "model": args.model,
-        "prompt_tokens": len(base),
-        "cold_first_token_ms": statistics.median(cold) * 1000,
-        "cached_first_token_ms": statistics.median(warm) * 1000,
-    }
-    report["speedup"] = report["cold_first_token_ms"] / report["cached_first_token_ms"]
+    report: dict = {"model": args.model, "prompt_tokens": len(base)}
+    for label, shared in (("", batch), ("own_cache_", None)):
+        generator = Generator(engine, model.tokenizer, PrefixCache(512 << 20), shared)
+        first_token_s(generator, variant(0))  # compile the shapes
+        cold = [first_token_s(generator, variant(i + 1)) for i in range(args.runs)]
+        warm = [first_token_s(generator, variant(1)) for _ in range(args.runs)]
+        report[f"{label}cold_first_token_ms"] = statistics.median(cold) * 1000
+        report[f"{label}cached_first_token_ms"] = statistics.median(warm) * 1000
+        report[f"{label}speedup"] = (
+            report[f"{label}cold_first_token_ms"] / report[f"{label}cached_first_token_ms"]
+        )
     if args.from_peer:
-        fetched, blocks = from_peer(model, engine, [variant(100 + i) for i in range(args.runs + 1)])
+        fetched, blocks = from_peer(model, engine, batch, [variant(100 + i) for i in range(args.runs + 1)])
         report["peer_fetch_first_token_ms"] = statistics.median(fetched) * 1000
         report["peer_fetch_speedup"] = report["cold_first_token_ms"] / report["peer_fetch_first_token_ms"]
         report["peer_fetched_blocks"] = blocks
+    batch.stop_preparing()  # no compile in the background while the interpreter exits
     print(json.dumps(report, indent=2))
     return 0
 
