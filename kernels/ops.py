@@ -371,6 +371,17 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, impl: str = "auto")
     return rms_norm_reference(x, weight, eps)
 
 
+def greedy_tokens(logits: jax.Array, *, impl: str = "auto") -> jax.Array | None:
+    """i32[...]: each row of logits f32[..., v]'s greedy token, found in the program that
+    made them, on the CPU kernel path (`kernels.cpu.argmax`, numpy's argmax: the first index
+    of the largest value, or of the first NaN); None elsewhere, where the host finds it."""
+    if impl == "auto":
+        impl = _chosen.get() or "auto"
+    if _use_cpu_fused(impl):
+        return cpu.argmax(jnp.asarray(logits, jnp.float32))
+    return None
+
+
 def gated(activation: str, gate: jax.Array, up: jax.Array, *, impl: str = "auto") -> jax.Array:
     """A gated feed-forward's hidden values, activation(gate) * up, for f32[..., n] arrays.
 

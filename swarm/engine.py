@@ -30,6 +30,7 @@ from swarm.gguf_file import GGUFFile
 from swarm.model import KVCache, RangeWeights
 from swarm.model_config import ModelConfig
 from swarm.prefix_cache import Rows
+from swarm.sampling import ScoredRows
 from swarm.weights import load_range_weights
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -157,7 +158,9 @@ def _forward(
     rope: the rotary tables of those positions (`model.rope_tables`);
     first_row: i32[], sequence b is cache row first_row + b (None: row b).
     Returns logits f32[B, vocab] at the last real step (f32[B, T, vocab] with
-    all_logits) for the last range, else hidden states f32[B, T, d].
+    all_logits) for the last range, else hidden states f32[B, T, d]. On the CPU kernel
+    path the last range's logits f32[B, vocab] come with each row's greedy token i32[B],
+    as a pair (`ops.greedy_tokens`).
     """
     steps = inputs.shape[1]
     positions = start[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
@@ -167,9 +170,12 @@ def _forward(
     )
     if not is_last:
         return hidden, cache
-    if not all_logits:
-        hidden = jnp.take_along_axis(hidden, (length - 1)[:, None, None], axis=1)[:, 0]
-    return model.head(config, weights, hidden), cache
+    if all_logits:
+        return model.head(config, weights, hidden), cache
+    hidden = jnp.take_along_axis(hidden, (length - 1)[:, None, None], axis=1)[:, 0]
+    logits = model.head(config, weights, hidden)
+    best = ops.greedy_tokens(logits)
+    return (logits if best is None else (logits, best)), cache
 
 
 def _forward_leaves(
@@ -194,6 +200,15 @@ def enable_compilation_cache(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _logits_rows(out: Any) -> np.ndarray:
+    """A program's rows on the host: logits with their greedy tokens where the program
+    found them (ScoredRows), else the plain array."""
+    if isinstance(out, tuple):
+        logits, best = out
+        return ScoredRows.of(np.asarray(logits), np.asarray(best))
+    return np.asarray(out)
 
 
 def _parts(rows: Rows) -> list[np.ndarray]:
@@ -501,7 +516,7 @@ class Engine:
             if want_all:
                 outputs.append(np.asarray(out[0, : len(chunk)]))
             elif is_final_chunk:
-                outputs.append(np.asarray(out[0]))
+                outputs.append(_logits_rows(out)[0])
             done += len(chunk)
         return (np.concatenate(outputs) if len(outputs) > 1 else outputs[0]), cache
 
@@ -533,7 +548,7 @@ class Engine:
         start = np.full(rows, capacity, np.int32)
         start[offsets] = positions
         out, cache = self._run(False, bound, padded, start, np.ones(rows, np.int32), cache, np.int32(first))
-        out = np.asarray(out)
+        out = _logits_rows(out)
         # Rows in window order are a view (no copy of 8 x vocab logits each step).
         in_order = offsets[0] == 0 and bool(np.all(np.diff(offsets) == 1))
         out = out[:count] if in_order else out[offsets]

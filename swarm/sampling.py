@@ -22,6 +22,40 @@ import numpy as np
 from swarm.errors import InvalidRequestError
 
 
+class ScoredRows(np.ndarray):
+    """Logits that carry each row's greedy token (`best`: i32 per row, or an int for one
+    row), found where they were made (`kernels.cpu.argmax`, while the vocabulary head's
+    output is still in the cores' caches): a greedy draw then reads no logits.
+
+    A plain ndarray otherwise. Indexing rows (an int, a slice, an index array) indexes
+    `best` alike; other views carry no `best`.
+    """
+
+    best: np.ndarray | int | None
+
+    @classmethod
+    def of(cls, logits: np.ndarray, best: np.ndarray | int) -> ScoredRows:
+        rows = np.asarray(logits).view(cls)
+        rows.best = best
+        return rows
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.best = None  # a view keeps `best` only through __getitem__ on rows
+
+    def __getitem__(self, index: Any) -> Any:
+        item = super().__getitem__(index)
+        best = self.best
+        if not isinstance(item, ScoredRows) or not isinstance(best, np.ndarray) or self.ndim != 2:
+            return item
+        if isinstance(index, (int, np.integer, slice)) or (
+            isinstance(index, np.ndarray) and index.ndim == 1 and index.dtype.kind in "iu"
+        ):
+            item.best = best[index]
+            if item.ndim == 1:
+                item.best = int(item.best)
+        return item
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.8
@@ -178,10 +212,14 @@ class Sampler:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
+    def _penalizes(self, history: Sequence[int]) -> bool:
+        params = self.params
+        return params.repetition_penalty != 1.0 and bool(history) and params.repetition_window != 0
+
     def _penalize(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         # llama_sampler_penalties: divide positive logits, multiply negative ones.
         params = self.params
-        if params.repetition_penalty == 1.0 or not history or params.repetition_window == 0:
+        if not self._penalizes(history):
             return logits
         recent = np.unique(np.asarray(history[-params.repetition_window :], np.int64))
         recent = recent[(recent >= 0) & (recent < logits.shape[0])]
@@ -199,6 +237,9 @@ class Sampler:
         drawn: the chain runs over their logits alone, as it would over logits with every
         other token at -inf."""
         params = self.params
+        best = getattr(logits, "best", None)
+        if params.greedy and allowed is None and isinstance(best, int) and not self._penalizes(history):
+            return best  # found where the logits were made: the same first index of the largest
         logits = self._penalize(np.asarray(logits, np.float32), history)
         if allowed is not None:
             # In token order, so that equal logits (the penalty can make them) go by

@@ -22,6 +22,7 @@ from swarm.engine import PREFILL_BUCKETS, Engine, EngineSettings, chunk_plan
 from swarm.errors import InvalidRequestError
 from swarm.gguf_file import GGUFFile
 from swarm.model_config import ModelConfig
+from swarm.sampling import ScoredRows
 from tests.conftest import load_fixture
 from tests.tiny_models import TINY_SPECS
 
@@ -119,6 +120,26 @@ def test_chunked_prefill_equals_one_pass(tiny_model):
     chunked = Engine.load(gguf, config, settings=settings)
     logits, _ = chunked.forward(prompt, 0, chunked.new_cache(256), all_logits=True)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not cpu.fused_available(), reason="needs the AVX-512 VNNI build of kernels.cpu")
+def test_logits_come_with_their_greedy_tokens_on_the_kernel_path(tiny_model):
+    """A step's rows (in the order asked, not the cache's) and a prompt's last logits carry
+    each row's argmax, found in the program; the reference path's logits carry none."""
+    gguf, config = _open(tiny_model("llama-tiny"))
+    engine = Engine.load(gguf, config)
+    prompt = np.asarray(load_fixture("tiny-llama-tiny")["prompt_token_ids"], np.int32)
+    cache = engine.new_cache(256, 4)
+    for slot in range(4):
+        last, cache = engine.forward(prompt[: 3 + slot], 0, cache, slot=slot)
+        assert isinstance(last, ScoredRows) and last.best == int(np.argmax(last))
+    slots = np.asarray([2, 0, 3], np.int32)
+    out, _ = engine.step(np.asarray([5, 9, 11], np.int32), slots + 3, slots, cache)
+    assert isinstance(out, ScoredRows)
+    np.testing.assert_array_equal(out.best, np.argmax(out, axis=-1))
+    reference = Engine.load(gguf, config, settings=EngineSettings(kernels="reference"))
+    plain, _ = reference.forward(prompt, 0, reference.new_cache(256))
+    assert type(plain) is np.ndarray
 
 
 def test_cached_rows_loaded_in_pieces_equal_them_loaded_whole(tiny_model):

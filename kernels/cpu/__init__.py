@@ -10,9 +10,9 @@ blocks of 32 as llama.cpp's CPU backend does, so results differ from
 `kernels.ops.matmul` routes to it (impl "cpu", or "auto" on the CPU backend) for
 the types in `SUPPORTED`; everything else stays on the reference path.  On a CPU
 with AVX-512 VNNI (`isa()` "avx512-vnni") the same library holds `cache_attention`
-and `cache_write_attention` (attention.cc), `rms_norm` (norm.cc) and `swiglu`
-(glu.cc), which `kernels.ops` routes to on the same terms, and the matmul reads the
-panels layout.  On an AVX2 CPU (`isa()` "avx2") the matmul reads the same panels
+and `cache_write_attention` (attention.cc), `rms_norm` (norm.cc), `swiglu`
+(glu.cc) and `argmax` (argmax.cc: a decode step's greedy tokens), which `kernels.ops`
+routes to on the same terms, and the matmul reads the panels layout.  On an AVX2 CPU (`isa()` "avx2") the matmul reads the same panels
 layout on 256-bit registers, with the AVX-512 build's bits (gemm_avx2.h); on any other
 CPU (`isa()` "portable": ARM, older x86, ...) the library holds the portable matmul
 (portable.h), which reads the GGUF's rows.  Both hold portable versions of the
@@ -41,6 +41,7 @@ ATTENTION_TARGET = "swarm_cache_attention_cpu"
 WRITE_ATTENTION_TARGET = "swarm_cache_write_attention_cpu"
 NORM_TARGET = "swarm_rms_norm_cpu"
 SWIGLU_TARGET = "swarm_swiglu_cpu"
+ARGMAX_TARGET = "swarm_argmax_cpu"
 
 SUPPORTED = frozenset(
     int(t)
@@ -89,6 +90,7 @@ def _load_locked() -> str | None:
     if simd:
         jax.ffi.register_ffi_target(NORM_TARGET, jax.ffi.pycapsule(library.SwarmRmsNorm), platform="cpu")
         jax.ffi.register_ffi_target(SWIGLU_TARGET, jax.ffi.pycapsule(library.SwarmSwiGlu), platform="cpu")
+        jax.ffi.register_ffi_target(ARGMAX_TARGET, jax.ffi.pycapsule(library.SwarmArgmax), platform="cpu")
     _state["library"] = library
     _state["simd"] = simd
     return None
@@ -131,8 +133,10 @@ def _ffi_call(target: str, results, **options):
     reason = _load()
     if reason is not None:
         raise RuntimeError(reason)
-    if target in (NORM_TARGET, SWIGLU_TARGET) and not _state["simd"]:
-        raise RuntimeError("the CPU RMS norm and SwiGLU kernels need AVX-512 VNNI, which this CPU lacks")
+    if target in (NORM_TARGET, SWIGLU_TARGET, ARGMAX_TARGET) and not _state["simd"]:
+        raise RuntimeError(
+            "the CPU RMS norm, SwiGLU and argmax kernels need AVX-512 VNNI, which this CPU lacks"
+        )
     return jax.ffi.ffi_call(target, results, vmap_method="sequential", **options)
 
 
@@ -379,3 +383,11 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
         )
     call = _ffi_call(SWIGLU_TARGET, jax.ShapeDtypeStruct(gate.shape, jnp.float32))
     return call(jnp.asarray(gate, jnp.float32), jnp.asarray(up, jnp.float32))
+
+
+def argmax(logits: jax.Array) -> jax.Array:
+    """i32[...]: each row of logits f32[..., v]'s greedy token, as numpy's argmax picks it
+    (the first index of the largest value, or of the first NaN), read while the logits are
+    still in the cores' caches."""
+    call = _ffi_call(ARGMAX_TARGET, jax.ShapeDtypeStruct(logits.shape[:-1], jnp.int32))
+    return call(jnp.asarray(logits, jnp.float32))

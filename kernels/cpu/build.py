@@ -1,4 +1,4 @@
-"""Compile the CPU kernels (qmatmul.cc, attention.cc, norm.cc, glu.cc) into one shared library.
+"""Compile the CPU kernels (qmatmul.cc, attention.cc, norm.cc, glu.cc, argmax.cc) into one shared library.
 
 Owns the compiler command and the build cache: the library lands in
 `kernels/cpu/_build/` under a name keyed by a hash of the sources, the flags, the
@@ -37,6 +37,7 @@ SOURCES = (
     "attention.cc",
     "norm.cc",
     "glu.cc",
+    "argmax.cc",
     "gemm.h",
     "gemm_avx2.h",
     "half.h",
@@ -44,7 +45,13 @@ SOURCES = (
     "portable.h",
     "thread_pool.h",
 )
-UNITS = ("qmatmul.cc", "attention.cc", "norm.cc", "glu.cc")  # compiled; the headers come in through them
+UNITS = (
+    "qmatmul.cc",
+    "attention.cc",
+    "norm.cc",
+    "glu.cc",
+    "argmax.cc",
+)  # compiled; the headers come in through them
 FLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-fno-math-errno")
 ARCH_VARIABLE = "SWARM_CPU_ARCH"  # the -march to build for, instead of "native"
 COMPILERS = ("c++", "g++", "clang++")
