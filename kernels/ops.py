@@ -378,7 +378,7 @@ def greedy_tokens(logits: jax.Array, *, impl: str = "auto") -> jax.Array | None:
     if impl == "auto":
         impl = _chosen.get() or "auto"
     if _use_cpu_fused(impl):
-        return cpu.argmax(jnp.asarray(logits, jnp.float32))
+        return cpu.argmax(logits)
     return None
 
 

@@ -68,6 +68,20 @@ def test_bench_prefix_times_a_node_and_a_lone_request(smollm2_path, data_dir):
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
+        (["--prompt-tokens", "2048"], "--prompt-tokens must be 1 to 2047"),  # past a batch row
+        (["--prompt-tokens", "0"], "--prompt-tokens must be 1 to 2047"),
+        (["--runs", "0"], "--runs must be at least 1"),
+    ],
+)
+def test_bench_prefix_refuses_bad_arguments_before_loading_anything(args, complaint, tmp_path):
+    done = _run(["tools/bench_prefix.py", *args], tmp_path)
+    assert done.returncode == 2
+    assert complaint in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
         (["--runs", "0"], "--runs must be at least 1"),
         (["--gen-tokens", "1"], "--gen-tokens must be at least 2"),
         (["--long-prompt", "-1"], "--long-prompt must be 0 or more"),

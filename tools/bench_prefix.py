@@ -83,14 +83,19 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--from-peer", action="store_true", help="also time fetching the prefix from a peer")
     args = parser.parse_args()
+    inference = InferenceConfig()
+    # A longer prompt would leave the batch for a cache of its own: the node's figures
+    # would time the lone request's path.
+    if not 1 <= args.prompt_tokens < inference.batch_context:
+        parser.error(f"--prompt-tokens must be 1 to {inference.batch_context - 1}, to fit a node's batch row")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     model = open_model(args.model, default_data_dir(os.environ))
     engine = model.engine()
-    inference = InferenceConfig()
-    limit = min(inference.batch_context, engine.max_context)
-    batch = SlotBatch(engine, inference.max_concurrent_requests, limit)
+    batch = SlotBatch(
+        engine, inference.max_concurrent_requests, min(inference.batch_context, engine.max_context)
+    )
     base = bench_prompt(model.tokenizer, args.prompt_tokens)
-    if len(base) + 1 > limit:
-        parser.error(f"--prompt-tokens must leave room for a token in the batch's {limit} positions")
 
     def variant(index: int) -> list[int]:
         return [(base[0] + 1 + index) % model.config.vocab_size, *base[1:]]

@@ -11,7 +11,6 @@
 // in index order, so the result is the one pass's.
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -59,7 +58,6 @@ Best RangeBest(const float* x, int64_t begin, int64_t end) {
     high = _mm512_max_ps(high, v);
   }
   // Pass 2: the first index holding it (or the first NaN).
-  const int predicate = unordered != 0 ? _CMP_UNORD_Q : _CMP_EQ_OQ;
   best.nan = unordered != 0;
   best.value = best.nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(high);
   const __m512 target = _mm512_set1_ps(best.value);
@@ -67,9 +65,8 @@ Best RangeBest(const float* x, int64_t begin, int64_t end) {
     const __mmask16 valid = end - i >= 16 ? static_cast<__mmask16>(0xFFFF)
                                            : static_cast<__mmask16>((1u << (end - i)) - 1u);
     const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
-    const __mmask16 hit = (predicate == _CMP_UNORD_Q ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)
-                                                     : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ)) &
-                          valid;
+    const __mmask16 hit =
+        (best.nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ)) & valid;
     if (hit != 0) {
       best.index = i + __builtin_ctz(hit);
       return best;
