@@ -175,6 +175,38 @@ def kernels_in_use() -> str:
     return f"cpu {cpu.isa() or 'xla'}"
 
 
+def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The machine the figures come from, as "AMD EPYC (family 25, model 17), 2 CPUs": the
+    CPU model (with its family and model numbers on x86, where a virtual machine may name
+    no more than the brand), the CPUs this process may run on, and the accelerator when
+    the backend is not the CPU. Figures from different machines do not compare."""
+    import platform
+
+    import jax
+
+    fields: dict[str, str] = {}
+    try:
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                if fields:
+                    break  # the first CPU's block is enough
+                continue
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    elif "CPU part" in fields:
+        name += f" (part {fields['CPU part']})"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    described = f"{name}, {usable} CPU{'s' if usable != 1 else ''}"
+    if jax.default_backend() != "cpu":
+        described = f"{jax.devices()[0].device_kind} on {described}"
+    return described
+
+
 def llama_cpp_baseline(
     path: str,
     prompt: list[int],
@@ -230,6 +262,7 @@ def run_bench(model_name: str, data_dir: Path, settings, options: BenchOptions) 
     report["gguf_tensor_mb"] = sum(t.nbytes for t in model.gguf.tensors.values()) / 2**20
     report["weights_over_gguf"] = report["weights_mb"] / report["gguf_tensor_mb"]
     report["kernels"] = kernels_in_use()
+    report["machine"] = machine()
     report["prompt_tokens"] = len(prompt)
     report["gen_tokens"] = options.gen_tokens
     report["runs"] = options.runs
@@ -252,6 +285,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['gen_tokens']} generated, median of {report['runs']} runs"
         + (f", kernels {report['kernels']}" if "kernels" in report else "")
     ]
+    if "machine" in report:
+        lines.append(f"on {report['machine']}")
     header = f"{'':<12}{'prefill tok/s':>15}{'decode tok/s':>15}{'peak RSS MB':>13}"
     lines.append(header)
     lines.append(

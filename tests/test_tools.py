@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kernels import cpu
+from swarm import bench
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,6 +36,7 @@ def test_bench_batch_reports_throughput_and_where_its_time_goes(smollm2_path, da
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["streams"] == 3 and report["gen_tokens"] == 6
+    assert report["machine"] == bench.machine()  # figures from another machine do not compare
     assert report["single_tok_s"] > 0 and report["aggregate_tok_s"] > 0
     assert report["aggregate_over_single"] == pytest.approx(
         report["aggregate_tok_s"] / report["single_tok_s"]
@@ -59,6 +61,7 @@ def test_bench_prefix_times_a_node_and_a_lone_request(smollm2_path, data_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["prompt_tokens"] == 140
+    assert report["machine"] == bench.machine()
     for label in ("", "own_cache_"):  # a row of the node's batch cache, and a cache of its own
         cold, cached = report[f"{label}cold_first_token_ms"], report[f"{label}cached_first_token_ms"]
         assert cold > 0 and cached > 0
@@ -113,6 +116,45 @@ def test_a_failing_llama_cpp_baseline_says_why(monkeypatch, returncode, stderr, 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     with pytest.raises(SwarmError, match=expected):
         bench.llama_cpp_baseline("model.gguf", [1, 2, 3], gen_tokens=4, runs=1)
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 50.00
+CPU implementer\t: 0x41
+CPU part\t: 0xd0c
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (X86_CPUINFO, "AMD EPYC (family 25, model 17), "),  # a VM's bare brand, told apart by the numbers
+        (ARM_CPUINFO, " (part 0xd0c), "),  # no model name: the machine's type and the core's part
+    ],
+)
+def test_benchmarks_name_the_machine_they_ran_on(tmp_path, text, named):
+    (tmp_path / "cpuinfo").write_text(text)
+    described = bench.machine(tmp_path / "cpuinfo")
+    usable = len(os.sched_getaffinity(0))
+    assert named in described
+    assert described.endswith(f"{usable} CPU{'s' if usable != 1 else ''}")
+
+
+def test_a_machine_without_cpuinfo_is_still_named(tmp_path):
+    described = bench.machine(tmp_path / "missing")
+    assert described and not described.startswith(",") and "CPU" in described
 
 
 def _perf_can_record() -> bool:
@@ -185,6 +227,8 @@ def test_bench_kernels_sets_each_product_against_the_cpus_peak(smollm2_path, dat
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines[0] == {"machine": bench.machine(), "kernels": cpu.isa(), "kernel_threads": cpu.threads()}
+    lines = lines[1:]
     peaks = [line for line in lines if "int8_peak" in line]
     assert [peak["when"] for peak in peaks] == ["start", "end"]
     for peak in peaks:
@@ -195,3 +239,15 @@ def test_bench_kernels_sets_each_product_against_the_cpus_peak(smollm2_path, dat
     for row in rows:
         n, k = row["shape"]
         assert row["gmac_s"] == pytest.approx(row["rows"] * n * k / row["ours_us"] / 1e3)
+
+
+def test_swarm_bench_table_names_the_machine_under_its_title():
+    report = {
+        "model": "smollm2-135m", "prompt_tokens": 128, "gen_tokens": 128, "runs": 3,
+        "kernels": "cpu avx512-vnni", "machine": "AMD EPYC (family 25, model 17), 2 CPUs",
+        "prefill_tok_s": 1978.4, "decode_tok_s": 167.2, "peak_rss_mb": 430.0,
+        "weights_mb": 92.0, "gguf_tensor_mb": 92.0, "weights_over_gguf": 1.0, "compile_s": 1.4,
+    }  # fmt: skip
+    lines = bench.format_table(report).splitlines()
+    assert lines[0].endswith("kernels cpu avx512-vnni")
+    assert lines[1] == "on AMD EPYC (family 25, model 17), 2 CPUs"

@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from swarm.batching import SlotBatch
-from swarm.bench import bench_prompt, llama_cpp_baseline
+from swarm.bench import bench_prompt, llama_cpp_baseline, machine
 from swarm.engine import enable_compilation_cache
 from swarm.errors import SwarmError
 from swarm.generate import Generator, Prefilling
@@ -241,6 +241,7 @@ def main() -> int:
         "streams": args.streams,
         "gen_tokens": args.gen_tokens,
         "sampling": args.sampling,
+        "machine": machine(),
     }
     try:
         # Compile every shape the timed runs reach (each row count and attention bound).

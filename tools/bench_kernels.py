@@ -53,6 +53,7 @@ from kernels.cpu import build
 from kernels.matmul import dequant_matmul_reference
 from kernels.qtensor import QuantTensor
 from kernels.quant_types import type_name
+from swarm.bench import machine
 from swarm.models import resolve_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -286,7 +287,11 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / ".test-data")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--no-step", action="store_true", help="skip the whole-model rows")
-    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per row instead of a table, after one naming the machine",
+    )
     args = parser.parse_args()
     if not cpu.available():
         print(f"error: {cpu.unavailable_reason()}", file=sys.stderr)
@@ -303,9 +308,15 @@ def _bench(args: argparse.Namespace, program: Path | None) -> int:
         "| GB/s m=1 | GMAC/s | of peak |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     peak = int8_peak(program, cpu.threads())
-    if not args.json:
+    if args.json:
         print(
-            f"jax {jax.__version__}, {jax.default_backend()}, kernel threads: {cpu.threads()}, kernels: {cpu.isa()}"
+            json.dumps({"machine": machine(), "kernels": cpu.isa(), "kernel_threads": cpu.threads()}),
+            flush=True,
+        )
+    else:
+        print(
+            f"jax {jax.__version__}, {jax.default_backend()}, kernel threads: {cpu.threads()}, kernels: {cpu.isa()}, "
+            f"on {machine()}"
         )
     _print_peak(peak, "start", args.json)
     if not args.json:

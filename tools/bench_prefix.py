@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from swarm.batching import SlotBatch
-from swarm.bench import bench_prompt
+from swarm.bench import bench_prompt, machine
 from swarm.config import InferenceConfig
 from swarm.generate import Generator
 from swarm.identity import Identity
@@ -100,7 +100,7 @@ def main() -> int:
     def variant(index: int) -> list[int]:
         return [(base[0] + 1 + index) % model.config.vocab_size, *base[1:]]
 
-    report: dict = {"model": args.model, "prompt_tokens": len(base)}
+    report: dict = {"model": args.model, "machine": machine(), "prompt_tokens": len(base)}
     for label, shared in (("", batch), ("own_cache_", None)):
         generator = Generator(engine, model.tokenizer, PrefixCache(512 << 20), shared)
         first_token_s(generator, variant(0))  # compile the shapes

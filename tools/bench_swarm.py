@@ -30,7 +30,7 @@ import itertools
 
 import httpx2
 
-from swarm.bench import llama_cpp_baseline
+from swarm.bench import llama_cpp_baseline, machine
 from swarm.errors import SwarmError
 from swarm.local_swarm import LocalNode, LocalSwarm
 from swarm.models import resolve_model
@@ -111,7 +111,13 @@ def main() -> int:
     args = parser.parse_args()
     data_dir = default_data_dir(os.environ)
     model_path = resolve_model(args.model, data_dir)
-    report: dict = {"model": args.model, "prompt": PROMPT, "tokens": args.tokens, "runs": args.runs}
+    report: dict = {
+        "model": args.model,
+        "machine": machine(),
+        "prompt": PROMPT,
+        "tokens": args.tokens,
+        "runs": args.runs,
+    }
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as root:
         with LocalSwarm(
             Path(root) / "single", model_path, model_id=args.model, network_id="bench-single"
