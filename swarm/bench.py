@@ -184,6 +184,8 @@ def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
     import jax
 
+    from swarm.engine import usable_cpus
+
     fields: dict[str, str] = {}
     try:
         for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -200,7 +202,7 @@ def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
     elif "CPU part" in fields:
         name += f" (part {fields['CPU part']})"
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    usable = usable_cpus()
     described = f"{name}, {usable} CPU{'s' if usable != 1 else ''}"
     if jax.default_backend() != "cpu":
         described = f"{jax.devices()[0].device_kind} on {described}"

@@ -13,6 +13,7 @@ import pytest
 
 from kernels import cpu
 from swarm import bench
+from swarm.engine import usable_cpus
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,29 +70,19 @@ def test_bench_prefix_times_a_node_and_a_lone_request(smollm2_path, data_dir):
 
 
 @pytest.mark.parametrize(
-    ("args", "complaint"),
+    ("tool", "args", "complaint"),
     [
-        (["--prompt-tokens", "2048"], "--prompt-tokens must be 1 to 2047"),  # past a batch row
-        (["--prompt-tokens", "0"], "--prompt-tokens must be 1 to 2047"),
-        (["--runs", "0"], "--runs must be at least 1"),
+        # a prompt past a node's batch row
+        ("bench_prefix.py", ["--prompt-tokens", "2048"], "--prompt-tokens must be 1 to 2047"),
+        ("bench_prefix.py", ["--prompt-tokens", "0"], "--prompt-tokens must be 1 to 2047"),
+        ("bench_prefix.py", ["--runs", "0"], "--runs must be at least 1"),
+        ("bench_batch.py", ["--runs", "0"], "--runs must be at least 1"),
+        ("bench_batch.py", ["--gen-tokens", "1"], "--gen-tokens must be at least 2"),
+        ("bench_batch.py", ["--long-prompt", "-1"], "--long-prompt must be 0 or more"),
     ],
 )
-def test_bench_prefix_refuses_bad_arguments_before_loading_anything(args, complaint, tmp_path):
-    done = _run(["tools/bench_prefix.py", *args], tmp_path)
-    assert done.returncode == 2
-    assert complaint in done.stderr
-
-
-@pytest.mark.parametrize(
-    ("args", "complaint"),
-    [
-        (["--runs", "0"], "--runs must be at least 1"),
-        (["--gen-tokens", "1"], "--gen-tokens must be at least 2"),
-        (["--long-prompt", "-1"], "--long-prompt must be 0 or more"),
-    ],
-)
-def test_bench_batch_refuses_bad_arguments_before_loading_anything(args, complaint, tmp_path):
-    done = _run(["tools/bench_batch.py", *args], tmp_path)
+def test_benchmarks_refuse_bad_arguments_before_loading_anything(tool, args, complaint, tmp_path):
+    done = _run([f"tools/{tool}", *args], tmp_path)
     assert done.returncode == 2
     assert complaint in done.stderr
 
@@ -147,7 +138,7 @@ CPU part\t: 0xd0c
 def test_benchmarks_name_the_machine_they_ran_on(tmp_path, text, named):
     (tmp_path / "cpuinfo").write_text(text)
     described = bench.machine(tmp_path / "cpuinfo")
-    usable = len(os.sched_getaffinity(0))
+    usable = usable_cpus()
     assert named in described
     assert described.endswith(f"{usable} CPU{'s' if usable != 1 else ''}")
 
