@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -194,6 +195,40 @@ def test_profile_step_splits_a_prompt_chunk_into_its_parts(smollm2_path, data_di
     if cpu.available():  # a prompt's time is its products' and its attention's
         assert parts["layer matmuls"]["share"] > 0.3
         assert "attention" in parts
+
+
+def _tool_module(name: str):
+    """tools/NAME.py imported as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "symbol, part",
+    [
+        # The caller's wait for a run's last tasks is the pool's, not the kernel's that ran it.
+        ("swarm_cpu::ThreadPool::AwaitTasks", "pool: the caller waiting for a run's last tasks"),
+        (
+            "std::thread::_State_impl<std::thread::_Invoker<std::tuple<swarm_cpu::ThreadPool::ThreadPool(int)"
+            "::{lambda()#1}> > >::_M_run",
+            "pool: workers waiting for a run",
+        ),
+        ("swarm_cpu::QuantizeRow", "activation quantizer"),
+        ("swarm_cpu::(anonymous namespace)::Checked<swarm_cpu::Q4_1>", "activation quantizer"),
+        ("swarm_cpu::(anonymous namespace)::Checked<swarm_cpu::Q8_0>", "vocabulary head (Q8_0 matmul)"),
+        (
+            "swarm_cpu::(anonymous namespace)::ForEachRun<swarm_cpu::(anonymous namespace)::Product<swarm_cpu::Q4_1>"
+            "(float const*, long, long)::{lambda(int)#1}::operator()",
+            "layer matmuls",
+        ),
+        ("swarm_cpu::(anonymous namespace)::PairOf<unsigned short, 64>", "attention"),
+    ],
+)
+def test_profile_step_counts_each_kernel_symbol_for_its_part(symbol, part):
+    profile_step = _tool_module("profile_step")
+    assert profile_step.part_of("qmatmul-0123456789abcdef.so", symbol) == part
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ For each row count, a child process prefills that many sessions of a shared batc
 to `--position` and then runs their decode step in a loop; `perf record` samples it for
 `--seconds` and the samples are summed by part: the layer matmuls, the vocabulary head,
 the activation quantizer, attention, the RMS norm and SwiGLU kernels, the kernel pool's
-threads waiting for work (time when one thread runs alone), XLA's generated code and its
+threads waiting (a worker for the next run while the caller works alone, and the caller
+for the last tasks of a run), XLA's generated code and its
 runtime, Python, the OS. Each part gets its share of the process's CPU time (every
 thread) and its CPU milliseconds per step; the step's wall time beside them says how
 much of it the threads overlapped. Needs Linux `perf` with permission to sample the
@@ -44,13 +45,19 @@ PARTS: list[tuple[str, re.Pattern]] = [
             r"PairOf|Pair<|Softmax|CacheAttention|CacheWriteAttention|Rotate|Write(All)?<|Values8|Scores8"
         ),
     ),
-    ("pool threads waiting", re.compile(r"ThreadPool")),
+    ("pool: the caller waiting for a run's last tasks", re.compile(r"ThreadPool::AwaitTasks")),
+    ("pool: workers waiting for a run", re.compile(r"ThreadPool")),
     ("RMS norm and SwiGLU kernels", re.compile(r"RmsNorm|SwiGlu")),
     ("XLA generated code", re.compile(r"^\[JIT\]")),
     ("OS", re.compile(r"kernel\.kallsyms|\[vdso\]")),
     ("Python", re.compile(r"libpython|python3")),
     ("XLA runtime and the rest", re.compile(r".")),
 ]
+
+
+def part_of(dso: str, symbol: str) -> str:
+    """The part (of PARTS) a sample in `symbol` of `dso` counts for."""
+    return next(part for part, pattern in PARTS if pattern.search(f"{dso} {symbol}"))
 
 
 def child(
@@ -159,8 +166,7 @@ def profile(args: argparse.Namespace, rows: int) -> dict:
         timing = json.loads(process.communicate(timeout=600)[0].strip().splitlines()[-1])
         parts: Counter[str] = Counter()
         for count, dso, symbol in _perf_report(data):
-            name = next(part for part, pattern in PARTS if pattern.search(f"{dso} {symbol}"))
-            parts[name] += count
+            parts[part_of(dso, symbol)] += count
     total = sum(parts.values())
     # CPU milliseconds per step, every thread's: the samples' CPU time over the steps run meanwhile.
     steps = args.seconds * 1000 / timing["step_ms"]
