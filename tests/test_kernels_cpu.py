@@ -130,14 +130,19 @@ def test_matches_the_integer_scheme(qtype: int) -> None:
 def test_a_products_bits_do_not_depend_on_the_rows_beside_it(qtype: int) -> None:
     """A batched row gets the bits of its lone run, and a weight row the same bits wherever
     it stands in the matrix (the portable kernel pairs weight rows, the AVX-512 kernel
-    takes them 16 at a time): what keeps batched decoding and the prefix cache exact."""
+    takes them 16 at a time): what keeps batched decoding and the prefix cache exact.
+    Eight rows are one tile, whose blocks the threads quantize in ranges (a decode
+    step's); eleven are two tiles, quantized whole."""
     n, k = 45, 512 if FORMATS[qtype].block_size == 256 else 576
     blocks = random_blocks(qtype, rows=n, blocks=k // FORMATS[qtype].block_size, seed=7, scale=0.05)
     x = _activations(11, k, seed=8)
     full = np.asarray(cpu.qmatmul(x, QuantTensor.from_packed(blocks, qtype, (n, k))))
-    for row in (0, 3, 4, 10):
+    tile = np.asarray(cpu.qmatmul(x[:8], QuantTensor.from_packed(blocks, qtype, (n, k))))
+    for row in (0, 3, 4, 7, 10):
         alone = np.asarray(cpu.qmatmul(x[row : row + 1], QuantTensor.from_packed(blocks, qtype, (n, k))))
         np.testing.assert_array_equal(alone[0], full[row])
+        if row < 8:
+            np.testing.assert_array_equal(alone[0], tile[row])
     for start in (1, 43, 44):
         rest = QuantTensor.from_packed(np.ascontiguousarray(blocks[start:]), qtype, (n - start, k))
         np.testing.assert_array_equal(np.asarray(cpu.qmatmul(x, rest)), full[:, start:])
@@ -423,6 +428,12 @@ def test_nan_activations_give_nan_rows() -> None:
     x[2, 100] = np.nan
     got = np.asarray(cpu.qmatmul(x, w))
     assert np.isnan(got[2]).all() and np.isfinite(got[[0, 1]]).all()
+    # Eight rows of 1024: one tile, its blocks quantized in ranges; the NaN in the last.
+    w = _weight(GGMLType.Q4_1, 20, 1024, seed=24)
+    x = _activations(8, 1024, seed=25)
+    x[5, 1000] = np.nan
+    got = np.asarray(cpu.qmatmul(x, w))
+    assert np.isnan(got[5]).all() and np.isfinite(np.delete(got, 5, axis=0)).all()
 
 
 @needs_kernel

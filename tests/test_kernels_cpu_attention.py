@@ -367,6 +367,71 @@ def test_writing_the_cache_in_the_call_equals_writing_it_in_xla(
         assert _close(np.asarray(out)[live], np.asarray(want)[live], values), (layer, first_row)
 
 
+@pytest.mark.parametrize("dim", [64, 40, 20], ids=["16s", "16s-and-8", "16-and-one-by-one"])
+def test_an_f16_cache_gets_the_halves_xla_converts_to(dim):
+    """Keys and values written as f16 round as XLA's convert does at the edges of the
+    format too: ties to even, subnormals, the largest half, overflow to infinity, NaN
+    and signed zeros, whichever stretch of a head (16, 8 or one at a time) they fall in."""
+    edges = np.array(
+        [
+            1 + 2**-11,  # a tie: rounds down to even
+            1 + 3 * 2**-11,  # a tie: rounds up to even
+            2**-24,  # the smallest subnormal half
+            2**-25,  # a tie with zero: rounds to zero
+            3 * 2**-26,  # rounds up to the smallest subnormal
+            6.1e-5,  # a subnormal near the smallest normal
+            65504,  # the largest half
+            65519,  # rounds down to it
+            65520,  # rounds to infinity
+            1e9,
+            np.inf,
+            -np.inf,
+            np.nan,
+            -0.0,
+            0.0,
+            -3.14159,
+        ],
+        np.float32,
+    )
+    rng = np.random.default_rng(dim)
+    batch, kv_heads, group = 2, 1, 2
+    v = np.resize(edges * rng.choice([-1.0, 1.0], edges.size).astype(np.float32), (batch, 1, kv_heads, dim))
+    v = jnp.asarray(np.roll(v, rng.integers(dim), axis=-1))
+    k = v * 0.5  # rotated by angle zero: the same edges, halved
+    q = jnp.asarray(rng.standard_normal((batch, 1, kv_heads * group, dim)).astype(np.float32))
+    zeros = jnp.zeros((1, batch, 1, dim // 4), jnp.float32)
+    cos, sin = jnp.ones_like(zeros), zeros
+    shape = (1, batch, 8, kv_heads, dim)
+    keys = values = jnp.zeros(shape, jnp.float16)
+    positions = jnp.asarray([[3], [5]], jnp.int32)
+    kv_length = jnp.asarray([4, 6], jnp.int32)
+    _, want_keys, want_values = written_by_xla(
+        q, k, v, cos[0], sin[0], keys, values, 0, 0, positions, neox=False
+    )
+    _, got_keys, got_values = ops.cache_write_attention(
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        jnp.int32(0),
+        keys,
+        values,
+        jnp.int32(0),
+        jnp.int32(0),
+        positions,
+        kv_length,
+        rope_style="norm",
+        impl="cpu",
+        kv_bound=8,
+        scale=dim**-0.5,
+    )
+    np.testing.assert_array_equal(np.asarray(got_keys).view(np.uint16), np.asarray(want_keys).view(np.uint16))
+    np.testing.assert_array_equal(
+        np.asarray(got_values).view(np.uint16), np.asarray(want_values).view(np.uint16)
+    )
+
+
 def test_writing_the_cache_needs_the_kernel_path_and_a_known_rope_style() -> None:
     q = jnp.zeros((1, 1, 2, 64), jnp.float32)
     kv = jnp.zeros((1, 1, 1, 64), jnp.float32)

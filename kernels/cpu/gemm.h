@@ -82,11 +82,13 @@ SWARM_INLINE __m512 ReduceSixteen(__m512 v[16], Op op) {
   return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), whole);
 }
 
-// Quantizes row `row` of x (f32[k]) into its tile.  `group`, `offset`, `affine` are the
-// weight format's (what the sums are for).  Blocks go 16 at a time: their maxima and
-// code sums are reduced together (ReduceSixteen), and their scales computed as one
-// vector, with the same IEEE operations per block as one at a time.
-inline void QuantizeRow(const float* x, int64_t row, const Activations& act, int group, int offset, bool affine) {
+// Quantizes blocks [begin, end) of row `row` of x (f32[k]) into its tile (end < 0: to
+// the last).  `group`, `offset`, `affine` are the weight format's (what the sums are
+// for).  Blocks go 16 at a time: their maxima and code sums are reduced together
+// (ReduceSixteen), and their scales computed as one vector, with the same IEEE
+// operations per block as one at a time.
+inline void QuantizeRow(const float* x, int64_t row, const Activations& act, int group, int offset, bool affine,
+                        int64_t begin = 0, int64_t end = -1) {
   const int64_t stride = act.tile_rows, tile = row / stride, lane = row % stride;
   int32_t* codes = act.TileCodes(tile) + lane;
   float* scale = act.TileScale(tile) + lane;
@@ -96,8 +98,8 @@ inline void QuantizeRow(const float* x, int64_t row, const Activations& act, int
   const auto add = [](__m512 a, __m512 b) {
     return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
   };
-  const int64_t blocks = act.cols / 32;
-  for (int64_t first = 0; first < blocks; first += 16) {
+  const int64_t blocks = end < 0 ? act.cols / 32 : end;
+  for (int64_t first = begin; first < blocks; first += 16) {
     const int count = static_cast<int>(blocks - first < 16 ? blocks - first : 16);
     const float* at = x + 32 * first;
     __m512 magnitudes[16];

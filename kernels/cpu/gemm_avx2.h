@@ -31,17 +31,19 @@
 
 namespace swarm_cpu {
 
-// Quantizes row `row` of x (f32[k]) into its tile, as gemm.h's QuantizeRow does (the
-// same operations per block: the maximum magnitude, d = max / 127, codes of
-// x * (127 / max) rounded to nearest even and saturated, their integer sums).
-inline void QuantizeRow8(const float* x, int64_t row, const Activations& act, int group, int offset, bool affine) {
+// Quantizes blocks [begin, end) of row `row` of x (f32[k]) into its tile (end < 0: to
+// the last), as gemm.h's QuantizeRow does (the same operations per block: the maximum
+// magnitude, d = max / 127, codes of x * (127 / max) rounded to nearest even and
+// saturated, their integer sums).
+inline void QuantizeRow8(const float* x, int64_t row, const Activations& act, int group, int offset, bool affine,
+                         int64_t begin = 0, int64_t end = -1) {
   const int64_t stride = act.tile_rows, tile = row / stride, lane = row % stride;
   int32_t* codes = act.TileCodes(tile) + lane;
   float* scale = act.TileScale(tile) + lane;
   int32_t* aux = act.TileAux(tile, group) + lane;
   const __m256 magnitude_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const int64_t blocks = act.cols / 32;
-  for (int64_t block = 0; block < blocks; ++block) {
+  const int64_t blocks = end < 0 ? act.cols / 32 : end;
+  for (int64_t block = begin; block < blocks; ++block) {
     const float* at = x + 32 * block;
     __m256 v[4];
     __m256 magnitude = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();

@@ -128,8 +128,11 @@ constexpr int64_t kLayoutPanelRows = 16;
 namespace swarm_cpu {
 namespace {
 
-// Quantizing activations is spread over the pool only when there are this many.
+// Quantizing activations is spread over the pool only when there are this many: by
+// tiles, or, for one tile (a decode step's rows), by ranges of its blocks from
+// kSplitQuantizeElements on.
 constexpr int64_t kParallelQuantizeElements = 1 << 16;
+constexpr int64_t kSplitQuantizeElements = 1 << 12;
 
 // A grow-only, 64-byte aligned scratch buffer (one per thread, reused across calls).
 class Scratch {
@@ -205,17 +208,34 @@ ffi::Error QuantizeActivations(const float* x, int64_t m, int64_t k, Activations
   act.scale = reinterpret_cast<float*>(base + code_bytes);
   act.aux = reinterpret_cast<int32_t*>(base + code_bytes + scale_bytes);
 
-  // A tile's rows share cache lines (their codes interleave per dword), so a task
-  // quantizes a whole tile: threads writing lanes of one line would trade it back and forth.
-  auto quantize = [&](int tile) {
-    const int64_t first = tile * act.tile_rows, end = std::min(m, first + act.tile_rows);
+  // Rows [first, end) of blocks [begin, stop) (stop < 0: to the last).
+  auto rows = [&](int64_t first, int64_t end, int64_t begin, int64_t stop) {
     for (int64_t row = first; row < end; ++row) {
 #if SWARM_QMATMUL_SIMD
-      QuantizeRow(x + row * k, row, act, F::kGroup, F::kOffset, F::kAffine);
+      QuantizeRow(x + row * k, row, act, F::kGroup, F::kOffset, F::kAffine, begin, stop);
 #else
-      QuantizeRow8(x + row * k, row, act, F::kGroup, F::kOffset, F::kAffine);
+      QuantizeRow8(x + row * k, row, act, F::kGroup, F::kOffset, F::kAffine, begin, stop);
 #endif
     }
+  };
+  // A tile's rows share cache lines (their codes interleave per dword), so a task
+  // quantizes whole tiles, or in one tile a range of an even number of blocks, whole
+  // lines of its codes, scales and sums (8 rows of two blocks' f32 scales fill one):
+  // threads writing lanes of one line would trade it back and forth.  One tile alone
+  // (a decode step's rows) left the other threads waiting while the caller quantized.
+  const int64_t blocks = k / 32;
+  const int parts = static_cast<int>(std::min<int64_t>(Pool().threads(), blocks / 2));
+  if (act.tiles == 1 && m * k >= kSplitQuantizeElements && parts > 1) {
+    auto range = [&](int part) {
+      const int64_t begin = blocks * part / parts / 2 * 2;
+      rows(0, m, begin, part + 1 == parts ? blocks : blocks * (part + 1) / parts / 2 * 2);
+    };
+    Pool().Run(parts, range);
+    return ffi::Error::Success();
+  }
+  auto quantize = [&](int tile) {
+    const int64_t first = tile * act.tile_rows;
+    rows(first, std::min(m, first + act.tile_rows), 0, -1);
   };
   Pool().RunIf(m * k >= kParallelQuantizeElements, static_cast<int>(act.tiles), quantize);
   return ffi::Error::Success();
