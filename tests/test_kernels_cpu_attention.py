@@ -67,16 +67,45 @@ def test_matches_the_reference(dtype, dim, group, kv_heads) -> None:
             assert _close(got, want, values), (layer, first_row, np.max(np.abs(got - want)))
 
 
+@pytest.mark.parametrize(
+    ("dim", "group", "kv_heads"), [(64, 3, 3), (256, 4, 1), (128, 5, 2)], ids=["smollm2", "gemma3", "group5"]
+)
 @pytest.mark.parametrize("batch", [2, 8, 16])
-def test_wide_batches_match_the_reference(batch) -> None:
-    """Batches wide enough that a thread takes whole sequences (every kv head) at a time."""
-    q, keys, values = _case(7, rows=batch + 1, kv_heads=3, group=3, dim=64, batch=batch)
+def test_wide_batches_match_the_reference(batch, dim, group, kv_heads) -> None:
+    """Decode steps wide enough that a thread takes runs of whole sequences (every kv
+    head), feeding the next one's keys and values (the next layer's past the last) into
+    cache as it computes: in every layer, with sequences of very different lengths."""
+    q, keys, values = _case(7, layers=3, rows=batch + 1, kv_heads=kv_heads, group=group, dim=dim, batch=batch)
     rng = np.random.default_rng(batch)
     positions = rng.integers(0, 96, batch)
+    positions[: batch // 2] = rng.integers(0, 4, batch // 2)  # short ones first: runs of unequal counts
     kv_length = np.minimum(positions + 1, rng.integers(1, 97, batch))
-    for first_row in (0, 1):
-        got, want = _both(q, keys, values, 1, first_row, positions, kv_length, kv_bound=96, scale=0.125)
-        assert _close(got, want, values), (first_row, np.max(np.abs(got - want)))
+    for layer in range(3):
+        for first_row in (0, 1):
+            got, want = _both(
+                q, keys, values, layer, first_row, positions, kv_length, kv_bound=96, scale=dim**-0.5
+            )
+            assert _close(got, want, values), (layer, first_row, np.max(np.abs(got - want)))
+        # From row 2 the last sequence's row is past the cache (padding): zeros, the rest as before.
+        past = np.asarray(
+            ops.cache_attention(
+                q,
+                keys,
+                values,
+                jnp.int32(layer),
+                jnp.int32(2),
+                jnp.asarray(positions, jnp.int32)[:, None],
+                jnp.asarray(kv_length, jnp.int32),
+                kv_bound=96,
+                scale=dim**-0.5,
+                impl="cpu",
+            )
+        )
+        _, want = _both(
+            q[:-1], keys, values, layer, 2, positions[:-1], kv_length[:-1], kv_bound=96, scale=dim**-0.5
+        )
+        np.testing.assert_array_equal(past[-1], 0.0)
+        assert _close(past[:-1], want, values), layer
 
 
 def test_sliding_window_and_bound() -> None:
