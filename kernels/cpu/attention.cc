@@ -382,12 +382,12 @@ template <typename T>
 void RunDecode(const Problem& p) {
   const int64_t queries = p.batch;
   const int threads = Pool().threads();
-  std::vector<int64_t> starts(threads + 1, queries);
+  std::vector<int64_t> counts(queries), starts(threads + 1, queries);
   int64_t total = 0;
-  for (int64_t query = 0; query < queries; ++query) total += Locate<T>(p, query, 0).count;
+  for (int64_t query = 0; query < queries; ++query) total += counts[query] = Locate<T>(p, query, 0).count;
   starts[0] = 0;
   for (int64_t query = 0, seen = 0, run = 1; query < queries && run < threads; ++query) {
-    seen += Locate<T>(p, query, 0).count;
+    seen += counts[query];
     while (run < threads && seen * threads >= total * run) starts[run++] = query + 1;
   }
   // The lines of a query's records, and the feed steps its passes take per position, in
@@ -409,12 +409,11 @@ void RunDecode(const Problem& p) {
         next = first;
       }
       const Span<T> span = later.layer < p.layers ? Locate<T>(later, next, 0) : Span<T>{};
-      const int64_t count = Locate<T>(p, query, 0).count;
       feed.at[0] = reinterpret_cast<const char*>(span.key);
       feed.at[1] = reinterpret_cast<const char*>(span.value);
       feed.left[0] = span.count * p.kv_heads * p.head_dim * static_cast<int64_t>(sizeof(T));
       feed.left[1] = span.count * p.kv_heads * p.value_dim * static_cast<int64_t>(sizeof(T));
-      const int64_t steps = std::max<int64_t>(1, count * quarters / 4);
+      const int64_t steps = std::max<int64_t>(1, counts[query] * quarters / 4);
       feed.lines = static_cast<int>(std::min<int64_t>(8, (span.count * record_bytes / 64 + steps - 1) / steps));
       for (int64_t h = 0; h < p.kv_heads; ++h) Pair<T>(p, query, h, query == first, &feed);
     }
@@ -846,23 +845,30 @@ inline void Store(const float* from, int64_t count, uint16_t* to) {
   for (; i < count; ++i) to[i] = FloatToHalf(from[i]);
 }
 
+// The cache slot query (b, t) writes: its position in cache row first_row + b of the
+// layer, or -1 for a row or position outside the cache (a padding row).
+inline int64_t WriteSlot(const Problem& p, int64_t query) {
+  const int64_t row = p.first_row + query / p.steps, position = p.positions[query];
+  if (row < 0 || row >= p.rows || position < 0 || position >= p.capacity) return -1;
+  return (p.layer * p.rows + row) * p.capacity + position;
+}
+
 // Writes query (b, t)'s rotated keys and its values at its position in cache row
 // first_row + b of the layer (nothing for a row or position outside the cache: a
 // padding row), and its rotated query heads into `queries`.
 template <typename T>
 void Write(const Problem& p, int64_t query, const float* q, const float* k, const float* v, const float* cos,
            const float* sin, int64_t dims, bool neox, float* queries) {
-  const int64_t half = dims / 2, b = query / p.steps;
+  const int64_t half = dims / 2;
   cos += query * half;
   sin += query * half;
   Rotate(q + query * p.q_heads * p.head_dim, queries + query * p.q_heads * p.head_dim, p.q_heads, p.head_dim, cos,
          sin, dims, neox);
-  const int64_t row = p.first_row + b, position = p.positions[query];
-  if (row < 0 || row >= p.rows || position < 0 || position >= p.capacity) return;
+  const int64_t slot = WriteSlot(p, query);
+  if (slot < 0) return;
   thread_local std::vector<float> rotated;
   rotated.resize(p.kv_heads * p.head_dim);
   Rotate(k + query * p.kv_heads * p.head_dim, rotated.data(), p.kv_heads, p.head_dim, cos, sin, dims, neox);
-  const int64_t slot = (p.layer * p.rows + row) * p.capacity + position;
   Store(rotated.data(), p.kv_heads * p.head_dim,
         static_cast<T*>(const_cast<void*>(p.keys)) + slot * p.kv_heads * p.head_dim);
   Store(v + query * p.kv_heads * p.value_dim, p.kv_heads * p.value_dim,
@@ -882,9 +888,8 @@ void WriteAll(const Problem& p, bool half, const float* q, const float* k, const
     // all (for writing) before the rotations, so that their fetches overlap.
     const size_t element = half ? sizeof(uint16_t) : sizeof(float);
     for (int64_t query = 0; query < queries; ++query) {
-      const int64_t row = p.first_row + query / p.steps, position = p.positions[query];
-      if (row < 0 || row >= p.rows || position < 0 || position >= p.capacity) continue;
-      const int64_t slot = (p.layer * p.rows + row) * p.capacity + position;
+      const int64_t slot = WriteSlot(p, query);
+      if (slot < 0) continue;
       const char* key = static_cast<const char*>(p.keys) + slot * p.kv_heads * p.head_dim * element;
       const char* value = static_cast<const char*>(p.values) + slot * p.kv_heads * p.value_dim * element;
       for (size_t at = 0; at < p.kv_heads * p.head_dim * element; at += 64) __builtin_prefetch(key + at, 1);
