@@ -554,6 +554,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=config.logging.level.upper(), format="%(asctime)s %(levelname)s node %(name)s: %(message)s"
     )
+    # JAX logs each accelerator backend it probes and does not find (a TPU, on every
+    # other machine) at info: routine, so shown only when debugging.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     backend = ModelBackend(config.node.model, data_dir, config)
     server = NodeServer(
         data_dir / SOCKET_NAME,

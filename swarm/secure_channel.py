@@ -441,6 +441,7 @@ class SecureChannel:
         with self._receive_lock:
             self._check_open()
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            header = b""
             try:
                 header = self._reader.read(_LENGTH.size, deadline, idle=True)
                 (length,) = _LENGTH.unpack(header)
@@ -469,10 +470,13 @@ class SecureChannel:
                 ) from error
             except EOFError as error:
                 closed_by_us = self._closed
-                self._fail("peer closed the connection")
+                middle = " in the middle of a frame" if header or error.args[0] else ""
+                # Hanging up between frames is how a peer ends a session: no warning.
+                self._fail(
+                    f"peer closed the connection{middle}", logging.WARNING if middle else logging.DEBUG
+                )
                 if closed_by_us:
                     raise ChannelClosedError("channel is closed") from error
-                middle = " in the middle of a frame" if error.args[0] else ""
                 raise ChannelClosedError(f"{self.peer_id} closed the connection{middle}") from error
             except OSError as error:
                 closed_by_us = self._closed
@@ -501,9 +505,9 @@ class SecureChannel:
         if self._closed:
             raise ChannelClosedError(f"channel to {self.peer_id} is closed")
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, level: int = logging.WARNING) -> None:
         if not self._closed:
-            logger.warning("closing channel to %s: %s", self.peer_id, reason)
+            logger.log(level, "closing channel to %s: %s", self.peer_id, reason)
         self.close()
 
     def __enter__(self) -> SecureChannel:

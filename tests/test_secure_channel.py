@@ -478,13 +478,38 @@ def test_a_frame_that_stops_half_way_times_out_and_closes_the_channel(listener, 
         assert server.closed
 
 
-def test_a_peer_hanging_up_is_reported_as_closed(listener, channels):
+def test_a_peer_hanging_up_is_reported_as_closed(listener, channels, caplog):
     client, server, _, _ = connect_pair(listener, channels)
     client.close()
-    with pytest.raises(ChannelClosedError, match="closed the connection"):
+    with (
+        caplog.at_level(logging.WARNING, logger="swarm.secure_channel"),
+        pytest.raises(ChannelClosedError, match=r"closed the connection$"),
+    ):
         server.recv()
+    assert not caplog.records  # hanging up between frames ends a session: nothing to warn of
     with pytest.raises(ChannelClosedError):
         client.send(b"too late")
+
+
+@pytest.mark.parametrize("sent", [4, 12], ids=["length-only", "part-of-the-body"])
+def test_a_peer_hanging_up_in_the_middle_of_a_frame_is_warned_of(listener, channels, caplog, sent):
+    def cut(index: int, record: bytes) -> list[bytes]:
+        return [record[:sent]] if index == 2 else [record]
+
+    with Relay(listener.getsockname(), cut) as relay:
+        client, server, client_identity, _ = connect_pair(listener, channels, via=relay)
+        client.send(b"a frame cut short")
+        client.close()
+        with (
+            caplog.at_level(logging.WARNING, logger="swarm.secure_channel"),
+            pytest.raises(ChannelClosedError, match="closed the connection in the middle of a frame"),
+        ):
+            server.recv()
+        assert any(
+            "closing channel to " + client_identity.peer_id in r.getMessage()
+            and "middle of a frame" in r.getMessage()
+            for r in caplog.records
+        )
 
 
 def test_closing_wakes_a_blocked_receive(listener, channels):
