@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.cpu import build
 from kernels.qtensor import PANELS, QuantTensor
 from kernels.quant_types import GGMLType, quant_format
 
@@ -70,6 +69,10 @@ def _load() -> str | None:
 
 
 def _load_locked() -> str | None:
+    # Imported here, not with the package: `python -m kernels.cpu.build` then runs the
+    # module once, without Python's warning about a module imported before it runs.
+    from kernels.cpu import build
+
     try:
         path = build.build_or_raise()
     except (build.BuildError, OSError) as error:
