@@ -439,7 +439,8 @@ def scheduled(
     if scheduler.stats.waiting >= max(1, int(scheduler.max_waiting * MAX_DELEGATED_SHARE)):
         # The rest of the queue is kept for this node's own requests.
         raise OverflowError("this peer's queue is busy")
-    job = Job(events, priority=priority)
+    prompt = start.get("prompt_tokens")
+    job = Job(events, priority=priority, prompt_left=prompt if isinstance(prompt, int) else None)
     scheduler.submit(job)
     finished = False
     try:

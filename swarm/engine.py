@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -520,6 +520,50 @@ class Engine:
             done += len(chunk)
         return (np.concatenate(outputs) if len(outputs) > 1 else outputs[0]), cache
 
+    def chunk_steps(self, count: int) -> int | None:
+        """The bucket a prompt chunk of `count` tokens runs as when it goes in one call
+        (`forward` cuts it so), None when `forward` would cut it into several."""
+        plan = chunk_plan(count, self.settings.prefill_buckets, self.settings.call_rows()) if count else []
+        return plan[0][1] if len(plan) == 1 else None
+
+    def forward_rows(
+        self, pieces: Sequence[np.ndarray], starts: Sequence[int], first: int, cache: KVCache
+    ) -> tuple[np.ndarray, KVCache]:
+        """Prompt chunks of several sessions of a many-session cache in one call: piece i
+        (token ids i32[T_i]) at positions starts[i].. of cache row first + i.
+
+        Every piece must run as one call of the same bucket (`chunk_steps`); together
+        they are one program over the rows first .. first + len(pieces) - 1, each
+        padded to the bucket as `forward` pads one. Returns logits f32[n, vocab] at each
+        piece's last token, the very rows `forward` gives each piece alone. Needs the
+        whole model (token ids in, logits out). The cache is consumed (donated).
+        """
+        count = len(pieces)
+        if not (self.is_first and self.is_last):
+            raise InvalidRequestError("prompt chunks of several sessions need an engine holding every layer")
+        if count == 0 or len(starts) != count or first < 0 or first + count > cache.keys.shape[1]:
+            raise InvalidRequestError("forward_rows needs one start per piece, in rows of the cache")
+        steps = {self.chunk_steps(len(piece)) for piece in pieces}
+        if len(steps) != 1 or None in steps:
+            raise InvalidRequestError("the pieces of one call must each fit the same prompt bucket")
+        (bucket,) = steps
+        ends = [start + len(piece) for start, piece in zip(starts, pieces, strict=True)]
+        if max(ends) > cache.capacity:
+            raise ContextOverflowError(f"{max(ends)} positions exceed the cache of {cache.capacity}")
+        padded = np.zeros((count, bucket), np.int32)
+        for row, piece in enumerate(pieces):
+            padded[row, : len(piece)] = piece
+        out, cache = self._run(
+            False,
+            self._kv_bound(max(start + bucket for start in starts), bucket, cache.capacity),
+            padded,
+            np.asarray(starts, np.int32),
+            np.asarray([len(piece) for piece in pieces], np.int32),
+            cache,
+            np.int32(first),
+        )
+        return _logits_rows(out), cache
+
     def step(
         self, inputs: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache: KVCache
     ) -> tuple[np.ndarray, KVCache]:
@@ -593,15 +637,16 @@ class Engine:
         self._compiled_for(False, bound, args)
         return True
 
-    def prepare_prefill(self, steps: int, cache: KVCache) -> bool:
+    def prepare_prefill(self, steps: int, cache: KVCache, rows: int = 1) -> bool:
         """Compiles (without running) a prompt chunk of `steps` token ids into one row of
-        the many-session `cache`, from position 0; False if compiled already (or not a
-        first range). Safe on another thread while steps run, as prepare_step is: a
-        batch compiles its chunk sizes ahead so that no request waits for them."""
+        the many-session `cache` (`rows` consecutive rows: `forward_rows`), from position
+        0; False if compiled already (or not a first range). Safe on another thread while
+        steps run, as prepare_step is: a batch compiles its chunk sizes ahead so that no
+        request waits for them."""
         if not self.is_first:
             return False
         bound = self._kv_bound(steps, steps, cache.capacity)
-        inputs, rope = _abstract(self._prologue((1, steps)).out_info)
+        inputs, rope = _abstract(self._prologue((rows, steps)).out_info)
         return self._prepare_windowed(inputs, rope, bound, cache)
 
     def cache_rows(

@@ -109,18 +109,23 @@ class StopScanner:
 
 class Prefilling:
     """Yielded by `Generator.stream` while the prompt goes in, when asked to
-    (`prefill_chunk`): PREFILLING after each chunk, AWAITING_PEERS while prefix blocks
-    are awaited from peers (`waiting`: that turn did no device work)."""
+    (`prefill_chunk`): CHUNK_QUEUED when a chunk is queued (the next turn runs it, with
+    every chunk queued by then: a scheduler gives each arriving prompt's turn first,
+    then their next turns, and their chunks go in together), PREFILLING after a chunk
+    went in and more of the prompt is left, AWAITING_PEERS while prefix blocks are
+    awaited from peers (`waiting`: that turn did no device work)."""
 
-    def __init__(self, name: str, waiting: bool) -> None:
+    def __init__(self, name: str, waiting: bool = False, queued: bool = False) -> None:
         self.name = name
         self.waiting = waiting
+        self.queued = queued
 
     def __repr__(self) -> str:
         return self.name
 
 
-PREFILLING = Prefilling("PREFILLING", waiting=False)
+PREFILLING = Prefilling("PREFILLING")
+CHUNK_QUEUED = Prefilling("CHUNK_QUEUED", queued=True)
 AWAITING_PEERS = Prefilling("AWAITING_PEERS", waiting=True)
 
 
@@ -149,6 +154,16 @@ class _Step:
         return self.seat.prefill(np.asarray([self.token], np.int32), self.position)
 
 
+class _Chunk:
+    """A prompt chunk of a session with its own cache, run when its result is asked for."""
+
+    def __init__(self, seat: _OwnCache, ids: np.ndarray, start: int):
+        self.seat, self.ids, self.start = seat, ids, start
+
+    def result(self) -> np.ndarray:
+        return self.seat.prefill(self.ids, self.start)
+
+
 class _OwnCache:
     """A session's keys and values in a cache of its own."""
 
@@ -168,6 +183,9 @@ class _OwnCache:
 
     def submit(self, token: np.ndarray, position: int) -> _Step:
         return _Step(self, token, position)
+
+    def submit_prompt(self, ids: np.ndarray, start: int) -> _Chunk:
+        return _Chunk(self, ids, start)
 
     def close(self) -> None:
         self.cache = None
@@ -191,6 +209,9 @@ class _BatchSeat:
 
     def submit(self, token: np.ndarray, position: int) -> Ticket:
         return self.batch.submit(self.slot, token, position)
+
+    def submit_prompt(self, ids: np.ndarray, start: int) -> Ticket:
+        return self.batch.submit_prompt(self.slot, ids, start)
 
     def close(self) -> None:
         if self.slot is not None:
@@ -280,8 +301,11 @@ class Generator:
         """The prompt's last logits, its keys and values in `seat`, reusing and feeding the
         prefix cache.
 
-        With `chunk`, the prompt goes through in pieces of that many tokens and PREFILLING
-        is yielded between them (a scheduler's chance to run other sessions' steps).
+        With `chunk`, the prompt goes through in pieces of that many tokens: each is
+        queued and CHUNK_QUEUED yielded, then it runs when the generator resumes (with
+        the other sessions' chunks queued meanwhile: one call where their rows allow),
+        and PREFILLING is yielded between pieces (a scheduler's chance to run other
+        sessions' steps).
         """
         prefix = self.prefix_cache
         position = 0
@@ -296,7 +320,12 @@ class Generator:
         step = chunk or len(prompt_ids)
         while True:
             piece = np.asarray(prompt_ids[position : position + step], np.int32)
-            logits = seat.prefill(piece, position)
+            if chunk is None:
+                logits = seat.prefill(piece, position)
+            else:
+                pending = seat.submit_prompt(piece, position)
+                yield CHUNK_QUEUED
+                logits = pending.result()
             position += len(piece)
             if position >= len(prompt_ids):
                 break

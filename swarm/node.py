@@ -203,10 +203,14 @@ class ModelBackend:
         steps.close()
         if self.generator.batch is not None:
             # In the background: the wider steps, and every chunk size a prompt is cut to.
+            # Then the calls that run several arriving prompts together (a round takes in
+            # up to one chunk's worth of them).
             chunk = self.config.inference.prefill_chunk
             buckets = self.engine.settings.prefill_buckets
             largest = next((b for b in buckets if b >= chunk), buckets[-1]) if chunk else buckets[-1]
-            self.generator.batch.warm_up([b for b in buckets if b <= largest])
+            chunks = [b for b in buckets if b <= largest]
+            batch = self.generator.batch
+            batch.warm_up(chunks, batch.prompt_call_shapes(chunks, chunk))
 
     @property
     def model_id(self) -> str:
@@ -421,8 +425,10 @@ class ModelBackend:
             events = self.peering.requester().stream(prepared.prompt_ids, params)
         for event in events:
             if isinstance(event, Prefilling):
-                # A prompt chunk went in, or (waiting) prefix blocks are awaited from peers.
-                yield {"event": "progress", "prompt": True, **({"waiting": True} if event.waiting else {})}
+                # A prompt chunk queued (the next turn runs it) or went in, or (waiting)
+                # prefix blocks are awaited from peers.
+                flags = {"waiting": True} if event.waiting else {"queued": True} if event.queued else {}
+                yield {"event": "progress", "prompt": True, **flags}
                 continue
             if isinstance(event, str):
                 finish = event
@@ -564,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend,
         max_active=config.inference.max_concurrent_requests,
         max_waiting=config.inference.max_queue,
+        prompt_budget=config.inference.prefill_chunk,
     )
     backend.scheduler = server.scheduler
     stopping = threading.Event()
@@ -584,7 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _reload(backend: ModelBackend, server: NodeServer, data_dir: Path) -> None:
-    """SIGHUP: re-read the config; queue limits apply at once, the rest at restart."""
+    """SIGHUP: re-read the config; queue limits and the prefill chunk apply at once, the rest
+    at restart."""
     try:
         config = load_config(data_dir, os.environ)
     except ConfigError as error:
@@ -592,6 +600,7 @@ def _reload(backend: ModelBackend, server: NodeServer, data_dir: Path) -> None:
         return
     server.scheduler.max_active = config.inference.max_concurrent_requests
     server.scheduler.max_waiting = config.inference.max_queue
+    server.scheduler.prompt_budget = config.inference.prefill_chunk  # as the next prompts are cut
     backend.config = config
     if backend.peering is not None:  # private mode and pool settings apply to the next route
         backend.peering.config = config

@@ -3,12 +3,13 @@
 Owns the unix socket the control plane talks to, one thread per connection, and
 one scheduler thread that does all device work. The scheduler keeps up to
 `max_active` generations open and advances them in turn, one step each, so a long
-generation never holds up a short one; of those still taking in their prompt, one
-steps per round (the first admitted), so arriving prompts never stall the running
-generations' tokens for more than one prefill chunk; extra requests wait in a bounded queue
-(full: `overloaded`). Each generation's events go into its own queue, so a slow
-reader never stalls the scheduler; a reader that hangs up cancels its generation
-at the next step.
+generation never holds up a short one; of those still taking in their prompt, the first
+admitted steps each round, and the next ones too while their prompts fit in what is left
+of one prefill chunk (`prompt_budget` tokens), so arriving prompts never stall the running
+generations' tokens for more than one chunk, and a burst of short prompts goes in at once
+instead of one per round; extra requests wait in a bounded queue (full: `overloaded`).
+Each generation's events go into its own queue, so a slow reader never stalls the
+scheduler; a reader that hangs up cancels its generation at the next step.
 
 The backend (the real one is `swarm.node.ModelBackend`; tests use a mock) knows the
 model; this module knows only the protocol. Must not import jax.
@@ -112,6 +113,12 @@ class Job:
     # Its last event was {"event": "progress", "prompt": true, "waiting": true}: its prompt
     # awaits peers (prefix blocks), and its turns are polls that do no device work.
     waiting: bool = False
+    # Prompt tokens still to go in (None: not known, as if each turn took a whole chunk);
+    # a round fits as many prompt turns into one chunk's worth of tokens as it can.
+    prompt_left: int | None = None
+    # Its last event was {"event": "progress", "prompt": true, "queued": true}: its turn
+    # queued a prompt chunk, which its next turn runs (with the others queued by then).
+    queued: bool = False
 
 
 @dataclass
@@ -125,12 +132,18 @@ class SchedulerStats:
 
 
 class Scheduler:
-    """Round-robin over active jobs on one thread (one prompt turn per round, see
-    `_round`); the only place device work runs."""
+    """Round-robin over active jobs on one thread (at most one prefill chunk's worth of
+    prompt tokens per round, see `_round`); the only place device work runs.
 
-    def __init__(self, max_active: int, max_waiting: int):
+    prompt_budget: the prompt tokens one turn of a job takes in (a node's
+    `inference.prefill_chunk`), and so the most a round's prompt turns take together;
+    0: prompts go in whole, one per round.
+    """
+
+    def __init__(self, max_active: int, max_waiting: int, prompt_budget: int = 0):
         self.max_active = max_active
         self.max_waiting = max_waiting
+        self.prompt_budget = prompt_budget
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._wake = threading.Condition()
@@ -205,6 +218,7 @@ class Scheduler:
         kind = event.get("event")
         prompt = kind == "progress" and bool(event.get("prompt"))
         job.waiting = prompt and bool(event.get("waiting"))
+        job.queued = prompt and bool(event.get("queued"))
         if not prompt:
             job.past_prompt = True
         if kind == "text" and event.get("token_id", -1) >= 0:
@@ -228,30 +242,59 @@ class Scheduler:
         return True
 
     def _round(self) -> None:
-        """One turn for every job past its prompt, and for one job still in it (the first
-        admitted).
+        """One turn for every job past its prompt, and prompt turns for those still in it.
 
-        A turn of a job in its prompt is a whole prefill chunk (`inference.prefill_chunk`
-        tokens), one past it a decode step that all of them share. A job awaiting prefix
-        blocks from peers polls every round and holds no prompt turn meanwhile. One prompt turn per
-        round bounds the wait between two tokens of a running generation by one chunk,
-        however many requests arrive at once: a burst of eight prompts no longer holds
-        everyone's next token until all eight are in.
+        A turn of a job in its prompt is a whole prefill chunk (`prompt_budget` tokens, or
+        what is left of its prompt), one past it a decode step that all of them share.
+        The first admitted prompt takes a turn every round; the later ones join it while
+        their turns fit in what is left of one chunk's worth of tokens, so a running
+        generation waits for at most one chunk's worth of prompt between two of its
+        tokens, however many requests arrive at once, and eight short prompts arriving
+        together go in in one round. A prompt turn that only queued its chunk ({"event":
+        "progress", "prompt": true, "queued": true}) takes a second turn once every
+        chosen prompt has had its first: the first of those runs all the queued chunks,
+        in one call where their rows allow. A job awaiting prefix blocks from peers polls
+        every round and holds no prompt turn meanwhile.
         """
 
         def holds_back(job: Job) -> bool:  # a prompt chunk to run, not a cancellation or a poll
             return not job.past_prompt and not job.waiting and not job.cancelled.is_set()
 
-        # The first admitted (admission went by priority): a later arrival of a higher
-        # priority waits its turn behind prompts already in, which never starve.
-        chosen = next((job for job in self._active if holds_back(job)), None)
-        kept = []
-        for job in list(self._active):
-            if (holds_back(job) and job is not chosen) or self._step(job):
-                kept.append(job)
+        prompts = [job for job in self._active if holds_back(job)]
+        over: set[int] = set()
+        for job in self._active:  # the decode steps (and cancellations, and polls)
+            if not holds_back(job) and not self._step(job):
+                over.add(id(job))
+        chosen = self._prompt_turns(prompts)
+        for job in chosen:  # each queues its chunk (or runs it, where a backend does not queue)
+            if not self._step(job):
+                over.add(id(job))
+        for job in chosen:  # then the queued chunks run, and each job takes its answer
+            if id(job) not in over and job.queued and not self._step(job):
+                over.add(id(job))
+            if job.prompt_left is not None and not job.waiting:
+                job.prompt_left = max(0, job.prompt_left - self.prompt_budget) if self.prompt_budget else 0
+        kept = [job for job in self._active if id(job) not in over]
         self._active = kept
         if kept and all(job.waiting for job in kept):
             time.sleep(0.001)  # only answers from peers awaited: no spinning meanwhile
+
+    def _prompt_turns(self, prompts: list[Job]) -> list[Job]:
+        """Of the jobs with a prompt chunk to run (in admission order, which went by
+        priority), those that run it this round: the first, which never starves behind
+        later arrivals, then each later one whose turn fits in the tokens left."""
+        budget = self.prompt_budget
+        chosen: list[Job] = []
+        room = budget
+        for job in prompts:
+            size = budget if job.prompt_left is None else min(job.prompt_left, budget)
+            if chosen and size > room:
+                continue
+            chosen.append(job)
+            room -= size
+            if room <= 0:
+                break
+        return chosen
 
     def _loop(self) -> None:
         while True:
@@ -344,7 +387,8 @@ class _Handler(socketserver.StreamRequestHandler):
     def _stream(
         self, events: Iterator[dict[str, Any]], start: dict[str, Any] | None = None, priority: int = 0
     ) -> None:
-        job = Job(events, priority=priority)
+        prompt = start.get("prompt_tokens") if start is not None else None
+        job = Job(events, priority=priority, prompt_left=prompt if isinstance(prompt, int) else None)
         try:
             self.server.scheduler.submit(job)
         except OverflowError:
@@ -379,11 +423,19 @@ class NodeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     daemon_threads = True
 
-    def __init__(self, path: Path, backend: Backend, *, max_active: int = 8, max_waiting: int = 256):
+    def __init__(
+        self,
+        path: Path,
+        backend: Backend,
+        *,
+        max_active: int = 8,
+        max_waiting: int = 256,
+        prompt_budget: int = 0,
+    ):
         self.path = Path(path)
         self.backend = backend
         self.started = time.time()
-        self.scheduler = Scheduler(max_active, max_waiting)
+        self.scheduler = Scheduler(max_active, max_waiting, prompt_budget)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
             self.path.unlink()

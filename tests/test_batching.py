@@ -20,7 +20,7 @@ import pytest
 
 from swarm.batching import SlotBatch
 from swarm.errors import InvalidRequestError
-from swarm.generate import Generator
+from swarm.generate import CHUNK_QUEUED, Generator
 from swarm.node_server import Job, Scheduler
 from swarm.sampling import SamplingParams
 
@@ -58,6 +58,7 @@ class StandInEngine:
         self.step_seconds = step_seconds
         self.steps: list[list[int]] = []  # the slots of each step call
         self.prepared: list[tuple[int, int]] = []  # step shapes compiled ahead
+        self.prompt_calls: list[list[int]] = []  # the rows of each call of prompt chunks
         self.fail_next = False
 
     def cache_capacity(self, needed: int) -> int:
@@ -70,7 +71,23 @@ class StandInEngine:
         row = 0 if slot is None else slot
         inputs = np.asarray(inputs)
         cache[row, start : start + len(inputs)] = inputs
+        self.prompt_calls.append([row])
         return answer(cache[row, : start + len(inputs)]), cache
+
+    def chunk_steps(self, count):  # buckets of 4, 8, 16; longer chunks take several calls
+        bucket = 4
+        while bucket < count:
+            bucket *= 2
+        return bucket if bucket <= 16 else None
+
+    def forward_rows(self, pieces, starts, first, cache):
+        assert len({self.chunk_steps(len(piece)) for piece in pieces}) == 1, "one bucket per call"
+        outputs = []
+        for row, (piece, start) in enumerate(zip(pieces, starts, strict=True), start=first):
+            cache[row, start : start + len(piece)] = piece
+            outputs.append(answer(cache[row, : start + len(piece)]))
+        self.prompt_calls.append(list(range(first, first + len(pieces))))
+        return np.stack(outputs), cache
 
     def takes_token_ids(self, inputs):
         return np.issubdtype(np.asarray(inputs).dtype, np.integer)
@@ -96,8 +113,8 @@ class StandInEngine:
         self.prepared.append(self.step_shape(count, position, cache.shape[1], cache.shape[0]))
         return True
 
-    def prepare_prefill(self, steps, cache):
-        self.prepared.append(("prefill", steps))
+    def prepare_prefill(self, steps, cache, rows=1):
+        self.prepared.append(("prefill", steps) if rows == 1 else ("prompts", rows, steps))
         return True
 
     def with_rows(self, cache, keys, values, slot=0):
@@ -129,7 +146,97 @@ def test_steps_queued_together_run_in_one_call_and_each_gets_its_own_answer():
     assert engine.steps == [sorted(slot for slot, _ in seated)]
     for prompt, output in zip(prompts, outputs, strict=True):
         assert int(np.argmax(output)) == expected_tokens(prompt, 2)[1]
-    assert batch.stats.as_dict() == {"steps": 1, "rows": 3, "mean_rows": 3.0, "widest": 3}
+    assert batch.stats.as_dict() == {
+        "steps": 1,
+        "rows": 3,
+        "mean_rows": 3.0,
+        "widest": 3,
+        "prompt_calls": 0,
+        "prompt_chunks": 0,
+    }
+
+
+def seated(batch: SlotBatch, count: int) -> list[int]:
+    slots = [batch.acquire(64) for _ in range(count)]
+    assert None not in slots
+    return slots
+
+
+def test_prompt_chunks_queued_together_run_in_one_call_once_its_shape_is_compiled():
+    engine = StandInEngine()
+    batch = SlotBatch(engine, slots=8, max_capacity=1024)
+    prompts = [[3, 4, 5], [9, 9], [1, 2, 3, 4], [7]]  # one bucket (4 tokens) each
+    slots = seated(batch, 4)
+
+    def run_all() -> list[np.ndarray]:
+        tickets = [
+            batch.submit_prompt(slot, np.asarray(p), 0) for slot, p in zip(slots, prompts, strict=True)
+        ]
+        return [ticket.result() for ticket in tickets]
+
+    outputs = run_all()  # the 4-row call is not compiled yet: one by one, and it compiles
+    assert engine.prompt_calls == [[0], [1], [2], [3]]
+    batch.stop_preparing()  # after the compile under way: the only one asked for
+    assert ("prompts", 4, 4) in engine.prepared
+    engine.prompt_calls.clear()
+    assert [int(np.argmax(o)) for o in run_all()] == [int(np.argmax(o)) for o in outputs]
+    assert engine.prompt_calls == [[0, 1, 2, 3]]
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert int(np.argmax(output)) == expected_tokens(prompt, 1)[0]
+    assert batch.stats.prompt_calls == 5 and batch.stats.prompt_chunks == 8
+
+
+def test_warm_up_compiles_the_calls_of_prompts_going_in_together():
+    engine = StandInEngine()
+    batch = SlotBatch(engine, slots=8, max_capacity=1024)
+    # A round of up to 32 prompt tokens: 2, 4 or 8 chunks of 4, 2 or 4 of 8, 2 of 16.
+    groups = batch.prompt_call_shapes([4, 8, 16, 32], budget=32)
+    assert groups == [(2, 4), (4, 4), (8, 4), (2, 8), (4, 8), (2, 16)]
+    batch.warm_up([4, 8, 16, 32], groups)
+    deadline = time.monotonic() + 10
+    while not all(batch.prompts_ready(*g) for g in groups) and time.monotonic() < deadline:
+        time.sleep(0.01)  # compiled in the background
+    assert [item for item in engine.prepared if item[0] == "prompts"] == [("prompts", *g) for g in groups]
+    slots = seated(batch, 2)
+    tickets = [batch.submit_prompt(slot, np.asarray([slot + 1] * 3), 0) for slot in slots]
+    assert [int(np.argmax(t.result())) for t in tickets] == [
+        expected_tokens([1] * 3, 1)[0],
+        expected_tokens([2] * 3, 1)[0],
+    ]
+    assert engine.prompt_calls == [[0, 1]]  # together from the first, no compile awaited
+
+
+def test_prompt_chunks_share_a_call_only_in_consecutive_rows_of_one_bucket():
+    engine = StandInEngine()
+    batch = SlotBatch(engine, slots=8, max_capacity=1024)
+    for rows in (2, 4):
+        batch.prepare_prompts(rows, 4)
+        batch.prepare_prompts(rows, 8)
+    slots = seated(batch, 8)
+    batch.release(slots[3])  # rows 0-2 and 4-7 hold sessions
+    chunks = {0: [1], 1: [2, 2], 2: [3], 4: [4] * 5, 5: [5] * 6, 6: [6], 7: [7] * 8}
+    tickets = {slot: batch.submit_prompt(slot, np.asarray(chunk), 0) for slot, chunk in chunks.items()}
+    for slot, ticket in tickets.items():
+        assert int(np.argmax(ticket.result())) == expected_tokens(chunks[slot], 1)[0]
+    # 0-2 (bucket 4): two rows together, then one; 4-5 (bucket 8) together; 6 (bucket 4)
+    # alone; 7 (bucket 8) alone.
+    assert engine.prompt_calls == [[0, 1], [2], [4, 5], [6], [7]]
+
+
+def test_a_leaving_session_s_queued_prompt_chunk_never_runs():
+    engine = StandInEngine()
+    batch = SlotBatch(engine, slots=2, max_capacity=1024)
+    batch.prepare_prompts(2, 4)
+    first, second = seated(batch, 2)
+    stay = batch.submit_prompt(first, np.asarray([1, 2]), 0)
+    leave = batch.submit_prompt(second, np.asarray([5, 5]), 0)
+    batch.release(second)
+    with pytest.raises(InvalidRequestError, match="left the batch"):
+        leave.result()
+    assert int(np.argmax(stay.result())) == expected_tokens([1, 2], 1)[0]
+    assert engine.prompt_calls == [[first]]
+    with pytest.raises(InvalidRequestError, match="not held"):
+        batch.submit_prompt(second, np.asarray([1]), 0)
 
 
 def test_a_leaving_session_s_queued_step_never_runs_and_its_row_is_reused():
@@ -411,3 +518,56 @@ def test_a_rows_logits_do_not_depend_on_what_shares_its_step(opened_models):
     fresh = type(cache)(jnp.asarray(keys), jnp.asarray(values))
     shuffled, _ = engine.step(tokens[order], positions[order], order.astype(np.int32), fresh)
     np.testing.assert_array_equal(shuffled, together[order])
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_prompts_going_in_together_give_the_tokens_and_cache_of_prompts_alone(name, opened_models):
+    """Four prompts queued in one round run as one call of four rows; each row's logits,
+    keys and values are those of its prompt run alone, bit for bit (every row is
+    computed by the same arithmetic), so the greedy tokens are equal."""
+    model = opened_models(name)
+    engine = model.engine()
+    tokenizer = model.tokenizer
+    texts = [
+        "The capital of France is a city that many people visit because",
+        "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+        "Water boils at one hundred degrees at sea level, but on a mountain",
+        "Three colours of the rainbow are red, green and blue, and the others",
+    ]
+    encoded = [tokenizer.encode(text, add_bos=None, parse_special=False) for text in texts]
+    length = min(len(ids) for ids in encoded)
+    prompts = [ids[:length] for ids in encoded]  # one length, so one bucket
+    lengths = [length, length - 1, length, length - 2]  # and padding that differs per row
+    prompts = [ids[:n] for ids, n in zip(prompts, lengths, strict=True)]
+    buckets = {engine.chunk_steps(len(prompt)) for prompt in prompts}
+    assert len(buckets) == 1 and None not in buckets
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    alone = Generator(engine, tokenizer)
+    expected = [alone.generate(prompt, params).token_ids for prompt in prompts]
+
+    batch = SlotBatch(engine, slots=4, max_capacity=256)
+    batch.prepare_prompts(4, buckets.pop())
+    together = Generator(engine, tokenizer, batch=batch)
+    streams = [together.stream(prompt, params, prefill_chunk=64) for prompt in prompts]
+    assert all(next(stream) is CHUNK_QUEUED for stream in streams)  # each queued its prompt
+    single = engine.new_cache(256)
+    _, single = engine.forward(np.asarray(prompts[1], np.int32), 0, single)
+    got: list[list[int]] = [[] for _ in prompts]
+    first = [next(stream) for stream in streams]  # the first runs all four chunks
+    assert batch.stats.prompt_calls == 1 and batch.stats.prompt_chunks == 4
+    keys, values = batch.rows(1, 0, lengths[1])
+    np.testing.assert_array_equal(keys, np.asarray(single.keys[:, 0, : lengths[1]]))
+    np.testing.assert_array_equal(values, np.asarray(single.values[:, 0, : lengths[1]]))
+    for index, event in enumerate(first):
+        got[index].append(event.token_id)
+    live = set(range(len(prompts)))
+    while live:
+        for index in sorted(live):
+            event = next(streams[index])
+            if isinstance(event, str):
+                live.discard(index)
+            elif event.token_id >= 0:
+                got[index].append(event.token_id)
+    assert got == expected
+    assert batch.in_use() == 0

@@ -93,7 +93,7 @@ def test_a_prefix_hit_gives_the_tokens_of_a_cold_run(opened_models, real_engines
 
 @pytest.mark.realmodel
 def test_chunked_prefill_yields_between_chunks_and_gives_the_same_tokens(opened_models, real_engines):
-    from swarm.generate import PREFILLING, Generator
+    from swarm.generate import CHUNK_QUEUED, PREFILLING, Generator
 
     model = opened_models("smollm2-135m")
     generator = Generator(real_engines("smollm2-135m"), model.tokenizer)
@@ -101,6 +101,9 @@ def test_chunked_prefill_yields_between_chunks_and_gives_the_same_tokens(opened_
     prompt = model.tokenizer.encode(text, add_bos=None, parse_special=False)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     events = list(generator.stream(prompt, params, prefill_chunk=64))
-    assert events[: -(len(prompt) // -64) - 1] == [PREFILLING] * (-(len(prompt) // -64) - 1)
-    tokens = [event.token_id for event in events if event is not PREFILLING and not isinstance(event, str)]
+    chunks = -(len(prompt) // -64)
+    # Each chunk is queued, then runs on the next turn; PREFILLING between chunks.
+    assert events[: 2 * chunks - 1] == [CHUNK_QUEUED, PREFILLING] * (chunks - 1) + [CHUNK_QUEUED]
+    markers = (CHUNK_QUEUED, PREFILLING)
+    tokens = [event.token_id for event in events if event not in markers and not isinstance(event, str)]
     assert tokens == generator.generate(prompt, params).token_ids

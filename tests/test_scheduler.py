@@ -199,6 +199,99 @@ def test_arriving_prompts_take_one_turn_between_two_tokens_of_a_running_generati
     assert prompts == ["p0", "p0", "p1", "p1", "p2", "p2", "p3", "p3"]
 
 
+def prompt_window(trace: list[str], running: str) -> list[list[str]]:
+    """The prompt turns between each two tokens of `running` (and before its first)."""
+    windows: list[list[str]] = [[]]
+    for name in trace:
+        if name == running:
+            windows.append([])
+        elif name.endswith(":prompt"):
+            windows[-1].append(name.split(":")[0])
+    return [window for window in windows if window]
+
+
+def test_short_prompts_arriving_together_go_in_in_one_round():
+    scheduler = Scheduler(max_active=8, max_waiting=10, prompt_budget=256)
+    trace: list[str] = []
+    gate = threading.Event()
+    try:
+        running = Job(generation("running", 40, trace, gate))
+        scheduler.submit(running)
+        burst = [prompted(f"p{i}", 1, 2, trace) for i in range(6)]
+        for job in burst:
+            job.prompt_left = 40  # six of 40 tokens: 240, within one chunk of 256
+            scheduler.submit(job)
+        time.sleep(0.2)
+        gate.set()
+        for job in [running, *burst]:
+            finish(job)
+    finally:
+        scheduler.stop()
+    assert prompt_window(trace, "running") == [[f"p{i}" for i in range(6)]]
+
+
+def test_a_round_takes_in_at_most_one_chunks_worth_of_prompt_tokens():
+    """Prompts whose turns overflow what is left of the chunk wait for the next round;
+    a smaller one that fits goes in beside the first admitted."""
+    scheduler = Scheduler(max_active=8, max_waiting=10, prompt_budget=256)
+    trace: list[str] = []
+    gate = threading.Event()
+    try:
+        running = Job(generation("running", 40, trace, gate))
+        scheduler.submit(running)
+        sizes = {"big": 300, "mid": 200, "small": 40, "unknown": None}
+        burst = [prompted(name, -(-(size or 256) // 256), 1, trace) for name, size in sizes.items()]
+        for job, size in zip(burst, sizes.values(), strict=True):
+            job.prompt_left = size
+            scheduler.submit(job)
+        time.sleep(0.2)
+        gate.set()
+        for job in [running, *burst]:
+            finish(job)
+    finally:
+        scheduler.stop()
+    # big goes in as 256 + 44 tokens: mid (200) fits beside its last chunk, and then
+    # small (40) no longer does; a job of unknown size counts as a whole chunk.
+    assert prompt_window(trace, "running") == [["big"], ["big", "mid"], ["small"], ["unknown"]]
+
+
+def test_queued_prompt_chunks_run_once_every_chosen_prompt_has_queued_its_own():
+    """A backend that queues a chunk ("queued" progress) and runs it on its next turn
+    gets that turn after the round's other prompts queued theirs: one call can run
+    them all."""
+    scheduler = Scheduler(max_active=8, max_waiting=10, prompt_budget=256)
+    trace: list[str] = []
+
+    def queuing(name: str) -> Job:
+        def events() -> Iterator[dict]:
+            trace.append(f"{name}:queue")
+            yield {"event": "progress", "prompt": True, "queued": True}
+            trace.append(f"{name}:run")
+            yield {"event": "text", "text": name, "token_id": 1}
+            yield {"event": "done", "finish_reason": "length"}
+
+        return Job(events(), prompt_left=30)
+
+    try:
+        blocker, gate = held_by_a_blocker(scheduler, trace)
+        jobs = [queuing(name) for name in "abc"]
+        for job in jobs:
+            scheduler.submit(job)
+        gate.set()
+        for job in [blocker, *jobs]:
+            assert finish(job)[-1]["event"] == "done"
+    finally:
+        scheduler.stop()
+    assert [name for name in trace if ":" in name] == [
+        "a:queue",
+        "b:queue",
+        "c:queue",
+        "a:run",
+        "b:run",
+        "c:run",
+    ]
+
+
 def test_prompts_go_in_in_admission_order_which_is_by_priority():
     scheduler = Scheduler(max_active=8, max_waiting=10)
     trace: list[str] = []

@@ -83,11 +83,18 @@ class TimedEngine:
         self.calls.append(("prompt", began, time.perf_counter(), len(inputs)))
         return out
 
+    def forward_rows(self, pieces, starts, first, cache):
+        began = time.perf_counter()
+        out = self._engine.forward_rows(pieces, starts, first, cache)
+        self.calls.append(("prompt", began, time.perf_counter(), sum(len(piece) for piece in pieces)))
+        return out
+
 
 def time_spent(calls: list[tuple[str, float, float, int]], width: int, start: float, end: float) -> dict:
     """Of one run's engine calls: the median step of `width` rows, the host's median time
-    between two such steps (sampling, detokenizing, scheduling), the median prompt
-    forward, and how much of [start, end] passed before the first step of `width` rows."""
+    between two such steps (sampling, detokenizing, scheduling), the median prompt call
+    (one prompt's chunk, or several prompts' that went in together), and how much of
+    [start, end] passed before the first step of `width` rows."""
     full = [(began, ended) for kind, began, ended, rows in calls if kind == "step" and rows == width]
     prompts = [ended - began for kind, began, ended, _ in calls if kind == "prompt"]
     between = [b[0] - a[1] for a, b in itertools.pairwise(full)]
@@ -104,12 +111,17 @@ def time_spent(calls: list[tuple[str, float, float, int]], width: int, start: fl
 def events(generator: Generator, prompt: list[int], params: SamplingParams, chunk: int | None):
     for event in generator.stream(prompt, params, prefill_chunk=chunk):
         if isinstance(event, Prefilling):
-            yield {"event": "progress", "prompt": True}
+            yield {"event": "progress", "prompt": True, **({"queued": True} if event.queued else {})}
         elif isinstance(event, str):
             yield {"event": "done"}
             return
         else:
             yield {"event": "text", "token_id": event.token_id}
+
+
+def job_of(generator: Generator, prompt: list[int], params: SamplingParams, chunk: int | None) -> Job:
+    """A scheduler job for the prompt, its length known (as a node's are)."""
+    return Job(events(generator, prompt, params, chunk), prompt_left=len(prompt))
 
 
 def token_times(job: Job) -> list[float]:
@@ -133,7 +145,7 @@ def run_together(
     chunk: int | None,
 ) -> tuple[float, list[list[float]]]:
     """Submits every prompt at once; the submit time and each job's token arrival times."""
-    jobs = [Job(events(generator, prompt, params, chunk)) for prompt in prompts]
+    jobs = [job_of(generator, prompt, params, chunk) for prompt in prompts]
     times: dict[int, list[float]] = {}
     readers = [
         threading.Thread(target=lambda i=i, job=job: times.__setitem__(i, token_times(job)))
@@ -158,7 +170,7 @@ def longest_gap_during_long_prompt(
     chunk: int | None,
 ) -> dict[str, float]:
     """Others decode; a long prompt arrives; their longest gap between tokens meanwhile."""
-    jobs = [Job(events(generator, prompt, params, chunk)) for prompt in short]
+    jobs = [job_of(generator, prompt, params, chunk) for prompt in short]
     for job in jobs:
         scheduler.submit(job)
     results: dict[int, list[float]] = {}
@@ -170,7 +182,7 @@ def longest_gap_during_long_prompt(
         reader.start()
     time.sleep(1.0)  # the others are decoding
     arrived = time.perf_counter()
-    long_job = Job(events(generator, long_prompt, dataclasses.replace(params, max_tokens=4), chunk))
+    long_job = job_of(generator, long_prompt, dataclasses.replace(params, max_tokens=4), chunk)
     scheduler.submit(long_job)
     long_times = token_times(long_job)
     for reader in readers:
@@ -235,7 +247,7 @@ def main() -> int:
     batch = SlotBatch(engine, args.streams, 4096)
     batch.warm_up()
     generator = Generator(engine, model.tokenizer, batch=batch)
-    scheduler = Scheduler(max_active=args.streams, max_waiting=64)
+    scheduler = Scheduler(max_active=args.streams, max_waiting=64, prompt_budget=args.chunk)
     report: dict = {
         "model": args.model,
         "streams": args.streams,
