@@ -61,6 +61,8 @@ class MockBackend:
                         "rows": self.started_runs,
                         "mean_rows": 1.0,
                         "widest": 1,
+                        "prompt_calls": self.started_runs,
+                        "prompt_chunks": 2 * self.started_runs,
                     },
                     "prefix_cache": {
                         "bytes": 3 * 2**20,

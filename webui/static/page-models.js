@@ -98,6 +98,10 @@ export function render(view) {
     if (batch) {
       parts.push(t("models.batch", { busy: batch.in_use, slots: batch.slots }));
       if (batch.steps) parts.push(t("models.batch_rows", { rows: batch.mean_rows.toFixed(1) }));
+      if (batch.prompt_calls) {
+        const prompts = batch.prompt_chunks / batch.prompt_calls;
+        parts.push(t("models.batch_prompts", { prompts: prompts.toFixed(1) }));
+      }
     }
     const prefix = model.prefix_cache;
     if (prefix) {

@@ -126,6 +126,7 @@ export default {
   "models.context": "{tokens}-token context",
   "models.batch": "{busy} of {slots} batch rows busy",
   "models.batch_rows": "{rows} requests per decode step on average",
+  "models.batch_prompts": "{prompts} prompts per prefill call on average",
   "models.prefix_cache": "prefix cache {size} of {budget}, {tokens} prompt tokens not computed again",
   "models.size_here": "{size} here",
   "models.no_layers": "Layer count not known yet: this model has not been opened here.",
