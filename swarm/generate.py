@@ -374,9 +374,11 @@ class Generator:
 
         With a `constraint`, only tokens it accepts are sampled, end-of-generation
         tokens are refused until it is complete, and generation stops when it is.
-        With `prefill_chunk`, a long prompt is prefilled that many tokens at a time and
-        PREFILLING is yielded between the chunks, AWAITING_PEERS while a prefix is
-        fetched (callers passing it must skip those `Prefilling` markers).
+        With `prefill_chunk`, a long prompt is prefilled that many tokens at a time:
+        CHUNK_QUEUED is yielded as each chunk is queued (it runs when the stream
+        resumes, so with a shared batch, prompts advanced in turn go in together),
+        PREFILLING between the chunks, AWAITING_PEERS while a prefix is fetched
+        (callers passing it must skip those `Prefilling` markers).
         Each decode step is queued before its token is yielded and computed when the
         stream resumes, so with a shared batch, sessions advanced in turn step together.
         """
