@@ -60,9 +60,11 @@ class BatchEngine(Protocol):
 
     def prepare_step(self, count: int, position: int, cache: Any) -> bool: ...
 
-    def prepare_prefill(self, steps: int, cache: Any, rows: int = 1) -> bool: ...
+    def prepare_prefill(self, steps: int, cache: Any, rows: int = 1, end: int | None = None) -> bool: ...
 
     def chunk_steps(self, count: int) -> int | None: ...
+
+    def prompt_shape(self, rows: int, steps: int, end: int, capacity: int) -> Hashable: ...
 
     def forward_rows(
         self, pieces: Sequence[np.ndarray], starts: Sequence[int], first: int, cache: Any
@@ -152,8 +154,9 @@ class SlotBatch:
         self._lock = threading.Lock()  # the free rows and the queues
         self._device = threading.Lock()  # one engine call on the shared cache at a time
         self._prepared: set[Hashable] = set()  # step shapes and chunk sizes compiled or asked for
-        self._ready: set[tuple[int, int]] = set()  # (rows, bucket) of prompt calls compiled
-        self._to_prepare: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._ready: set[Hashable] = set()  # the shapes of prompt calls compiled (prompt_shape)
+        # (shape, what to compile) in order; None ends the background thread.
+        self._to_prepare: queue.SimpleQueue[tuple[Hashable, tuple] | None] = queue.SimpleQueue()
         self._preparer: threading.Thread | None = None
 
     @property
@@ -183,7 +186,7 @@ class SlotBatch:
         return slot
 
     def release(self, slot: int) -> None:
-        """Frees `slot`; a step it still had queued is dropped unrun."""
+        """Frees `slot`; a step or prompt chunk it still had queued is dropped unrun."""
         with self._lock:
             tickets = [self._queued.pop(slot, None), self._prompts.pop(slot, None)]
             if slot not in self._free:
@@ -235,7 +238,7 @@ class SlotBatch:
             self._prepare(min(width, self.slots), 0)
             width *= 2
         for rows, steps in prompts:
-            self._enqueue(("prompts", rows, steps), ("prompts", rows, steps))
+            self._prepare_prompts(rows, steps, steps)
 
     def prompt_call_shapes(self, chunks: Sequence[int], budget: int) -> list[tuple[int, int]]:
         """The (rows, bucket) calls `flush_prompts` can make when a round takes in up to
@@ -256,12 +259,26 @@ class SlotBatch:
         shape = self.engine.step_shape(count, position, self._capacity, self.slots)
         self._enqueue(shape, ("step", count, position))
 
+    def _prepare_prompts(self, rows: int, steps: int, end: int) -> None:
+        """Has the call of `rows` sessions' prompt chunks of bucket `steps` reaching
+        position `end` compiled in the background, once."""
+        shape = ("prompts", self.engine.prompt_shape(rows, steps, end, self._capacity))
+        self._enqueue(shape, ("prompts", rows, steps, end))
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Waits until the background compiles asked for so far are done (a benchmark's
+        timed part then measures no compile); False if `timeout` seconds passed first."""
+        done = threading.Event()
+        self._enqueue(("settled", id(done)), ("settled", done))
+        return done.wait(timeout)
+
     def _enqueue(self, shape: Hashable, item: tuple) -> None:
         with self._lock:  # flushes on several threads (a stage's sessions) ask at once
             if shape in self._prepared:
                 return
-            self._prepared.add(shape)
-            self._to_prepare.put(item)
+            if item[0] != "settled":
+                self._prepared.add(shape)
+            self._to_prepare.put((shape, item))
             if self._preparer is None:
                 self._preparer = threading.Thread(
                     target=self._prepare_loop, name="batch-compile", daemon=True
@@ -271,15 +288,18 @@ class SlotBatch:
 
     def _prepare_loop(self) -> None:
         while True:
-            item = self._to_prepare.get()
-            if item is None:
+            entry = self._to_prepare.get()
+            if entry is None:
                 return
+            shape, item = entry
             try:
-                if item[0] == "prefill":
+                if item[0] == "settled":
+                    item[1].set()
+                elif item[0] == "prefill":
                     self.engine.prepare_prefill(item[1], self._cache)
                 elif item[0] == "prompts":
-                    self.engine.prepare_prefill(item[2], self._cache, item[1])
-                    self._ready.add((item[1], item[2]))
+                    self.engine.prepare_prefill(item[2], self._cache, item[1], item[3])
+                    self._ready.add(shape[1])
                 else:
                     self.engine.prepare_step(item[1], item[2], self._cache)
             except Exception:  # the program compiles when first run instead
@@ -287,14 +307,20 @@ class SlotBatch:
 
     def stop_preparing(self) -> None:
         """Ends the background compiles after the one under way (XLA must not be
-        compiling while the interpreter shuts down)."""
+        compiling while the interpreter shuts down). Those dropped unstarted are asked
+        for again when next wanted."""
         thread = self._preparer
         if thread is not None:
             while not self._to_prepare.empty():
                 try:
-                    self._to_prepare.get_nowait()
+                    entry = self._to_prepare.get_nowait()
                 except queue.Empty:
                     break
+                if entry is not None and entry[1][0] == "settled":
+                    entry[1][1].set()  # nothing more will compile
+                elif entry is not None:
+                    with self._lock:
+                        self._prepared.discard(entry[0])
             self._to_prepare.put(None)
             thread.join(timeout=120)
             self._preparer = None
@@ -327,89 +353,100 @@ class SlotBatch:
     def flush_prompts(self) -> None:
         """Runs every queued prompt chunk: those of consecutive rows that fit one bucket
         of the same size together (`forward_rows`, in groups of a power of two rows,
-        once that call's shape is compiled), the others one by one."""
-        finished: list[tuple[Ticket, np.ndarray | None, BaseException | None]] = []
+        once that call's shape is compiled), the others one by one. Every chunk taken
+        from the queue gets its answer or the error that stopped it."""
+        finished: dict[int, tuple[Ticket, np.ndarray | None, BaseException | None]] = {}
         with self._device:
             with self._lock:
                 tickets = sorted(self._prompts.values(), key=lambda ticket: ticket.slot)
                 self._prompts.clear()
-            for group in self._prompt_groups(tickets):
-                try:
-                    if len(group) == 1:
-                        (ticket,) = group
-                        out, self._cache = self.engine.forward(
-                            ticket.inputs, ticket.position, self._cache, slot=ticket.slot
-                        )
-                        outputs = [out]
-                    else:
-                        outputs, self._cache = self.engine.forward_rows(
-                            [ticket.inputs for ticket in group],
-                            [ticket.position for ticket in group],
-                            group[0].slot,
-                            self._cache,
-                        )
-                except Exception as error:
-                    finished.extend((ticket, None, error) for ticket in group)
-                    continue
-                except BaseException as error:  # every chunk taken from the queue hears of it
-                    ran = {id(ticket) for ticket, _, _ in finished}
-                    finished.extend((ticket, None, error) for ticket in tickets if id(ticket) not in ran)
-                    for ticket, output, failure in finished:
-                        ticket._finish(output, failure)
-                    raise
-                self.stats.prompt_calls += 1
-                self.stats.prompt_chunks += len(group)
-                finished.extend((ticket, output, None) for ticket, output in zip(group, outputs, strict=True))
-        for ticket, output, error in finished:
-            ticket._finish(output, error)
+            try:
+                for group in self._prompt_groups(tickets):
+                    try:
+                        outputs = self._run_prompts(group)
+                    except Exception as error:  # only this call's sessions fail
+                        finished.update((id(ticket), (ticket, None, error)) for ticket in group)
+                        continue
+                    for ticket, output in zip(group, outputs, strict=True):
+                        finished[id(ticket)] = (ticket, output, None)
+            except BaseException as error:
+                for ticket in tickets:
+                    finished.setdefault(id(ticket), (ticket, None, error))
+                raise
+            finally:
+                for ticket, output, failure in finished.values():
+                    ticket._finish(output, failure)
+
+    def _run_prompts(self, group: list[Ticket]) -> Sequence[np.ndarray]:
+        """One engine call for the chunks of `group` (consecutive rows); their outputs."""
+        if len(group) == 1:
+            (ticket,) = group
+            out, self._cache = self.engine.forward(
+                ticket.inputs, ticket.position, self._cache, slot=ticket.slot
+            )
+            outputs: Sequence[np.ndarray] = [out]
+        else:
+            outputs, self._cache = self.engine.forward_rows(
+                [ticket.inputs for ticket in group],
+                [ticket.position for ticket in group],
+                group[0].slot,
+                self._cache,
+            )
+        self.stats.prompt_calls += 1
+        self.stats.prompt_chunks += len(group)
+        return outputs
 
     def _prompt_groups(self, tickets: list[Ticket]) -> list[list[Ticket]]:
         """`tickets` (by row) cut into the calls that run them: runs of consecutive rows
         whose chunks share a one-call bucket, cut into groups of a power of two rows
-        (7 rows: 4 + 2 + 1) whose call is compiled; every other chunk alone."""
-        runs: list[list[Ticket]] = []
-        bucket_of = [self.engine.chunk_steps(len(ticket.inputs)) for ticket in tickets]
-        for index, ticket in enumerate(tickets):
-            bucket = bucket_of[index]
+        (7 rows: 4 + 2 + 1), each the most rows whose call is compiled (the larger
+        calls are compiled in the background for next time); every other chunk alone."""
+        runs: list[tuple[int | None, list[Ticket]]] = []  # (bucket, consecutive rows)
+        for ticket in tickets:
+            bucket = self.engine.chunk_steps(len(ticket.inputs))
             if (
                 runs
                 and bucket is not None
-                and bucket == bucket_of[index - 1]
-                and ticket.slot == runs[-1][-1].slot + 1
+                and runs[-1][0] == bucket
+                and ticket.slot == runs[-1][1][-1].slot + 1
             ):
-                runs[-1].append(ticket)
+                runs[-1][1].append(ticket)
             else:
-                runs.append([ticket])
+                runs.append((bucket, [ticket]))
         groups: list[list[Ticket]] = []
-        for run in runs:
-            bucket = self.engine.chunk_steps(len(run[0].inputs))
+        for bucket, run in runs:
             while run:
                 rows = 1
                 while rows * 2 <= len(run):
                     rows *= 2
-                if rows > 1 and not self.prompts_ready(rows, bucket):
-                    self._enqueue(("prompts", rows, bucket), ("prompts", rows, bucket))
-                    rows = 1  # alone until the call's shape is compiled
-                if rows == 1:
-                    groups.extend([ticket] for ticket in run)
-                    break
+                while rows > 1 and bucket is not None:
+                    end = max(ticket.position for ticket in run[:rows]) + bucket
+                    if self.prompts_ready(rows, bucket, end):
+                        break
+                    self._prepare_prompts(rows, bucket, end)
+                    rows //= 2
                 groups.append(run[:rows])
                 run = run[rows:]
         return groups
 
-    def prompts_ready(self, rows: int, steps: int) -> bool:
-        """Whether the call of `rows` sessions' prompt chunks of bucket `steps` is compiled."""
-        return (rows, steps) in self._ready
+    def prompts_ready(self, rows: int, steps: int, end: int | None = None) -> bool:
+        """Whether the call of `rows` sessions' prompt chunks of bucket `steps` reaching
+        position `end` (default: chunks from position 0) is compiled."""
+        return (
+            self.engine.prompt_shape(rows, steps, steps if end is None else end, self._capacity)
+            in self._ready
+        )
 
     def prepare_prompts(self, rows: int, steps: int) -> None:
-        """Compiles, now, the call of `rows` sessions' prompt chunks of bucket `steps`
-        (which `flush_prompts` otherwise has compiled in the background when it first
-        wants it)."""
+        """Compiles, now, the call of `rows` sessions' prompt chunks of bucket `steps` from
+        position 0 (which `flush_prompts` otherwise has compiled in the background when
+        it first wants it)."""
         self._reserve()
-        self.engine.prepare_prefill(steps, self._cache, rows)
+        self.engine.prepare_prefill(steps, self._cache, rows, steps)
+        shape = self.engine.prompt_shape(rows, steps, steps, self._capacity)
         with self._lock:
-            self._prepared.add(("prompts", rows, steps))
-        self._ready.add((rows, steps))
+            self._prepared.add(("prompts", shape))
+        self._ready.add(shape)
 
     def run(self, slot: int, inputs: np.ndarray, position: int) -> np.ndarray:
         """One decode step, batched with whatever else is queued; waits for its output."""

@@ -520,6 +520,12 @@ class Engine:
             done += len(chunk)
         return (np.concatenate(outputs) if len(outputs) > 1 else outputs[0]), cache
 
+    def prompt_shape(self, rows: int, steps: int, end: int, capacity: int) -> tuple[int, int, int]:
+        """What tells one compiled `forward_rows` call from another: its rows, its bucket
+        and the attention bound of chunks reaching position `end` in a cache of
+        `capacity` (on the CPU kernels the whole cache, wherever the chunks start)."""
+        return rows, steps, self._kv_bound(end, steps, capacity)
+
     def chunk_steps(self, count: int) -> int | None:
         """The bucket a prompt chunk of `count` tokens runs as when it goes in one call
         (`forward` cuts it so), None when `forward` would cut it into several."""
@@ -535,8 +541,10 @@ class Engine:
         Every piece must run as one call of the same bucket (`chunk_steps`); together
         they are one program over the rows first .. first + len(pieces) - 1, each
         padded to the bucket as `forward` pads one. Returns logits f32[n, vocab] at each
-        piece's last token, the very rows `forward` gives each piece alone. Needs the
-        whole model (token ids in, logits out). The cache is consumed (donated).
+        piece's last token: on the CPU kernels, which read only each query's visible
+        keys, the very rows `forward` gives each piece alone (elsewhere the attention
+        bound is the furthest piece's, which masked keys only pad). Needs the whole model
+        (token ids in, logits out). The cache is consumed (donated).
         """
         count = len(pieces)
         if not (self.is_first and self.is_last):
@@ -553,9 +561,10 @@ class Engine:
         padded = np.zeros((count, bucket), np.int32)
         for row, piece in enumerate(pieces):
             padded[row, : len(piece)] = piece
+        _, _, bound = self.prompt_shape(count, bucket, max(starts) + bucket, cache.capacity)
         out, cache = self._run(
             False,
-            self._kv_bound(max(start + bucket for start in starts), bucket, cache.capacity),
+            bound,
             padded,
             np.asarray(starts, np.int32),
             np.asarray([len(piece) for piece in pieces], np.int32),
@@ -637,15 +646,15 @@ class Engine:
         self._compiled_for(False, bound, args)
         return True
 
-    def prepare_prefill(self, steps: int, cache: KVCache, rows: int = 1) -> bool:
+    def prepare_prefill(self, steps: int, cache: KVCache, rows: int = 1, end: int | None = None) -> bool:
         """Compiles (without running) a prompt chunk of `steps` token ids into one row of
-        the many-session `cache` (`rows` consecutive rows: `forward_rows`), from position
-        0; False if compiled already (or not a first range). Safe on another thread while
-        steps run, as prepare_step is: a batch compiles its chunk sizes ahead so that no
-        request waits for them."""
+        the many-session `cache` (`rows` consecutive rows: `forward_rows`), reaching
+        position `end` (default: from position 0); False if compiled already (or not a
+        first range). Safe on another thread while steps run, as prepare_step is: a
+        batch compiles its chunk sizes ahead so that no request waits for them."""
         if not self.is_first:
             return False
-        bound = self._kv_bound(steps, steps, cache.capacity)
+        bound = self._kv_bound(steps if end is None else end, steps, cache.capacity)
         inputs, rope = _abstract(self._prologue((rows, steps)).out_info)
         return self._prepare_windowed(inputs, rope, bound, cache)
 

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Generator as GeneratorType
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -122,6 +122,11 @@ class Prefilling:
 
     def __repr__(self) -> str:
         return self.name
+
+    def as_event(self) -> dict[str, Any]:
+        """The node protocol's event for this marker (`swarm.node_server.Backend.run`)."""
+        flags = {"waiting": True} if self.waiting else {"queued": True} if self.queued else {}
+        return {"event": "progress", "prompt": True, **flags}
 
 
 PREFILLING = Prefilling("PREFILLING")

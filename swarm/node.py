@@ -335,6 +335,15 @@ class ModelBackend:
             return self._remote(prepared.count)
         return len(prepared.prompt_ids)
 
+    def prompt_work(self, prepared: Prepared | DelegatedRun) -> int | None:
+        """The prompt tokens this node will compute: those past the prefix its cache holds
+        (None for a request run by peers)."""
+        if isinstance(prepared, DelegatedRun) or self.generator is None:
+            return None
+        prefix = self.generator.prefix_cache
+        cached = prefix.cached_tokens(prepared.prompt_ids) if prefix is not None else 0
+        return len(prepared.prompt_ids) - cached
+
     def served_model(self, prepared: Prepared | DelegatedRun) -> str:
         return prepared.model_id
 
@@ -427,8 +436,7 @@ class ModelBackend:
             if isinstance(event, Prefilling):
                 # A prompt chunk queued (the next turn runs it) or went in, or (waiting)
                 # prefix blocks are awaited from peers.
-                flags = {"waiting": True} if event.waiting else {"queued": True} if event.queued else {}
-                yield {"event": "progress", "prompt": True, **flags}
+                yield event.as_event()
                 continue
             if isinstance(event, str):
                 finish = event

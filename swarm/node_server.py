@@ -49,6 +49,10 @@ class Backend(Protocol):
 
     def prompt_tokens(self, prepared: Any) -> int: ...
 
+    def prompt_work(self, prepared: Any) -> int | None:
+        """The prompt tokens this node will compute (past a cached prefix), for the
+        scheduler to pack arriving prompts by; None if not known."""
+
     def served_model(self, prepared: Any) -> str: ...
 
     def start(self, prepared: Any) -> dict[str, Any]:
@@ -56,9 +60,13 @@ class Backend(Protocol):
 
     def run(self, prepared: Any) -> Iterator[dict[str, Any]]:
         """Events after `start`, ending with `done`; each next() is one step of device work.
-        While the prompt goes in, those steps yield {"event": "progress", "prompt": true};
-        after it, every decode step yields at least one event (a plain progress when
-        it has nothing to show)."""
+        While the prompt goes in, those steps yield {"event": "progress", "prompt": true},
+        with "queued": true where the step only queued a prompt chunk (the next step
+        runs it, with the chunks other generations queued meanwhile: the scheduler
+        gives that next step once the round's other prompts had their turn), or
+        "waiting": true while prefix blocks are awaited from peers; after it, every
+        decode step yields at least one event (a plain progress when it has nothing to
+        show)."""
 
     def embed(self, model: str, inputs: list[Any]) -> Iterator[dict[str, Any]]:
         """One-shot device work yielding a single answer dict."""
@@ -116,6 +124,10 @@ class Job:
     # Prompt tokens still to go in (None: not known, as if each turn took a whole chunk);
     # a round fits as many prompt turns into one chunk's worth of tokens as it can.
     prompt_left: int | None = None
+    # The prompt tokens each of its turns takes in: the scheduler's prompt_budget when it
+    # was submitted (a node's prefill chunk as the job's generation cuts its prompt), so
+    # a budget changed meanwhile does not miscount it; 0: the whole prompt at once.
+    prompt_chunk: int | None = None
     # Its last event was {"event": "progress", "prompt": true, "queued": true}: its turn
     # queued a prompt chunk, which its next turn runs (with the others queued by then).
     queued: bool = False
@@ -162,6 +174,8 @@ class Scheduler:
                 self.stats.active += 1
             threading.Thread(target=self._run_detached, args=(job,), name="routed", daemon=True).start()
             return
+        if job.prompt_chunk is None:
+            job.prompt_chunk = self.prompt_budget
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
                 # Requests whose readers hung up while waiting hold no place in the queue.
@@ -261,9 +275,10 @@ class Scheduler:
             return not job.past_prompt and not job.waiting and not job.cancelled.is_set()
 
         prompts = [job for job in self._active if holds_back(job)]
+        in_prompt = {id(job) for job in prompts}
         over: set[int] = set()
         for job in self._active:  # the decode steps (and cancellations, and polls)
-            if not holds_back(job) and not self._step(job):
+            if id(job) not in in_prompt and not self._step(job):
                 over.add(id(job))
         chosen = self._prompt_turns(prompts)
         for job in chosen:  # each queues its chunk (or runs it, where a backend does not queue)
@@ -273,7 +288,7 @@ class Scheduler:
             if id(job) not in over and job.queued and not self._step(job):
                 over.add(id(job))
             if job.prompt_left is not None and not job.waiting:
-                job.prompt_left = max(0, job.prompt_left - self.prompt_budget) if self.prompt_budget else 0
+                job.prompt_left = max(0, job.prompt_left - job.prompt_chunk) if job.prompt_chunk else 0
         kept = [job for job in self._active if id(job) not in over]
         self._active = kept
         if kept and all(job.waiting for job in kept):
@@ -287,7 +302,8 @@ class Scheduler:
         chosen: list[Job] = []
         room = budget
         for job in prompts:
-            size = budget if job.prompt_left is None else min(job.prompt_left, budget)
+            turn = min(job.prompt_chunk, budget) if job.prompt_chunk else budget
+            size = turn if job.prompt_left is None else min(job.prompt_left, turn)
             if chosen and size > room:
                 continue
             chosen.append(job)
@@ -349,7 +365,9 @@ class _Handler(socketserver.StreamRequestHandler):
                 request = GenerationRequest.from_dict(message.get("request"))
                 prepared = node.backend.prepare(request)
                 start = node.backend.start(prepared)
-                self._stream(node.backend.run(prepared), start, request.priority)
+                work = getattr(node.backend, "prompt_work", None)
+                left = work(prepared) if work is not None else start.get("prompt_tokens")
+                self._stream(node.backend.run(prepared), start, request.priority, left)
             else:
                 raise ProtocolError(f"unknown op {op!r}")
         except OverflowError as error:
@@ -385,10 +403,16 @@ class _Handler(socketserver.StreamRequestHandler):
             return True
 
     def _stream(
-        self, events: Iterator[dict[str, Any]], start: dict[str, Any] | None = None, priority: int = 0
+        self,
+        events: Iterator[dict[str, Any]],
+        start: dict[str, Any] | None = None,
+        priority: int = 0,
+        prompt_left: Any = None,
     ) -> None:
-        prompt = start.get("prompt_tokens") if start is not None else None
-        job = Job(events, priority=priority, prompt_left=prompt if isinstance(prompt, int) else None)
+        """Runs `events` as a scheduler job, sending `start` and then its answers;
+        `prompt_left`: the prompt tokens it will compute, if known."""
+        left = prompt_left if isinstance(prompt_left, int) and not isinstance(prompt_left, bool) else None
+        job = Job(events, priority=priority, prompt_left=left)
         try:
             self.server.scheduler.submit(job)
         except OverflowError:

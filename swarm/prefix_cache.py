@@ -115,6 +115,21 @@ class PrefixCache:
                 self.stats.misses += 1
         return found
 
+    def cached_tokens(self, prompt_ids: Sequence[int]) -> int:
+        """How many leading tokens of `prompt_ids` a `lookup` would take from the cache now
+        (what a scheduler need not count as prompt work); no stats, no recency."""
+        limit = len(prompt_ids) - 1
+        count = 0
+        with self._lock:
+            for start, stop, key in segments(prompt_ids):
+                if stop > limit:
+                    continue
+                block = self._blocks.get(key)
+                if block is None or start != count:
+                    break
+                count += block.keys.shape[1]
+        return count
+
     def held(self, keys: Sequence[bytes]) -> list[tuple[bytes, Block]]:
         """The blocks of the leading run of `keys` held here (for a peer's query); no stats."""
         found = []

@@ -20,7 +20,7 @@ import pytest
 
 from swarm.batching import SlotBatch
 from swarm.errors import InvalidRequestError
-from swarm.generate import CHUNK_QUEUED, Generator
+from swarm.generate import CHUNK_QUEUED, Generator, Prefilling
 from swarm.node_server import Job, Scheduler
 from swarm.sampling import SamplingParams
 
@@ -81,6 +81,9 @@ class StandInEngine:
         return bucket if bucket <= 16 else None
 
     def forward_rows(self, pieces, starts, first, cache):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("device lost")
         assert len({self.chunk_steps(len(piece)) for piece in pieces}) == 1, "one bucket per call"
         outputs = []
         for row, (piece, start) in enumerate(zip(pieces, starts, strict=True), start=first):
@@ -113,9 +116,12 @@ class StandInEngine:
         self.prepared.append(self.step_shape(count, position, cache.shape[1], cache.shape[0]))
         return True
 
-    def prepare_prefill(self, steps, cache, rows=1):
+    def prepare_prefill(self, steps, cache, rows=1, end=None):
         self.prepared.append(("prefill", steps) if rows == 1 else ("prompts", rows, steps))
         return True
+
+    def prompt_shape(self, rows, steps, end, capacity):
+        return rows, steps, end // 256  # like step_shape: a further bound, another call
 
     def with_rows(self, cache, keys, values, slot=0):
         keys = keys if isinstance(keys, np.ndarray) else np.concatenate(keys, axis=1)  # a hit's blocks
@@ -221,6 +227,32 @@ def test_prompt_chunks_share_a_call_only_in_consecutive_rows_of_one_bucket():
     # 0-2 (bucket 4): two rows together, then one; 4-5 (bucket 8) together; 6 (bucket 4)
     # alone; 7 (bucket 8) alone.
     assert engine.prompt_calls == [[0, 1], [2], [4, 5], [6], [7]]
+
+
+def test_a_failing_call_of_prompt_chunks_fails_only_its_own_sessions():
+    engine = StandInEngine()
+    batch = SlotBatch(engine, slots=4, max_capacity=1024)
+    batch.prepare_prompts(2, 4)
+    slots = seated(batch, 3)
+    tickets = [batch.submit_prompt(slot, np.asarray([slot + 1, 2]), 0) for slot in slots]
+    engine.fail_next = True
+    for ticket in tickets[:2]:  # rows 0 and 1 went in one call, which failed
+        with pytest.raises(RuntimeError, match="device lost"):
+            ticket.result()
+    assert int(np.argmax(tickets[2].result())) == expected_tokens([3, 2], 1)[0]
+    again = [batch.submit_prompt(slot, np.asarray([slot + 1, 2]), 0) for slot in slots[:2]]
+    assert [int(np.argmax(t.result())) for t in again] == [
+        expected_tokens([s + 1, 2], 1)[0] for s in slots[:2]
+    ]
+    assert batch.stats.prompt_calls == 2  # the failed call is not counted
+
+
+def test_settle_waits_for_the_compiles_asked_for():
+    engine = StandInEngine()
+    batch = SlotBatch(engine, slots=8, max_capacity=1024)
+    batch.warm_up([4, 8], batch.prompt_call_shapes([4, 8], budget=16))
+    assert batch.settle(timeout=10)
+    assert all(batch.prompts_ready(rows, steps) for rows, steps in [(2, 4), (4, 4), (2, 8)])
 
 
 def test_a_leaving_session_s_queued_prompt_chunk_never_runs():
@@ -362,13 +394,56 @@ def tokens_of(job: Job, timeout: float = 10.0) -> list[int]:
         event = job.output.get(timeout=timeout)
         if event["event"] == "done":
             return out
-        out.append(event["token_id"])
+        if event["event"] != "progress":  # a prompt chunk queued or in
+            out.append(event["token_id"])
 
 
 def batched_generator(slots: int = 4) -> tuple[StandInEngine, SlotBatch, Generator]:
     engine = StandInEngine(step_seconds=0.005)
     batch = SlotBatch(engine, slots=slots, max_capacity=1024)
     return engine, batch, Generator(engine, DigitTokenizer(), batch=batch)
+
+
+def chunked_events(generator: Generator, prompt: list[int], count: int, chunk: int):
+    """Node-protocol events of a generation whose prompt goes in `chunk` tokens a turn."""
+    params = SamplingParams(temperature=0, max_tokens=count)
+    for event in generator.stream(prompt, params, prefill_chunk=chunk):
+        if isinstance(event, Prefilling):
+            yield event.as_event()
+        elif isinstance(event, str):
+            yield {"event": "done", "finish_reason": event}
+            return
+        else:
+            yield {"event": "text", "text": event.text, "token_id": event.token_id}
+
+
+def test_scheduled_prompts_arriving_together_go_in_as_one_call():
+    engine, batch, generator = batched_generator()
+    batch.prepare_prompts(2, 4)
+    scheduler = Scheduler(max_active=4, max_waiting=8, prompt_budget=8)
+    gate = threading.Event()
+
+    def blocker():
+        gate.wait(10)
+        yield {"event": "done", "finish_reason": "length"}
+
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3]]
+    try:
+        scheduler.submit(Job(blocker()))  # holds the scheduler while the four arrive
+        jobs = [Job(chunked_events(generator, prompt, 5, 8), prompt_left=len(prompt)) for prompt in prompts]
+        for job in jobs:
+            scheduler.submit(job)
+        time.sleep(0.1)
+        gate.set()
+        results = [tokens_of(job) for job in jobs]
+    finally:
+        scheduler.stop()
+    assert results == [expected_tokens(prompt, 5) for prompt in prompts]
+    # Rounds of up to 8 prompt tokens: the first takes 3 + 2 tokens, then the 1-token
+    # prompt that still fits (rows 0, 1 and 2: a call of two rows, then one); the
+    # 4-token prompt waits for the next round (row 3). The first three decode together.
+    assert engine.prompt_calls == [[0, 1], [2], [3]]
+    assert engine.steps[0] == [0, 1, 2]
 
 
 def test_scheduled_requests_decode_together_one_token_each_per_step():

@@ -43,6 +43,17 @@ def test_lookup_leaves_a_token_to_prefill_and_stops_at_the_first_gap():
     assert cache.stats.reused_tokens == 149 + 128
 
 
+def test_cached_tokens_counts_what_a_lookup_would_reuse_without_touching_stats():
+    cache = PrefixCache(1 << 20)
+    prompt = list(range(150))
+    fill(cache, prompt)
+    for asked in (prompt, [*prompt[:140], 9, 9], [7, *prompt], list(range(128))):
+        before = (cache.stats.hits, cache.stats.misses, cache.stats.reused_tokens)
+        counted = cache.cached_tokens(asked)
+        assert (cache.stats.hits, cache.stats.misses, cache.stats.reused_tokens) == before
+        assert counted == sum(b.keys.shape[1] for b in cache.lookup(asked))
+
+
 def test_a_prompt_ending_on_a_block_edge_reuses_all_but_its_last_token():
     cache = PrefixCache(1 << 20)
     prompt = list(range(128))

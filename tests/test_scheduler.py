@@ -428,3 +428,55 @@ def test_an_admitted_prompt_is_not_starved_by_later_higher_priority_ones():
         scheduler.stop()
     prompts = [name.split(":")[0] for name in trace if name.endswith(":prompt")]
     assert prompts[:10] == ["low"] * 10, prompts
+
+
+def test_a_prompt_cancelled_during_a_round_s_decode_turns_is_closed_once():
+    """A reader hanging up while the round's decode steps run: the prompt it waited for
+    never runs, is closed once and counted once."""
+    scheduler = Scheduler(max_active=8, max_waiting=10, prompt_budget=256)
+    trace: list[str] = []
+    closed: list[str] = []
+    submitted = threading.Event()
+    holder: dict[str, Job] = {}
+
+    class Prompt:
+        """A prompt's events whose closing is counted (an unstarted generator's is not)."""
+
+        def __init__(self) -> None:
+            self.events = iter(
+                [{"event": "progress", "prompt": True}, {"event": "done", "finish_reason": "length"}]
+            )
+
+        def __iter__(self) -> Prompt:
+            return self
+
+        def __next__(self) -> dict:
+            trace.append("late:prompt")
+            return next(self.events)
+
+        def close(self) -> None:
+            closed.append("late")
+
+    def running() -> Iterator[dict]:
+        for step in range(400):
+            if submitted.is_set() and scheduler.stats.active == 2:  # admitted this round
+                holder["late"].cancelled.set()  # during the round's decode turns
+            yield {"event": "text", "text": "r", "token_id": step}
+            time.sleep(0.001)
+        yield {"event": "done", "finish_reason": "length"}
+
+    try:
+        first = Job(running())
+        scheduler.submit(first)
+        time.sleep(0.05)
+        late = holder["late"] = Job(Prompt(), prompt_left=10)
+        submitted.set()
+        scheduler.submit(late)
+        deadline = time.monotonic() + 5
+        while not closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert finish(first)[-1]["event"] == "done"
+    finally:
+        scheduler.stop()
+    assert closed == ["late"] and "late:prompt" not in trace
+    assert scheduler.stats.cancelled == 1

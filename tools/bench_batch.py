@@ -111,7 +111,7 @@ def time_spent(calls: list[tuple[str, float, float, int]], width: int, start: fl
 def events(generator: Generator, prompt: list[int], params: SamplingParams, chunk: int | None):
     for event in generator.stream(prompt, params, prefill_chunk=chunk):
         if isinstance(event, Prefilling):
-            yield {"event": "progress", "prompt": True, **({"queued": True} if event.queued else {})}
+            yield event.as_event()
         elif isinstance(event, str):
             yield {"event": "done"}
             return
@@ -245,7 +245,12 @@ def main() -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
     batch = SlotBatch(engine, args.streams, 4096)
-    batch.warm_up()
+    # As a node warms up: every chunk size a prompt is cut to, and the calls that run
+    # several arriving prompts together.
+    buckets = engine.settings.prefill_buckets
+    largest = next((b for b in buckets if b >= args.chunk), buckets[-1])
+    chunks = [b for b in buckets if b <= largest]
+    batch.warm_up(chunks, batch.prompt_call_shapes(chunks, args.chunk))
     generator = Generator(engine, model.tokenizer, batch=batch)
     scheduler = Scheduler(max_active=args.streams, max_waiting=64, prompt_budget=args.chunk)
     report: dict = {
@@ -265,7 +270,8 @@ def main() -> int:
             args.chunk,
         )
         run_together(scheduler, generator, [prompt(args.streams)], params(args.gen_tokens), args.chunk)
-        batch.stop_preparing()  # no compile in the background while timing
+        batch.settle()  # what the warm-up runs asked for compiled: none while timing
+        batch.stop_preparing()
         singles, aggregates, steadies, first_tokens, burst_gaps = [], [], [], [], []
         singles_whole, aggregates_whole, summed = [], [], []
         spent_single, spent_together = [], []
