@@ -64,6 +64,8 @@ class BatchEngine(Protocol):
 
     def chunk_steps(self, count: int) -> int | None: ...
 
+    def chunk_buckets(self, chunk: int) -> list[int]: ...
+
     def prompt_shape(self, rows: int, steps: int, end: int, capacity: int) -> Hashable: ...
 
     def forward_rows(
@@ -240,6 +242,13 @@ class SlotBatch:
         for rows, steps in prompts:
             self._prepare_prompts(rows, steps, steps)
 
+    def warm_up_chunked(self, chunk: int) -> None:
+        """`warm_up` for prompts cut into `chunk`-token pieces (0: whole), a round taking
+        in up to `chunk` prompt tokens: every bucket such a piece runs as, and the calls
+        that run several of them together."""
+        chunks = self.engine.chunk_buckets(chunk)
+        self.warm_up(chunks, self.prompt_call_shapes(chunks, chunk))
+
     def prompt_call_shapes(self, chunks: Sequence[int], budget: int) -> list[tuple[int, int]]:
         """The (rows, bucket) calls `flush_prompts` can make when a round takes in up to
         `budget` prompt tokens in chunks of the sizes in `chunks`: a power of two rows,
@@ -327,13 +336,16 @@ class SlotBatch:
 
     def submit(self, slot: int, inputs: np.ndarray, position: int) -> Ticket:
         """Queues one decode step of `slot` at `position`; returns at once."""
-        ticket = Ticket(self, slot, np.asarray(inputs), position)
+        return self._queue(Ticket(self, slot, np.asarray(inputs), position), self._queued, "a step")
+
+    def _queue(self, ticket: Ticket, queued: dict[int, Ticket], what: str) -> Ticket:
+        """Puts `ticket` in `queued` (the steps or the prompt chunks): one per held row."""
         with self._lock:
-            if slot in self._free:
-                raise InvalidRequestError(f"slot {slot} is not held by a session")
-            if slot in self._queued:
-                raise InvalidRequestError(f"slot {slot} already has a step queued")
-            self._queued[slot] = ticket
+            if ticket.slot in self._free:
+                raise InvalidRequestError(f"slot {ticket.slot} is not held by a session")
+            if ticket.slot in queued:
+                raise InvalidRequestError(f"slot {ticket.slot} already has {what} queued")
+            queued[ticket.slot] = ticket
         return ticket
 
     def submit_prompt(self, slot: int, token_ids: np.ndarray, start: int) -> Ticket:
@@ -342,13 +354,7 @@ class SlotBatch:
         ticket = Ticket(self, slot, np.asarray(token_ids, np.int32), start, prompt=True)
         if len(ticket.inputs) == 0:
             raise InvalidRequestError("empty input")
-        with self._lock:
-            if slot in self._free:
-                raise InvalidRequestError(f"slot {slot} is not held by a session")
-            if slot in self._prompts:
-                raise InvalidRequestError(f"slot {slot} already has a prompt chunk queued")
-            self._prompts[slot] = ticket
-        return ticket
+        return self._queue(ticket, self._prompts, "a prompt chunk")
 
     def flush_prompts(self) -> None:
         """Runs every queued prompt chunk: those of consecutive rows that fit one bucket

@@ -439,8 +439,7 @@ def scheduled(
     if scheduler.stats.waiting >= max(1, int(scheduler.max_waiting * MAX_DELEGATED_SHARE)):
         # The rest of the queue is kept for this node's own requests.
         raise OverflowError("this peer's queue is busy")
-    prompt = start.get("prompt_tokens")
-    job = Job(events, priority=priority, prompt_left=prompt if isinstance(prompt, int) else None)
+    job = Job(events, priority=priority, prompt_left=start.get("prompt_tokens"))
     scheduler.submit(job)
     finished = False
     try:

@@ -520,6 +520,13 @@ class Engine:
             done += len(chunk)
         return (np.concatenate(outputs) if len(outputs) > 1 else outputs[0]), cache
 
+    def chunk_buckets(self, chunk: int) -> list[int]:
+        """The buckets a prompt cut into `chunk`-token pieces (0: whole) runs as: every one
+        up to the first that holds a whole piece."""
+        buckets = self.settings.prefill_buckets
+        largest = next((b for b in buckets if b >= chunk), buckets[-1]) if chunk else buckets[-1]
+        return [b for b in buckets if b <= largest]
+
     def prompt_shape(self, rows: int, steps: int, end: int, capacity: int) -> tuple[int, int, int]:
         """What tells one compiled `forward_rows` call from another: its rows, its bucket
         and the attention bound of chunks reaching position `end` in a cache of

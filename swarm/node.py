@@ -205,12 +205,7 @@ class ModelBackend:
             # In the background: the wider steps, and every chunk size a prompt is cut to.
             # Then the calls that run several arriving prompts together (a round takes in
             # up to one chunk's worth of them).
-            chunk = self.config.inference.prefill_chunk
-            buckets = self.engine.settings.prefill_buckets
-            largest = next((b for b in buckets if b >= chunk), buckets[-1]) if chunk else buckets[-1]
-            chunks = [b for b in buckets if b <= largest]
-            batch = self.generator.batch
-            batch.warm_up(chunks, batch.prompt_call_shapes(chunks, chunk))
+            self.generator.batch.warm_up_chunked(self.config.inference.prefill_chunk)
 
     @property
     def model_id(self) -> str:

@@ -132,6 +132,13 @@ class Job:
     # queued a prompt chunk, which its next turn runs (with the others queued by then).
     queued: bool = False
 
+    def __post_init__(self) -> None:
+        # A count from a start event (a peer's, for delegated work): anything but a
+        # whole number of tokens is not known.
+        left = self.prompt_left
+        if not isinstance(left, int) or isinstance(left, bool) or left < 0:
+            self.prompt_left = None
+
 
 @dataclass
 class SchedulerStats:
@@ -411,8 +418,7 @@ class _Handler(socketserver.StreamRequestHandler):
     ) -> None:
         """Runs `events` as a scheduler job, sending `start` and then its answers;
         `prompt_left`: the prompt tokens it will compute, if known."""
-        left = prompt_left if isinstance(prompt_left, int) and not isinstance(prompt_left, bool) else None
-        job = Job(events, priority=priority, prompt_left=left)
+        job = Job(events, priority=priority, prompt_left=prompt_left)
         try:
             self.server.scheduler.submit(job)
         except OverflowError:

@@ -526,6 +526,22 @@ def test_requests_beyond_the_batch_decode_with_a_cache_of_their_own():
 # --- real models ---------------------------------------------------------------------
 
 
+def in_turn(streams: list, live: set[int], got: list[list[int]], each_turn=None) -> None:
+    """Advances the `live` streams one event each per turn, in row order, until all end,
+    adding their tokens to `got`; `each_turn(turn)` first, if given (it may add streams)."""
+    turn = 0
+    while live:
+        turn += 1
+        if each_turn is not None:
+            each_turn(turn)
+        for index in sorted(live):
+            event = next(streams[index])
+            if isinstance(event, str):
+                live.discard(index)
+            elif event.token_id >= 0:
+                got[index].append(event.token_id)
+
+
 @pytest.mark.realmodel
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_batched_decoding_gives_the_greedy_tokens_of_decoding_alone(name, opened_models):
@@ -553,18 +569,13 @@ def test_batched_decoding_gives_the_greedy_tokens_of_decoding_alone(name, opened
     streams = [together.stream(prompt, params) for prompt in prompts[:3]]
     got: list[list[int]] = [[] for _ in prompts]
     live = {0, 1, 2}
-    turn = 0
-    while live:
-        turn += 1
+
+    def join(turn: int) -> None:
         if turn == 4:  # two requests join a batch already decoding
-            streams += [together.stream(prompt, params) for prompt in prompts[3:]]
-            live |= {3, 4}
-        for index in sorted(live):
-            event = next(streams[index])
-            if isinstance(event, str):
-                live.discard(index)
-            elif event.token_id >= 0:
-                got[index].append(event.token_id)
+            streams.extend(together.stream(prompt, params) for prompt in prompts[3:])
+            live.update({3, 4})
+
+    in_turn(streams, live, got, join)
     assert got == expected
     assert batch.stats.widest == 5 and batch.in_use() == 0
 
@@ -636,13 +647,6 @@ def test_prompts_going_in_together_give_the_tokens_and_cache_of_prompts_alone(na
     np.testing.assert_array_equal(values, np.asarray(single.values[:, 0, : lengths[1]]))
     for index, event in enumerate(first):
         got[index].append(event.token_id)
-    live = set(range(len(prompts)))
-    while live:
-        for index in sorted(live):
-            event = next(streams[index])
-            if isinstance(event, str):
-                live.discard(index)
-            elif event.token_id >= 0:
-                got[index].append(event.token_id)
+    in_turn(streams, set(range(len(prompts))), got)
     assert got == expected
     assert batch.in_use() == 0

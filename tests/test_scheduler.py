@@ -172,22 +172,27 @@ def prompted(
     return Job(events(), priority=priority)
 
 
-def test_arriving_prompts_take_one_turn_between_two_tokens_of_a_running_generation():
-    scheduler = Scheduler(max_active=8, max_waiting=10)
-    trace: list[str] = []
+def beside_a_running_generation(scheduler: Scheduler, burst: list[Job], trace: list[str]) -> None:
+    """Runs `burst` to the end, arriving together while a generation ("running" in
+    `trace`) decodes; stops the scheduler."""
     gate = threading.Event()
     try:
         running = Job(generation("running", 40, trace, gate))
         scheduler.submit(running)
-        burst = [prompted(f"p{i}", 2, 2, trace) for i in range(4)]
         for job in burst:
             scheduler.submit(job)
-        time.sleep(0.2)  # all five are active before the first step
+        time.sleep(0.2)  # all are active before the first step
         gate.set()
         for job in [running, *burst]:
             finish(job)
     finally:
         scheduler.stop()
+
+
+def test_arriving_prompts_take_one_turn_between_two_tokens_of_a_running_generation():
+    trace: list[str] = []
+    burst = [prompted(f"p{i}", 2, 2, trace) for i in range(4)]
+    beside_a_running_generation(Scheduler(max_active=8, max_waiting=10), burst, trace)
     first, last = trace.index("running"), max(i for i, name in enumerate(trace) if name.endswith(":prompt"))
     window = trace[first : last + 1]
     # Eight prompt turns (four prompts of two chunks), never two without a token between.
@@ -211,45 +216,23 @@ def prompt_window(trace: list[str], running: str) -> list[list[str]]:
 
 
 def test_short_prompts_arriving_together_go_in_in_one_round():
-    scheduler = Scheduler(max_active=8, max_waiting=10, prompt_budget=256)
     trace: list[str] = []
-    gate = threading.Event()
-    try:
-        running = Job(generation("running", 40, trace, gate))
-        scheduler.submit(running)
-        burst = [prompted(f"p{i}", 1, 2, trace) for i in range(6)]
-        for job in burst:
-            job.prompt_left = 40  # six of 40 tokens: 240, within one chunk of 256
-            scheduler.submit(job)
-        time.sleep(0.2)
-        gate.set()
-        for job in [running, *burst]:
-            finish(job)
-    finally:
-        scheduler.stop()
+    burst = [prompted(f"p{i}", 1, 2, trace) for i in range(6)]
+    for job in burst:
+        job.prompt_left = 40  # six of 40 tokens: 240, within one chunk of 256
+    beside_a_running_generation(Scheduler(max_active=8, max_waiting=10, prompt_budget=256), burst, trace)
     assert prompt_window(trace, "running") == [[f"p{i}" for i in range(6)]]
 
 
 def test_a_round_takes_in_at_most_one_chunks_worth_of_prompt_tokens():
     """Prompts whose turns overflow what is left of the chunk wait for the next round;
     a smaller one that fits goes in beside the first admitted."""
-    scheduler = Scheduler(max_active=8, max_waiting=10, prompt_budget=256)
     trace: list[str] = []
-    gate = threading.Event()
-    try:
-        running = Job(generation("running", 40, trace, gate))
-        scheduler.submit(running)
-        sizes = {"big": 300, "mid": 200, "small": 40, "unknown": None}
-        burst = [prompted(name, -(-(size or 256) // 256), 1, trace) for name, size in sizes.items()]
-        for job, size in zip(burst, sizes.values(), strict=True):
-            job.prompt_left = size
-            scheduler.submit(job)
-        time.sleep(0.2)
-        gate.set()
-        for job in [running, *burst]:
-            finish(job)
-    finally:
-        scheduler.stop()
+    sizes = {"big": 300, "mid": 200, "small": 40, "unknown": None}
+    burst = [prompted(name, -(-(size or 256) // 256), 1, trace) for name, size in sizes.items()]
+    for job, size in zip(burst, sizes.values(), strict=True):
+        job.prompt_left = size
+    beside_a_running_generation(Scheduler(max_active=8, max_waiting=10, prompt_budget=256), burst, trace)
     # big goes in as 256 + 44 tokens: mid (200) fits beside its last chunk, and then
     # small (40) no longer does; a job of unknown size counts as a whole chunk.
     assert prompt_window(trace, "running") == [["big"], ["big", "mid"], ["small"], ["unknown"]]
@@ -480,3 +463,12 @@ def test_a_prompt_cancelled_during_a_round_s_decode_turns_is_closed_once():
         scheduler.stop()
     assert closed == ["late"] and "late:prompt" not in trace
     assert scheduler.stats.cancelled == 1
+
+
+def test_a_prompt_length_that_is_not_a_count_of_tokens_is_taken_as_unknown():
+    """A start event's prompt_tokens (a peer's, for delegated work) sizes the job's turns
+    only when it is a whole number of tokens."""
+    for bad in ("12", True, -5, 3.5, None):
+        assert Job(iter(()), prompt_left=bad).prompt_left is None
+    assert Job(iter(()), prompt_left=0).prompt_left == 0
+    assert Job(iter(()), prompt_left=40).prompt_left == 40

@@ -247,10 +247,7 @@ def main() -> int:
     batch = SlotBatch(engine, args.streams, 4096)
     # As a node warms up: every chunk size a prompt is cut to, and the calls that run
     # several arriving prompts together.
-    buckets = engine.settings.prefill_buckets
-    largest = next((b for b in buckets if b >= args.chunk), buckets[-1])
-    chunks = [b for b in buckets if b <= largest]
-    batch.warm_up(chunks, batch.prompt_call_shapes(chunks, args.chunk))
+    batch.warm_up_chunked(args.chunk)
     generator = Generator(engine, model.tokenizer, batch=batch)
     scheduler = Scheduler(max_active=args.streams, max_waiting=64, prompt_budget=args.chunk)
     report: dict = {
