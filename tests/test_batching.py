@@ -269,6 +269,12 @@ def test_a_leaving_session_s_queued_prompt_chunk_never_runs():
     assert engine.prompt_calls == [[first]]
     with pytest.raises(InvalidRequestError, match="not held"):
         batch.submit_prompt(second, np.asarray([1]), 0)
+    with pytest.raises(InvalidRequestError, match="empty input"):
+        batch.submit_prompt(first, np.asarray([], np.int32), 0)
+    twice = batch.submit_prompt(first, np.asarray([3]), 2)
+    with pytest.raises(InvalidRequestError, match="already has a prompt chunk queued"):
+        batch.submit_prompt(first, np.asarray([4]), 3)
+    assert int(np.argmax(twice.result())) == expected_tokens([1, 2, 3], 1)[0]  # the first stands
 
 
 def test_a_leaving_session_s_queued_step_never_runs_and_its_row_is_reused():
@@ -628,6 +634,12 @@ def test_prompts_going_in_together_give_the_tokens_and_cache_of_prompts_alone(na
     prompts = [ids[:n] for ids, n in zip(prompts, lengths, strict=True)]
     buckets = {engine.chunk_steps(len(prompt)) for prompt in prompts}
     assert len(buckets) == 1 and None not in buckets
+    cache = engine.new_cache(256, 2)
+    long = np.asarray(prompts[0] * 8, np.int32)[:100]  # another bucket
+    with pytest.raises(InvalidRequestError, match="same prompt bucket"):
+        engine.forward_rows([np.asarray(prompts[0], np.int32), long], [0, 0], 0, cache)
+    with pytest.raises(InvalidRequestError, match="one start per piece"):
+        engine.forward_rows([np.asarray(prompts[0], np.int32)] * 2, [0], 0, cache)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     alone = Generator(engine, tokenizer)
     expected = [alone.generate(prompt, params).token_ids for prompt in prompts]
