@@ -41,10 +41,27 @@ needs_panels = pytest.mark.skipif(
     not cpu.panels_available(), reason="the panels layout needs the AVX-512 VNNI or AVX2 build of kernels.cpu"
 )
 
-# (m, n, k) per test case: every m in (1, 3, 8, 64, 300), n off the 16-row panel size,
+# (m, n, k) per test case: every m in (1, 3, 8, 16, 64, 72, 300) (one tile from the
+# registers, whole tiles from the registers in turn, and buffered), n off the 16-row panel size,
 # k = 256 .. 2048 (the K-quants only take multiples of 256).
-_SHAPES_32 = [(1, 45, 576), (3, 16, 640), (8, 33, 1536), (64, 100, 2048), (300, 21, 256)]
-_SHAPES_256 = [(1, 45, 256), (3, 16, 1536), (8, 33, 2048), (64, 100, 256), (300, 21, 1536)]
+_SHAPES_32 = [
+    (1, 45, 576),
+    (3, 16, 640),
+    (8, 33, 1536),
+    (16, 40, 576),
+    (64, 100, 2048),
+    (72, 19, 256),
+    (300, 21, 256),
+]
+_SHAPES_256 = [
+    (1, 45, 256),
+    (3, 16, 1536),
+    (8, 33, 2048),
+    (16, 40, 512),
+    (64, 100, 256),
+    (72, 19, 256),
+    (300, 21, 1536),
+]
 
 
 def _shapes(qtype: int) -> list[tuple[int, int, int]]:
@@ -132,20 +149,26 @@ def test_a_products_bits_do_not_depend_on_the_rows_beside_it(qtype: int) -> None
     it stands in the matrix (the portable kernel pairs weight rows, the AVX-512 kernel
     takes them 16 at a time): what keeps batched decoding and the prefix cache exact.
     Eight rows are one tile, whose blocks the threads quantize in ranges (a decode
-    step's); eleven are two tiles, quantized whole."""
+    step's); eleven are two tiles, quantized whole, multiplied from decoded buffers;
+    sixteen are two whole tiles, each multiplied from the registers in turn."""
     n, k = 45, 512 if FORMATS[qtype].block_size == 256 else 576
     blocks = random_blocks(qtype, rows=n, blocks=k // FORMATS[qtype].block_size, seed=7, scale=0.05)
-    x = _activations(11, k, seed=8)
-    full = np.asarray(cpu.qmatmul(x, QuantTensor.from_packed(blocks, qtype, (n, k))))
-    tile = np.asarray(cpu.qmatmul(x[:8], QuantTensor.from_packed(blocks, qtype, (n, k))))
-    for row in (0, 3, 4, 7, 10):
-        alone = np.asarray(cpu.qmatmul(x[row : row + 1], QuantTensor.from_packed(blocks, qtype, (n, k))))
-        np.testing.assert_array_equal(alone[0], full[row])
+    x = _activations(16, k, seed=8)
+    weight = QuantTensor.from_packed(blocks, qtype, (n, k))
+    tile = np.asarray(cpu.qmatmul(x[:8], weight))
+    buffered = np.asarray(cpu.qmatmul(x[:11], weight))
+    tiles = np.asarray(cpu.qmatmul(x, weight))
+    for row in (0, 3, 4, 7, 8, 10, 11, 15):
+        alone = np.asarray(cpu.qmatmul(x[row : row + 1], weight))
+        np.testing.assert_array_equal(alone[0], tiles[row])
+        if row < 11:
+            np.testing.assert_array_equal(alone[0], buffered[row])
         if row < 8:
             np.testing.assert_array_equal(alone[0], tile[row])
     for start in (1, 43, 44):
         rest = QuantTensor.from_packed(np.ascontiguousarray(blocks[start:]), qtype, (n - start, k))
-        np.testing.assert_array_equal(np.asarray(cpu.qmatmul(x, rest)), full[:, start:])
+        np.testing.assert_array_equal(np.asarray(cpu.qmatmul(x, rest)), tiles[:, start:])
+        np.testing.assert_array_equal(np.asarray(cpu.qmatmul(x[:11], rest)), buffered[:, start:])
 
 
 def _swap_nibbles(data: np.ndarray, qtype: int) -> np.ndarray:

@@ -221,8 +221,8 @@ struct RowsProduct {
   const int32_t* aux;
   __m512 acc[C];
 
-  explicit RowsProduct(const Activations& act)
-      : codes(act.TileCodes(0)), scales(act.TileScale(0)), aux(act.TileAux(0, F::kGroup)) {
+  explicit RowsProduct(const Activations& act, int64_t tile = 0)
+      : codes(act.TileCodes(tile)), scales(act.TileScale(tile)), aux(act.TileAux(tile, F::kGroup)) {
     SWARM_UNROLL
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
   }

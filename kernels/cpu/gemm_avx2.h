@@ -201,8 +201,8 @@ struct RowsProduct8 {
   const int32_t* aux;
   __m256 acc[C];
 
-  explicit RowsProduct8(const Activations& act)
-      : codes(act.TileCodes(0)), scales(act.TileScale(0)), aux(act.TileAux(0, F::kGroup)) {
+  explicit RowsProduct8(const Activations& act, int64_t tile = 0)
+      : codes(act.TileCodes(tile)), scales(act.TileScale(tile)), aux(act.TileAux(tile, F::kGroup)) {
     SWARM_UNROLL
     for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
   }
