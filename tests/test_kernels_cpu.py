@@ -41,7 +41,7 @@ needs_panels = pytest.mark.skipif(
     not cpu.panels_available(), reason="the panels layout needs the AVX-512 VNNI or AVX2 build of kernels.cpu"
 )
 
-# (m, n, k) per test case: every m in (1, 3, 8, 16, 64, 72, 300) (one tile from the
+# (m, n, k) per test case: every m in (1, 3, 8, 16, 64, 70, 136, 300) (one tile from the
 # registers, whole tiles from the registers in turn, and buffered), n off the 16-row panel size,
 # k = 256 .. 2048 (the K-quants only take multiples of 256).
 _SHAPES_32 = [
@@ -50,7 +50,8 @@ _SHAPES_32 = [
     (8, 33, 1536),
     (16, 40, 576),
     (64, 100, 2048),
-    (72, 19, 256),
+    (70, 19, 256),
+    (136, 17, 256),
     (300, 21, 256),
 ]
 _SHAPES_256 = [
@@ -59,7 +60,8 @@ _SHAPES_256 = [
     (8, 33, 2048),
     (16, 40, 512),
     (64, 100, 256),
-    (72, 19, 256),
+    (70, 19, 256),
+    (136, 17, 256),
     (300, 21, 1536),
 ]
 

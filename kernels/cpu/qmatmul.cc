@@ -13,10 +13,10 @@
 // whatever m is, and no horizontal sums are needed.
 //
 // Two paths: up to 8 activation rows (decode) multiply each decoded group of a panel
-// straight from the registers, and so do up to 64 rows in whole tiles of 8, one tile
-// after another (short prompts, batches of 16 or 32); more rows (prefill) decode 512 columns of
-// three panels at a time into L1-sized buffers and run the rows over them four at a
-// time (gemm.h, TileProduct).  Panels are spread over a persistent thread pool
+// straight from the registers, and so do whole tiles of 8 rows, one tile after another
+// (prompt chunks, batches of 16 or 32: up to 512 rows, 64 on AVX2); other counts of more
+// rows decode 512 columns of three panels at a time into L1-sized buffers and run the
+// rows over them four at a time (gemm.h, TileProduct).  Panels are spread over a persistent thread pool
 // (thread_pool.h) in runs of consecutive panels, each prefetching the next one's bytes
 // while it decodes.
 // With `add`, each product is stored plus an f32[m, n_j] addend (a residual
@@ -257,10 +257,13 @@ namespace {
 // every tile.
 constexpr int64_t kFusedMaxRows = kTileRows;
 // Whole tiles of rows, up to this many, take the register path one tile after another,
-// each decoding the panel again from L1 (measured on SmolLM2's layers on two cores: 16
-// rows 7.0-8.6 ms against 9.8-10.3 buffered, 32 rows 14.5 against 17.3, 64 rows 27.0
-// against 29.0; from 96 rows on the buffered path is as fast or faster).
-constexpr int64_t kTiledFusedMaxRows = 64;
+// each decoding the panel again from L1.  Measured on SmolLM2's layers (Q4_1) on two
+// cores, against the buffered path: 16 rows 7.0-8.6 ms against 9.8-10.3, 32 rows 14.5
+// against 17.3, 64 rows 27.0 against 29.0, 128 rows 48.4-48.8 against 51.3-51.6, 256
+// rows 94.7-95.7 against 97.6 and more, 512 rows 189-192 against 197 and more; on
+// Gemma 3's (K-quants, Q5_0, Q8_0) 128 to 512 rows alike.  Other row counts above a
+// tile keep the buffered path.
+constexpr int64_t kTiledFusedMaxRows = 512;
 constexpr int64_t kPanelBufferBytes = kChunkElements / 32 * 640;
 
 template <class F>
