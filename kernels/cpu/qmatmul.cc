@@ -14,7 +14,7 @@
 //
 // Two paths: up to 8 activation rows (decode) multiply each decoded group of a panel
 // straight from the registers, and so do whole tiles of 8 rows, one tile after another
-// (prompt chunks, batches of 16 or 32: up to 512 rows, 64 on AVX2); other counts of more
+// (prompt chunks, batches of 16 or 32: up to 512 rows, 32 on AVX2); other counts of more
 // rows decode 512 columns of three panels at a time into L1-sized buffers and run the
 // rows over them four at a time (gemm.h, TileProduct).  Panels are spread over a persistent thread pool
 // (thread_pool.h) in runs of consecutive panels, each prefetching the next one's bytes
@@ -386,10 +386,14 @@ namespace {
 // panel's two halves into buffers (kChunkElements of them at a time) and run over them
 // kHalfTileRows at a time.
 constexpr int64_t kRegisterRows = kTileRows;
-// Whole tiles of rows, up to this many, take the register path one tile after another
-// (measured on SmolLM2's layers, AVX2 build: 16 rows 13.3 ms against 16.4-20.3
-// buffered, 32 rows 26-31 against 30-37, 64 rows 51-61 against 56-70).
-constexpr int64_t kTiledRegisterMaxRows = 64;
+// Whole tiles of rows, up to this many, take the register path one tile after another.
+// Measured with the AVX2 build on two cores, against the buffered path: SmolLM2's
+// layers (Q4_1) 16 rows 13.3 ms against 16.4-20.3, 32 rows 26-31 against 30-37; Gemma
+// 3's (K-quants, Q5_0, Q8_0) 16 rows 14.2-14.4 against 14.7-16.7, 32 rows alike, but 64
+// rows 51.5-59.5 against 47.4-56.6 and 128 rows 100 against 87-90 (decoding a K-quant
+// half panel again per tile costs more than the buffers save), where SmolLM2's still
+// gained (64 rows 51-61 against 56-70).
+constexpr int64_t kTiledRegisterMaxRows = 32;
 constexpr int kHalfTileRows = 4;
 constexpr int64_t kHalfBufferBytes = kChunkElements / 32 * 320;
 
