@@ -16,9 +16,9 @@
 // straight from the registers, and so do whole tiles of 8 rows, one tile after another
 // (prompt chunks, batches of 16 or 32: up to 512 rows, 32 on AVX2); other counts of more
 // rows decode 512 columns of three panels at a time into L1-sized buffers and run the
-// rows over them four at a time (gemm.h, TileProduct).  Panels are spread over a persistent thread pool
-// (thread_pool.h) in runs of consecutive panels, each prefetching the next one's bytes
-// while it decodes.
+// rows over them four at a time (gemm.h, TileProduct).  Panels are spread over a
+// persistent thread pool (thread_pool.h) in runs of consecutive panels, each
+// prefetching the next one's bytes while it decodes.
 // With `add`, each product is stored plus an f32[m, n_j] addend (a residual
 // connection): the same f32 sum as adding afterwards, without another pass.
 //
@@ -156,6 +156,13 @@ class Scratch {
 };
 
 static_assert(kTileRows == kRowsPerTile, "WithRows covers a tile");
+
+// Whether m activation rows take the register path: one tile of them at most, or whole
+// tiles, up to `tiled_max_rows`, one tile after another.  Other counts take the
+// buffered path.
+inline bool RegisterPath(int64_t m, int64_t tiled_max_rows) {
+  return m <= kTileRows || (m % kTileRows == 0 && m <= tiled_max_rows);
+}
 // The buffered paths decode this many elements of each panel's rows at a time (AVX-512:
 // 16 rows x 512 elements take at most 10 KiB decoded, 640 bytes per 32 elements,
 // GroupBytes; 30 KiB for three panels, inside L1 beside a tile's activations; 256
@@ -253,8 +260,8 @@ namespace swarm_cpu {
 namespace {
 
 // Up to one tile of activation rows multiplies each decoded group straight from the
-// registers; more rows decode kTilePanels panels into buffers once and reuse them for
-// every tile.
+// registers, and whole tiles do so one after another (RegisterPath); other counts of
+// more rows decode kTilePanels panels into buffers once and reuse them for every tile.
 constexpr int64_t kFusedMaxRows = kTileRows;
 // Whole tiles of rows, up to this many, take the register path one tile after another,
 // each decoding the panel again from L1.  Measured on SmolLM2's layers (Q4_1) on two
@@ -278,7 +285,7 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
     return error;
   }
 
-  if (m <= kFusedMaxRows || (m % kTileRows == 0 && m <= kTiledFusedMaxRows)) {
+  if (RegisterPath(m, kTiledFusedMaxRows)) {
     // The panel of rows [first, first + 16) of a weight with n rows, read through
     // `source`: each group multiplies a tile's rows straight from the registers it
     // decodes into; a later tile decodes the panel again, from L1 now (only the first
@@ -382,8 +389,9 @@ namespace {
 
 // Up to a tile of activation rows (8) multiply each decoded group of a half panel
 // straight from the registers (measured against the buffered path at 8 rows: SmolLM2's
-// head 1.95 ms against 2.4-2.5, its layers' products 2-10 % faster); more rows decode a
-// panel's two halves into buffers (kChunkElements of them at a time) and run over them
+// head 1.95 ms against 2.4-2.5, its layers' products 2-10 % faster), and whole tiles do
+// so one after another (RegisterPath); other counts of more rows decode a panel's two
+// halves into buffers (kChunkElements of them at a time) and run over them
 // kHalfTileRows at a time.
 constexpr int64_t kRegisterRows = kTileRows;
 // Whole tiles of rows, up to this many, take the register path one tile after another.
@@ -420,7 +428,7 @@ ffi::Error Product(const float* x, int64_t m, int64_t k, const Matrix* matrices,
     }
   };
 
-  if (m <= kRegisterRows || (m % kTileRows == 0 && m <= kTiledRegisterMaxRows)) {
+  if (RegisterPath(m, kTiledRegisterMaxRows)) {
     ForEachRun(matrices, count, kPanelRows, [&](const Matrix& matrix, int64_t first) {
       // The next panel is asked for ahead even for one row, unlike on AVX-512: the
       // hardware prefetchers alone left a SmolLM2 decode step's products (weights from
