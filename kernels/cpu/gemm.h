@@ -162,6 +162,15 @@ constexpr int64_t GroupBytes() {
   return 16 * F::kGroup + 64 + (F::kAffine ? 64 : 0);
 }
 
+// sum + the u8 x i8 dot products of `weights` with the activation dword at `code`,
+// which the instruction reads and broadcasts itself ({1to16}).  GCC would load each
+// dword into a register with a vpbroadcastd of its own first: on Zen 4 that made a
+// group of 8 rows about 6 % slower (64 broadcasts beside the 64 products).
+SWARM_INLINE __m512i DotBroadcast(__m512i sum, __m512i weights, const int32_t* code) {
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(sum) : "v"(weights), "m"(*code));
+  return sum;
+}
+
 // Accumulates one decoded group into C rows' f32[16] sums: the integer dot product of
 // the group's codes with each row's activation codes, minus offset * (code sum), is
 // scaled by the weight scale times the activation block scale; affine formats add
@@ -184,7 +193,7 @@ SWARM_INLINE void AccumulateGroup(int64_t g, const __m512i* weights, __m512 scal
   for (int j = 0; j < G / 4; ++j) {
     SWARM_UNROLL
     for (int c = 0; c < C; ++c) {
-      sum[c] = _mm512_dpbusd_epi32(sum[c], weights[j], _mm512_set1_epi32(group_codes[j * stride + c]));
+      sum[c] = DotBroadcast(sum[c], weights[j], group_codes + j * stride + c);
     }
   }
   const float* group_scale = scales + (g * G / 32) * stride;
