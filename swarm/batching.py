@@ -91,17 +91,19 @@ class Ticket:
         self.inputs = inputs
         self.position = position
         self.prompt = prompt
-        self.done = threading.Event()
+        # Set by the flush that ran it, under the device lock that `result()`'s own flush
+        # takes: a flag is enough, as no one waits on it but through that lock.
+        self.done = False
         self._output: np.ndarray | None = None
         self._error: BaseException | None = None
 
     def _finish(self, output: np.ndarray | None, error: BaseException | None = None) -> None:
         self._output, self._error = output, error
-        self.done.set()
+        self.done = True
 
     def result(self) -> np.ndarray:
         flush = self.batch.flush_prompts if self.prompt else self.batch.flush
-        while not self.done.is_set():
+        while not self.done:
             flush()
         if self._error is not None:
             raise self._error
