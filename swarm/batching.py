@@ -91,8 +91,8 @@ class Ticket:
         self.inputs = inputs
         self.position = position
         self.prompt = prompt
-        # Set by the flush that ran it, under the device lock that `result()`'s own flush
-        # takes: a flag is enough, as no one waits on it but through that lock.
+        # Set by the flush that ran it (or by `release`, which drops it): `result()` only
+        # reads it between flushes of its own, and nothing blocks on it, so a flag serves.
         self.done = False
         self._output: np.ndarray | None = None
         self._error: BaseException | None = None
