@@ -225,12 +225,17 @@ def _tool_use_id(node_id: str) -> str:
     return "toolu_" + node_id.removeprefix("call_") if node_id else new_id("toolu_")
 
 
-def _usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, output_tokens: int, cached_tokens: int = 0) -> dict[str, int]:
+    """Anthropic's usage object for a prompt of `prompt_tokens`, `cached_tokens` of them
+    from the prefix cache: as Anthropic counts, input_tokens are the others, and the
+    whole input is input_tokens + cache_read_input_tokens + cache_creation_input_tokens
+    (always 0: every prompt is cached as it goes in, with no breakpoint to ask for it)."""
+    cached = min(max(cached_tokens, 0), prompt_tokens)
     return {
-        "input_tokens": input_tokens,
+        "input_tokens": prompt_tokens - cached,
         "output_tokens": output_tokens,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": cached,
     }
 
 
@@ -241,11 +246,12 @@ def message_events(events: Iterator[dict[str, Any]], message_id: str) -> Iterato
     text block opens on the first non-empty text, so a reply that is only a tool
     call has no empty text block; a reply with nothing gets one empty text block.
     """
-    index, open_kind, open_call, used_tool, prompt_tokens = -1, None, None, False, 0
+    index, open_kind, open_call, used_tool, prompt_tokens, cached_tokens = -1, None, None, False, 0, 0
     for event in events:
         kind = event.get("event")
         if kind == "start":
             prompt_tokens = int(event.get("prompt_tokens") or 0)
+            cached_tokens = int(event.get("cached_tokens") or 0)  # what the cache holds now
             message = {
                 "id": message_id,
                 "type": "message",
@@ -254,7 +260,7 @@ def message_events(events: Iterator[dict[str, Any]], message_id: str) -> Iterato
                 "content": [],
                 "stop_reason": None,
                 "stop_sequence": None,
-                "usage": _usage(prompt_tokens, 1),
+                "usage": _usage(prompt_tokens, 1, cached_tokens),
             }
             yield {"type": "message_start", "message": message}
             yield {"type": "ping"}
@@ -311,10 +317,13 @@ def message_events(events: Iterator[dict[str, Any]], message_id: str) -> Iterato
                 reason = "stop_sequence" if stop_sequence else "end_turn"
             output_tokens = int(event.get("completion_tokens") or 0)
             input_tokens = int(event.get("prompt_tokens") or prompt_tokens)
+            # Cumulative, as message_delta's usage is: the input fields repeat with what the
+            # prefill reused, which the start's count could only foresee.
+            cached = int(event.get("cached_tokens") or 0)
             yield {
                 "type": "message_delta",
                 "delta": {"stop_reason": reason, "stop_sequence": stop_sequence},
-                "usage": _usage(input_tokens, output_tokens),
+                "usage": _usage(input_tokens, output_tokens, cached),
             }
             yield {"type": "message_stop"}
             return

@@ -280,6 +280,7 @@ class Reply:
     finish_reason: str = "stop"
     stop_sequence: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those the prefix cache supplied
     completion_tokens: int = 0
 
 
@@ -292,6 +293,7 @@ def collect(events: Iterable[dict[str, Any]]) -> Reply:
         if kind == "start":
             reply.model = str(event.get("model", ""))
             reply.prompt_tokens = int(event.get("prompt_tokens") or 0)
+            reply.cached_tokens = int(event.get("cached_tokens") or 0)
         elif kind == "text":
             reply.text += event.get("text", "")
             if "logprob" in event:
@@ -304,6 +306,7 @@ def collect(events: Iterable[dict[str, Any]]) -> Reply:
             reply.finish_reason = str(event.get("finish_reason") or "stop")
             reply.stop_sequence = event.get("stop_sequence")
             reply.prompt_tokens = int(event.get("prompt_tokens") or reply.prompt_tokens)
+            reply.cached_tokens = int(event.get("cached_tokens") or 0)
             reply.completion_tokens = int(event.get("completion_tokens") or 0)
             break
         elif kind == "error":

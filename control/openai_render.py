@@ -43,11 +43,14 @@ def finish_reason(reply_reason: str, tool_calls: bool) -> str:
     return reply_reason if reply_reason in FINISH_REASONS else "stop"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object: prompt_tokens counts every prompt token, and
+    prompt_tokens_details.cached_tokens those of them the prefix cache supplied."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -118,7 +121,7 @@ def chat_completion(reply: Reply, call: Call, created: int) -> dict[str, Any]:
                 "finish_reason": finish_reason(reply.finish_reason, bool(calls)),
             }
         ],
-        "usage": usage(reply.prompt_tokens, reply.completion_tokens),
+        "usage": usage(reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens),
     }
 
 
@@ -138,7 +141,7 @@ def text_completion(reply: Reply, call: Call, created: int) -> dict[str, Any]:
                 "finish_reason": finish_reason(reply.finish_reason, False),
             }
         ],
-        "usage": usage(reply.prompt_tokens, reply.completion_tokens),
+        "usage": usage(reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens),
     }
 
 
@@ -158,7 +161,8 @@ class _Chunks:
 
     def usage_frame(self, done: dict[str, Any]) -> str:
         prompt, completion = int(done.get("prompt_tokens") or 0), int(done.get("completion_tokens") or 0)
-        return data_frame({**self.base, "choices": [], "usage": usage(prompt, completion)})
+        cached = int(done.get("cached_tokens") or 0)
+        return data_frame({**self.base, "choices": [], "usage": usage(prompt, completion, cached)})
 
 
 def chat_frames(events: Iterator[dict[str, Any]], call: Call, created: int) -> Iterator[str]:

@@ -76,6 +76,16 @@ class GenerationResult:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
+@dataclass
+class PromptReuse:
+    """How many of a stream's prompt tokens came from the prefix cache (this node's, or
+    blocks fetched from peers) rather than being computed: set by `Generator.stream` once
+    those blocks are loaded, before the rest of the prompt goes in. APIs report it as
+    cached prompt tokens."""
+
+    tokens: int = 0
+
+
 class StopScanner:
     """Holds back text that could still become a stop string; finds the first stop."""
 
@@ -301,7 +311,7 @@ class Generator:
         return _OwnCache(self.engine, self.engine.cache_capacity(positions))
 
     def _prefill(
-        self, seat: _Seat, prompt_ids: Sequence[int], chunk: int | None
+        self, seat: _Seat, prompt_ids: Sequence[int], chunk: int | None, reuse: PromptReuse | None = None
     ) -> GeneratorType[Prefilling, None, np.ndarray]:
         """The prompt's last logits, its keys and values in `seat`, reusing and feeding the
         prefix cache.
@@ -322,6 +332,8 @@ class Generator:
                 # The blocks go as they are: the engine joins them in the copy that pads them.
                 seat.load_rows([block.keys for block in blocks], [block.values for block in blocks])
                 position = sum(block.keys.shape[1] for block in blocks)
+        if reuse is not None:
+            reuse.tokens = position
         step = chunk or len(prompt_ids)
         while True:
             piece = np.asarray(prompt_ids[position : position + step], np.int32)
@@ -374,6 +386,7 @@ class Generator:
         constraint: Constraint | None = None,
         *,
         prefill_chunk: int | None = None,
+        reuse: PromptReuse | None = None,
     ) -> Iterator[TokenEvent | str | Prefilling]:
         """Yields a TokenEvent per generated token, then the finish reason as a str.
 
@@ -386,11 +399,12 @@ class Generator:
         (callers passing it must skip those `Prefilling` markers).
         Each decode step is queued before its token is yielded and computed when the
         stream resumes, so with a shared batch, sessions advanced in turn step together.
+        `reuse`, when given, learns how many prompt tokens the prefix cache supplied.
         """
         budget = self.check_prompt(prompt_ids, params.max_tokens)
         seat = self._seat(len(prompt_ids) + budget)
         try:
-            for event in self._decode(seat, prompt_ids, params, constraint, budget, prefill_chunk):
+            for event in self._decode(seat, prompt_ids, params, constraint, budget, prefill_chunk, reuse):
                 if isinstance(event, str):  # the finish reason, always last: leave the batch now
                     seat.close()
                 yield event
@@ -405,8 +419,9 @@ class Generator:
         constraint: Constraint | None,
         budget: int,
         prefill_chunk: int | None,
+        reuse: PromptReuse | None = None,
     ) -> Iterator[TokenEvent | str | Prefilling]:
-        logits = yield from self._prefill(seat, prompt_ids, prefill_chunk)
+        logits = yield from self._prefill(seat, prompt_ids, prefill_chunk, reuse)
         sampler = Sampler(params)
         decoder = self.tokenizer.stream_decoder()
         scanner = StopScanner(params.stop)

@@ -46,7 +46,7 @@ from swarm.delegation import (
     scheduled,
 )
 from swarm.errors import InvalidRequestError, UnavailableError, UnknownModelError
-from swarm.generate import Prefilling, check_prompt
+from swarm.generate import Prefilling, PromptReuse, check_prompt
 from swarm.load_progress import LoadProgress
 from swarm.node_protocol import SOCKET_NAME, GenerationRequest
 from swarm.node_server import Detached, NodeServer, Scheduler
@@ -335,9 +335,12 @@ class ModelBackend:
         (None for a request run by peers)."""
         if isinstance(prepared, DelegatedRun) or self.generator is None:
             return None
-        prefix = self.generator.prefix_cache
-        cached = prefix.cached_tokens(prepared.prompt_ids) if prefix is not None else 0
-        return len(prepared.prompt_ids) - cached
+        return len(prepared.prompt_ids) - self._cached(prepared)
+
+    def _cached(self, prepared: Prepared) -> int:
+        """The prompt tokens the prefix cache holds for `prepared` now."""
+        prefix = self.generator.prefix_cache if self.generator is not None else None
+        return prefix.cached_tokens(prepared.prompt_ids) if prefix is not None else 0
 
     def served_model(self, prepared: Prepared | DelegatedRun) -> str:
         return prepared.model_id
@@ -346,8 +349,18 @@ class ModelBackend:
         """The start event of a generation (a delegated one begins on the peer here)."""
         if isinstance(prepared, DelegatedRun):
             start = self._remote(prepared.start)
-            return {"event": "start", "model": start["model"], "prompt_tokens": start["prompt_tokens"]}
-        return {"event": "start", "model": prepared.model_id, "prompt_tokens": len(prepared.prompt_ids)}
+            return {
+                "event": "start",
+                "model": start["model"],
+                "prompt_tokens": start["prompt_tokens"],
+                "cached_tokens": start["cached_tokens"],
+            }
+        return {
+            "event": "start",
+            "model": prepared.model_id,
+            "prompt_tokens": len(prepared.prompt_ids),
+            "cached_tokens": self._cached(prepared),
+        }
 
     @staticmethod
     def _remote(call: Any) -> Any:
@@ -421,10 +434,13 @@ class ModelBackend:
         finish = "length"
         stop_sequence = None
         pieces = self.generator.token_pieces() if forced else None
+        reuse = PromptReuse()
         if self.generator is not None:
             # A long prompt advances a chunk per scheduler turn, between other requests' tokens.
             chunk = self.config.inference.prefill_chunk or None
-            events = self.generator.stream(prepared.prompt_ids, params, constraint, prefill_chunk=chunk)
+            events = self.generator.stream(
+                prepared.prompt_ids, params, constraint, prefill_chunk=chunk, reuse=reuse
+            )
         else:
             events = self.peering.requester().stream(prepared.prompt_ids, params)
         for event in events:
@@ -462,6 +478,7 @@ class ModelBackend:
             "finish_reason": finish,
             "stop_sequence": stop_sequence,
             "prompt_tokens": len(prepared.prompt_ids),
+            "cached_tokens": reuse.tokens,
             "completion_tokens": completion_tokens,
         }
 

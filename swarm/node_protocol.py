@@ -11,12 +11,15 @@ line, or, for `generate`, a stream of event lines ending with a `done` or `error
 event. Closing the connection cancels a generation.
 
 Events of a generation, in order:
-  {"event": "start", "model", "prompt_tokens"}
+  {"event": "start", "model", "prompt_tokens", "cached_tokens"}
   {"event": "text", "text", "token_id", "logprob"?, "top_logprobs"?: [{"token", "logprob", "bytes"}]}
   {"event": "tool_call", "index", "id", "name"}        a tool call begins
   {"event": "arguments", "index", "delta"}             a fragment of its arguments JSON
-  {"event": "done", "finish_reason", "stop_sequence", "prompt_tokens", "completion_tokens"}
+  {"event": "done", "finish_reason", "stop_sequence", "prompt_tokens", "cached_tokens", "completion_tokens"}
   {"event": "error", "code", "message"}
+cached_tokens: the prompt tokens taken from the prefix cache instead of computed (at
+start, what the cache holds then; at done, what the prefill reused). A peer that leaves
+it out reused none.
 """
 
 from __future__ import annotations
@@ -252,6 +255,16 @@ def _count(raw: dict[str, Any], name: str) -> int:
     return value
 
 
+def _cached(raw: dict[str, Any], prompt_tokens: int) -> int:
+    """An event's cached_tokens: 0 where left out, never more than its prompt."""
+    if raw.get("cached_tokens") is None:
+        return 0
+    value = _count(raw, "cached_tokens")
+    if value > prompt_tokens:
+        raise ProtocolError(f"the cached_tokens of a {raw.get('event')} event exceed its prompt_tokens")
+    return value
+
+
 def _number(raw: dict[str, Any], name: str) -> float:
     value = float(_field(raw, name, (int, float)))
     if value != value or value in (float("inf"), float("-inf")):
@@ -287,6 +300,7 @@ def check_event(raw: Any) -> dict[str, Any]:
     event: dict[str, Any] = {"event": kind}
     if kind == "start":
         event.update(model=_field(raw, "model", str), prompt_tokens=_count(raw, "prompt_tokens"))
+        event.update(cached_tokens=_cached(raw, event["prompt_tokens"]))
     elif kind == "text":
         event.update(text=_field(raw, "text", str), token_id=_field(raw, "token_id", int))
         if "logprob" in raw:
@@ -309,6 +323,7 @@ def check_event(raw: Any) -> dict[str, Any]:
             prompt_tokens=_count(raw, "prompt_tokens"),
             completion_tokens=_count(raw, "completion_tokens"),
         )
+        event.update(cached_tokens=_cached(raw, event["prompt_tokens"]))
     elif kind == "error":
         code = raw.get("code")
         event.update(

@@ -3,7 +3,8 @@
 The mock model "mock-1" counts: a prompt of N words (whitespace-split, after the
 messages are joined) has N prompt tokens, and generation emits the words
 "w0 w1 w2 ..." one token each until max_tokens (finish "length") or until the word
-"w{stop_after}" when the prompt contains "stop_after=K" (finish "stop"). Stop
+"w{stop_after}" when the prompt contains "stop_after=K" (finish "stop"). A prompt
+containing "cached=K" reports its first K tokens as taken from the prefix cache. Stop
 strings apply to the joined text. A forced tool call emits
 `{"name": <first forced name>, "arguments": {"step": 1}}` as a tool call;
 `response_format: json_object` emits `{"answer": 42}`. `delay_s` sleeps per step
@@ -100,7 +101,12 @@ class MockBackend:
         return MODEL_ID
 
     def start(self, prepared: Prepared) -> dict[str, Any]:
-        return {"event": "start", "model": MODEL_ID, "prompt_tokens": len(prepared.words)}
+        return {
+            "event": "start",
+            "model": MODEL_ID,
+            "prompt_tokens": len(prepared.words),
+            "cached_tokens": _cached(prepared),
+        }
 
     def run(self, prepared: Prepared) -> Iterator[dict[str, Any]]:
         self.started_runs += 1
@@ -116,7 +122,12 @@ class MockBackend:
 
     def _events(self, prepared: Prepared) -> Iterator[dict[str, Any]]:
         request = prepared.request
-        done = {"event": "done", "prompt_tokens": len(prepared.words), "stop_sequence": None}
+        done = {
+            "event": "done",
+            "prompt_tokens": len(prepared.words),
+            "cached_tokens": _cached(prepared),
+            "stop_sequence": None,
+        }
         if request.forced_tools:
             yield {"event": "tool_call", "index": 0, "id": "call_mock0", "name": request.forced_tools[0]}
             for piece in ('{"step"', ": 1}"):
@@ -170,6 +181,11 @@ class MockBackend:
     def _pause(self) -> None:
         if self.delay_s:
             time.sleep(self.delay_s)
+
+
+def _cached(prepared: Prepared) -> int:
+    match = re.search(r"cached=(\d+)", " ".join(prepared.words))
+    return min(int(match.group(1)), len(prepared.words) - 1) if match else 0
 
 
 def json_arguments(events: list[dict[str, Any]]) -> Any:

@@ -93,6 +93,19 @@ def test_message_counts_words(client):
     assert message.usage.cache_read_input_tokens == 0
 
 
+def test_prompt_tokens_from_the_prefix_cache_count_as_cache_reads(http, client):
+    """As Anthropic counts: input_tokens are the prompt tokens computed, the rest are
+    cache_read_input_tokens, and the three input fields add up to the whole prompt."""
+    cached = [{"role": "user", "content": "a b c d e f cached=4"}]
+    message = client.messages.create(model="mock-1", max_tokens=2, messages=cached)
+    usage = message.usage
+    assert (usage.input_tokens, usage.cache_read_input_tokens, usage.cache_creation_input_tokens) == (3, 4, 0)
+    events = stream_events(http, {"model": "mock-1", "max_tokens": 2, "messages": cached})
+    for usage in (events[0]["message"]["usage"], events[-2]["usage"]):
+        assert (usage["input_tokens"], usage["cache_read_input_tokens"]) == (3, 4)
+    assert events[-2]["usage"]["output_tokens"] == 2
+
+
 def test_stop_reasons(client):
     ended = client.messages.create(
         model="mock-1", max_tokens=9, messages=[{"role": "user", "content": "go stop_after=1"}]

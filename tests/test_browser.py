@@ -223,6 +223,29 @@ def test_chat_streams_a_reply_and_stop_stops_it(browser, node, console):
     context.close()
 
 
+def test_chat_says_when_a_prompt_came_from_the_cache(browser, node, console):
+    context, page = _open(browser, console)
+    page.route("**/v1/chat/completions", _greedy)
+    page.goto(node.base + "/#/chat")
+    expect(page.locator("#chat-model")).to_have_value(MODEL)
+    stats = page.locator("#chat-stats")
+    question = "Which planet in the solar system has the most moons, and roughly how many?"
+    prompt = page.get_by_label("Message", exact=True)
+    prompt.fill(question)
+    prompt.press("Enter")
+    expect(stats).to_contain_text("tokens/s", timeout=60_000)
+    assert "from cache" not in stats.inner_text()  # asked for the first time
+    # The same question in a new chat is the same prompt, which the node's prefix cache
+    # holds: all of it but the last token comes from there.
+    page.get_by_role("button", name="New chat", exact=True).click()
+    prompt.fill(question)
+    prompt.press("Enter")
+    expect(stats).to_contain_text("prompt tokens from cache", timeout=60_000)
+    cached, whole = map(int, re.search(r"\((\d+) of (\d+) prompt tokens", stats.inner_text()).groups())
+    assert cached == whole - 1 > 10
+    context.close()
+
+
 def test_network_map_shows_the_other_nodes(browser, nodes, console):
     node, second, third = nodes
     context, page = _open(browser, console)

@@ -125,7 +125,7 @@ def test_a_delegated_generation_streams_the_serving_backends_events() -> None:
     with servers(MockBackend()) as (server,):
         payments = Payments()
         run = _run(request, [server.holder()], credits=payments)
-        assert run.start() == {"event": "start", "model": MODEL_ID, "prompt_tokens": 4}
+        assert run.start() == {"event": "start", "model": MODEL_ID, "prompt_tokens": 4, "cached_tokens": 0}
         events = []
         stream = run.events()
         for event in stream:  # as the node's scheduler reads it: closed at the done event
@@ -274,7 +274,7 @@ def test_malformed_events_from_a_peer_are_rejected() -> None:
     try:
         # A malformed first answer: the next peer is asked.
         run = _run(_request(), [liar.holder(), second.holder()])
-        assert run.start() == start
+        assert run.start() == {**start, "cached_tokens": 0}  # left out: none reused
         events = list(run.events())
         assert events[0] == {"event": "text", "text": "ok", "token_id": 1}  # unknown fields dropped
         assert events[-1]["event"] == "error" and "finish_reason must be one of" in events[-1]["message"]
@@ -377,6 +377,22 @@ def test_peers_never_take_the_whole_queue() -> None:
         {"event": "tool_call", "index": 0, "id": "c", "name": None},
         {"event": "arguments", "index": -2, "delta": "{"},
         {"event": "done", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": "2"},
+        {"event": "start", "model": "m", "prompt_tokens": 5, "cached_tokens": -1},
+        {"event": "start", "model": "m", "prompt_tokens": 5, "cached_tokens": 6},
+        {
+            "event": "done",
+            "finish_reason": "stop",
+            "prompt_tokens": 5,
+            "completion_tokens": 2,
+            "cached_tokens": 9,
+        },
+        {
+            "event": "done",
+            "finish_reason": "stop",
+            "prompt_tokens": 5,
+            "completion_tokens": 2,
+            "cached_tokens": 1.5,
+        },
     ],
 )
 def test_check_event_refuses_malformed_events(raw: Any) -> None:
@@ -396,6 +412,15 @@ def test_check_event_keeps_known_fields_and_unknown_error_codes_become_internal(
         "top_logprobs": [],
     }
     assert check_event({"event": "error", "code": "meltdown", "message": "m"})["code"] == "internal"
+
+
+def test_check_event_counts_no_cached_tokens_where_a_peer_leaves_them_out() -> None:
+    start = {"event": "start", "model": "m", "prompt_tokens": 90}
+    assert check_event(start)["cached_tokens"] == 0
+    assert check_event({**start, "cached_tokens": 64})["cached_tokens"] == 64
+    done = {"event": "done", "finish_reason": "stop", "prompt_tokens": 90, "completion_tokens": 3}
+    assert check_event(done)["cached_tokens"] == 0
+    assert check_event({**done, "cached_tokens": 89})["cached_tokens"] == 89
 
 
 def test_delegate_messages_round_trip_and_are_bounded() -> None:

@@ -190,6 +190,20 @@ def test_anthropic_messages(claude):
     assert streamed.content[0].text and streamed.usage.output_tokens > 0
 
 
+def test_a_resubmitted_prompt_reports_its_cached_tokens(oai, claude):
+    """The node's prefix cache keeps every prompt: asked again, the APIs say how much of it
+    came from there (OpenAI's cached_tokens, Anthropic's cache_read_input_tokens)."""
+    question = "List three rivers of Europe, then three of Asia, with one fact about each."
+    messages = [{"role": "user", "content": question}]
+    cold = claude.messages.create(model=MODEL, max_tokens=2, messages=messages)
+    warm = claude.messages.create(model=MODEL, max_tokens=2, messages=messages)
+    assert cold.usage.cache_read_input_tokens == 0 and cold.usage.input_tokens > 10
+    assert (warm.usage.input_tokens, warm.usage.cache_read_input_tokens) == (1, cold.usage.input_tokens - 1)
+    again = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert again.usage.prompt_tokens == cold.usage.input_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == cold.usage.input_tokens - 1
+
+
 def test_anthropic_tool_use_round_trip(claude):
     tool = {
         "name": WEATHER["name"],

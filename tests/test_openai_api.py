@@ -148,13 +148,34 @@ def test_chat_stream_include_usage(http, client):
     chunks = stream_chunks(http, body)
     assert all("usage" in chunk and chunk["usage"] is None for chunk in chunks[:-1])
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     sdk_chunks = list(
         client.chat.completions.create(
             model="mock-1", messages=USER, max_tokens=2, stream=True, stream_options={"include_usage": True}
         )
     )
     assert sdk_chunks[-1].usage.completion_tokens == 2
+
+
+def test_prompt_tokens_from_the_prefix_cache_are_reported_as_cached(http, client):
+    messages = [{"role": "user", "content": "a b c d e f cached=4"}]
+    completion = client.chat.completions.create(model="mock-1", messages=messages, max_tokens=2)
+    assert completion.usage.prompt_tokens == 7  # every prompt token, cached or not
+    assert completion.usage.prompt_tokens_details.cached_tokens == 4
+    body = {
+        "model": "mock-1",
+        "messages": messages,
+        "max_tokens": 2,
+        "stream_options": {"include_usage": True},
+    }
+    assert stream_chunks(http, body)[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 4}
+    legacy = client.completions.create(model="mock-1", prompt="a b c cached=2", max_tokens=1)
+    assert (legacy.usage.prompt_tokens, legacy.usage.prompt_tokens_details.cached_tokens) == (4, 2)
 
 
 def test_chat_logprobs(client):

@@ -79,7 +79,7 @@ def test_least_recently_used_blocks_go_first_within_the_budget():
 @pytest.mark.parametrize("batched", [False, True])
 def test_a_prefix_hit_gives_the_tokens_of_a_cold_run(opened_models, real_engines, batched):
     from swarm.batching import SlotBatch
-    from swarm.generate import Generator
+    from swarm.generate import Generator, PromptReuse, collect
 
     model = opened_models("smollm2-135m")
     engine = real_engines("smollm2-135m")
@@ -95,11 +95,20 @@ def test_a_prefix_hit_gives_the_tokens_of_a_cold_run(opened_models, real_engines
     cold = Generator(engine, model.tokenizer)
     batch = SlotBatch(engine, 2, 1024) if batched else None  # the prefix lands in a shared row
     cached = Generator(engine, model.tokenizer, PrefixCache(256 << 20), batch)
+    reused = []
     for prompt in (first, first, second):
-        assert cached.generate(prompt, params).token_ids == cold.generate(prompt, params).token_ids
+        reuse = PromptReuse()
+        hit = collect(cached.stream(prompt, params, reuse=reuse), prompt, params)
+        assert hit.token_ids == cold.generate(prompt, params).token_ids
+        reused.append(reuse.tokens)
     stats = cached.prefix_cache.stats
     assert stats.misses == 1 and stats.hits == 2
     assert stats.reused_tokens >= 2 * (len(shared) // BLOCK_TOKENS) * BLOCK_TOKENS
+    # What each request is told it reused (its cached prompt tokens): nothing cold, all but
+    # the last token resubmitted, and the whole blocks the second prompt shares.
+    common = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert reused == [0, len(first) - 1, common // BLOCK_TOKENS * BLOCK_TOKENS]
+    assert sum(reused) == stats.reused_tokens
 
 
 @pytest.mark.realmodel

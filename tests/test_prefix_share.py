@@ -14,7 +14,15 @@ import pytest
 from swarm import stage as stage_module
 from swarm import wire
 from swarm.engine import EngineSettings
-from swarm.generate import AWAITING_PEERS, PREFILLING, Generator, Prefilling, TokenEvent
+from swarm.generate import (
+    AWAITING_PEERS,
+    PREFILLING,
+    Generator,
+    Prefilling,
+    PromptReuse,
+    TokenEvent,
+    collect,
+)
 from swarm.identity import Identity
 from swarm.loader import open_model
 from swarm.prefix_cache import BLOCK_TOKENS, PrefixCache, block_keys
@@ -82,10 +90,12 @@ def asking_node(model, engine, fetcher: PrefixFetcher) -> Generator:
 def test_a_fetched_prefix_gives_the_tokens_of_a_cold_run(model, engine, cold, peer):
     fetcher = peer.fetcher(model)
     node = asking_node(model, engine, fetcher)
-    assert node.generate(PROMPT, GREEDY).token_ids == cold
+    reuse = PromptReuse()
+    assert collect(node.stream(PROMPT, GREEDY, reuse=reuse), PROMPT, GREEDY).token_ids == cold
     assert fetcher.stats.fetched_blocks == 3  # both whole blocks and the tail
     assert fetcher.stats.fetched_tokens == len(PROMPT) - 1
     assert fetcher.stats.rejected == 0
+    assert reuse.tokens == len(PROMPT) - 1  # reported as cached: this node computed one token
     # What was fetched is now held here: the next run asks nobody.
     assert node.generate(PROMPT, GREEDY).token_ids == cold
     assert fetcher.stats.queries == 1
@@ -129,8 +139,10 @@ def test_a_corrupted_block_is_rejected_and_the_prefix_computed_here(model, engin
     monkeypatch.setattr(stage_module, "answer_query", corrupted)
     fetcher = peer.fetcher(model)
     node = asking_node(model, engine, fetcher)
-    assert node.generate(PROMPT, GREEDY).token_ids == cold
+    reuse = PromptReuse()
+    assert collect(node.stream(PROMPT, GREEDY, reuse=reuse), PROMPT, GREEDY).token_ids == cold
     assert fetcher.stats.rejected == 1 and fetcher.stats.fetched_blocks == 0
+    assert reuse.tokens == 0
     assert node.prefix_cache.stats.hits == 0
 
 

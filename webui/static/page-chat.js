@@ -189,10 +189,15 @@ export function render(view) {
       reply.content = result.text;
       const seconds = (performance.now() - (first || started)) / 1000;
       const tokens = result.usage ? result.usage.completion_tokens : 0;
-      stats.textContent = t("chat.stats", {
+      // The prompt tokens the node's prefix cache supplied (an earlier turn's, or the same
+      // question asked before), which is why such a first token comes sooner.
+      const cached = result.usage?.prompt_tokens_details?.cached_tokens || 0;
+      stats.textContent = t(cached ? "chat.stats_cached" : "chat.stats", {
         first: formatNumber((first || performance.now()) - started),
         tokens: formatNumber(tokens),
         rate: formatNumber(tokens / Math.max(seconds, 1e-3), 1),
+        cached: formatNumber(cached),
+        prompt: formatNumber(result.usage ? result.usage.prompt_tokens : 0),
       });
     } catch (error) {
       if (error.name === "AbortError") {

@@ -104,6 +104,8 @@ export default {
   "chat.stopped_stats": "Stopped: the node cancelled the rest of the reply.",
   "chat.waiting": "Waiting for the first token…",
   "chat.stats": "First token after {first} ms · {tokens} tokens · {rate} tokens/s",
+  "chat.stats_cached":
+    "First token after {first} ms ({cached} of {prompt} prompt tokens from cache) · {tokens} tokens · {rate} tokens/s",
   "chat.error": "The reply failed: {message}",
   "chat.no_models": "No model to chat with: {message}",
   "chat.role.user": "You",
