@@ -426,12 +426,13 @@ class Generator:
         decoder = self.tokenizer.stream_decoder()
         scanner = StopScanner(params.stop)
         history = list(prompt_ids)
+        computed = len(history)  # positions whose keys and values are in the seat
         eog = frozenset() if params.ignore_eos else self.tokenizer.eog_ids
         for step in range(budget):
             if constraint is not None:
                 allowed = self._constrain(logits, constraint)
                 if allowed is None:
-                    yield "stop"
+                    yield self._finish(seat, history, computed, "stop")
                     return
                 token = sampler.sample(logits, history, allowed=allowed)
                 constraint.advance(self.token_pieces()[token])
@@ -445,7 +446,7 @@ class Generator:
                 tail = scanner.push(decoder.flush()) + scanner.flush()
                 if tail:
                     yield TokenEvent(-1, tail)
-                yield "stop"
+                yield self._finish(seat, history, computed, "stop")
                 return
             history.append(token)
             text = scanner.push(decoder.push(token))
@@ -458,17 +459,31 @@ class Generator:
                 tail = scanner.push(decoder.flush()) + scanner.flush()
                 if tail:
                     yield TokenEvent(-1, tail)
-                yield "stop"
+                yield self._finish(seat, history, computed, "stop")
                 return
             if scanner.stopped:
-                yield FinishReason.stopped_by(scanner.matched)
+                yield self._finish(seat, history, computed, FinishReason.stopped_by(scanner.matched))
                 return
             if pending is not None:
                 logits = pending.result()
+                computed = len(history)
         tail = scanner.push(decoder.flush()) + scanner.flush()
         if tail:
             yield TokenEvent(-1, tail)
-        yield "length"
+        yield self._finish(seat, history, computed, "length")
+
+    def _finish(self, seat: _Seat, history: list[int], computed: int, reason: str) -> str:
+        """`reason`, once the prefix cache holds the whole blocks of this exchange that the
+        prefill did not store: those reaching into the generated tokens, whose keys and
+        values the decode steps wrote (the first `computed` positions of `history`). A
+        follow-up whose prompt repeats the exchange, as a chat's next turn does, then
+        computes only what comes after it."""
+        prefix = self.prefix_cache
+        if prefix is not None:
+            for first, stop, key in prefix.missing(history[:computed]):
+                if stop - first == BLOCK_TOKENS:  # not the tail: no later prompt ends there
+                    prefix.store(key, Block(*seat.rows(first, stop)))
+        return reason
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
         return collect(self.stream(prompt_ids, params), prompt_ids, params)

@@ -112,6 +112,56 @@ def test_a_prefix_hit_gives_the_tokens_of_a_cold_run(opened_models, real_engines
 
 
 @pytest.mark.realmodel
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_follow_up_reuses_the_reply_and_gives_the_tokens_of_a_cold_run(
+    opened_models, real_engines, batched
+):
+    """A chat's next turn repeats the last exchange: the blocks its reply filled were kept
+    too, so the turn computes only what follows them, and the keys and values the decode
+    steps wrote give the tokens a cold prefill of the whole turn gives."""
+    from swarm.batching import SlotBatch
+    from swarm.generate import Generator, PromptReuse, collect
+
+    model = opened_models("smollm2-135m")
+    engine = real_engines("smollm2-135m")
+    tokenizer = model.tokenizer
+    question = tokenizer.encode(
+        " ".join(f"Note {i}: the {i}th shelf holds jars of jam." for i in range(6))
+        + " Describe the shelves.",
+        add_bos=None,
+        parse_special=False,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
+    cold = Generator(engine, tokenizer)
+    batch = SlotBatch(engine, 2, 1024) if batched else None
+    cached = Generator(engine, tokenizer, PrefixCache(256 << 20), batch)
+    reply = cached.generate(question, params).token_ids
+    assert len(reply) == 90
+    follow_up = [
+        *question,
+        *reply,
+        *tokenizer.encode(" Which shelf is last?", add_bos=None, parse_special=False),
+    ]
+    reuse = PromptReuse()
+    short = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    warm = collect(cached.stream(follow_up, short, reuse=reuse), follow_up, short)
+    assert warm.token_ids == cold.generate(follow_up, short).token_ids
+    # The decode steps wrote every position but the last reply token's (never run).
+    ran = len(question) + len(reply) - 1
+    assert ran // BLOCK_TOKENS > len(question) // BLOCK_TOKENS  # the reply filled blocks
+    assert reuse.tokens == ran // BLOCK_TOKENS * BLOCK_TOKENS
+    # Bit for bit what a prefill of the whole turn stores.
+    prefilled = Generator(engine, tokenizer, PrefixCache(256 << 20))
+    prefilled.generate(follow_up, short)
+    keys = block_keys(follow_up, ran // BLOCK_TOKENS)
+    kept, reference = cached.prefix_cache.held(keys), prefilled.prefix_cache.held(keys)
+    assert len(kept) == len(reference) == len(keys)
+    for (_, block), (_, expected) in zip(kept, reference, strict=True):
+        np.testing.assert_array_equal(block.keys, expected.keys)
+        np.testing.assert_array_equal(block.values, expected.values)
+
+
+@pytest.mark.realmodel
 def test_chunked_prefill_yields_between_chunks_and_gives_the_same_tokens(opened_models, real_engines):
     from swarm.generate import CHUNK_QUEUED, PREFILLING, Generator
 

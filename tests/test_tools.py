@@ -59,15 +59,21 @@ def test_bench_batch_reports_throughput_and_where_its_time_goes(smollm2_path, da
 
 
 def test_bench_prefix_times_a_node_and_a_lone_request(smollm2_path, data_dir):
-    done = _run(["tools/bench_prefix.py", "--prompt-tokens", "140", "--runs", "1"], data_dir)
+    args = ["tools/bench_prefix.py", "--prompt-tokens", "140", "--runs", "1", "--follow-up", "100"]
+    done = _run(args, data_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["prompt_tokens"] == 140
     assert report["machine"] == bench.machine()
-    for label in ("", "own_cache_"):  # a row of the node's batch cache, and a cache of its own
-        cold, cached = report[f"{label}cold_first_token_ms"], report[f"{label}cached_first_token_ms"]
+    # A row of the node's batch cache, a cache of its own, and a chat's next turn.
+    for label, warm in (("", "cached_"), ("own_cache_", "own_cache_cached_"), ("follow_up_", "follow_up_")):
+        cold, cached = report[f"{label}cold_first_token_ms"], report[f"{warm}first_token_ms"]
         assert cold > 0 and cached > 0
         assert report[f"{label}speedup"] == pytest.approx(cold / cached)
+    # The next turn: prompt, 100-token reply, 16-token question; the reply's whole blocks
+    # were kept (all its positions but the last token's ran).
+    assert report["follow_up_prompt_tokens"] == 140 + 100 + 16
+    assert report["follow_up_cached_tokens"] == (140 + 100 - 1) // 64 * 64
 
 
 @pytest.mark.parametrize(
@@ -77,6 +83,7 @@ def test_bench_prefix_times_a_node_and_a_lone_request(smollm2_path, data_dir):
         ("bench_prefix.py", ["--prompt-tokens", "2048"], "--prompt-tokens must be 1 to 2047"),
         ("bench_prefix.py", ["--prompt-tokens", "0"], "--prompt-tokens must be 1 to 2047"),
         ("bench_prefix.py", ["--runs", "0"], "--runs must be at least 1"),
+        ("bench_prefix.py", ["--follow-up", "1600"], "--follow-up must be 0 to 1519"),
         ("bench_batch.py", ["--runs", "0"], "--runs must be at least 1"),
         ("bench_batch.py", ["--gen-tokens", "1"], "--gen-tokens must be at least 2"),
         ("bench_batch.py", ["--long-prompt", "-1"], "--long-prompt must be 0 or more"),

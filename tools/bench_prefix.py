@@ -1,6 +1,7 @@
 """Time to first token for a resubmitted prompt, with the prefix cache against a cold prefill.
 
     .venv/bin/python tools/bench_prefix.py [--model smollm2-135m] [--prompt-tokens 512] [--runs 5]
+        [--from-peer] [--follow-up 256]
 
 Cold: prompts of the same length that share no prefix (each starts with a different
 token), after one run to compile. Warm: the same prompt submitted again. Both are timed
@@ -9,8 +10,12 @@ defaults), and again as a lone request with a cache of its own (`swarm generate`
 node's request too long for its batch: the own_cache_* figures). From a peer
 (`--from-peer`): a second node in this process, sharing its prefix cache through its
 stage on loopback, first serves each prompt; this node, holding none of it, fetches the
-prefix's KV over the encrypted transport and prefills only the last token. Reports the
-medians and their ratios to the cold one as JSON; all are measured in the same run.
+prefix's KV over the encrypted transport and prefills only the last token. A chat's next
+turn (`--follow-up N`): a prompt, its reply of N tokens, then the prompt again with the
+reply and a new question after it (16 more tokens), as a node serves it, against a cold
+prefill of a turn as long; the node keeps the blocks its decode steps filled, so the turn
+reuses the reply too (follow_up_cached_tokens). Reports the medians and their ratios to
+the cold one as JSON; all are measured in the same run.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from swarm.batching import SlotBatch
 from swarm.bench import bench_prompt, machine
 from swarm.config import InferenceConfig
-from swarm.generate import Generator
+from swarm.generate import Generator, PromptReuse
 from swarm.identity import Identity
 from swarm.loader import open_model
 from swarm.paths import data_dir as default_data_dir
@@ -37,10 +42,14 @@ from swarm.prefix_share import BlockLayout, PrefixFetcher
 from swarm.sampling import SamplingParams
 from swarm.stage import StageConfig, StageEngine, StageServer
 
+# The new question a follow-up turn ends with, in tokens.
+QUESTION_TOKENS = 16
 
-def first_token_s(generator: Generator, prompt: list[int]) -> float:
+
+def first_token_s(generator: Generator, prompt: list[int], reuse: PromptReuse | None = None) -> float:
     began = time.perf_counter()
-    events = generator.stream(prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    events = generator.stream(prompt, params, reuse=reuse)
     next(events)
     elapsed = time.perf_counter() - began
     events.close()
@@ -76,12 +85,44 @@ def from_peer(model, engine, batch: SlotBatch, prompts: list[list[int]]) -> tupl
         stage.close()
 
 
+def follow_ups(
+    generator: Generator, prompts: list[list[int]], reply_tokens: int, question: list[int], vocab: int
+) -> dict[str, float]:
+    """First-token times of each prompt's next turn (prompt, its greedy reply, `question`),
+    against cold prefills of turns as long that share nothing with it."""
+    warm, cold, cached = [], [], []
+    reply_params = SamplingParams(temperature=0.0, max_tokens=reply_tokens, ignore_eos=True)
+    for index, prompt in enumerate(prompts):
+        turn = [*prompt, *generator.generate(prompt, reply_params).token_ids, *question]
+        reuse = PromptReuse()
+        elapsed = first_token_s(generator, turn, reuse)
+        other = first_token_s(generator, [(turn[0] + 7 + index) % vocab, *turn[1:]])
+        if index:  # the first compiles the turn's shapes
+            warm.append(elapsed)
+            cold.append(other)
+            cached.append(reuse.tokens)
+    return {
+        "follow_up_prompt_tokens": len(turn),
+        "follow_up_cached_tokens": statistics.median(cached),
+        "follow_up_cold_first_token_ms": statistics.median(cold) * 1000,
+        "follow_up_first_token_ms": statistics.median(warm) * 1000,
+        "follow_up_speedup": statistics.median(cold) / statistics.median(warm),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--from-peer", action="store_true", help="also time fetching the prefix from a peer")
+    parser.add_argument(
+        "--follow-up",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time a chat's next turn after a reply of N tokens",
+    )
     args = parser.parse_args()
     inference = InferenceConfig()
     # A longer prompt would leave the batch for a cache of its own: the node's figures
@@ -90,6 +131,11 @@ def main() -> int:
         parser.error(f"--prompt-tokens must be 1 to {inference.batch_context - 1}, to fit a node's batch row")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.follow_up < 0 or args.prompt_tokens + args.follow_up + QUESTION_TOKENS >= inference.batch_context:
+        parser.error(
+            f"--follow-up must be 0 to {inference.batch_context - args.prompt_tokens - QUESTION_TOKENS - 1}:"
+            " the next turn must fit a node's batch row"
+        )
     model = open_model(args.model, default_data_dir(os.environ))
     engine = model.engine()
     batch = SlotBatch(
@@ -116,6 +162,11 @@ def main() -> int:
         report["peer_fetch_first_token_ms"] = statistics.median(fetched) * 1000
         report["peer_fetch_speedup"] = report["cold_first_token_ms"] / report["peer_fetch_first_token_ms"]
         report["peer_fetched_blocks"] = blocks
+    if args.follow_up:
+        generator = Generator(engine, model.tokenizer, PrefixCache(512 << 20), batch)
+        prompts = [variant(300 + i) for i in range(args.runs + 1)]
+        question = base[-QUESTION_TOKENS:]
+        report.update(follow_ups(generator, prompts, args.follow_up, question, model.config.vocab_size))
     batch.stop_preparing()  # no compile in the background while the interpreter exits
     print(json.dumps(report, indent=2))
     return 0
