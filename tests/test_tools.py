@@ -43,6 +43,11 @@ def test_bench_batch_reports_throughput_and_where_its_time_goes(smollm2_path, da
     assert report["aggregate_over_single"] == pytest.approx(
         report["aggregate_tok_s"] / report["single_tok_s"]
     )
+    # One run: the median of the paired ratios is that run's ratio of the two.
+    assert report["aggregate_over_single_paired"] == pytest.approx(report["aggregate_over_single"], abs=1e-3)
+    assert report["from_submission_paired"] == pytest.approx(
+        report["aggregate_over_single_from_submission"], abs=1e-3
+    )
     # Each stream's span lies inside the first-to-last window: their rates add up to more.
     assert report["streams_summed_tok_s"] >= report["aggregate_tok_s"]
     assert report["streams_summed_over_single"] == pytest.approx(
