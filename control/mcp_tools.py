@@ -21,6 +21,7 @@ from typing import Any
 import swarm
 from control.metrics import GenerationTracker
 from control.node_client import NodeClient, NodeError, NodeUnavailable
+from control.openai_render import usage as openai_usage
 from swarm.errors import InvalidRequestError
 from swarm.node_protocol import GenerationRequest
 from swarm.sampling import SamplingParams
@@ -168,11 +169,9 @@ def generate(
                 elif kind == "done":
                     prompt_tokens, completion_tokens = event["prompt_tokens"], event["completion_tokens"]
                     tracker.finish(prompt_tokens, completion_tokens)
-                    usage = {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens,
-                    }
+                    usage = openai_usage(
+                        prompt_tokens, completion_tokens, int(event.get("cached_tokens") or 0)
+                    )
                     return {
                         "model": served,
                         "content": "".join(pieces),

@@ -151,7 +151,8 @@ class NetworkConfig(_Section):
     )
     prefix_sharing: bool = _key(
         False,
-        "share prompt-prefix KV with peers and fetch it from them (peers then hold your prompts' KV)",
+        "share prompt-prefix KV with peers and fetch it from them (peers then hold your prompts' and"
+        " replies' KV)",
         restart=True,
     )
 

@@ -1,7 +1,8 @@
 """Cross-node prefix-KV sharing: fetching a prompt prefix's KV from a peer that computed it.
 
 Off by default (`network.prefix_sharing`): a node that shares answers its peers' queries
-from its prefix cache, which tells them the KV of prompts it served (a block is asked for
+from its prefix cache, which tells them the KV of prompts it served and of the replies
+it generated (a block is asked for
 by the chained hash of its tokens, so only a peer that already holds the same tokens can
 name it, but KV can be inverted into text). Nodes of one network that opt in gain: a
 system prompt or document one of them prefilled is fetched by the others instead of

@@ -108,7 +108,12 @@ def test_chat_replies_with_the_models_text(http):
     assert result["content"] == [{"type": "text", "text": "w0 w1 w2 "}]
     structured = result["structuredContent"]
     assert structured["model"] == "mock-1" and structured["finish_reason"] == "length"
-    assert structured["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+    assert structured["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": 3,
+        "total_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_tool_defaults_apply(http):

@@ -111,6 +111,24 @@ def test_a_prefix_hit_gives_the_tokens_of_a_cold_run(opened_models, real_engines
     assert sum(reused) == stats.reused_tokens
 
 
+def together(generator, prompts, params) -> list[list[int]]:
+    """Each prompt's generated token ids, their streams advanced in turn (as a node's
+    scheduler does), so their decode steps share calls."""
+    from swarm.generate import TokenEvent
+
+    streams = [generator.stream(prompt, params) for prompt in prompts]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    running = set(range(len(prompts)))
+    while running:
+        for index in sorted(running):
+            event = next(streams[index], None)
+            if event is None:
+                running.discard(index)
+            elif isinstance(event, TokenEvent) and event.token_id >= 0:
+                tokens[index].append(event.token_id)
+    return tokens
+
+
 @pytest.mark.realmodel
 @pytest.mark.parametrize("batched", [False, True])
 def test_a_follow_up_reuses_the_reply_and_gives_the_tokens_of_a_cold_run(
@@ -135,7 +153,13 @@ def test_a_follow_up_reuses_the_reply_and_gives_the_tokens_of_a_cold_run(
     cold = Generator(engine, tokenizer)
     batch = SlotBatch(engine, 2, 1024) if batched else None
     cached = Generator(engine, tokenizer, PrefixCache(256 << 20), batch)
-    reply = cached.generate(question, params).token_ids
+    if batched:
+        # Beside another session: the reply's keys and values come from two-row steps.
+        other = [*question[:-4], *tokenizer.encode(" Count the jars.", add_bos=None, parse_special=False)]
+        reply, _ = together(cached, [question, other], params)
+        assert batch.stats.widest == 2
+    else:
+        reply = cached.generate(question, params).token_ids
     assert len(reply) == 90
     follow_up = [
         *question,

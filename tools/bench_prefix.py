@@ -165,7 +165,7 @@ def main() -> int:
     if args.follow_up:
         generator = Generator(engine, model.tokenizer, PrefixCache(512 << 20), batch)
         prompts = [variant(300 + i) for i in range(args.runs + 1)]
-        question = base[-QUESTION_TOKENS:]
+        question = bench_prompt(model.tokenizer, QUESTION_TOKENS + 1)[1:]  # no BOS mid-prompt
         report.update(follow_ups(generator, prompts, args.follow_up, question, model.config.vocab_size))
     batch.stop_preparing()  # no compile in the background while the interpreter exits
     print(json.dumps(report, indent=2))
